@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each sets up first.
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup setup-browser demo test unit lint format typecheck bench clean
+
+help:
+	@echo "make demo   run the whole story on a local sandbox of the platform"
+	@echo "make test   lint, type-check and run every test (unit and integration)"
+	@echo "make bench  run the benchmarks; figures in bench/results.json"
+	@echo "make lint   ruff and mypy"
+
+setup:
+	@scripts/setup.sh
+
+setup-browser:
+	@scripts/setup.sh --browser
+
+demo: setup
+	.venv/bin/iotref sandbox up --auto-approve
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
+	.venv/bin/mypy
+
+format: setup
+	.venv/bin/ruff format src tests bench
+	.venv/bin/ruff check --fix src tests bench
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache

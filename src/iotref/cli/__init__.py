@@ -1,0 +1,1 @@
+"""The ``iotref`` command line."""

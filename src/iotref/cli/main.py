@@ -1,0 +1,69 @@
+"""Entry point of the ``iotref`` command: a click group whose subcommands live in one
+module per area. Any expected failure ends with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from iotref._version import __version__
+
+# (module, attribute) of each top-level command; imported lazily so that the device
+# commands work without the sandbox extra installed.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "sandbox": ("iotref.cli.sandbox_commands", "sandbox"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _COMMANDS:
+            module_name, attr = _COMMANDS[cmd_name]
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                missing = getattr(exc, "name", None) or str(exc)
+                raise click.ClickException(
+                    f"'{cmd_name}' needs a package that is not installed ({missing}); "
+                    "install iotref[sandbox]"
+                ) from None
+            command: click.Command = getattr(module, attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="iotref")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """iotref: connect print-shop machines to the Zaikio / connectprint IoT platform."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = cli.main(args=argv, prog_name="iotref", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.stderr.write("iotref: aborted\n")
+        return 130
+    except click.ClickException as exc:
+        sys.stderr.write(f"iotref: {exc.format_message()}\n")
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            sys.stderr.write(f"Try '{exc.ctx.command_path} --help'.\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("iotref: interrupted\n")
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

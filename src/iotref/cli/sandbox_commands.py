@@ -1,0 +1,91 @@
+"""``iotref sandbox up|status|revoke``: run and inspect the local platform."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from iotref.sandbox.context import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_MQTT_PORT,
+    SandboxSettings,
+)
+from iotref.sandbox.runner import read_running, run_sandbox
+
+_data_dir = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="Where the sandbox keeps its CAs, database and logs.",
+)
+
+
+@click.group()
+def sandbox() -> None:
+    """Run the local copy of the platform on 127.0.0.1."""
+
+
+@sandbox.command()
+@_data_dir
+@click.option("--http-port", type=click.IntRange(0, 65535), default=DEFAULT_HTTP_PORT,
+              show_default=True, help="HTTP port (0: any free port).")
+@click.option("--mqtt-port", type=click.IntRange(0, 65535), default=DEFAULT_MQTT_PORT,
+              show_default=True, help="MQTT/TLS port for devices (0: any free port).")
+@click.option("--auto-approve", is_flag=True,
+              help="Approve device-flow requests as the demo person, for demos and tests.")
+@click.option("--access-token-ttl", type=click.IntRange(1), default=3600, show_default=True,
+              help="Access token lifetime in seconds.")
+@click.option("--refresh-token-ttl", type=click.IntRange(1), default=7 * 24 * 3600,
+              show_default=True, help="Refresh token lifetime in seconds.")
+@click.option("--device-code-ttl", type=click.IntRange(1), default=900, show_default=True,
+              help="Device-flow code lifetime in seconds.")
+@click.option("--poll-interval", type=click.IntRange(0), default=5, show_default=True,
+              help="Device-flow polling interval in seconds.")
+def up(
+    data_dir: Path,
+    http_port: int,
+    mqtt_port: int,
+    auto_approve: bool,
+    access_token_ttl: int,
+    refresh_token_ttl: int,
+    device_code_ttl: int,
+    poll_interval: int,
+) -> int:
+    """Start the sandbox and run until Ctrl-C or SIGTERM."""
+    settings = SandboxSettings(
+        data_dir=data_dir,
+        http_port=http_port,
+        mqtt_port=mqtt_port,
+        auto_approve=auto_approve,
+        access_token_ttl=access_token_ttl,
+        refresh_token_ttl=refresh_token_ttl,
+        device_code_ttl=device_code_ttl,
+        poll_interval=poll_interval,
+    )
+    code = run_sandbox(settings)
+    if code:
+        raise SystemExit(code)
+    return 0
+
+
+@sandbox.command()
+@_data_dir
+@click.option("--json", "as_json", is_flag=True, help="Print sandbox.json.")
+def status(data_dir: Path, as_json: bool) -> None:
+    """Say whether a sandbox runs on DATA_DIR, and where."""
+    running = read_running(data_dir)
+    if running.pid is None:
+        click.echo(f"no sandbox is running on {data_dir}")
+        raise SystemExit(3)
+    info = running.info or {}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"sandbox running on {data_dir} (pid {running.pid})")
+    for key in ("http_url", "mqtt_host", "mqtt_port", "env_file", "ca_file"):
+        if key in info:
+            click.echo(f"  {key}: {info[key]}")

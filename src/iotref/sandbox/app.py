@@ -1,0 +1,40 @@
+"""The sandbox's one HTTP application: every component's routes behind JSON errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from iotref._version import __version__
+from iotref.sandbox.http_errors import EXCEPTION_HANDLERS, BodyLimitMiddleware
+
+
+class Component(Protocol):
+    """A part of the sandbox: HTTP routes plus a lifecycle."""
+
+    def routes(self) -> Sequence[BaseRoute]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def _health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+def build_app(components: Sequence[Component]) -> Starlette:
+    routes: list[BaseRoute] = [Route("/healthz", _health, methods=["GET"])]
+    for component in components:
+        routes.extend(component.routes())
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(BodyLimitMiddleware)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,1 @@
+"""Test support: the real sandbox as a subprocess, and small helpers."""
