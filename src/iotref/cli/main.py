@@ -15,6 +15,11 @@ from iotref._version import __version__
 # commands work without the sandbox extra installed.
 _COMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("iotref.cli.sandbox_commands", "sandbox"),
+    "login": ("iotref.cli.onboarding_commands", "login"),
+    "logout": ("iotref.cli.onboarding_commands", "logout"),
+    "provision": ("iotref.cli.onboarding_commands", "provision"),
+    "status": ("iotref.cli.onboarding_commands", "status"),
+    "validate": ("iotref.cli.validate_command", "validate"),
 }
 
 
