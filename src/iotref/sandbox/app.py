@@ -16,7 +16,8 @@ from iotref.sandbox.http_errors import EXCEPTION_HANDLERS, BodyLimitMiddleware
 
 
 class Component(Protocol):
-    """A part of the sandbox: HTTP routes plus a lifecycle."""
+    """A part of the sandbox: HTTP routes plus a lifecycle. A component may also define
+    ``describe() -> dict`` whose keys the runner adds to ``sandbox.json``."""
 
     def routes(self) -> Sequence[BaseRoute]: ...
 

@@ -243,6 +243,7 @@ class Sandbox:
         from iotref.sandbox.certificate_authority import CertificateAuthorities
         from iotref.sandbox.directory import Directory
         from iotref.sandbox.provisioning import Provisioning
+        from iotref.sandbox.shadow_service import ShadowService
         from iotref.sandbox.things import ThingRegistry
 
         cas = CertificateAuthorities(ctx.paths.ca_dir)
@@ -252,7 +253,8 @@ class Sandbox:
         directory = Directory(ctx)
         broker = Broker(ctx, cas, things)
         provisioning = Provisioning(ctx, directory, cas, things, broker)
-        return [directory, broker, provisioning]
+        shadows = ShadowService(ctx, cas)
+        return [directory, broker, provisioning, shadows]
 
     def _write_files(self, ctx: SandboxContext) -> dict[str, Any]:
         env = {
@@ -282,6 +284,10 @@ class Sandbox:
             "operator_cert": str(cas.operator_cert_path.resolve()),
             "operator_key": str(cas.operator_key_path.resolve()),
         }
+        for component in self.components:
+            describe = getattr(component, "describe", None)
+            if describe is not None:
+                info.update(describe())
         _write_atomic(self.paths.sandbox_json, json.dumps(info, indent=2) + "\n", 0o600)
         return info
 
