@@ -1,0 +1,211 @@
+"""The shadow REST data plane in the shape of AWS IoT's (``iot-data``) API.
+
+``GET|POST|DELETE /things/{thingName}/shadow[?name=]`` (GetThingShadow, UpdateThingShadow,
+DeleteThingShadow), ``GET /api/things/shadow/ListNamedShadowsForThing/{thingName}`` and
+``POST /topics/{topic}?qos=&retain=`` (Publish, through the platform's MQTT connection).
+Callers authenticate with the sandbox's admin token (``Authorization: Bearer``) or AWS
+Signature V4 with the access key the sandbox issues, so boto3's ``iot-data`` client works
+unchanged. Errors carry ``x-amzn-ErrorType`` and an error response document, which AWS
+clients turn into ``ResourceNotFoundException``, ``ConflictException`` and so on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from iotref.protocol import shadow_document as sd
+from iotref.sandbox import aws_sigv4
+
+if TYPE_CHECKING:
+    from iotref.sandbox.shadow_service import ShadowService
+
+ERROR_TYPES = {
+    400: "InvalidRequestException",
+    401: "UnauthorizedException",
+    403: "ForbiddenException",
+    404: "ResourceNotFoundException",
+    405: "MethodNotAllowedException",
+    409: "ConflictException",
+    413: "RequestEntityTooLargeException",
+    415: "UnsupportedDocumentEncodingException",
+    429: "ThrottlingException",
+    500: "InternalFailureException",
+    503: "ServiceUnavailableException",
+}
+_THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
+_SHADOW_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,64}$")
+DEFAULT_PAGE_SIZE = 25
+MAX_PAGE_SIZE = 100
+
+
+class RestError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _json_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(code: int, message: str, client_token: str | None = None) -> Response:
+    body = sd.error_document(code, message, int(time.time()), client_token)
+    error_type = ERROR_TYPES.get(code, "InvalidRequestException")
+    return _json_response(sd.to_json(body), code, {"x-amzn-ErrorType": f"{error_type}:"})
+
+
+def _validation(value: str, field: str, pattern: re.Pattern[str]) -> RestError:
+    return RestError(
+        400,
+        f"1 validation error detected: Value '{value}' at '{field}' failed to satisfy "
+        f"constraint: Member must satisfy regular expression pattern: {pattern.pattern}",
+    )
+
+
+def _names(request: Request) -> tuple[str, str | None]:
+    thing = str(request.path_params["thingName"])
+    if not _THING_NAME.match(thing):
+        raise _validation(thing, "thingName", _THING_NAME)
+    shadow = request.query_params.get("name")
+    if shadow is not None and not _SHADOW_NAME.match(shadow):
+        raise _validation(shadow, "shadowName", _SHADOW_NAME)
+    return thing, shadow
+
+
+class ShadowRest:
+    """Request handlers bound to one :class:`ShadowService`."""
+
+    def __init__(self, service: ShadowService) -> None:
+        self.service = service
+
+    async def _authorize(self, request: Request) -> bytes:
+        """Read the body and check the caller; raise :class:`RestError` 403 if refused."""
+        body = await request.body()
+        authorization = request.headers.get("authorization")
+        if authorization and authorization.lower().startswith("bearer "):
+            if self.service.ctx.check_admin(authorization):
+                return body
+            raise RestError(403, "Forbidden")
+        if authorization and aws_sigv4.is_sigv4(authorization):
+            raw_path = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
+            headers: dict[str, list[str]] = {}
+            for name, value in request.headers.items():
+                headers.setdefault(name.lower(), []).append(value)
+            signed = aws_sigv4.SignedRequest(
+                method=request.method,
+                raw_path=bytes(raw_path).decode("latin-1"),
+                query=aws_sigv4.decode_query(request.scope.get("query_string", b"")),
+                headers=headers,
+                body=body,
+            )
+            creds = self.service.credentials
+            try:
+                aws_sigv4.verify(
+                    signed,
+                    authorization,
+                    access_key_id=creds.access_key_id,
+                    secret_access_key=creds.secret_access_key,
+                    region=self.service.region,
+                    service="iotdata",
+                )
+            except aws_sigv4.SignatureError as exc:
+                raise RestError(403, str(exc)) from None
+            return body
+        raise RestError(403, "Missing Authentication Token")
+
+    async def _run(self, request: Request, operation: str) -> Response:
+        try:
+            body = await self._authorize(request)
+            if operation == "list":
+                return await self._list(request)
+            if operation == "publish":
+                return await self._publish(request, body)
+            thing, shadow = _names(request)
+            if operation == "get":
+                result = await self.service.get(thing, shadow)
+            elif operation == "update":
+                result = await self.service.update(thing, shadow, body)
+            else:
+                result = await self.service.delete(thing, shadow)
+            return _json_response(sd.to_json(result))
+        except RestError as exc:
+            return error_response(exc.code, exc.message)
+        except sd.ShadowError as exc:
+            return error_response(exc.code, exc.message, exc.client_token)
+
+    async def shadow(self, request: Request) -> Response:
+        operation = {"POST": "update", "DELETE": "delete"}.get(request.method, "get")
+        return await self._run(request, operation)
+
+    async def list_named(self, request: Request) -> Response:
+        return await self._run(request, "list")
+
+    async def publish(self, request: Request) -> Response:
+        return await self._run(request, "publish")
+
+    async def _list(self, request: Request) -> Response:
+        thing = str(request.path_params["thingName"])
+        if not _THING_NAME.match(thing):
+            raise _validation(thing, "thingName", _THING_NAME)
+        page_size = DEFAULT_PAGE_SIZE
+        raw_size = request.query_params.get("pageSize")
+        if raw_size is not None:
+            if not raw_size.isdigit() or not 1 <= int(raw_size) <= MAX_PAGE_SIZE:
+                raise RestError(400, f"pageSize must be between 1 and {MAX_PAGE_SIZE}")
+            page_size = int(raw_size)
+        after = ""
+        token = request.query_params.get("nextToken")
+        if token:
+            try:
+                after = base64.urlsafe_b64decode(token.encode()).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise RestError(400, "Invalid nextToken") from None
+        names = [n for n in self.service.named_shadows(thing) if n > after]
+        page = names[:page_size]
+        result: dict[str, Any] = {"results": page, "timestamp": int(time.time())}
+        if len(names) > page_size:
+            result["nextToken"] = base64.urlsafe_b64encode(page[-1].encode()).decode()
+        return _json_response(sd.to_json(result))
+
+    async def _publish(self, request: Request, body: bytes) -> Response:
+        topic = str(request.path_params["topic"])
+        if not topic or "+" in topic or "#" in topic or len(topic.encode()) > 256:
+            raise RestError(400, "Invalid topic name")
+        qos_text = request.query_params.get("qos", "0")
+        if qos_text not in ("0", "1"):
+            raise RestError(400, "Invalid QoS value; supported values are 0 and 1")
+        retain_text = request.query_params.get("retain", "false").lower()
+        if retain_text not in ("true", "false"):
+            raise RestError(400, "Invalid retain value; supported values are true and false")
+        if len(body) > sd.MAX_PAYLOAD_BYTES:
+            raise RestError(413, sd.MSG_TOO_LARGE)
+        sent = await self.service.publish(topic, body, int(qos_text), retain_text == "true")
+        if not sent:
+            raise RestError(503, "Service Unavailable: the broker is not reachable")
+        return _json_response(b'{"message":"OK"}')
+
+
+def shadow_routes(service: ShadowService) -> Sequence[BaseRoute]:
+    rest = ShadowRest(service)
+    return [
+        Route("/things/{thingName}/shadow", rest.shadow, methods=["GET", "POST", "DELETE"]),
+        Route(
+            "/api/things/shadow/ListNamedShadowsForThing/{thingName}",
+            rest.list_named,
+            methods=["GET"],
+        ),
+        Route("/topics/{topic:path}", rest.publish, methods=["POST"]),
+    ]

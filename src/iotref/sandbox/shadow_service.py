@@ -1,0 +1,344 @@
+"""The sandbox's Device Shadow service: AWS IoT shadow semantics over MQTT.
+
+It connects to the sandbox's Mosquitto as the platform identity (mutual TLS), subscribes to
+the request topics of every thing (``get``/``update``/``delete``, classic and named) and
+answers on ``/accepted``, ``/rejected``, ``update/delta`` and ``update/documents`` at QoS 1.
+Requests for one shadow are processed one after another, in arrival order; the REST data
+plane (:mod:`iotref.sandbox.shadow_rest`) and the ``thing_registered`` event go through the
+same queue and the same update path, so they publish the same messages. The connection is
+re-established whenever the broker goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiomqtt
+from starlette.routing import BaseRoute
+
+from iotref.protocol import shadow_document as sd
+from iotref.protocol.topics import SHADOW_OPERATIONS, parse_shadow_topic, shadow_topic
+from iotref.sandbox.context import LOOPBACK, SandboxContext
+from iotref.sandbox.shadow_store import AwsCredentials, ShadowStore
+
+log = logging.getLogger(__name__)
+
+AWS_REGION = "local"
+AWS_SIGNING_SERVICE = "iotdata"
+REQUEST_FILTERS = tuple(
+    f"$aws/things/+/shadow/{prefix}{op}" for prefix in ("", "name/+/") for op in SHADOW_OPERATIONS
+)
+SEND_TELEMETRY_UPDATE = b'{"state":{"desired":{"sendTelemetryData":true}}}'
+CONNECT_WAIT_SECONDS = 15.0
+PUBLISH_WAIT_SECONDS = 10.0
+RECONNECT_MIN_SECONDS = 0.1
+RECONNECT_MAX_SECONDS = 2.0
+
+ShadowKey = tuple[str, str | None]
+Message = tuple[str, bytes]
+Job = Callable[[], tuple[Any, list[Message]]]
+
+
+def now_seconds() -> int:
+    return int(time.time())
+
+
+class ShadowService:
+    """Component: the shadow service (MQTT side) plus the REST data plane's routes."""
+
+    def __init__(self, ctx: SandboxContext, cas: Any, *, region: str = AWS_REGION) -> None:
+        self.ctx = ctx
+        self.cas = cas
+        self.region = region
+        self.store = ShadowStore(ctx.db)
+        self.credentials: AwsCredentials = self.store.credentials()
+        self._queues: dict[ShadowKey, deque[tuple[Job, asyncio.Future[Any]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+        ctx.events.subscribe("thing_registered", self._on_thing_registered)
+
+    # ------------------------------------------------------------------ component
+
+    def routes(self) -> Sequence[BaseRoute]:
+        from iotref.sandbox.shadow_rest import shadow_routes
+
+        return shadow_routes(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "aws_access_key_id": self.credentials.access_key_id,
+            "aws_secret_access_key": self.credentials.secret_access_key,
+            "aws_region": self.region,
+            "aws_iot_data_endpoint": self.ctx.http_url,
+        }
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._runner = asyncio.create_task(self._run(), name="shadow-service-mqtt")
+        try:
+            await asyncio.wait_for(self._connected.wait(), CONNECT_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "shadow service: not connected to the broker after %.0f s; still trying",
+                CONNECT_WAIT_SECONDS,
+            )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [t for t in (self._runner, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._runner = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # ------------------------------------------------------------------ MQTT connection
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.cas.server_root_ca_path))
+        context.load_cert_chain(str(self.cas.platform_cert_path), str(self.cas.platform_key_path))
+        return context
+
+    async def _run(self) -> None:
+        delay = RECONNECT_MIN_SECONDS
+        while not self._stopping:
+            try:
+                async with aiomqtt.Client(
+                    LOOPBACK,
+                    self.ctx.platform_mqtt_port,
+                    identifier=f"iotref-platform-shadow-{os.getpid()}",
+                    tls_context=self._tls_context(),
+                    keepalive=30,
+                    clean_session=True,
+                    max_inflight_messages=200,
+                    timeout=10,
+                ) as client:
+                    for topic_filter in REQUEST_FILTERS:
+                        await client.subscribe(topic_filter, qos=1)
+                    self._client = client
+                    self._connected.set()
+                    log.info("shadow service connected to the broker")
+                    delay = RECONNECT_MIN_SECONDS
+                    async for message in client.messages:
+                        self._on_message(message.topic.value, _payload_bytes(message.payload))
+            except aiomqtt.MqttError as exc:
+                if self._connected.is_set():
+                    log.warning("shadow service lost the broker connection: %s", exc)
+                else:
+                    log.debug("shadow service cannot connect yet: %s", exc)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("shadow service cannot connect: %s", exc)
+            except Exception:
+                log.exception("shadow service connection failed; reconnecting")
+            finally:
+                self._connected.clear()
+                self._client = None
+            if self._stopping:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    async def _publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> bool:
+        """Publish, waiting for the connection (and retrying once after a drop)."""
+        for _attempt in range(2):
+            try:
+                await asyncio.wait_for(self._connected.wait(), PUBLISH_WAIT_SECONDS)
+            except TimeoutError:
+                break
+            client = self._client
+            if client is None:
+                continue
+            try:
+                await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
+                return True
+            except aiomqtt.MqttError as exc:
+                log.warning("shadow service could not publish to %s: %s", topic, exc)
+                await asyncio.sleep(RECONNECT_MIN_SECONDS)
+        log.warning("shadow service dropped a message to %s: broker not connected", topic)
+        return False
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        """Publish on behalf of a REST caller (``Publish`` of the data plane)."""
+        return await self._publish(topic, payload, qos, retain)
+
+    # ------------------------------------------------------------------ per-shadow queues
+
+    def _submit(self, key: ShadowKey, job: Job) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = deque()
+            self._queues[key] = queue
+            queue.append((job, future))
+            task = asyncio.create_task(self._drain(key, queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            queue.append((job, future))
+        return future
+
+    async def _drain(self, key: ShadowKey, queue: deque[tuple[Job, asyncio.Future[Any]]]) -> None:
+        try:
+            while queue:
+                job, future = queue[0]
+                messages: list[Message] = []
+                try:
+                    result, messages = job()
+                except Exception as exc:
+                    if not isinstance(exc, sd.ShadowError):
+                        log.exception("shadow operation failed for %s", key)
+                    if not future.done():
+                        future.set_exception(exc)
+                        future.exception()  # the caller may be gone; never "never retrieved"
+                else:
+                    if not future.done():
+                        future.set_result(result)
+                for topic, payload in messages:
+                    await self._publish(topic, payload)
+                queue.popleft()
+        finally:
+            for _job, future in queue:
+                if not future.done():
+                    future.cancel()
+            if self._queues.get(key) is queue:
+                del self._queues[key]
+
+    # ------------------------------------------------------------------ operations
+
+    def _update_job(
+        self, thing: str, shadow: str | None, payload: bytes, *, mqtt: bool
+    ) -> tuple[Any, list[Message]]:
+        now = now_seconds()
+        try:
+            request = sd.parse_update(payload)
+            current = self.store.get(thing, shadow)
+            base = self.store.base_version(thing, shadow, now) if current is None else 0
+            outcome = sd.apply_update(current, request, now, base_version=base)
+        except sd.ShadowError as exc:
+            if not mqtt:
+                raise
+            topic = shadow_topic(thing, "update/rejected", shadow)
+            return exc, [(topic, sd.to_json(exc.payload(now)))]
+        self.store.put(thing, shadow, outcome.document, now)
+        messages = [(shadow_topic(thing, "update/accepted", shadow), sd.to_json(outcome.accepted))]
+        if outcome.delta is not None:
+            messages.append(
+                (shadow_topic(thing, "update/delta", shadow), sd.to_json(outcome.delta))
+            )
+        messages.append(
+            (shadow_topic(thing, "update/documents", shadow), sd.to_json(outcome.documents))
+        )
+        return outcome.accepted, messages
+
+    def _get_job(
+        self, thing: str, shadow: str | None, payload: bytes, *, mqtt: bool
+    ) -> tuple[Any, list[Message]]:
+        now = now_seconds()
+        try:
+            request = sd.parse_simple(payload, strict=True)
+            document = self.store.get(thing, shadow)
+            if document is None:
+                raise sd.not_found_error(thing, shadow, request.client_token)
+        except sd.ShadowError as exc:
+            if not mqtt:
+                raise
+            return exc, [
+                (shadow_topic(thing, "get/rejected", shadow), sd.to_json(exc.payload(now)))
+            ]
+        response = sd.get_response(document, now, request.client_token)
+        if not mqtt:
+            return response, []
+        return response, [(shadow_topic(thing, "get/accepted", shadow), sd.to_json(response))]
+
+    def _delete_job(
+        self, thing: str, shadow: str | None, payload: bytes, *, mqtt: bool
+    ) -> tuple[Any, list[Message]]:
+        now = now_seconds()
+        request = sd.parse_simple(payload, strict=False)
+        document = self.store.get(thing, shadow)
+        if document is None:
+            exc = sd.not_found_error(thing, shadow, request.client_token)
+            if not mqtt:
+                raise exc
+            topic = shadow_topic(thing, "delete/rejected", shadow)
+            return exc, [(topic, sd.to_json(exc.payload(now)))]
+        self.store.delete(thing, shadow, now)
+        response = sd.delete_response(document, now, request.client_token)
+        return response, [(shadow_topic(thing, "delete/accepted", shadow), sd.to_json(response))]
+
+    _JOBS = {"update": _update_job, "get": _get_job, "delete": _delete_job}
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        parsed = parse_shadow_topic(topic)
+        if parsed is None:
+            return
+        thing, shadow, operation = parsed
+        method = self._JOBS.get(operation)
+        if method is None:
+            return
+        future = self._submit(
+            (thing, shadow), lambda: method(self, thing, shadow, payload, mqtt=True)
+        )
+        future.add_done_callback(_ignore_outcome)
+
+    async def update(self, thing: str, shadow: str | None, payload: bytes) -> sd.JsonObject:
+        """UpdateThingShadow: the accepted document, or :class:`ShadowError`."""
+        result: sd.JsonObject = await self._submit(
+            (thing, shadow), lambda: self._update_job(thing, shadow, payload, mqtt=False)
+        )
+        return result
+
+    async def get(self, thing: str, shadow: str | None) -> sd.JsonObject:
+        """GetThingShadow: the full document, or :class:`ShadowError` 404."""
+        result: sd.JsonObject = await self._submit(
+            (thing, shadow), lambda: self._get_job(thing, shadow, b"", mqtt=False)
+        )
+        return result
+
+    async def delete(self, thing: str, shadow: str | None) -> sd.JsonObject:
+        """DeleteThingShadow: ``{"version", "timestamp"}``, or :class:`ShadowError` 404."""
+        result: sd.JsonObject = await self._submit(
+            (thing, shadow), lambda: self._delete_job(thing, shadow, b"", mqtt=False)
+        )
+        return result
+
+    def named_shadows(self, thing: str) -> list[str]:
+        return self.store.named_shadows(thing)
+
+    async def _on_thing_registered(self, thing: Any = None, **_: Any) -> None:
+        client_id = getattr(thing, "client_id", None)
+        if not client_id:
+            return
+        await self.update(str(client_id), None, SEND_TELEMETRY_UPDATE)
+        log.info("shadow of %s: desired.sendTelemetryData = true", client_id)
+
+
+def _payload_bytes(payload: Any) -> bytes:
+    if payload is None:
+        return b""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    return str(payload).encode()
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
