@@ -20,7 +20,7 @@ setup-browser:
 demo: setup
 	.venv/bin/iotref sandbox up --auto-approve
 
-test: setup lint
+test: setup-browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: setup
