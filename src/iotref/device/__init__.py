@@ -1,0 +1,1 @@
+"""The device library: onboarding, connection, shadow, telemetry."""
