@@ -79,8 +79,14 @@ def test_status_without_sandbox_says_so(tmp_path: Path) -> None:
 
 def test_second_up_on_same_data_dir_refuses(sandbox: SandboxProcess) -> None:
     result = _iotref(
-        "sandbox", "up", "--data-dir", str(sandbox.data_dir), "--http-port", "0",
-        "--mqtt-port", "0",
+        "sandbox",
+        "up",
+        "--data-dir",
+        str(sandbox.data_dir),
+        "--http-port",
+        "0",
+        "--mqtt-port",
+        "0",
     )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -97,8 +103,14 @@ def test_http_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         busy.listen(1)
         port = busy.getsockname()[1]
         result = _iotref(
-            "sandbox", "up", "--data-dir", str(tmp_path / "d"), "--http-port", str(port),
-            "--mqtt-port", "0",
+            "sandbox",
+            "up",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--http-port",
+            str(port),
+            "--mqtt-port",
+            "0",
         )
     assert result.returncode != 0
     assert f"HTTP port {port} is in use" in result.stderr
@@ -124,7 +136,7 @@ def test_sigkill_of_the_sandbox_takes_mosquitto_down(sandbox_factory: SandboxFac
     assert sb.proc is not None
     os.kill(sb.proc.pid, signal.SIGKILL)
     sb.proc.wait(10)
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left behind after SIGKILL: {alive}"
     # a new sandbox can take the data dir over
     again = sandbox_factory(data_dir=sb.data_dir)

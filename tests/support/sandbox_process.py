@@ -52,12 +52,24 @@ class SandboxProcess:
         self.log_path = self.data_dir / "process-output.log"
         out = self.log_path.open("ab")
         cmd = [
-            sys.executable, "-m", "iotref.cli.main", "sandbox", "up",
-            "--data-dir", str(self.data_dir), "--http-port", "0", "--mqtt-port", "0",
+            sys.executable,
+            "-m",
+            "iotref.cli.main",
+            "sandbox",
+            "up",
+            "--data-dir",
+            str(self.data_dir),
+            "--http-port",
+            "0",
+            "--mqtt-port",
+            "0",
             *self.args,
         ]
         self.proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         out.close()
@@ -111,7 +123,9 @@ class SandboxProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-                raise AssertionError(f"sandbox did not stop in {timeout}s:\n{self.output()}")
+                raise AssertionError(
+                    f"sandbox did not stop in {timeout}s:\n{self.output()}"
+                ) from None
         leftovers = [p for p in self._descendants if _alive(p)]
         for p in leftovers:
             p.kill()

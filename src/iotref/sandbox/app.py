@@ -37,5 +37,5 @@ def build_app(components: Sequence[Component]) -> Starlette:
     return Starlette(
         routes=routes,
         middleware=[Middleware(BodyLimitMiddleware)],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -42,7 +43,10 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, error: str, description: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    error: str,
+    description: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"error": error}
     if description:
@@ -105,8 +109,11 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await _send_json(send, 400, {"error": "bad_request",
-                                                 "error_description": "bad Content-Length"})
+                    await _send_json(
+                        send,
+                        400,
+                        {"error": "bad_request", "error_description": "bad Content-Length"},
+                    )
                     return
                 if declared > self.max_bytes:
                     await _send_json(send, 413, _too_large(self.max_bytes))
@@ -150,8 +157,10 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(data)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})
