@@ -55,7 +55,10 @@ def _free_port() -> int:
 
 
 def _bind_http(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns TCP_NODELAY on for accepted connections only when
+    # the listening socket says so; without it every request on a kept-alive connection
+    # waits ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((LOOPBACK, port))
@@ -242,6 +245,8 @@ class Sandbox:
         from iotref.sandbox.broker import Broker
         from iotref.sandbox.certificate_authority import CertificateAuthorities
         from iotref.sandbox.directory import Directory
+        from iotref.sandbox.ingestion import Ingestion
+        from iotref.sandbox.monitor import Monitor
         from iotref.sandbox.provisioning import Provisioning
         from iotref.sandbox.shadow_service import ShadowService
         from iotref.sandbox.things import ThingRegistry
@@ -254,7 +259,9 @@ class Sandbox:
         broker = Broker(ctx, cas, things)
         provisioning = Provisioning(ctx, directory, cas, things, broker)
         shadows = ShadowService(ctx, cas)
-        return [directory, broker, provisioning, shadows]
+        ingestion = Ingestion(ctx, cas, things)
+        monitor = Monitor(ctx, ingestion, shadows, directory, things)
+        return [directory, broker, provisioning, shadows, ingestion, monitor]
 
     def _write_files(self, ctx: SandboxContext) -> dict[str, Any]:
         env = {

@@ -1,0 +1,215 @@
+"""Environments (contract section 1): which directory, configuration service and OAuth app a
+device talks to.
+
+The built-in environments ``local`` (the sandbox on its default port), ``test`` and ``live``
+ship as package data (``environments/env.*``); any other comes from an environment file.
+Plain ``http://`` is accepted only for loopback hosts. An environment's *identity* is its
+name together with its directory host: tokens and certificates are tied to it and never
+used in another environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from iotref.device.errors import ConfigurationError
+from iotref.protocol.environment_file import (
+    BASE_URL,
+    DIRECTORY_HOST,
+    DIRECTORY_OAUTH_CLIENT_ID,
+    REQUIRED_KEYS,
+    SCOPE,
+    EnvironmentFileError,
+    parse_env_file,
+)
+
+BUILTIN_ENVIRONMENTS = ("local", "test", "live")
+DEFAULT_ENVIRONMENT = "local"
+ENV_VAR = "IOTREF_ENV"
+ENV_FILE_VAR = "IOTREF_ENV_FILE"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class EnvironmentIdentity:
+    """What ties tokens and certificates to one environment: its name and directory host."""
+
+    name: str
+    directory_host: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "directory_host": self.directory_host}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EnvironmentIdentity:
+        name, host = data.get("name"), data.get("directory_host")
+        if not isinstance(name, str) or not isinstance(host, str):
+            raise ValueError("environment identity needs name and directory_host")
+        return cls(name, host)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.directory_host})"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One environment: the contract's four keys plus a name and where it came from."""
+
+    name: str
+    base_url: str
+    directory_host: str
+    client_id: str
+    scope: str
+    source: str = "built-in"
+
+    @property
+    def identity(self) -> EnvironmentIdentity:
+        return EnvironmentIdentity(self.name, self.directory_host)
+
+    @property
+    def cli_selector(self) -> str:
+        """The CLI option that selects this environment: ``--env NAME`` or ``--env-file``."""
+        if self.source == "built-in":
+            return f"--env {self.name}"
+        return f"--env-file {self.source}"
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return tuple(s for s in re.split(r"[,\s]+", self.scope) if s)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.directory_host})"
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (brackets allowed)."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_service_url(url: str, key: str, *, source: str = "") -> str:
+    """A service base URL without its trailing slash; ``https`` required unless loopback."""
+    where = f" in {source}" if source else ""
+    try:
+        parts = urlsplit(url.strip())
+        hostname = parts.hostname
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigurationError(f"{key}{where} is not a valid URL: {url!r}") from None
+    if parts.scheme not in ("https", "http") or not hostname:
+        raise ConfigurationError(f"{key}{where} must be an https:// URL with a host, got {url!r}")
+    if parts.username or parts.password:
+        raise ConfigurationError(f"{key}{where} must not carry credentials")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"{key}{where} must not have a query or fragment: {url!r}")
+    if parts.scheme == "http" and not is_loopback_host(hostname):
+        raise ConfigurationError(
+            f"{key}{where} uses plain http:// for {hostname}, which is not a loopback host",
+            "use https://; plain http is allowed only for 127.0.0.1, ::1 and localhost",
+        )
+    return url.strip().rstrip("/")
+
+
+def environment_from_values(
+    name: str, values: Mapping[str, str], *, source: str = "built-in"
+) -> Environment:
+    """Build and check an :class:`Environment` from an environment file's keys."""
+    if not _NAME_RE.match(name):
+        raise ConfigurationError(
+            f"environment name {name!r} is not usable",
+            "use letters, digits, '.', '_' and '-' only",
+        )
+    missing = [key for key in REQUIRED_KEYS if not values.get(key, "").strip()]
+    if missing:
+        raise ConfigurationError(
+            f"environment {name} ({source}) lacks {', '.join(missing)}",
+            f"an environment file needs {', '.join(REQUIRED_KEYS)}",
+        )
+    client_id = values[DIRECTORY_OAUTH_CLIENT_ID].strip()
+    if any(c.isspace() for c in client_id):
+        raise ConfigurationError(f"{DIRECTORY_OAUTH_CLIENT_ID} in {source} contains spaces")
+    return Environment(
+        name=name,
+        base_url=check_service_url(values[BASE_URL], BASE_URL, source=source),
+        directory_host=check_service_url(values[DIRECTORY_HOST], DIRECTORY_HOST, source=source),
+        client_id=client_id,
+        scope=values[SCOPE].strip(),
+        source=source,
+    )
+
+
+def load_environment(name: str) -> Environment:
+    """One of the built-in environments: ``local``, ``test`` or ``live``."""
+    if name not in BUILTIN_ENVIRONMENTS:
+        raise ConfigurationError(
+            f"unknown environment {name!r}",
+            f"use one of {', '.join(BUILTIN_ENVIRONMENTS)}, or --env-file PATH",
+        )
+    text = resources.files("iotref.device").joinpath("environments", f"env.{name}").read_text()
+    return environment_from_values(name, parse_env_file(text))
+
+
+def environment_name_for_file(path: Path) -> str:
+    """``env.local`` -> ``local``, ``staging.env`` -> ``staging``, ``.env`` -> ``env``."""
+    file_name = path.name
+    if file_name.startswith("env.") and len(file_name) > 4:
+        return file_name[4:]
+    if file_name.endswith(".env") and len(file_name) > 4:
+        return file_name[:-4]
+    return file_name.lstrip(".") or "custom"
+
+
+def load_environment_file(path: Path, name: str | None = None) -> Environment:
+    """An environment from a dotenv file; its name comes from the file name unless given."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigurationError(f"environment file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read environment file {path}: {exc}") from None
+    try:
+        values = parse_env_file(text)
+    except EnvironmentFileError as exc:
+        raise ConfigurationError(f"environment file {path}: {exc}") from None
+    return environment_from_values(
+        name or environment_name_for_file(path), values, source=str(path)
+    )
+
+
+def resolve_environment(
+    env: str | None = None,
+    env_file: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Environment:
+    """The environment asked for: ``env_file`` or ``env`` (not both), else ``IOTREF_ENV_FILE``
+    or ``IOTREF_ENV`` (not both), else ``local``."""
+    environ = os.environ if environ is None else environ
+    if env and env_file:
+        raise ConfigurationError("give --env or --env-file, not both")
+    if env_file:
+        return load_environment_file(Path(env_file))
+    if env:
+        return load_environment(env)
+    from_var_file = environ.get(ENV_FILE_VAR, "").strip()
+    from_var = environ.get(ENV_VAR, "").strip()
+    if from_var_file and from_var:
+        raise ConfigurationError(f"both {ENV_VAR} and {ENV_FILE_VAR} are set", "unset one of them")
+    if from_var_file:
+        return load_environment_file(Path(from_var_file))
+    if from_var:
+        return load_environment(from_var)
+    return load_environment(DEFAULT_ENVIRONMENT)
