@@ -31,20 +31,53 @@ def sandbox() -> None:
 
 @sandbox.command()
 @_data_dir
-@click.option("--http-port", type=click.IntRange(0, 65535), default=DEFAULT_HTTP_PORT,
-              show_default=True, help="HTTP port (0: any free port).")
-@click.option("--mqtt-port", type=click.IntRange(0, 65535), default=DEFAULT_MQTT_PORT,
-              show_default=True, help="MQTT/TLS port for devices (0: any free port).")
-@click.option("--auto-approve", is_flag=True,
-              help="Approve device-flow requests as the demo person, for demos and tests.")
-@click.option("--access-token-ttl", type=click.IntRange(1), default=3600, show_default=True,
-              help="Access token lifetime in seconds.")
-@click.option("--refresh-token-ttl", type=click.IntRange(1), default=7 * 24 * 3600,
-              show_default=True, help="Refresh token lifetime in seconds.")
-@click.option("--device-code-ttl", type=click.IntRange(1), default=900, show_default=True,
-              help="Device-flow code lifetime in seconds.")
-@click.option("--poll-interval", type=click.IntRange(0), default=5, show_default=True,
-              help="Device-flow polling interval in seconds.")
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_HTTP_PORT,
+    show_default=True,
+    help="HTTP port (0: any free port).",
+)
+@click.option(
+    "--mqtt-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_MQTT_PORT,
+    show_default=True,
+    help="MQTT/TLS port for devices (0: any free port).",
+)
+@click.option(
+    "--auto-approve",
+    is_flag=True,
+    help="Approve device-flow requests as the demo person, for demos and tests.",
+)
+@click.option(
+    "--access-token-ttl",
+    type=click.IntRange(1),
+    default=3600,
+    show_default=True,
+    help="Access token lifetime in seconds.",
+)
+@click.option(
+    "--refresh-token-ttl",
+    type=click.IntRange(1),
+    default=7 * 24 * 3600,
+    show_default=True,
+    help="Refresh token lifetime in seconds.",
+)
+@click.option(
+    "--device-code-ttl",
+    type=click.IntRange(1),
+    default=900,
+    show_default=True,
+    help="Device-flow code lifetime in seconds.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.IntRange(0),
+    default=5,
+    show_default=True,
+    help="Device-flow polling interval in seconds.",
+)
 def up(
     data_dir: Path,
     http_port: int,
@@ -89,3 +122,39 @@ def status(data_dir: Path, as_json: bool) -> None:
     for key in ("http_url", "mqtt_host", "mqtt_port", "env_file", "ca_file"):
         if key in info:
             click.echo(f"  {key}: {info[key]}")
+
+
+@sandbox.command()
+@click.argument("client_id")
+@_data_dir
+def revoke(client_id: str, data_dir: Path) -> None:
+    """Revoke CLIENT_ID's certificate on the sandbox running on DATA_DIR.
+
+    Mosquitto restarts with the new CRL: the device is dropped now and refused from now on.
+    """
+    import httpx
+
+    running = read_running(data_dir)
+    info = running.info or {}
+    if running.pid is None or "http_url" not in info or "admin_token" not in info:
+        click.echo(f"no sandbox is running on {data_dir}", err=True)
+        raise SystemExit(3)
+    url = f"{info['http_url']}/admin/things/{client_id}/revoke"
+    try:
+        response = httpx.post(
+            url, headers={"Authorization": f"Bearer {info['admin_token']}"}, timeout=30
+        )
+    except httpx.HTTPError as exc:
+        click.echo(f"cannot reach the sandbox at {info['http_url']}: {exc}", err=True)
+        raise SystemExit(1) from None
+    if response.status_code == 404:
+        click.echo(f"the sandbox has no thing {client_id}", err=True)
+        raise SystemExit(1)
+    if response.status_code != 200:
+        click.echo(f"revoking {client_id} failed: HTTP {response.status_code}", err=True)
+        raise SystemExit(1)
+    body = response.json()
+    if body.get("alreadyRevoked"):
+        click.echo(f"{client_id} was already revoked")
+    else:
+        click.echo(f"revoked {client_id} (certificate serial {body.get('serial')})")

@@ -1,0 +1,263 @@
+"""The broker component run directly (no HTTP, no directory): Mosquitto starts with the
+generated config, enforces the ACL and the CRL, is restarted when killed, and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from iotref.sandbox.broker import Broker, BrokerError
+from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.certificate_authority import CertificateAuthorities
+from iotref.sandbox.context import SandboxContext, SandboxSettings
+from iotref.sandbox.runner import _free_port
+from iotref.sandbox.things import ThingRegistry, new_client_id
+from tests.support.device_keys import DeviceFiles, make_csr, make_key, write_device
+from tests.support.mqtt_probe import MosquittoSub, connect, refused
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+
+T = TypeVar("T")
+
+
+class Harness:
+    """A broker on its own event loop thread, driven from a sync test."""
+
+    def __init__(self, data_dir: Path, binary: str = "mosquitto") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        settings = SandboxSettings(data_dir=data_dir, mosquitto_binary=binary)
+        self.ctx = SandboxContext.open(settings)
+        self.ctx.mqtt_port = _free_port()
+        self.ctx.platform_mqtt_port = _free_port()
+        self.cas = CertificateAuthorities(self.ctx.paths.ca_dir)
+        self.cas.ensure()
+        self.things = ThingRegistry(self.ctx.db)
+        self.broker = Broker(self.ctx, self.cas, self.things)
+        self.devices_dir = data_dir / "devices"
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.run(self.broker.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            self.ctx.db.close()
+
+    def device(self, key_type: str = "ec-p256") -> DeviceFiles:
+        client_id = new_client_id()
+        key = make_key(key_type)
+        from cryptography import x509
+
+        csr = x509.load_pem_x509_csr(make_csr(key).encode())
+        cert = self.cas.sign_device_csr(csr, client_id)
+        from cryptography.hazmat.primitives import serialization
+
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        return write_device(self.devices_dir, client_id, key, pem, org_id="org-1")
+
+    def device_probe(self, device: DeviceFiles, **kwargs: Any) -> Any:
+        return connect(
+            self.ctx.mqtt_port, self.cas.ca_bundle_path, device.cert_path, device.key_path, **kwargs
+        )
+
+    def operator_probe(self) -> Any:
+        return connect(
+            self.ctx.platform_mqtt_port,
+            self.cas.ca_bundle_path,
+            self.cas.operator_cert_path,
+            self.cas.operator_key_path,
+        )
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path / "sandbox")
+    h.run(h.broker.start())
+    yield h
+    pid = h.broker.pid
+    h.close()
+    if pid is not None:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _telemetry(device: DeviceFiles) -> str:
+    return f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+
+
+def test_device_publishes_own_telemetry_only(harness: Harness) -> None:
+    a, b = harness.device(), harness.device("rsa2048")
+    with harness.operator_probe() as operator, harness.device_probe(a) as dev:
+        assert operator.subscribe("#", "$aws/#") == [1, 1]
+        assert dev.publish(_telemetry(a), b'{"n": 1}') == 0
+        assert operator.wait_for(_telemetry(a)).payload == b'{"n": 1}'
+        dev.publish(_telemetry(b), b'{"n": 2}')
+        dev.publish(f"{TELEMETRY_TOPIC}/{a.org_id}/other", b"x")
+        assert operator.received_on(_telemetry(b), within=0.5) == []
+
+
+def test_device_shadow_topics(harness: Harness) -> None:
+    a, b = harness.device(), harness.device()
+    own = f"$aws/things/{a.client_id}/shadow"
+    other = f"$aws/things/{b.client_id}/shadow"
+    with harness.operator_probe() as operator, harness.device_probe(a) as dev:
+        operator.subscribe("$aws/#")
+        assert dev.subscribe(
+            f"{own}/get/accepted", f"{own}/update/delta", f"{own}/name/cfg/update/documents"
+        ) == [1, 1, 1]
+        # Mosquitto 2.0's acl_file grants every SUBSCRIBE and applies the read rules when
+        # it delivers: whatever the SUBACK says, nothing of another thing arrives.
+        dev.subscribe(
+            f"{other}/get/accepted",
+            f"{other}/update/delta",
+            "#",
+            "$aws/#",
+            "$aws/things/+/shadow/update/accepted",
+        )
+        for topic in (f"{other}/get/accepted", f"{other}/update/delta", f"{other}/update/accepted"):
+            operator.publish(topic, b'{"secret": 1}')
+            assert dev.received_on(topic, within=0.3) == []
+        operator.publish(f"{TELEMETRY_TOPIC}/org-1/{b.client_id}", b"{}")
+        assert dev.received_on(f"{TELEMETRY_TOPIC}/org-1/{b.client_id}", within=0.3) == []
+        dev.publish(f"{own}/get", b"")
+        assert operator.wait_for(f"{own}/get").payload == b""
+        dev.publish(f"{own}/name/cfg/update", b"{}")
+        operator.wait_for(f"{own}/name/cfg/update")
+        for suffix in ("get/accepted", "update/rejected", "update/delta", "update/documents"):
+            dev.publish(f"{own}/{suffix}", b'{"forged": true}')
+            assert operator.received_on(f"{own}/{suffix}", within=0.3) == []
+        dev.publish(f"{other}/update", b"{}")
+        assert operator.received_on(f"{other}/update", within=0.3) == []
+        # the platform's answers do reach the device
+        operator.publish(f"{own}/get/accepted", b'{"state": {}}')
+        assert dev.wait_for(f"{own}/get/accepted").payload == b'{"state": {}}'
+
+
+def test_second_connection_takes_the_session_over(harness: Harness) -> None:
+    a = harness.device()
+    first = harness.device_probe(a, client_id="anything")
+    try:
+        second = harness.device_probe(a, client_id="something-else")
+        with second:
+            assert first.disconnected.wait(5)
+    finally:
+        first.client.loop_stop()
+
+
+def test_refused_without_or_with_foreign_certificates(harness: Harness, tmp_path: Path) -> None:
+    port, ca = harness.ctx.mqtt_port, harness.cas.ca_bundle_path
+    assert refused(port, ca, None, None) is not None
+    foreign = CertificateAuthorities(tmp_path / "foreign")
+    foreign.ensure()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = make_key()
+    cert = foreign.sign_device_csr(x509.load_pem_x509_csr(make_csr(key).encode()), new_client_id())
+    dev = write_device(
+        tmp_path / "foreign-dev", "x", key, cert.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    assert refused(port, ca, dev.cert_path, dev.key_path) is not None
+    # a device certificate is no good on the platform listener
+    good = harness.device()
+    assert refused(harness.ctx.platform_mqtt_port, ca, good.cert_path, good.key_path)
+    assert refused(port, ca, good.cert_path, good.key_path) is None
+
+
+def test_revocation_takes_effect_after_reload(harness: Harness) -> None:
+    a, b = harness.device(), harness.device()
+    probe = harness.device_probe(a)
+    harness.cas.revoke(a.certificate.serial_number)
+    harness.run(harness.broker.reload_crl())
+    assert probe.disconnected.wait(5)
+    probe.client.loop_stop()
+    port, ca = harness.ctx.mqtt_port, harness.cas.ca_bundle_path
+    assert refused(port, ca, a.cert_path, a.key_path) is not None
+    assert refused(port, ca, b.cert_path, b.key_path) is None
+    # the platform CA's identities still pass their CRL check
+    with harness.operator_probe():
+        pass
+    assert refused(port, ca, harness.cas.operator_cert_path, harness.cas.operator_key_path) is None
+
+
+def test_killed_mosquitto_is_restarted(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    a = harness.device()
+    old = harness.broker.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pid = harness.broker.pid
+        if pid not in (None, old) and harness.broker.restarts == 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("mosquitto was not restarted")
+    with harness.device_probe(a) as dev:
+        assert dev.publish(_telemetry(a)) < 0x80
+    assert "exited unexpectedly" in caplog.text
+
+
+def test_persistent_session_survives_restart(harness: Harness) -> None:
+    a = harness.device()
+    own = f"$aws/things/{a.client_id}/shadow/update/delta"
+    with harness.device_probe(a, clean_start=False) as dev:
+        assert dev.subscribe(own) == [1]
+    harness.run(harness.broker.restart())
+    with harness.operator_probe() as operator:
+        operator.publish(own, b'{"queued": true}')
+    with harness.device_probe(a, clean_start=False) as dev:
+        assert dev.wait_for(own).payload == b'{"queued": true}'
+
+
+def test_operator_with_mosquitto_sub_on_the_device_port(harness: Harness) -> None:
+    a = harness.device()
+    cas = harness.cas
+    with MosquittoSub(
+        harness.ctx.mqtt_port,
+        cas.ca_bundle_path,
+        cas.operator_cert_path,
+        cas.operator_key_path,
+        ["#", "$aws/#"],
+    ) as sub:
+        sub.wait_subscribed()
+        with harness.device_probe(a) as dev:
+            dev.publish(_telemetry(a), b"hello")
+        sub.wait_line(lambda line: line == f"{_telemetry(a)} hello")
+        # the device listener sets the client id to the identity: the session is the
+        # operator's, not an anonymous one
+        log = harness.broker.log_path.read_text()
+        assert "as iotref-operator" in log
+
+
+def test_missing_binary_is_one_clear_error(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "sb", binary="no-such-mosquitto")
+    try:
+        with pytest.raises(BrokerError, match="no-such-mosquitto"):
+            h.run(h.broker.start())
+    finally:
+        h.close()
+
+
+def test_bad_config_is_reported(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "sb")
+    h.ctx.platform_mqtt_port = h.ctx.mqtt_port  # the same port twice: mosquitto fails
+    try:
+        with pytest.raises(BrokerError, match="mosquitto"):
+            h.run(h.broker.start())
+    finally:
+        h.close()

@@ -1,0 +1,137 @@
+"""The provisioning component with a fake directory and broker: the thing_registered
+event, the order of checks, and the admin revocation path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from starlette.testclient import TestClient
+
+from iotref.sandbox.app import build_app
+from iotref.sandbox.broker import Broker
+from iotref.sandbox.certificate_authority import CertificateAuthorities
+from iotref.sandbox.context import SandboxContext, SandboxSettings
+from iotref.sandbox.provisioning import Provisioning
+from iotref.sandbox.things import Thing, ThingRegistry
+from tests.support.device_keys import make_csr, make_key
+
+
+@dataclass(frozen=True)
+class FakeGrant:
+    organization_id: str | None
+    scopes: frozenset[str]
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+@dataclass(frozen=True)
+class FakeSite:
+    organization_id: str
+
+
+@dataclass
+class FakeDirectory:
+    grants: dict[str, FakeGrant] = field(default_factory=dict)
+    sites: dict[str, FakeSite] = field(default_factory=dict)
+
+    def authenticate(self, authorization: str | None) -> FakeGrant | None:
+        token = (authorization or "").removeprefix("Bearer ")
+        return self.grants.get(token)
+
+    def site(self, site_id: str) -> FakeSite | None:
+        return self.sites.get(site_id)
+
+
+class FakeBroker:
+    def __init__(self) -> None:
+        self.reloads = 0
+
+    async def reload_crl(self) -> None:
+        self.reloads += 1
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[TestClient, SandboxContext, FakeBroker, list[Thing]]]:
+    ctx = SandboxContext.open(SandboxSettings(data_dir=tmp_path))
+    ctx.mqtt_port = 18883
+    cas = CertificateAuthorities(ctx.paths.ca_dir)
+    cas.ensure()
+    directory = FakeDirectory(
+        grants={
+            "good": FakeGrant("org-1", frozenset({"Org.prinect.onprem.rw"})),
+            "noscope": FakeGrant("org-1", frozenset({"Org.directory.organization.r"})),
+            "person": FakeGrant(None, frozenset({"Org.prinect.onprem.rw"})),
+        },
+        sites={"site-1": FakeSite("org-1"), "site-2": FakeSite("org-2")},
+    )
+    broker = FakeBroker()
+    events: list[Thing] = []
+    ctx.events.subscribe("thing_registered", lambda thing: events.append(thing))
+    provisioning = Provisioning(ctx, directory, cas, ThingRegistry(ctx.db), cast(Broker, broker))
+    with TestClient(build_app([provisioning])) as client:
+        yield client, ctx, broker, events
+    ctx.db.close()
+
+
+def _body(site: str = "site-1") -> dict[str, Any]:
+    return {"certificateSigningRequest": make_csr(make_key()), "siteId": site}
+
+
+def test_success_emits_thing_registered(setup: Any) -> None:
+    client, _ctx, _broker, events = setup
+    answer = client.post("/v4/provisioning", json=_body(), headers={"Authorization": "Bearer good"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"deviceCert", "clientId", "orgId"}
+    assert [t.client_id for t in events] == [body["clientId"]]
+    assert events[0].org_id == "org-1"
+    assert events[0].site_id == "site-1"
+
+
+@pytest.mark.parametrize(
+    ("token", "body", "status", "error"),
+    [
+        (None, _body(), 401, "unauthorized"),
+        ("bad", _body(), 401, "invalid_token"),
+        ("noscope", _body(), 403, "insufficient_scope"),
+        ("person", _body(), 403, "forbidden"),
+        ("good", _body("site-2"), 403, "forbidden"),
+        ("good", _body("site-3"), 422, "unknown_site"),
+        ("good", {"certificateSigningRequest": "x", "siteId": "site-1"}, 400, "invalid_csr"),
+    ],
+)
+def test_refusals_leave_nothing(
+    setup: Any, token: str | None, body: Any, status: int, error: str
+) -> None:
+    client, ctx, _broker, events = setup
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    answer = client.post("/v4/provisioning", json=body, headers=headers)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"] == error
+    assert events == []
+    assert ThingRegistry(ctx.db).count() == 0
+
+
+def test_admin_revoke(setup: Any) -> None:
+    client, ctx, broker, _events = setup
+    client_id = client.post(
+        "/v4/provisioning", json=_body(), headers={"Authorization": "Bearer good"}
+    ).json()["clientId"]
+    admin = {"Authorization": f"Bearer {ctx.admin_token}"}
+    assert client.post(f"/admin/things/{client_id}/revoke").status_code == 401
+    answer = client.post(f"/admin/things/{client_id}/revoke", headers=admin)
+    assert answer.status_code == 200
+    assert answer.json()["revokedAt"]
+    assert not answer.json()["alreadyRevoked"]
+    assert broker.reloads == 1
+    again = client.post(f"/admin/things/{client_id}/revoke", headers=admin)
+    assert again.json()["alreadyRevoked"]
+    assert broker.reloads == 1
+    listing = client.get("/admin/things", headers=admin).json()["things"]
+    assert [t["clientId"] for t in listing] == [client_id]
+    assert client.get(f"/admin/things/{client_id}", headers=admin).json()["certificatePem"]
