@@ -1,0 +1,58 @@
+"""Retry pacing for the device runtime: capped exponential backoff with full jitter.
+
+Owns the one backoff policy the runtime uses everywhere it waits before trying again: the
+MQTT reconnect (configured into awscrt's reconnect loop with the same parameters, see
+:mod:`iotref.device.connection`) and the shadow requests that are retried after a timeout
+or a throttling answer (:mod:`iotref.device.shadow`).
+
+Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"): the n-th delay is
+drawn uniformly from ``[0, min(max_s, min_s * 2**n)]``, so that many machines that lost
+their network together do not come back in lock step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+def backoff_cap(attempt: int, min_s: float, max_s: float) -> float:
+    """The upper bound of the ``attempt``-th delay (0-based): ``min(max_s, min_s * 2**n)``."""
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    # 2**64 * anything already exceeds every sensible cap; avoid huge integers.
+    return min(max_s, min_s * float(2 ** min(attempt, 64)))
+
+
+def full_jitter(
+    attempt: int, min_s: float, max_s: float, rng: random.Random | None = None
+) -> float:
+    """One full-jitter delay for the ``attempt``-th retry."""
+    return (rng or random).uniform(0.0, backoff_cap(attempt, min_s, max_s))
+
+
+@dataclass
+class Backoff:
+    """A stateful backoff: :meth:`next_delay` grows the cap, :meth:`reset` after a success."""
+
+    min_s: float = 0.5
+    max_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_s <= 0 or self.max_s < self.min_s:
+            raise ValueError("backoff needs 0 < min_s <= max_s")
+
+    @property
+    def cap(self) -> float:
+        """The bound of the next delay."""
+        return backoff_cap(self.attempt, self.min_s, self.max_s)
+
+    def next_delay(self) -> float:
+        delay = full_jitter(self.attempt, self.min_s, self.max_s, self.rng)
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0

@@ -1,0 +1,304 @@
+"""Connection policy without a broker: backoff, the takeover heuristic, topic matching,
+failure descriptions, settings and the awscrt options they produce, the thread-to-loop
+bridge, and the Connection's behaviour before it is started."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+from awscrt import io, mqtt5
+
+from iotref.device.backoff import Backoff, backoff_cap, full_jitter
+from iotref.device.connection import (
+    Connection,
+    ConnectionEvent,
+    ConnectionFailed,
+    ConnectionSettings,
+    ConnectionState,
+    PublishFailed,
+    TakeoverDetector,
+    _LoopBridge,
+    build_client_options,
+    build_tls_context,
+    describe_failure,
+    topic_matches,
+)
+from iotref.device.errors import IotrefError, StoreError
+
+HANGUP = "AWS_ERROR_MQTT_UNEXPECTED_HANGUP"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def settings(tmp_path: Path, **kw: object) -> ConnectionSettings:
+    base: dict[str, object] = {
+        "endpoint": "broker.example",
+        "port": 8883,
+        "client_id": "iotref-0123",
+        "cert_path": tmp_path / "c.pem",
+        "key_path": tmp_path / "k.pem",
+        "ca_path": tmp_path / "ca.pem",
+    }
+    base.update(kw)
+    return ConnectionSettings(**base)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+def test_backoff_cap_grows_exponentially_and_is_capped() -> None:
+    assert [backoff_cap(n, 0.5, 30) for n in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert backoff_cap(10_000, 0.5, 30) == 30
+
+
+def test_full_jitter_stays_within_zero_and_cap() -> None:
+    rng = random.Random(7)
+    for attempt in range(12):
+        cap = backoff_cap(attempt, 0.5, 30)
+        delays = [full_jitter(attempt, 0.5, 30, rng) for _ in range(300)]
+        assert all(0 <= d <= cap for d in delays)
+        # full jitter: spread over the whole range, not clustered near the cap
+        assert min(delays) < cap * 0.1 and max(delays) > cap * 0.9
+
+
+def test_backoff_object_resets() -> None:
+    b = Backoff(1, 8, rng=random.Random(1))
+    caps = []
+    for _ in range(5):
+        caps.append(b.cap)
+        b.next_delay()
+    assert caps == [1, 2, 4, 8, 8]
+    b.reset()
+    assert b.cap == 1
+    with pytest.raises(ValueError):
+        Backoff(0, 1)
+
+
+# --------------------------------------------------------------------------- takeover
+
+
+def test_session_taken_over_reason_code_is_a_takeover_at_once() -> None:
+    d = TakeoverDetector(3, 60, 10, clock=Clock())
+    d.connected()
+    assert d.disconnected("AWS_ERROR_MQTT5_DISCONNECT_RECEIVED", 0x8E) is not None
+
+
+def test_repeated_early_hangups_are_a_takeover() -> None:
+    clock = Clock()
+    d = TakeoverDetector(3, 60, 10, clock=clock)
+    results = []
+    for _ in range(3):
+        d.connected()
+        clock.now += 1.0
+        results.append(d.disconnected(HANGUP, None))
+        clock.now += 2.0
+    assert results[:2] == [None, None]
+    assert results[2] is not None and "3 connections" in results[2]
+
+
+def test_long_lived_connections_do_not_count() -> None:
+    clock = Clock()
+    d = TakeoverDetector(3, 60, 10, clock=clock)
+    for _ in range(5):
+        d.connected()
+        clock.now += 11.0
+        assert d.disconnected(HANGUP, None) is None
+
+
+def test_timeouts_and_other_errors_do_not_count() -> None:
+    clock = Clock()
+    d = TakeoverDetector(2, 60, 10, clock=clock)
+    for name in ("AWS_ERROR_MQTT5_PING_RESPONSE_TIMEOUT", "AWS_IO_SOCKET_TIMEOUT", None):
+        d.connected()
+        clock.now += 1
+        assert d.disconnected(name, None) is None
+    # other DISCONNECT reason codes neither
+    d.connected()
+    assert d.disconnected("AWS_ERROR_MQTT5_DISCONNECT_RECEIVED", 0x87) is None
+
+
+def test_hangups_spread_over_more_than_the_window_do_not_count() -> None:
+    clock = Clock()
+    d = TakeoverDetector(3, 60, 10, clock=clock)
+    for _ in range(6):
+        d.connected()
+        clock.now += 1
+        assert d.disconnected(HANGUP, None) is None
+        clock.now += 40
+
+
+def test_disconnect_without_a_connect_does_not_count_and_limit_zero_disables() -> None:
+    clock = Clock()
+    d = TakeoverDetector(1, 60, 10, clock=clock)
+    assert d.disconnected(HANGUP, None) is None  # never connected
+    off = TakeoverDetector(0, 60, 10, clock=clock)
+    for _ in range(5):
+        off.connected()
+        assert off.disconnected(HANGUP, None) is None
+    off.connected()
+    assert off.disconnected(None, 0x8E) is not None  # the broker's word still counts
+
+
+# --------------------------------------------------------------------------- topics
+
+
+@pytest.mark.parametrize(
+    ("flt", "topic", "match"),
+    [
+        ("a/b", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/#", "a/b/c", True),
+        ("a/#", "a", True),
+        ("#", "$aws/things/x", False),
+        ("+/things/x", "$aws/things/x", False),
+        ("$aws/things/+/shadow/update/delta", "$aws/things/t1/shadow/update/delta", True),
+        ("$aws/things/t1/shadow/get/accepted", "$aws/things/t1/shadow/get/rejected", False),
+    ],
+)
+def test_topic_matches(flt: str, topic: str, match: bool) -> None:
+    assert topic_matches(flt, topic) is match
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_failure_descriptions(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    tls = describe_failure(s, "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE", None)
+    assert tls.kind == "tls" and "broker.example:8883" in tls.reason and tls.next_step
+    refused = describe_failure(s, "AWS_ERROR_MQTT5_CONNACK_CONNECTION_REFUSED", 0x87)
+    assert refused.kind == "refused" and "NOT_AUTHORIZED" in refused.reason
+    down = describe_failure(s, "AWS_IO_SOCKET_CONNECTION_REFUSED", None)
+    assert down.kind == "unreachable"
+    dns = describe_failure(s, "AWS_IO_DNS_QUERY_FAILED", None)
+    assert dns.kind == "unreachable"
+    hangup = describe_failure(s, HANGUP, None)
+    assert hangup.kind == "refused"
+    assert isinstance(tls, IotrefError)
+
+
+def test_missing_files_are_a_config_failure(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionFailed) as info:
+        build_tls_context(settings(tmp_path))
+    assert info.value.kind == "config"
+    assert "c.pem" in info.value.reason
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_settings_validation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="port"):
+        settings(tmp_path, port=0)
+    with pytest.raises(ValueError, match="backoff"):
+        settings(tmp_path, min_backoff_s=5, max_backoff_s=1)
+    with pytest.raises(ValueError, match="client_id"):
+        settings(tmp_path, client_id="")
+
+
+def test_settings_from_store(tmp_path: Path) -> None:
+    (tmp_path / "properties.json").write_text(
+        json.dumps(
+            {
+                "mqtt_endpoint": "a1b2-ats.iot.eu-central-1.amazonaws.com",
+                "mqtt_port": 8883,
+                "machine_region": "eu-central-1",
+                "telemetry_topic": "t",
+                "client_id": "iotref-abc",
+                "org_id": "o",
+                "machine_id": "m",
+                "site_id": "s",
+            }
+        )
+    )
+    s = ConnectionSettings.from_store(tmp_path, port=443, alpn=True)
+    assert s.endpoint == "a1b2-ats.iot.eu-central-1.amazonaws.com"
+    assert (s.port, s.alpn, s.client_id) == (443, True, "iotref-abc")
+    assert s.cert_path == tmp_path / "deviceCert.pem"
+    assert s.key_path == tmp_path / "devicePrivateKey.pem"
+    assert s.ca_path == tmp_path / "amazonRootCA1.pem"
+
+
+def test_settings_from_a_missing_or_broken_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="properties.json"):
+        ConnectionSettings.from_store(tmp_path)
+    (tmp_path / "properties.json").write_text('{"mqtt_endpoint": "x"}')
+    with pytest.raises(StoreError, match="lacks"):
+        ConnectionSettings.from_store(tmp_path)
+    (tmp_path / "properties.json").write_text("[")
+    with pytest.raises(StoreError):
+        ConnectionSettings.from_store(tmp_path)
+
+
+def test_client_options(tmp_path: Path) -> None:
+    s = settings(tmp_path, min_backoff_s=0.25, max_backoff_s=20, keepalive_s=45)
+    o = build_client_options(s)
+    assert o.retry_jitter_mode == io.ExponentialBackoffJitterMode.FULL
+    assert (o.min_reconnect_delay_ms, o.max_reconnect_delay_ms) == (250, 20_000)
+    assert o.session_behavior == mqtt5.ClientSessionBehaviorType.REJOIN_POST_SUCCESS
+    assert o.disable_metrics is True
+    assert o.connect_options.client_id == "iotref-0123"
+    assert o.connect_options.keep_alive_interval_sec == 45
+    assert o.connect_options.session_expiry_interval_sec == 3600
+    assert o.connect_options.username is None
+    clean = build_client_options(settings(tmp_path, session_expiry_s=0))
+    assert clean.session_behavior == mqtt5.ClientSessionBehaviorType.CLEAN
+
+
+# --------------------------------------------------------------------------- bridge, state
+
+
+@pytest.mark.anyio
+async def test_loop_bridge_keeps_order_across_threads() -> None:
+    loop = asyncio.get_running_loop()
+    bridge = _LoopBridge(loop)
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    def record(i: int) -> None:
+        seen.append(i)
+        if i == 999:
+            done.set()
+
+    def produce() -> None:
+        for i in range(1000):
+            bridge.post(record, i)
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    await asyncio.wait_for(done.wait(), 5)
+    thread.join()
+    assert seen == list(range(1000))
+
+
+@pytest.mark.anyio
+async def test_unstarted_connection(tmp_path: Path) -> None:
+    events: list[ConnectionEvent] = []
+    conn = Connection(settings(tmp_path), on_event=events.append)
+    assert conn.state is ConnectionState.STOPPED and not conn.connected
+    with pytest.raises(PublishFailed):
+        await conn.publish("a/b", b"x")
+    with pytest.raises(ConnectionFailed) as info:
+        await conn.start()  # the certificate files do not exist
+    assert info.value.kind == "config"
+    assert conn.stats.last_error is not None
+    with pytest.raises(RuntimeError):
+        await conn.start()
+    await conn.stop()
