@@ -1,0 +1,360 @@
+"""Telemetry throughput over the sandbox broker (mutual TLS, QoS 1, ~1 KB status messages).
+
+In one run, one device identity, one client at a time:
+
+(a) raw paho-mqtt publishing a prepared payload, pipelined (up to ``WINDOW`` unacked);
+(b) raw awscrt MQTT 5, the same;
+(c) the full path: build the message, validate it, serialize, append to the durable outbox,
+    publish through :class:`iotref.device.connection.Connection`, PUBACK, delete.
+
+Figures: messages per second of each (median of ``ROUNDS``), the ratios c/a and c/b; the
+drain rate of a 100,000-message backlog after a reconnect; the cost of one outbox append
+with ``durability="process"`` and ``"power"`` (and ``"power"`` in batches of 100); and
+where the full path's CPU time goes per message (no network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ssl
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from awscrt import io, mqtt5
+from paho.mqtt.enums import CallbackAPIVersion
+from tests.support.device_keys import DeviceFiles
+from tests.support.tokens import provision_device
+
+from bench.harness import BenchContext, Figure
+from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.messages import (
+    Asset,
+    AssetType,
+    DeviceStatusV2,
+    Sender,
+    SenderType,
+    StatusV2,
+    build_message,
+    to_json,
+)
+from iotref.device.outbox import Outbox, OutboxEntry
+from iotref.device.telemetry import PermissionFlag, Telemetry
+from iotref.protocol.message_schemas import MessageValidator
+from iotref.protocol.topics import telemetry_topic
+from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+
+N = 20_000
+ROUNDS = 3
+WINDOW = 1000
+BACKLOG = 100_000
+DETAILS = "d" * 560  # makes the serialized message about 1 KB
+
+SENDER = Sender(SenderType.PRESS, "bench-gateway", "1.0")
+CPU_US: dict[str, list[float]] = {"awscrt": [], "full": []}
+"""CPU time of this process (all its threads) per message, per run."""
+
+
+def make_message(asset: Asset, i: int) -> dict[str, Any]:
+    return build_message(
+        SENDER,
+        asset,
+        StatusV2(
+            status=DeviceStatusV2.PRODUCTION,
+            speed=12000 + i % 100,
+            totalproductioncounter=i,
+            productioncounter=i,
+            statusdetails=DETAILS,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- (a) paho
+
+
+def run_paho(info: dict[str, Any], dev: DeviceFiles, topic: str, payload: bytes, n: int) -> float:
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=dev.client_id,
+        protocol=paho.MQTTv311,
+    )
+    context = ssl.create_default_context(cafile=info["ca_file"])
+    context.load_cert_chain(str(dev.cert_path), str(dev.key_path))
+    client.tls_set_context(context)
+    client.max_inflight_messages_set(WINDOW)
+    client.max_queued_messages_set(0)
+    slots = threading.Semaphore(WINDOW)
+    done = threading.Event()
+    acked = [0]
+    connected = threading.Event()
+
+    def on_connect(*_: Any) -> None:
+        connected.set()
+
+    def on_publish(*_: Any) -> None:
+        acked[0] += 1
+        slots.release()
+        if acked[0] == n:
+            done.set()
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.connect(info["mqtt_host"], info["mqtt_port"], keepalive=30)
+    client.loop_start()
+    try:
+        if not connected.wait(10):
+            raise RuntimeError("paho: no CONNACK")
+        started = time.perf_counter()
+        for _ in range(n):
+            slots.acquire()
+            client.publish(topic, payload, qos=1)
+        if not done.wait(120):
+            raise RuntimeError(f"paho: only {acked[0]} of {n} acked")
+        return n / (time.perf_counter() - started)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# --------------------------------------------------------------------------- (b) awscrt
+
+
+def run_awscrt(info: dict[str, Any], dev: DeviceFiles, topic: str, payload: bytes, n: int) -> float:
+    tls = io.TlsContextOptions.create_client_with_mtls_from_path(
+        str(dev.cert_path), str(dev.key_path)
+    )
+    tls.override_default_trust_store_from_path(None, info["ca_file"])
+    connected: concurrent.futures.Future[None] = concurrent.futures.Future()
+    stopped = threading.Event()
+
+    def on_success(_: Any) -> None:
+        if not connected.done():
+            connected.set_result(None)
+
+    client = mqtt5.Client(
+        mqtt5.ClientOptions(
+            host_name=info["mqtt_host"],
+            port=info["mqtt_port"],
+            connect_options=mqtt5.ConnectPacket(
+                client_id=dev.client_id, keep_alive_interval_sec=30
+            ),
+            tls_ctx=io.ClientTlsContext(tls),
+            on_lifecycle_event_connection_success_fn=on_success,
+            on_lifecycle_event_stopped_fn=lambda _: stopped.set(),
+        )
+    )
+    client.start()
+    try:
+        connected.result(10)
+        slots = threading.Semaphore(WINDOW)
+        done = threading.Event()
+        acked = [0]
+        lock = threading.Lock()
+
+        def on_done(_: Any) -> None:
+            with lock:
+                acked[0] += 1
+                last = acked[0] == n
+            slots.release()
+            if last:
+                done.set()
+
+        packet = mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE)
+        cpu = time.process_time()
+        started = time.perf_counter()
+        for _ in range(n):
+            slots.acquire()
+            client.publish(packet).add_done_callback(on_done)
+        if not done.wait(120):
+            raise RuntimeError(f"awscrt: only {acked[0]} of {n} acked")
+        CPU_US["awscrt"].append((time.process_time() - cpu) / n * 1e6)
+        return n / (time.perf_counter() - started)
+    finally:
+        client.stop()
+        stopped.wait(10)
+
+
+# --------------------------------------------------------------------------- (c) full path
+
+
+def settings_for(info: dict[str, Any], dev: DeviceFiles) -> ConnectionSettings:
+    return ConnectionSettings(
+        endpoint=info["mqtt_host"],
+        port=int(info["mqtt_port"]),
+        client_id=dev.client_id,
+        cert_path=dev.cert_path,
+        key_path=dev.key_path,
+        ca_path=Path(info["ca_file"]),
+    )
+
+
+async def full_path(info: dict[str, Any], dev: DeviceFiles, topic: str, n: int, db: Path) -> float:
+    asset = Asset("bench-press", "SN-1", AssetType.SHEETFED_PRESS)
+    with Outbox(db, max_messages=max(n, 100_000)) as outbox:
+        async with Connection(settings_for(info, dev)) as conn:
+            await conn.wait_connected(10)
+            tel = Telemetry(
+                conn, outbox, topic, MessageValidator(), PermissionFlag(True), window=WINDOW
+            )
+            await tel.start()
+            cpu = time.process_time()
+            started = time.perf_counter()
+            for i in range(n):
+                await tel.send(make_message(asset, i))
+            while outbox.depth:  # noqa: ASYNC110
+                await asyncio.sleep(0.002)
+            rate = n / (time.perf_counter() - started)
+            CPU_US["full"].append((time.process_time() - cpu) / n * 1e6)
+            await tel.close()
+            return rate
+
+
+async def drain_backlog(info: dict[str, Any], dev: DeviceFiles, topic: str, db: Path) -> float:
+    """Messages per second to empty a backlog of ``BACKLOG`` stored while offline, from
+    the moment the connection is up."""
+    asset = Asset("bench-press", "SN-1", AssetType.SHEETFED_PRESS)
+    with Outbox(db, max_messages=BACKLOG * 2) as outbox:
+        chunk = [OutboxEntry(topic, to_json(make_message(asset, i)), None) for i in range(1000)]
+        for _ in range(BACKLOG // len(chunk)):
+            outbox.append_many(chunk)
+        assert outbox.depth == BACKLOG
+        conn = Connection(settings_for(info, dev))
+        tel = Telemetry(conn, outbox, topic, MessageValidator(), PermissionFlag(True))
+        await tel.start()  # registered before the connection comes up
+        async with conn:
+            await conn.wait_connected(10)
+            started = time.perf_counter()
+            while outbox.depth:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            rate = BACKLOG / (time.perf_counter() - started)
+            await tel.close()
+            return rate
+
+
+# --------------------------------------------------------------------------- local costs
+
+
+def append_cost_us(workdir: Path, durability: str, n: int, batch: int = 1) -> float:
+    payload = b"x" * 1024
+    path = workdir / f"append-{durability}-{batch}.sqlite3"
+    with Outbox(path, durability=durability) as ob:  # type: ignore[arg-type]
+        entries = [OutboxEntry("t/o/c", payload, "id")] * batch
+        started = time.perf_counter()
+        for _ in range(n // batch):
+            if batch == 1:
+                ob.append("t/o/c", payload, "id")
+            else:
+                ob.append_many(entries)
+        return (time.perf_counter() - started) / n * 1e6
+
+
+def cpu_breakdown_us(workdir: Path, n: int = 20_000) -> dict[str, float]:
+    asset = Asset("bench-press", "SN-1", AssetType.SHEETFED_PRESS)
+    validator = MessageValidator()
+    out: dict[str, float] = {}
+    t = time.perf_counter()
+    messages = [make_message(asset, i) for i in range(n)]
+    out["build"] = (time.perf_counter() - t) / n * 1e6
+    t = time.perf_counter()
+    for m in messages:
+        validator.validate_or_raise(m)
+    out["validate"] = (time.perf_counter() - t) / n * 1e6
+    t = time.perf_counter()
+    payloads = [to_json(m) for m in messages]
+    out["serialize"] = (time.perf_counter() - t) / n * 1e6
+    with Outbox(workdir / "breakdown.sqlite3") as ob:
+        t = time.perf_counter()
+        seqs = [ob.append("t/o/c", p).seq for p in payloads]
+        out["append"] = (time.perf_counter() - t) / n * 1e6
+        t = time.perf_counter()
+        after = 0
+        while batch := ob.read_batch(after, 256):
+            after = batch[-1].seq
+        for s in seqs:
+            ob.ack(s)
+        ob.flush_acks()
+        out["read_and_delete"] = (time.perf_counter() - t) / n * 1e6
+    return out
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(ctx: BenchContext) -> list[Figure]:
+    sandbox = ctx.sandbox()
+    info = dict(sandbox.info)
+    dev = provision_device(sandbox, directory=ctx.workdir / "telemetry-device")
+    topic = telemetry_topic(TELEMETRY_TOPIC, dev.org_id, dev.client_id)
+    asset = Asset("bench-press", "SN-1", AssetType.SHEETFED_PRESS)
+    payload = to_json(make_message(asset, 0))
+    size = len(payload)
+
+    rates: dict[str, list[float]] = {"paho": [], "awscrt": [], "full": []}
+    for r in range(ROUNDS):  # interleaved, so that drifts of the machine hit all three
+        rates["paho"].append(run_paho(info, dev, topic, payload, N))
+        rates["awscrt"].append(run_awscrt(info, dev, topic, payload, N))
+        db = ctx.workdir / f"telemetry-full-{r}.sqlite3"
+        rates["full"].append(asyncio.run(full_path(info, dev, topic, N, db)))
+    a, b, c = (statistics.median(rates[k]) for k in ("paho", "awscrt", "full"))
+    drain = asyncio.run(drain_backlog(info, dev, topic, ctx.workdir / "telemetry-backlog.sqlite3"))
+    normal = append_cost_us(ctx.workdir, "process", 20_000)
+    power = append_cost_us(ctx.workdir, "power", 500)
+    power_batched = append_cost_us(ctx.workdir, "power", 5_000, batch=100)
+    cpu = cpu_breakdown_us(ctx.workdir)
+
+    note = f"{N} msgs of {size} B, QoS 1, mTLS, window {WINDOW}, median of {ROUNDS}"
+    spread = {k: f"{min(v):.0f}..{max(v):.0f}" for k, v in rates.items()}
+    figures = [
+        Figure("telemetry.raw_paho", a, "msg/s", f"{note}; runs {spread['paho']}"),
+        Figure("telemetry.raw_awscrt", b, "msg/s", f"{note}; runs {spread['awscrt']}"),
+        Figure(
+            "telemetry.full_path",
+            c,
+            "msg/s",
+            f"{note}; build+validate+outbox+publish+ack+delete; runs {spread['full']}",
+        ),
+        Figure("telemetry.full_vs_paho", c / a, "ratio", "c/a"),
+        Figure("telemetry.full_vs_awscrt", c / b, "ratio", "c/b (goal >= 1.0)"),
+        Figure(
+            "telemetry.backlog_drain",
+            drain,
+            "msg/s",
+            f"{BACKLOG} stored messages, from connected to outbox empty",
+        ),
+        Figure(
+            "telemetry.outbox_append.process",
+            normal,
+            "us/msg",
+            "synchronous=NORMAL (survives SIGKILL), 1 KB",
+        ),
+        Figure(
+            "telemetry.outbox_append.power",
+            power,
+            "us/msg",
+            "synchronous=FULL (survives power loss), one fsync per append",
+        ),
+        Figure(
+            "telemetry.outbox_append.power_batch100",
+            power_batched,
+            "us/msg",
+            "synchronous=FULL, append_many of 100",
+        ),
+    ]
+    figures += [
+        Figure(
+            f"telemetry.process_cpu.{k}",
+            statistics.median(v),
+            "us/msg",
+            "CPU of the sending process (all threads) per message, over the broker",
+        )
+        for k, v in CPU_US.items()
+    ]
+    figures += [
+        Figure(f"telemetry.cpu.{k}", v, "us/msg", "full path, per message, no network")
+        for k, v in cpu.items()
+    ]
+    return figures

@@ -1,0 +1,638 @@
+"""Permission-gated, durable telemetry publishing (contract sections 6-8).
+
+:class:`Telemetry` is what an application calls::
+
+    telemetry = Telemetry(connection, outbox, topic, permission=flag)
+    result = await telemetry.send(message)   # validated, serialized, stored, then returns
+
+``send()`` validates the whole message (an invalid one raises
+:class:`~iotref.protocol.message_schemas.InvalidMessage` naming the JSON path and the reason,
+and is never queued), serializes it as compact JSON (:func:`iotref.device.messages.to_json`),
+appends it to the durable :class:`~iotref.device.outbox.Outbox` and wakes the drainer. When
+it returns with ``SendResult.status == "queued"`` the message is committed and will be
+published at least once, through broker restarts, network cuts and crashes of this process.
+
+The drainer publishes the outbox strictly in ``seq`` order with QoS 1, keeping up to
+``window`` messages in flight (unacknowledged), and removes a message only when its PUBACK
+arrives. After every (re)connect, and after a failed publish, it starts again from the
+oldest unacknowledged message, so everything unacknowledged is re-published in order:
+duplicates are possible, gaps and reordering of first deliveries are not (the platform drops
+duplicates by ``sendereventuuid``).
+
+Permission (the shadow's ``sendTelemetryData``): while it is not true nothing is published;
+the permission is checked before every publish. ``policy`` says what ``send()`` does
+meanwhile:
+
+``"hold"`` (default)
+    The message is validated and queued as usual and published once permission returns
+    (``SendResult.status == "queued"``). The outbox bound still applies.
+``"drop"``
+    The message is validated and then discarded: ``SendResult.status ==
+    "dropped_no_permission"``, counted in :attr:`TelemetryStats.dropped_no_permission`.
+    Messages queued before the permission was withdrawn stay queued and are published when
+    it returns.
+
+The permission comes from any object with an ``allowed`` attribute and an
+``add_listener(callback)`` method (:class:`PermissionSource`), such as
+:class:`PermissionFlag` (settable; :meth:`Telemetry.set_permission`) or
+:class:`ShadowPermission`, which follows :class:`iotref.device.shadow.ShadowSync`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, Literal, Protocol, runtime_checkable
+
+from iotref.device.messages import to_json
+from iotref.device.outbox import Outbox, OutboxEntry, OutboxRecord
+
+log = logging.getLogger(__name__)
+
+PermissionPolicy = Literal["hold", "drop"]
+
+DEFAULT_WINDOW: Final = 1000
+DEFAULT_BATCH: Final = 256
+DEFAULT_CLOSE_TIMEOUT_S: Final = 10.0
+SEND_YIELD_EVERY: Final = 32
+"""``send()`` lets other tasks run (the drainer, the acks) every this many calls."""
+_IDLE_ACK_FLUSH_S: Final = 0.2
+_RETRY_MIN_S: Final = 0.5
+_RETRY_MAX_S: Final = 30.0
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+class ConnectionLike(Protocol):
+    """What the publisher needs of :class:`iotref.device.connection.Connection`."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def add_connected_callback(self, cb: Callable[[bool], Awaitable[None] | None]) -> None: ...
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]: ...
+
+
+@runtime_checkable
+class PermissionSource(Protocol):
+    """Where the ``sendTelemetryData`` permission comes from."""
+
+    @property
+    def allowed(self) -> bool: ...
+
+    def add_listener(self, cb: Callable[[bool], None]) -> None: ...
+
+
+class ShadowPermissionLike(Protocol):
+    """What :class:`iotref.device.shadow.ShadowSync` offers about the permission."""
+
+    @property
+    def send_telemetry_allowed(self) -> bool: ...
+
+    def on_send_telemetry_changed(self, callback: Callable[[bool], Any]) -> None: ...
+
+
+class ShadowPermission:
+    """A :class:`PermissionSource` reading a shadow sync's ``send_telemetry_allowed``
+    (``False`` until the shadow was read) and listening to its changes."""
+
+    def __init__(self, shadow: ShadowPermissionLike) -> None:
+        self._shadow = shadow
+
+    @property
+    def allowed(self) -> bool:
+        return self._shadow.send_telemetry_allowed is True
+
+    def add_listener(self, cb: Callable[[bool], None]) -> None:
+        self._shadow.on_send_telemetry_changed(cb)
+
+
+class MessageValidatorLike(Protocol):
+    """What :class:`~iotref.protocol.message_schemas.MessageValidator` offers."""
+
+    def validate_or_raise(self, message: Any) -> None: ...
+
+
+class PermissionFlag:
+    """A settable :class:`PermissionSource`; listeners hear every change."""
+
+    def __init__(self, allowed: bool = False) -> None:
+        self._allowed = allowed
+        self._listeners: list[Callable[[bool], None]] = []
+
+    @property
+    def allowed(self) -> bool:
+        return self._allowed
+
+    def set(self, allowed: bool) -> None:
+        """Change the permission (``allowed`` is taken as ``allowed is True``)."""
+        allowed = allowed is True
+        if allowed == self._allowed:
+            return
+        self._allowed = allowed
+        for cb in list(self._listeners):
+            try:
+                cb(allowed)
+            except Exception:
+                log.exception("permission listener failed")
+
+    def add_listener(self, cb: Callable[[bool], None]) -> None:
+        self._listeners.append(cb)
+
+
+# --------------------------------------------------------------------------- results
+
+
+class SendStatus(enum.StrEnum):
+    """What :meth:`Telemetry.send` did with a valid message."""
+
+    QUEUED = "queued"
+    """Stored in the outbox; it will be published (at least once, in order)."""
+    DROPPED_NO_PERMISSION = "dropped_no_permission"
+    """Not stored: no permission to send telemetry and the policy is ``drop``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    status: SendStatus
+    seq: int | None = None
+    """The outbox sequence number (queued messages only)."""
+    evicted: int = 0
+    """Older messages dropped from the outbox to make room (``drop_oldest`` only)."""
+
+    @property
+    def queued(self) -> bool:
+        return self.status is SendStatus.QUEUED
+
+
+class TelemetryClosed(RuntimeError):
+    """``send()`` after ``close()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryStats:
+    """A snapshot of the publisher and its outbox."""
+
+    connected: bool
+    permission: bool
+    policy: PermissionPolicy
+    queued: int
+    """Messages accepted into the outbox by this object."""
+    published: int
+    """Publish calls, re-publications included."""
+    republished: int
+    acked: int
+    """PUBACKs received (a message re-published twice may be acked twice)."""
+    failed: int
+    """Publishes that failed (connection loss, error reason code)."""
+    dropped_no_permission: int
+    rejected_invalid: int
+    rejected_full: int
+    dropped_overflow: int
+    in_flight: int
+    window: int
+    depth: int
+    bytes: int
+    oldest_age_s: float | None
+    ack_rate: float
+    """Messages removed from the outbox per second (last ten seconds)."""
+    last_error: str | None
+
+
+# --------------------------------------------------------------------------- publisher
+
+
+async def _wait_event(event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` is set or ``seconds`` passed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
+def _default_validator() -> MessageValidatorLike:
+    from iotref.protocol.message_schemas import default_validator
+
+    return default_validator()
+
+
+class Telemetry:
+    """Validates, stores and publishes telemetry for one sender (see the module docstring).
+
+    ``topic`` is ``telemetry_topic(prefix, org_id, client_id)``. ``validator`` defaults to
+    the packaged schemas' validator. ``permission`` defaults to a :class:`PermissionFlag`
+    that starts allowed (use :meth:`set_permission`). ``window`` is the most messages in
+    flight; ``batch`` the most read from the outbox at once.
+
+    The drainer runs as a task on the running event loop from :meth:`start` (or the first
+    :meth:`send`) until :meth:`close`. One :class:`Telemetry` per outbox: it publishes
+    what it appended itself from memory, and reads back from the outbox only the backlog
+    (earlier runs, re-publications). The outbox belongs to the caller: ``close()`` writes
+    its buffered acks but does not close it.
+    """
+
+    def __init__(
+        self,
+        connection: ConnectionLike,
+        outbox: Outbox,
+        topic: str,
+        validator: MessageValidatorLike | None = None,
+        permission: PermissionSource | None = None,
+        policy: PermissionPolicy = "hold",
+        *,
+        window: int = DEFAULT_WINDOW,
+        batch: int = DEFAULT_BATCH,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
+    ) -> None:
+        if policy not in ("hold", "drop"):
+            raise ValueError(f"unknown permission policy {policy!r}")
+        if window < 1 or batch < 1:
+            raise ValueError("window and batch must be positive")
+        self._conn = connection
+        self._outbox = outbox
+        self.topic = topic
+        self._validator = validator if validator is not None else _default_validator()
+        self._permission: PermissionSource = (
+            permission if permission is not None else PermissionFlag(True)
+        )
+        self.policy: PermissionPolicy = policy
+        self.window = window
+        self._batch = batch
+        self._refill = max(1, min(batch, window // 4))
+        self._close_timeout = close_timeout
+
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._draining = False
+        # Publishing state: one "generation" per pass over the outbox. A rewind (reconnect,
+        # failure) starts a new generation from the oldest unacknowledged message; futures
+        # of older generations still remove their message when acked but no longer count
+        # against the window nor trigger rewinds.
+        self._gen = 0
+        self._cursor = 0
+        # Messages appended by this object while the drainer had read everything up to
+        # ``_cursor``: when ``_tail_valid``, exactly the rows after the cursor, so the
+        # drainer takes them from memory instead of reading them back from SQLite.
+        self._tail: deque[OutboxRecord] = deque()
+        self._tail_valid = False
+        self._tail_max = max(window, batch) * 2
+        self._published_high = 0
+        self._in_flight: dict[int, asyncio.Future[None]] = {}
+        self._orphans: set[asyncio.Future[None]] = set()
+        self._hold_until = 0.0
+        self._failures_in_row = 0
+        self._waiting_room = False
+        self._since_yield = 0
+
+        self._queued = 0
+        self._published = 0
+        self._republished = 0
+        self._acked = 0
+        self._failed = 0
+        self._dropped_no_permission = 0
+        self._rejected_invalid = 0
+        self._last_error: str | None = None
+
+        self._permission.add_listener(self._on_permission)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the drainer on the running loop (idempotent)."""
+        if self._task is not None:
+            return
+        if self._closing:
+            raise TelemetryClosed("telemetry is closed")
+        self._wake = asyncio.Event()
+        self._conn.add_connected_callback(self._on_connected)
+        self._task = asyncio.get_running_loop().create_task(
+            self._drain_loop(), name="telemetry-drainer"
+        )
+
+    async def __aenter__(self) -> Telemetry:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, max_wait: float | None = None, *, drain: bool = False) -> bool:
+        """Stop accepting messages and stop the drainer; return True if nothing was left
+        unacknowledged in flight (or, with ``drain=True``, in the outbox).
+
+        Waits at most ``max_wait`` seconds (default: ``close_timeout``) for the PUBACKs of
+        the messages in flight; with ``drain=True`` keeps publishing until the outbox is
+        empty or the time is up. Whatever is not acknowledged stays in the outbox for the
+        next run.
+        """
+        timeout = self._close_timeout if max_wait is None else max_wait
+        if self._closing and self._task is None:
+            return not self._in_flight
+        self._closing = True
+        self._draining = drain
+        deadline = time.monotonic() + timeout
+        done = True
+        if self._task is not None:
+            self._kick()
+            if drain:
+                # Polling the depth keeps the hot path free of close-only bookkeeping.
+                while self._outbox.depth > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                done = self._outbox.depth == 0
+            self._draining = False
+            self._kick()
+            pending = list(self._in_flight.values())
+            if pending:
+                remaining = max(0.0, deadline - time.monotonic())
+                await asyncio.wait(pending, timeout=remaining)
+                await asyncio.sleep(0)  # let the done-callbacks record the acks
+            done = done and not self._in_flight
+            # The drainer returns by itself once closing; cancel only if it is stuck.
+            self._kick()
+            finished, _ = await asyncio.wait([self._task], timeout=1.0)
+            if not finished:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        remove = getattr(self._conn, "remove_connected_callback", None)
+        if remove is not None:
+            remove(self._on_connected)
+        if not self._outbox.closed:
+            self._outbox.flush_acks()
+        return done
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, message: dict[str, Any]) -> SendResult:
+        """Validate, serialize and store one message; see :class:`SendResult`.
+
+        Raises :class:`~iotref.protocol.message_schemas.InvalidMessage` (nothing queued),
+        :class:`~iotref.device.outbox.OutboxFull` (``reject_new``; nothing queued, the
+        caller keeps the message) or :class:`TelemetryClosed`.
+        """
+        if self._closing:
+            raise TelemetryClosed("telemetry is closed")
+        if self._task is None:
+            await self.start()
+        try:
+            self._validator.validate_or_raise(message)
+        except ValueError:
+            self._rejected_invalid += 1
+            raise
+        if self.policy == "drop" and not self._permission.allowed:
+            self._dropped_no_permission += 1
+            return SendResult(SendStatus.DROPPED_NO_PERMISSION)
+        message_id = message.get("sendereventuuid")
+        payload = to_json(message)
+        mid = message_id if isinstance(message_id, str) else None
+        appended = self._outbox.append(self.topic, payload, mid)
+        self._remember(appended.seq, payload, mid, appended.dropped)
+        self._queued += 1
+        self._kick()
+        await self._maybe_yield()
+        return SendResult(SendStatus.QUEUED, appended.seq, appended.dropped)
+
+    async def send_many(self, messages: Sequence[dict[str, Any]]) -> list[SendResult]:
+        """Like :meth:`send` for several messages, stored in one transaction (one flush in
+        ``durability="power"``). Validates all first: one invalid message refuses all."""
+        if self._closing:
+            raise TelemetryClosed("telemetry is closed")
+        if self._task is None:
+            await self.start()
+        for message in messages:
+            try:
+                self._validator.validate_or_raise(message)
+            except ValueError:
+                self._rejected_invalid += 1
+                raise
+        if self.policy == "drop" and not self._permission.allowed:
+            self._dropped_no_permission += len(messages)
+            return [SendResult(SendStatus.DROPPED_NO_PERMISSION) for _ in messages]
+        entries = []
+        for message in messages:
+            message_id = message.get("sendereventuuid")
+            entries.append(
+                OutboxEntry(
+                    self.topic,
+                    to_json(message),
+                    message_id if isinstance(message_id, str) else None,
+                )
+            )
+        appended = self._outbox.append_many(entries)
+        for entry, result in zip(entries, appended, strict=True):
+            self._remember(result.seq, entry.payload, entry.message_id, result.dropped)
+        self._queued += len(entries)
+        self._kick()
+        self._since_yield = SEND_YIELD_EVERY
+        await self._maybe_yield()
+        return [SendResult(SendStatus.QUEUED, a.seq, a.dropped) for a in appended]
+
+    # ------------------------------------------------------------------ permission
+
+    def set_permission(self, allowed: bool) -> None:
+        """Set the permission when it is a :class:`PermissionFlag` (the default)."""
+        if not isinstance(self._permission, PermissionFlag):
+            raise TypeError("the permission comes from a source; change it there")
+        self._permission.set(allowed)
+
+    @property
+    def permission(self) -> bool:
+        return self._permission.allowed is True
+
+    def _on_permission(self, allowed: bool) -> None:
+        log.info("telemetry permission %s", "granted" if allowed else "withdrawn")
+        self._kick()
+
+    # ------------------------------------------------------------------ observing
+
+    def stats(self) -> TelemetryStats:
+        o = self._outbox.stats()
+        return TelemetryStats(
+            connected=bool(self._conn.connected),
+            permission=self.permission,
+            policy=self.policy,
+            queued=self._queued,
+            published=self._published,
+            republished=self._republished,
+            acked=self._acked,
+            failed=self._failed,
+            dropped_no_permission=self._dropped_no_permission,
+            rejected_invalid=self._rejected_invalid,
+            rejected_full=o.rejected,
+            dropped_overflow=o.dropped_overflow,
+            in_flight=len(self._in_flight),
+            window=self.window,
+            depth=o.depth,
+            bytes=o.bytes,
+            oldest_age_s=o.oldest_age_s,
+            ack_rate=o.ack_rate,
+            last_error=self._last_error,
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # ------------------------------------------------------------------ the drainer
+
+    async def _maybe_yield(self) -> None:
+        # A tight loop of sends must let the drainer and the acks run; yielding on every
+        # send costs an event-loop pass per message, so yield every few sends: the drainer
+        # then publishes them as one batch.
+        self._since_yield += 1
+        if self._since_yield >= SEND_YIELD_EVERY:
+            self._since_yield = 0
+            await asyncio.sleep(0)
+
+    def _remember(self, seq: int, payload: bytes, message_id: str | None, dropped: int) -> None:
+        if not self._tail_valid:
+            return
+        if dropped or len(self._tail) >= self._tail_max:
+            self._forget_tail()  # evicted rows may be in it / too big: read from SQLite
+            return
+        self._tail.append(OutboxRecord(seq, self.topic, payload, time.time(), 0, message_id))
+
+    def _forget_tail(self) -> None:
+        self._tail_valid = False
+        self._tail.clear()
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _may_publish(self) -> bool:
+        return (
+            (not self._closing or self._draining)
+            and self._permission.allowed is True
+            and bool(self._conn.connected)
+        )
+
+    def _rewind(self, reason: str) -> None:
+        """Start a new generation from the oldest unacknowledged message."""
+        if self._in_flight:
+            self._orphans.update(self._in_flight.values())
+            self._in_flight.clear()
+        self._gen += 1
+        self._cursor = 0
+        self._forget_tail()
+        log.debug("telemetry rewind (%s), generation %d", reason, self._gen)
+        self._kick()
+
+    def _on_connected(self, session_present: bool) -> None:
+        self._hold_until = 0.0
+        self._rewind("connected")
+
+    async def _drain_loop(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        loop = asyncio.get_running_loop()
+        while not (self._closing and not self._draining):
+            wake.clear()
+            if not self._may_publish():
+                await wake.wait()
+                continue
+            now = loop.time()
+            if now < self._hold_until:
+                await _wait_event(wake, self._hold_until - now)
+                continue
+            room = self.window - len(self._in_flight)
+            if room <= 0:
+                # Woken by the acks only when a worthwhile batch fits (``_refill``).
+                self._waiting_room = True
+                await wake.wait()
+                continue
+            want = min(room, self._batch)
+            if self._tail_valid:
+                tail = self._tail
+                records = [tail.popleft() for _ in range(min(want, len(tail)))]
+            else:
+                records = self._outbox.read_batch(self._cursor, want)
+                # Fewer than asked for: nothing else is stored after them, so from now on
+                # this object's own appends are the whole tail.
+                self._tail_valid = len(records) < want
+            if not records:
+                if self._outbox.pending_acks and not self._in_flight:
+                    self._outbox.flush_acks()
+                if self._outbox.pending_acks:
+                    await _wait_event(wake, _IDLE_ACK_FLUSH_S)
+                    if not wake.is_set():
+                        self._outbox.flush_acks()
+                else:
+                    await wake.wait()
+                continue
+            self._publish(records)
+            await asyncio.sleep(0)
+
+    def _publish(self, records: Iterable[OutboxRecord]) -> None:
+        gen = self._gen
+        first_again = last_again = 0
+        conn = self._conn
+        permission = self._permission
+        in_flight = self._in_flight
+        for rec in records:
+            # The contract: check the permission before every telemetry publish.
+            if permission.allowed is not True or gen != self._gen:
+                self._forget_tail()  # the rest of the batch is re-read from the outbox
+                break
+            try:
+                fut = conn.publish_nowait(rec.topic, rec.payload, 1)
+            except Exception as exc:
+                self._forget_tail()
+                self._publish_failed(exc, gen)
+                break
+            in_flight[rec.seq] = fut
+            fut.add_done_callback(partial(self._on_done, rec.seq, gen))
+            self._cursor = rec.seq
+            self._published += 1
+            if rec.seq <= self._published_high:
+                self._republished += 1
+                first_again = first_again or rec.seq
+                last_again = rec.seq
+            else:
+                self._published_high = rec.seq
+        if first_again:
+            self._outbox.mark_attempted(first_again, last_again)
+
+    def _on_done(self, seq: int, gen: int, fut: asyncio.Future[None]) -> None:
+        if gen == self._gen:
+            self._in_flight.pop(seq, None)
+        else:
+            self._orphans.discard(fut)
+        exc: BaseException | None = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is None:
+            self._acked += 1
+            self._failures_in_row = 0
+            if not self._outbox.closed:
+                self._outbox.ack(seq)
+            if self._waiting_room and self.window - len(self._in_flight) >= self._refill:
+                self._waiting_room = False
+                self._kick()
+            elif self._closing and not self._in_flight:
+                self._kick()
+            return
+        self._publish_failed(exc, gen)
+
+    def _publish_failed(self, exc: BaseException, gen: int) -> None:
+        self._failed += 1
+        if gen != self._gen:
+            return  # an older generation: already rewound
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if self._conn.connected:
+            # Connected but refused (e.g. an error reason code): back off, then retry.
+            delay = min(_RETRY_MAX_S, _RETRY_MIN_S * (2**self._failures_in_row))
+            self._failures_in_row += 1
+            log.warning("telemetry publish failed (%s); retrying in %.1f s", exc, delay)
+            self._hold_until = asyncio.get_running_loop().time() + delay
+        else:
+            log.info("telemetry publish interrupted (%s); waiting for the connection", exc)
+        self._rewind("publish failed")

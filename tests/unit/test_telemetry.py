@@ -1,0 +1,549 @@
+"""The telemetry publisher over a fake connection: validation before queueing, the
+in-flight window, strict order, re-publishing after reconnects and failures, permission
+gating under both policies, overflow reporting and a bounded close."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from iotref.device import telemetry as telemetry_module
+from iotref.device.messages import (
+    Asset,
+    AssetType,
+    DeviceStatusV2,
+    Sender,
+    SenderType,
+    StatusV2,
+    build_message,
+)
+from iotref.device.outbox import Outbox, OutboxFull
+from iotref.device.telemetry import (
+    PermissionFlag,
+    SendStatus,
+    Telemetry,
+    TelemetryClosed,
+)
+from iotref.protocol.message_schemas import InvalidMessage
+
+T = TypeVar("T")
+TOPIC = "telemetry/org-1/client-1"
+
+SENDER = Sender(SenderType.PRESS, "gw", "1.0")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class PublishFailed(Exception):
+    pass
+
+
+class FakeConnection:
+    """Publishes into a list; PUBACKs come when the test says so (or at once with
+    ``auto_ack``); ``drop()`` loses the connection and fails what is in flight."""
+
+    def __init__(self, *, auto_ack: bool = False, connected: bool = True) -> None:
+        self.connected = connected
+        self.auto_ack = auto_ack
+        self.callbacks: list[Callable[[bool], Awaitable[None] | None]] = []
+        self.published: list[tuple[str, bytes]] = []
+        self.pending: list[tuple[int, asyncio.Future[None]]] = []
+
+    def add_connected_callback(self, cb: Callable[[bool], Awaitable[None] | None]) -> None:
+        self.callbacks.append(cb)
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]:
+        assert qos == 1
+        if not self.connected:
+            raise PublishFailed("not connected")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.published.append((topic, payload))
+        if self.auto_ack:
+            asyncio.get_running_loop().call_soon(_resolve, fut)
+        else:
+            self.pending.append((counter_of(payload), fut))
+        return fut
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for _, f in self.pending if not f.done())
+
+    def ack(self, *counters: int) -> None:
+        for c, fut in self.pending:
+            if c in counters and not fut.done():
+                fut.set_result(None)
+
+    def ack_all(self) -> None:
+        for _, fut in self.pending:
+            if not fut.done():
+                fut.set_result(None)
+        self.pending.clear()
+
+    def fail_all(self, exc: Exception) -> None:
+        for _, fut in self.pending:
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
+
+    def drop(self) -> None:
+        self.connected = False
+        self.fail_all(PublishFailed("connection lost"))
+
+    async def reconnect(self, session_present: bool = False) -> None:
+        self.connected = True
+        for cb in self.callbacks:
+            result = cb(session_present)
+            if result is not None:
+                await result
+
+    def counters(self) -> list[int]:
+        return [counter_of(p) for _, p in self.published]
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def counter_of(payload: bytes) -> int:
+    return int(json.loads(payload)["payload"]["signalstatus"]["deviceinfo"]["speed"])
+
+
+ASSET = Asset("asset-1", "SN-1", AssetType.SHEETFED_PRESS)
+
+
+def message(i: int) -> dict[str, Any]:
+    return build_message(
+        SENDER,
+        ASSET,
+        StatusV2(status=DeviceStatusV2.PRODUCTION, speed=i, totalproductioncounter=i),
+    )
+
+
+async def settle(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    ob = Outbox(tmp_path / "outbox.sqlite3")
+    yield ob
+    ob.close()
+
+
+def test_send_validates_stores_publishes_and_removes_on_ack(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            result = await tel.send(message(1))
+            assert result.status is SendStatus.QUEUED and result.queued and result.seq
+            await settle(lambda: len(conn.published) == 1)
+            topic, payload = conn.published[0]
+            assert topic == TOPIC
+            assert b" " not in payload and json.loads(payload) == message_like(payload)
+            assert outbox.depth == 1  # not removed before the PUBACK
+            conn.ack_all()
+            await settle(lambda: outbox.depth == 0)
+            stats = tel.stats()
+            assert (stats.queued, stats.published, stats.acked) == (1, 1, 1)
+
+    run(main())
+
+
+def message_like(payload: bytes) -> dict[str, Any]:
+    decoded: dict[str, Any] = json.loads(payload)
+    assert decoded["headerversion"] == 3
+    return decoded
+
+
+def test_invalid_message_is_refused_before_queueing(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            bad = message(1)
+            bad["payload"]["signalstatus"]["deviceinfo"]["status"] = "Bogus"
+            with pytest.raises(InvalidMessage) as info:
+                await tel.send(bad)
+            assert "$.payload.signalstatus.deviceinfo.status" in str(info.value)
+            bad2 = message(2)
+            del bad2["assetid"]
+            with pytest.raises(InvalidMessage):
+                await tel.send(bad2)
+            assert outbox.depth == 0 and conn.published == []
+            assert tel.stats().rejected_invalid == 2
+
+    run(main())
+
+
+def test_window_bounds_in_flight_and_order_is_strict(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC, window=100, batch=32) as tel:
+            for i in range(350):
+                await tel.send(message(i))
+            await settle(lambda: len(conn.published) == 100)
+            await asyncio.sleep(0.01)
+            assert len(conn.published) == 100 and tel.in_flight == 100
+            # Acks in any order free room; the window never overflows.
+            conn.ack(*range(99, 59, -1))
+            await settle(lambda: len(conn.published) >= 130)
+            assert tel.in_flight <= 100
+            while len(conn.published) < 350 or conn.in_flight:
+                conn.ack_all()
+                assert tel.in_flight <= 100
+                await asyncio.sleep(0.001)
+            await settle(lambda: outbox.depth == 0)
+            assert conn.counters() == list(range(350))
+
+    run(main())
+
+
+def first_occurrences(values: list[int]) -> list[int]:
+    seen: set[int] = set()
+    out = []
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            out.append(v)
+    return out
+
+
+def test_reconnect_republishes_everything_unacked_in_order(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC, window=100, batch=16) as tel:
+            for i in range(40):
+                await tel.send(message(i))
+            await settle(lambda: len(conn.published) == 40)
+            conn.ack(3, 0, 1, 7, 2)  # out of order; 4..6 and 8.. unacked
+            await asyncio.sleep(0)
+            conn.drop()
+            for i in range(40, 60):  # sends while offline are stored
+                await tel.send(message(i))
+            await asyncio.sleep(0.01)
+            assert len(conn.published) == 40
+            before = len(conn.published)
+            await conn.reconnect()
+            await settle(lambda: len(conn.published) >= before + 55)
+            again = conn.counters()[before:]
+            assert again == [4, 5, 6, *range(8, 60)]
+            while conn.in_flight or outbox.depth:
+                conn.ack_all()
+                await asyncio.sleep(0.001)
+            assert first_occurrences(conn.counters()) == list(range(60))
+            stats = tel.stats()
+            assert stats.republished == 35 and stats.failed >= 1 and stats.depth == 0
+
+    run(main())
+
+
+def test_reconnect_with_pending_futures_republishes_and_late_acks_still_count(
+    outbox: Outbox,
+) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC, window=10) as tel:
+            for i in range(5):
+                await tel.send(message(i))
+            await settle(lambda: len(conn.published) == 5)
+            old = list(conn.pending)
+            await conn.reconnect(session_present=True)  # no failure reported
+            await settle(lambda: len(conn.published) == 10)
+            assert conn.counters() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+            for _, fut in old:  # the old session's PUBACKs arrive after all
+                fut.set_result(None)
+            await settle(lambda: outbox.depth == 0)
+            conn.ack_all()
+            await asyncio.sleep(0.01)
+            assert outbox.depth == 0 and tel.stats().acked == 10
+
+    run(main())
+
+
+def test_failure_while_connected_backs_off_and_retries(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telemetry_module, "_RETRY_MIN_S", 0.05)
+
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            for i in range(3):
+                await tel.send(message(i))
+            await settle(lambda: len(conn.published) == 3)
+            conn.fail_all(PublishFailed("PUBACK reason code 0x87"))
+            await asyncio.sleep(0.01)
+            assert len(conn.published) == 3  # holding off
+            await settle(lambda: len(conn.published) == 6)
+            assert conn.counters()[3:] == [0, 1, 2]
+            assert "0x87" in (tel.stats().last_error or "")
+            conn.ack_all()
+            await settle(lambda: outbox.depth == 0)
+
+    run(main())
+
+
+def test_permission_hold_keeps_messages_and_publishes_when_granted(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection(auto_ack=True)
+        flag = PermissionFlag(False)
+        async with Telemetry(conn, outbox, TOPIC, permission=flag) as tel:
+            results = [await tel.send(message(i)) for i in range(20)]
+            assert all(r.status is SendStatus.QUEUED for r in results)
+            await asyncio.sleep(0.02)
+            assert conn.published == [] and outbox.depth == 20
+            assert tel.stats().permission is False
+            flag.set(True)
+            await settle(lambda: outbox.depth == 0)
+            assert conn.counters() == list(range(20))
+
+    run(main())
+
+
+def test_permission_drop_discards_new_messages_and_says_so(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC, policy="drop") as tel:
+            tel.set_permission(False)
+            for i in range(3):  # queued before: held, not dropped
+                tel.set_permission(True)
+                conn.connected = False
+                assert (await tel.send(message(i))).queued
+                conn.connected = True
+                tel.set_permission(False)
+            dropped = [await tel.send(message(i)) for i in range(3, 8)]
+            assert all(r.status is SendStatus.DROPPED_NO_PERMISSION for r in dropped)
+            assert all(r.seq is None for r in dropped)
+            with pytest.raises(InvalidMessage):  # still validated first
+                await tel.send({"nope": 1})
+            await asyncio.sleep(0.02)
+            assert conn.published == [] and outbox.depth == 3
+            stats = tel.stats()
+            assert stats.dropped_no_permission == 5 and stats.queued == 3
+            conn.auto_ack = True
+            tel.set_permission(True)
+            await settle(lambda: outbox.depth == 0)
+            assert conn.counters() == [0, 1, 2]
+            assert (await tel.send(message(9))).queued
+
+    run(main())
+
+
+def test_permission_withdrawn_mid_stream_stops_publishing(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        flag = PermissionFlag(True)
+        async with Telemetry(conn, outbox, TOPIC, permission=flag, window=5) as tel:
+            for i in range(20):
+                await tel.send(message(i))
+            await settle(lambda: len(conn.published) == 5)
+            flag.set(False)
+            conn.ack_all()
+            await asyncio.sleep(0.02)
+            assert len(conn.published) == 5 and outbox.depth == 15
+            flag.set(True)
+            while outbox.depth:
+                conn.ack_all()
+                await asyncio.sleep(0.001)
+            assert conn.counters() == list(range(20))
+            assert tel.stats().permission is True
+
+    run(main())
+
+
+def test_outbox_full_reject_new_raises_and_is_reported(tmp_path: Path) -> None:
+    async def main() -> None:
+        with Outbox(tmp_path / "o.sqlite3", max_messages=5) as ob:
+            conn = FakeConnection(connected=False)
+            async with Telemetry(conn, ob, TOPIC) as tel:
+                for i in range(5):
+                    await tel.send(message(i))
+                msg = message(5)
+                with pytest.raises(OutboxFull):
+                    await tel.send(msg)
+                stats = tel.stats()
+                assert stats.rejected_full == 1 and stats.depth == 5
+                assert stats.dropped_overflow == 0
+
+    run(main())
+
+
+def test_outbox_full_drop_oldest_reports_evictions(tmp_path: Path) -> None:
+    async def main() -> None:
+        with Outbox(tmp_path / "o.sqlite3", max_messages=5, overflow="drop_oldest") as ob:
+            conn = FakeConnection(connected=False)
+            async with Telemetry(conn, ob, TOPIC) as tel:
+                results = [await tel.send(message(i)) for i in range(8)]
+                assert [r.evicted for r in results] == [0] * 5 + [1, 1, 1]
+                assert tel.stats().dropped_overflow == 3
+                conn.auto_ack = True
+                await conn.reconnect()
+                await settle(lambda: ob.depth == 0)
+                assert conn.counters() == [3, 4, 5, 6, 7]
+
+    run(main())
+
+
+def test_close_waits_for_in_flight_acks_bounded(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        tel = Telemetry(conn, outbox, TOPIC)
+        for i in range(4):
+            await tel.send(message(i))
+        await settle(lambda: len(conn.published) == 4)
+        asyncio.get_running_loop().call_later(0.05, conn.ack_all)
+        assert await tel.close(1.0) is True
+        assert outbox.depth == 0
+        with pytest.raises(TelemetryClosed):
+            await tel.send(message(9))
+
+        conn2 = FakeConnection()
+        tel2 = Telemetry(conn2, outbox, TOPIC)
+        for i in range(4):
+            await tel2.send(message(i))
+        await settle(lambda: len(conn2.published) == 4)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await tel2.close(0.1) is False  # never acked: left for the next run
+        assert loop.time() - started < 1.0
+        assert outbox.depth == 4
+
+    run(main())
+
+
+def test_close_drain_publishes_the_backlog(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection(auto_ack=True, connected=False)
+        tel = Telemetry(conn, outbox, TOPIC)
+        for i in range(30):
+            await tel.send(message(i))
+        await conn.reconnect()
+        assert await tel.close(5.0, drain=True) is True
+        assert outbox.depth == 0 and sorted(set(conn.counters())) == list(range(30))
+
+    run(main())
+
+
+def test_backlog_of_a_previous_run_is_published_first(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+
+    async def first() -> None:
+        with Outbox(path) as ob:
+            tel = Telemetry(FakeConnection(connected=False), ob, TOPIC)
+            for i in range(10):
+                await tel.send(message(i))
+            await tel.close(0.1)
+
+    async def second() -> None:
+        with Outbox(path) as ob:
+            conn = FakeConnection(auto_ack=True)
+            async with Telemetry(conn, ob, TOPIC) as tel:
+                await tel.send(message(10))
+                await settle(lambda: ob.depth == 0)
+                assert conn.counters() == list(range(11))
+
+    run(first())
+    run(second())
+
+
+def test_send_many_stores_in_one_go(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection(auto_ack=True)
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            results = await tel.send_many([message(i) for i in range(10)])
+            assert [r.seq for r in results] == list(range(results[0].seq or 0, 11))
+            bad = [message(10), {"x": 1}]
+            with pytest.raises(InvalidMessage):
+                await tel.send_many(bad)
+            await settle(lambda: outbox.depth == 0)
+            assert conn.counters() == list(range(10))
+
+    run(main())
+
+
+def test_set_permission_needs_the_default_flag(outbox: Outbox) -> None:
+    tel = Telemetry(FakeConnection(), outbox, TOPIC, permission=PermissionFlag(True))
+    tel.set_permission(False)
+    assert tel.permission is False
+
+    class Source:
+        allowed = True
+
+        def add_listener(self, cb: Callable[[bool], None]) -> None:
+            pass
+
+    tel2 = Telemetry(FakeConnection(), outbox, TOPIC, permission=Source())
+    with pytest.raises(TypeError):
+        tel2.set_permission(False)
+    with pytest.raises(ValueError, match="policy"):
+        Telemetry(FakeConnection(), outbox, TOPIC, policy="later")  # type: ignore[arg-type]
+
+
+def test_drop_oldest_while_publishing_never_publishes_evicted_messages(tmp_path: Path) -> None:
+    async def main() -> None:
+        with Outbox(tmp_path / "o.sqlite3", max_messages=3, overflow="drop_oldest") as ob:
+            conn = FakeConnection()
+            async with Telemetry(conn, ob, TOPIC, window=1) as tel:
+                await tel.send(message(0))
+                await settle(lambda: len(conn.published) == 1)
+                results = [await tel.send(message(i)) for i in range(1, 6)]
+                assert [r.evicted for r in results] == [0, 0, 1, 1, 1]
+                while ob.depth:
+                    conn.ack_all()
+                    await asyncio.sleep(0.001)
+                # 0 was in flight when evicted; 1 and 2 were evicted before publishing.
+                assert conn.counters() == [0, 3, 4, 5]
+                assert tel.stats().dropped_overflow == 3
+
+    run(main())
+
+
+def test_permission_lost_in_the_middle_of_a_batch_keeps_order(outbox: Outbox) -> None:
+    class Flaky:
+        """Allowed for the first ``n`` checks, then withdrawn until re-granted."""
+
+        def __init__(self, n: int) -> None:
+            self.checks = 0
+            self.n = n
+            self.listeners: list[Callable[[bool], None]] = []
+
+        @property
+        def allowed(self) -> bool:
+            self.checks += 1
+            return self.checks <= self.n
+
+        def add_listener(self, cb: Callable[[bool], None]) -> None:
+            self.listeners.append(cb)
+
+        def grant(self) -> None:
+            self.n = 10**9
+            for cb in self.listeners:
+                cb(True)
+
+    async def main() -> None:
+        conn = FakeConnection(auto_ack=True)
+        source = Flaky(5)
+        async with Telemetry(conn, outbox, TOPIC, permission=source, window=100) as tel:
+            await tel.send(message(0))  # lets the drainer find the outbox empty first
+            await settle(lambda: outbox.depth == 0)
+            for i in range(1, 40):
+                await tel.send(message(i))
+            await asyncio.sleep(0.02)
+            assert 0 < len(conn.published) < 40
+            source.grant()
+            await settle(lambda: outbox.depth == 0)
+            assert conn.counters() == list(range(40))
+
+    run(main())
