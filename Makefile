@@ -36,7 +36,8 @@ format: setup
 	.venv/bin/ruff check --fix src tests bench
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH)
+	$(PY) -m bench.report
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache

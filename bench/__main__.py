@@ -40,10 +40,16 @@ def main(argv: list[str]) -> int:
             print(f"   ({time.perf_counter() - started:.1f} s)", flush=True)
     finally:
         ctx.close()
+    merged: dict[str, dict[str, object]] = {}
+    results_path = HERE / "results.json"
+    if argv and results_path.exists():
+        # A partial run (named benchmarks) updates its figures and keeps the others.
+        merged = json.loads(results_path.read_text()).get("figures", {})
+    merged.update({f.name: {"value": f.value, "unit": f.unit, "note": f.note} for f in figures})
     results = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
-        "figures": {f.name: {"value": f.value, "unit": f.unit, "note": f.note} for f in figures},
+        "figures": merged,
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {HERE / 'results.json'} ({len(figures)} figures)")
