@@ -243,6 +243,7 @@ class Sandbox:
 
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
         from iotref.sandbox.broker import Broker
+        from iotref.sandbox.bulk_provisioning import BulkProvisioning
         from iotref.sandbox.certificate_authority import CertificateAuthorities
         from iotref.sandbox.directory import Directory
         from iotref.sandbox.ingestion import Ingestion
@@ -258,10 +259,11 @@ class Sandbox:
         directory = Directory(ctx)
         broker = Broker(ctx, cas, things)
         provisioning = Provisioning(ctx, directory, cas, things, broker)
+        bulk_provisioning = BulkProvisioning(ctx, directory, cas, things, provisioning)
         shadows = ShadowService(ctx, cas)
         ingestion = Ingestion(ctx, cas, things)
         monitor = Monitor(ctx, ingestion, shadows, directory, things)
-        return [directory, broker, provisioning, shadows, ingestion, monitor]
+        return [directory, broker, provisioning, bulk_provisioning, shadows, ingestion, monitor]
 
     def _write_files(self, ctx: SandboxContext) -> dict[str, Any]:
         env = {
@@ -315,6 +317,7 @@ def run_sandbox(settings: SandboxSettings, out: TextIO = sys.stdout) -> int:
     def ready(info: dict[str, Any]) -> None:
         out.write(
             f"sandbox ready: {info['http_url']}  mqtts://{info['mqtt_host']}:{info['mqtt_port']}\n"
+            f"  monitor:    {info['http_url']}/monitor?token={info['admin_token']}\n"
             f"  env file:   {info['env_file']}\n"
             f"  details:    {paths.sandbox_json.resolve()}\n"
             "Press Ctrl-C to stop.\n"

@@ -1,0 +1,454 @@
+"""Where the monitor keeps telemetry: its own SQLite file (``telemetry.db`` in the data
+dir, WAL) with one row per distinct message, and per-device counters.
+
+Messages are deduplicated by ``sendereventuuid`` with a unique index: the first copy is
+stored, later copies are only counted. Invalid messages are stored too, with their issues
+(JSON path + reason). One writer (the ingestion's writer thread) inserts whole batches in
+one transaction each; readers (the monitor's HTTP handlers) use their own connection, so
+WAL lets them read while the writer writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RATE_WINDOW_SECONDS = 600
+"""How far back the per-second message-rate series reach (kept in memory)."""
+
+_SCHEMA = [
+    """
+    CREATE TABLE IF NOT EXISTS telemetry_messages (
+        id INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        topic TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        org_id TEXT,
+        topic_problem TEXT,
+        sendereventuuid TEXT,
+        valid INTEGER NOT NULL,
+        errors TEXT,
+        eventtype TEXT,
+        eventsubtype TEXT,
+        payloadversion INTEGER,
+        assetid TEXT,
+        assettimestamp TEXT,
+        status TEXT,
+        speed REAL,
+        productioncounter REAL,
+        totalproductioncounter REAL,
+        body BLOB NOT NULL
+    )
+    """,
+    "CREATE UNIQUE INDEX IF NOT EXISTS telemetry_messages_uuid "
+    "ON telemetry_messages (sendereventuuid)",
+    "CREATE INDEX IF NOT EXISTS telemetry_messages_client ON telemetry_messages (client_id, id)",
+    """
+    CREATE TABLE IF NOT EXISTS telemetry_devices (
+        client_id TEXT PRIMARY KEY,
+        org_id TEXT,
+        topic_problem TEXT,
+        received INTEGER NOT NULL,
+        valid INTEGER NOT NULL,
+        invalid INTEGER NOT NULL,
+        duplicates INTEGER NOT NULL,
+        first_seen REAL,
+        last_seen REAL,
+        last_status TEXT,
+        last_speed REAL,
+        last_productioncounter REAL,
+        last_totalproductioncounter REAL,
+        last_assettimestamp TEXT
+    )
+    """,
+]
+
+_INSERT = (
+    "INSERT OR IGNORE INTO telemetry_messages (received_at, topic, client_id, org_id, "
+    "topic_problem, sendereventuuid, valid, errors, eventtype, eventsubtype, payloadversion, "
+    "assetid, assettimestamp, status, speed, productioncounter, totalproductioncounter, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_DEVICE_COLUMNS = (
+    "client_id",
+    "org_id",
+    "topic_problem",
+    "received",
+    "valid",
+    "invalid",
+    "duplicates",
+    "first_seen",
+    "last_seen",
+    "last_status",
+    "last_speed",
+    "last_productioncounter",
+    "last_totalproductioncounter",
+    "last_assettimestamp",
+)
+
+_MESSAGE_COLUMNS = (
+    "id, received_at, topic, client_id, org_id, topic_problem, sendereventuuid, valid, errors, "
+    "eventtype, eventsubtype, payloadversion, assetid, assettimestamp, status, speed, "
+    "productioncounter, totalproductioncounter"
+)
+
+
+@dataclass(slots=True)
+class Record:
+    """One received message, parsed and checked, ready to be stored."""
+
+    received_at: float
+    topic: str
+    client_id: str
+    org_id: str | None
+    topic_problem: str | None
+    sendereventuuid: str | None
+    valid: bool
+    errors: list[dict[str, str]] | None
+    eventtype: str | None
+    eventsubtype: str | None
+    payloadversion: int | None
+    assetid: str | None
+    assettimestamp: str | None
+    status: str | None
+    speed: float | None
+    productioncounter: float | None
+    totalproductioncounter: float | None
+    body: bytes
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.received_at,
+            self.topic,
+            self.client_id,
+            self.org_id,
+            self.topic_problem,
+            self.sendereventuuid,
+            1 if self.valid else 0,
+            json.dumps(self.errors) if self.errors else None,
+            self.eventtype,
+            self.eventsubtype,
+            self.payloadversion,
+            self.assetid,
+            self.assettimestamp,
+            self.status,
+            self.speed,
+            self.productioncounter,
+            self.totalproductioncounter,
+            self.body,
+        )
+
+
+@dataclass(slots=True)
+class DeviceCounters:
+    """What the monitor knows about one device (by the client id in the topic)."""
+
+    client_id: str
+    org_id: str | None = None
+    topic_problem: str | None = None
+    received: int = 0
+    valid: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    first_seen: float | None = None
+    last_seen: float | None = None
+    last_status: str | None = None
+    last_speed: float | None = None
+    last_productioncounter: float | None = None
+    last_totalproductioncounter: float | None = None
+    last_assettimestamp: str | None = None
+    rate: deque[list[int]] = field(default_factory=deque)  # [second, count] pairs
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _DEVICE_COLUMNS}
+
+    def row(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _DEVICE_COLUMNS)
+
+
+def bump_rate(rate: deque[list[int]], second: int, count: int = 1) -> None:
+    """Add ``count`` to the per-second series ``rate`` and forget what is too old."""
+    if rate and rate[-1][0] == second:
+        rate[-1][1] += count
+    else:
+        rate.append([second, count])
+    while rate and rate[0][0] <= second - RATE_WINDOW_SECONDS:
+        rate.popleft()
+
+
+def rate_series(rate: Iterable[list[int]], now: float, seconds: int) -> list[list[int]]:
+    """The last ``seconds`` whole seconds before ``now`` as ``[second, count]``, gaps as 0."""
+    end = int(now)
+    start = end - seconds + 1
+    counts = {sec: n for sec, n in rate if start <= sec <= end}
+    return [[sec, counts.get(sec, 0)] for sec in range(start, end + 1)]
+
+
+class TelemetryStore:
+    """The telemetry database plus the in-memory counters (see the module docstring).
+
+    :meth:`write_batch` runs on the writer thread; the other methods may run anywhere.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()  # the counters
+        self._write_lock = threading.Lock()
+        self._write = self._connect()
+        for statement in _SCHEMA:
+            self._write.execute(statement)
+        self._read = self._connect()
+        self._read_lock = threading.Lock()
+        self.devices: dict[str, DeviceCounters] = {}
+        self.rate: deque[list[int]] = deque()
+        self.received = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.invalid = 0
+        self._load_devices()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _load_devices(self) -> None:
+        rows = self._write.execute(
+            f"SELECT {', '.join(_DEVICE_COLUMNS)} FROM telemetry_devices"
+        ).fetchall()
+        for row in rows:
+            counters = DeviceCounters(**{name: row[name] for name in _DEVICE_COLUMNS})
+            self.devices[counters.client_id] = counters
+            self.received += counters.received
+            self.duplicates += counters.duplicates
+            self.invalid += counters.invalid
+            self.stored += counters.valid + counters.invalid
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._write.close()
+        with self._read_lock:
+            self._read.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def write_batch(self, records: Sequence[Record]) -> list[tuple[Record, int | None]]:
+        """Store ``records`` in one transaction and update the counters. Returns each
+        record with its row id, or ``None`` for a duplicate (not stored)."""
+        results: list[tuple[Record, int | None]] = []
+        conn = self._write
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for record in records:
+                    cursor = conn.execute(_INSERT, record.row())
+                    results.append((record, cursor.lastrowid if cursor.rowcount == 1 else None))
+                with self._lock:
+                    touched = [c.row() for c in self._count(results)]
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO telemetry_devices ({', '.join(_DEVICE_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' for _ in _DEVICE_COLUMNS)})",
+                    touched,
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return results
+
+    def _count(self, results: list[tuple[Record, int | None]]) -> list[DeviceCounters]:
+        touched: dict[str, DeviceCounters] = {}
+        for record, row_id in results:
+            counters = self.devices.get(record.client_id)
+            if counters is None:
+                counters = DeviceCounters(record.client_id, first_seen=record.received_at)
+                self.devices[record.client_id] = counters
+            touched[record.client_id] = counters
+            second = int(record.received_at)
+            bump_rate(counters.rate, second)
+            bump_rate(self.rate, second)
+            counters.received += 1
+            self.received += 1
+            counters.last_seen = record.received_at
+            counters.org_id = record.org_id
+            counters.topic_problem = record.topic_problem
+            if row_id is None:
+                counters.duplicates += 1
+                self.duplicates += 1
+                continue
+            self.stored += 1
+            if record.valid:
+                counters.valid += 1
+            else:
+                counters.invalid += 1
+                self.invalid += 1
+            # Shared subscriptions may reorder a device's messages a little: the readings
+            # shown as "last" are those of the latest assettimestamp.
+            last = counters.last_assettimestamp
+            if (
+                record.assettimestamp is not None
+                and last is not None
+                and record.assettimestamp < last
+            ):
+                continue
+            if record.status is not None:
+                counters.last_status = record.status
+            if record.speed is not None:
+                counters.last_speed = record.speed
+            if record.productioncounter is not None:
+                counters.last_productioncounter = record.productioncounter
+            if record.totalproductioncounter is not None:
+                counters.last_totalproductioncounter = record.totalproductioncounter
+            if record.assettimestamp is not None:
+                counters.last_assettimestamp = record.assettimestamp
+        return list(touched.values())
+
+    def message_id(self, sendereventuuid: str) -> int | None:
+        """The row id of the stored message with this ``sendereventuuid`` (writer side)."""
+        with self._write_lock:
+            row = self._write.execute(
+                "SELECT id FROM telemetry_messages WHERE sendereventuuid = ?", (sendereventuuid,)
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    # ------------------------------------------------------------------ reading
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "received": self.received,
+                "stored": self.stored,
+                "valid": self.stored - self.invalid,
+                "invalid": self.invalid,
+                "duplicates": self.duplicates,
+            }
+
+    def device_list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [c.to_json() for c in self.devices.values()]
+
+    def device(self, client_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            counters = self.devices.get(client_id)
+            return None if counters is None else counters.to_json()
+
+    def rates(
+        self, client_id: str | None, seconds: int, now: float | None = None
+    ) -> list[list[int]]:
+        """Messages per second over the last ``seconds`` (all devices if ``client_id`` is
+        None; an all-zero series for a device never seen)."""
+        moment = time.time() if now is None else now
+        with self._lock:
+            if client_id is None:
+                source: Iterable[list[int]] = list(self.rate)
+            else:
+                counters = self.devices.get(client_id)
+                source = list(counters.rate) if counters is not None else []
+        return rate_series(source, moment, seconds)
+
+    def messages(
+        self,
+        client_id: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        invalid_only: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Newest first, without bodies."""
+        where: list[str] = []
+        params: list[Any] = []
+        if client_id is not None:
+            where.append("client_id = ?")
+            params.append(client_id)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        if invalid_only:
+            where.append("valid = 0")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM telemetry_messages {clause} ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self._read_lock:
+            rows = self._read.execute(sql, params).fetchall()
+        return [_message_json(row) for row in rows]
+
+    def message(self, message_id: int) -> dict[str, Any] | None:
+        """One message with its body (``body``: the text if UTF-8, ``body_base64`` if not)."""
+        with self._read_lock:
+            row = self._read.execute(
+                f"SELECT {_MESSAGE_COLUMNS}, body FROM telemetry_messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        out = _message_json(row)
+        raw = bytes(row["body"])
+        try:
+            out["body"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            import base64
+
+            out["body_base64"] = base64.b64encode(raw).decode()
+        return out
+
+    def series(self, client_id: str, limit: int = 300) -> list[dict[str, Any]]:
+        """The device's latest speed and counter readings, oldest first."""
+        with self._read_lock:
+            rows = self._read.execute(
+                "SELECT id, received_at, speed, productioncounter, totalproductioncounter "
+                "FROM telemetry_messages WHERE client_id = ? AND (speed IS NOT NULL OR "
+                "productioncounter IS NOT NULL OR totalproductioncounter IS NOT NULL) "
+                "ORDER BY id DESC LIMIT ?",
+                (client_id, limit),
+            ).fetchall()
+        return [
+            {
+                "id": row["id"],
+                "t": row["received_at"],
+                "speed": row["speed"],
+                "productioncounter": row["productioncounter"],
+                "totalproductioncounter": row["totalproductioncounter"],
+            }
+            for row in reversed(rows)
+        ]
+
+    def count_rows(self) -> int:
+        with self._read_lock:
+            row = self._read.execute("SELECT COUNT(*) FROM telemetry_messages").fetchone()
+        return int(row[0])
+
+
+def _message_json(row: sqlite3.Row) -> dict[str, Any]:
+    errors = row["errors"]
+    return {
+        "id": row["id"],
+        "received_at": row["received_at"],
+        "topic": row["topic"],
+        "client_id": row["client_id"],
+        "org_id": row["org_id"],
+        "topic_problem": row["topic_problem"],
+        "sendereventuuid": row["sendereventuuid"],
+        "valid": bool(row["valid"]),
+        "errors": json.loads(errors) if errors else [],
+        "eventtype": row["eventtype"],
+        "eventsubtype": row["eventsubtype"],
+        "payloadversion": row["payloadversion"],
+        "assetid": row["assetid"],
+        "assettimestamp": row["assettimestamp"],
+        "status": row["status"],
+        "speed": row["speed"],
+        "productioncounter": row["productioncounter"],
+        "totalproductioncounter": row["totalproductioncounter"],
+    }

@@ -1,0 +1,141 @@
+"""Telemetry ingestion against the real sandbox: duplicates are stored once and counted,
+invalid messages and bad topics are kept with their reasons, and 100,000 messages from
+several devices are all counted."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from bench.bench_ingestion import _tls, device_messages, packets_for, publish_all
+
+from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from tests.support.device_keys import DeviceFiles
+from tests.support.mqtt_probe import Probe, connect
+from tests.support.sandbox_process import SandboxProcess
+from tests.support.tokens import provision_device
+
+pytestmark = pytest.mark.integration
+
+
+def admin(sandbox: SandboxProcess) -> httpx.Client:
+    return sandbox.http(headers={"Authorization": f"Bearer {sandbox.admin_token}"})
+
+
+def totals(sandbox: SandboxProcess) -> dict[str, int]:
+    with admin(sandbox) as http:
+        answer = http.get("/monitor/api/summary")
+    assert answer.status_code == 200, answer.text
+    result: dict[str, int] = answer.json()["totals"]
+    return result
+
+
+def device_state(sandbox: SandboxProcess, client_id: str) -> dict[str, Any]:
+    with admin(sandbox) as http:
+        answer = http.get(f"/monitor/api/devices/{client_id}")
+    assert answer.status_code == 200, answer.text
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def wait_device(
+    sandbox: SandboxProcess, client_id: str, received: int, timeout: float = 20
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = device_state(sandbox, client_id)
+        except AssertionError:
+            state = {"received": 0}
+        if state.get("received", 0) >= received or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def device_probe(sandbox: SandboxProcess, device: DeviceFiles) -> Probe:
+    return connect(
+        sandbox.mqtt_port,
+        sandbox.info["ca_file"],
+        device.cert_path,
+        device.key_path,
+        client_id=device.client_id,
+    )
+
+
+def test_duplicates_are_stored_once_and_counted(sandbox: SandboxProcess) -> None:
+    device = provision_device(sandbox)
+    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    first, second = device_messages(2, "dup")
+    with device_probe(sandbox, device) as probe:
+        for payload in (first, first, second, first, second):
+            assert probe.publish(topic, payload) == 0
+    state = wait_device(sandbox, device.client_id, 5)
+    assert (state["received"], state["valid"], state["invalid"], state["duplicates"]) == (
+        5,
+        2,
+        0,
+        3,
+    )
+    uuids = [m["sendereventuuid"] for m in state["messages"]]
+    assert sorted(uuids) == sorted(json.loads(p)["sendereventuuid"] for p in (first, second))
+
+
+def test_invalid_messages_are_kept_with_path_and_reason(sandbox: SandboxProcess) -> None:
+    device = provision_device(sandbox)
+    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    doc = json.loads(device_messages(1, "bad")[0])
+    doc["payload"]["signalstatus"]["deviceinfo"]["status"] = "Dancing"
+    with device_probe(sandbox, device) as probe:
+        probe.publish(topic, json.dumps(doc))
+        probe.publish(topic, b"{oops")
+        # The ACL lets a device name any org in its topic; the monitor flags a wrong one.
+        probe.publish(
+            f"{TELEMETRY_TOPIC}/not-my-org/{device.client_id}", device_messages(1, "x")[0]
+        )
+    state = wait_device(sandbox, device.client_id, 3)
+    assert (state["received"], state["valid"], state["invalid"]) == (3, 1, 2)
+    by_problem = {m["topic_problem"] is not None: m for m in state["messages"]}
+    flagged = by_problem[True]
+    assert flagged["valid"] is True
+    assert "not-my-org" in flagged["topic_problem"]
+    invalid = [m for m in state["messages"] if not m["valid"]]
+    paths = {e["path"] for m in invalid for e in m["errors"]}
+    assert "$.payload.signalstatus.deviceinfo.status" in paths
+    assert "$" in paths
+    assert all(e["reason"] for m in invalid for e in m["errors"])
+    with admin(sandbox) as http:
+        body = http.get(f"/monitor/api/messages/{invalid[-1]['id']}").json()
+    assert body["body"] in (json.dumps(doc), "{oops")
+
+
+def test_100k_messages_from_several_senders_are_all_counted(sandbox: SandboxProcess) -> None:
+    senders = 4
+    per_sender = 25_000
+    devices = [provision_device(sandbox) for _ in range(senders)]
+    jobs = []
+    for index, device in enumerate(devices):
+        topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+        tls = _tls(sandbox.info["ca_file"], device.cert_path, device.key_path)
+        jobs.append(
+            (tls, device.client_id, packets_for(topic, device_messages(per_sender, str(index))))
+        )
+    before = totals(sandbox)
+    outcomes, _seconds = publish_all(sandbox.mqtt_port, jobs, timeout=60)
+    assert [o.error for o in outcomes] == [None] * senders
+    assert [o.acked for o in outcomes] == [per_sender] * senders
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        now = totals(sandbox)
+        if now["received"] - before["received"] >= senders * per_sender:
+            break
+        time.sleep(0.2)
+    assert now["received"] - before["received"] == senders * per_sender
+    assert now["stored"] - before["stored"] == senders * per_sender
+    assert now["duplicates"] == before["duplicates"]
+    for device in devices:
+        state = device_state(sandbox, device.client_id)
+        assert (state["received"], state["valid"], state["invalid"]) == (per_sender, per_sender, 0)
+        assert state["last_productioncounter"] == per_sender - 1
