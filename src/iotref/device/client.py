@@ -1,0 +1,1131 @@
+"""The library's front door: :class:`AsyncClient` and its blocking twin :class:`Client`.
+
+Owns putting the device runtime together for one sender (contract section 9: one sender,
+one MQTT connection), from a certificate store (contract section 5):
+
+1. the durable outbox in the store's folder (opened first: a second process with the same
+   store is refused before it could take the MQTT session over),
+2. the connection with mutual TLS (:mod:`iotref.device.connection`),
+3. the classic shadow kept in sync (desired -> local -> reported, after every reconnect;
+   :mod:`iotref.device.shadow`), whose ``sendTelemetryData`` is the permission to send,
+4. the permission-gated publisher draining the outbox (:mod:`iotref.device.telemetry`).
+
+Sending builds the message (:func:`iotref.device.messages.build_message`), validates it
+against the platform schemas and commits it to the outbox before returning; publishing
+happens in the background. Closing waits a bounded time for what is in flight (and, when
+allowed to publish, for the outbox to drain); whatever is not acknowledged by then stays
+in the outbox and is published by the next run. Nothing accepted is thrown away, unless
+the caller chose ``overflow="drop_oldest"`` or ``policy="drop"``.
+
+:class:`Client` runs an :class:`AsyncClient` on an event loop in a private daemon thread
+and offers the same methods, blocking and thread-safe, for scripts.
+
+Example::
+
+    async with AsyncClient.from_store("certificate_store/local") as client:
+        press = client.asset(Asset("press-1", "SN-1", AssetType.SHEETFED_PRESS))
+        await press.send(StatusV2(status="Production", speed=12000, totalproductioncounter=1))
+
+Logging (logger ``iotref.client``): start, stop and what was left in the outbox; never key
+material or tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Final, TypedDict, TypeVar, Unpack
+
+from iotref._version import __version__
+from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
+from iotref.device.connection import (
+    Connection,
+    ConnectionEvent,
+    ConnectionSettings,
+    ConnectionState,
+)
+from iotref.device.errors import IotrefError
+from iotref.device.messages import Asset, Payload, Sender, SenderType, build_message
+from iotref.device.outbox import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_MESSAGES,
+    OUTBOX_FILE_NAME,
+    Durability,
+    Outbox,
+    OutboxError,
+    OutboxFull,
+    OutboxLocked,
+    OverflowPolicy,
+)
+from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.telemetry import (
+    DEFAULT_WINDOW,
+    PermissionPolicy,
+    SendResult,
+    SendStatus,
+    ShadowPermission,
+    Telemetry,
+    TelemetryClosed,
+)
+from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
+from iotref.protocol.topics import telemetry_topic
+
+__all__ = [
+    "AssetChannel",
+    "AsyncClient",
+    "BlockingAssetChannel",
+    "BlockingShadow",
+    "Client",
+    "ClientClosed",
+    "ClientError",
+    "ClientOptions",
+    "ClientOptionsArgs",
+    "ClientStats",
+    "InvalidMessageError",
+    "OutboxBusy",
+    "OutboxFullError",
+    "RawPayload",
+    "SendRefused",
+    "SendResult",
+    "SendStatus",
+    "raw_payload",
+]
+
+log = logging.getLogger("iotref.client")
+
+T = TypeVar("T")
+
+DEFAULT_SENDER: Final = Sender(SenderType.SYSTEM, "iotref", __version__)
+"""The sender used when none is given: an iotref gateway."""
+_POLL_S: Final = 0.02
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ClientError(IotrefError):
+    """Base class of the facade's own errors. (Connecting raises
+    :class:`~iotref.device.connection.ConnectionFailed`, a broken store
+    :class:`~iotref.device.errors.StoreError`, a refused shadow
+    :class:`~iotref.device.shadow.ShadowRejected`: all :class:`IotrefError` too.)"""
+
+
+class ClientClosed(ClientError):
+    """The client is not started, or closed: nothing can be sent."""
+
+
+class OutboxBusy(ClientError):
+    """Another process (or client) holds this store's outbox, i.e. runs as this machine."""
+
+
+class SendRefused(ClientError):
+    """A message was not accepted; nothing was queued and the caller still has it."""
+
+
+class InvalidMessageError(SendRefused, ValueError):
+    """The message is not valid against the platform schemas. ``issues`` lists every
+    problem (JSON path and reason); the first is in the message."""
+
+    def __init__(self, issues: Sequence[ValidationIssue]) -> None:
+        self.issues: tuple[ValidationIssue, ...] = tuple(issues)
+        first = str(self.issues[0]) if self.issues else "invalid message"
+        more = len(self.issues) - 1
+        super().__init__(
+            f"invalid message: {first}" + (f" (and {more} more)" if more > 0 else ""),
+            "fix the message; nothing was queued",
+        )
+
+
+class OutboxFullError(SendRefused):
+    """The outbox is full and its overflow policy is ``reject_new``."""
+
+    def __init__(self, reason: str, *, depth: int) -> None:
+        super().__init__(
+            reason,
+            "wait until the platform acknowledged more, or raise max_messages / max_bytes",
+        )
+        self.depth = depth
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a client behaves. Every field has a default that suits a machine's gateway."""
+
+    policy: PermissionPolicy = "hold"
+    """While ``sendTelemetryData`` is not true: ``"hold"`` queues messages in the outbox
+    and publishes them once permission returns; ``"drop"`` validates and discards them
+    (``SendResult.status == "dropped_no_permission"``)."""
+    max_messages: int = DEFAULT_MAX_MESSAGES
+    """Outbox bound: most messages kept (100,000)."""
+    max_bytes: int = DEFAULT_MAX_BYTES
+    """Outbox bound: most bytes kept (256 MiB)."""
+    overflow: OverflowPolicy = "reject_new"
+    """When the outbox is full: ``"reject_new"`` raises :class:`OutboxFullError` (nothing
+    accepted is ever lost); ``"drop_oldest"`` evicts the oldest (counted)."""
+    durability: Durability = "process"
+    """``"process"``: accepted messages survive a crash of the process; ``"power"``: also a
+    power cut (one fsync per send)."""
+    outbox_path: Path | None = None
+    """The outbox database (default: ``outbox.sqlite3`` in the certificate store)."""
+    port: int | None = None
+    """Override the store's ``mqtt_port``, e.g. 443 with ``alpn=True``."""
+    alpn: bool = False
+    """Offer ALPN ``x-amzn-mqtt-ca`` (AWS IoT Core on port 443)."""
+    min_backoff_s: float = 0.5
+    """Reconnect backoff: first cap (full jitter)."""
+    max_backoff_s: float = 30.0
+    """Reconnect backoff: largest delay."""
+    connect_timeout_s: float = 10.0
+    """How long entering the client waits for the first connection."""
+    keepalive_s: int = 30
+    shadow_timeout_s: float = 10.0
+    """How long entering the client waits for the first shadow sync (it goes on in the
+    background after that; until then the permission is unknown, i.e. not granted)."""
+    close_timeout_s: float = 10.0
+    """How long closing waits for PUBACKs (and, with ``drain_on_close``, for the outbox to
+    drain); the rest stays in the outbox for the next run."""
+    drain_on_close: bool = True
+    """On close, keep publishing until the outbox is empty (within ``close_timeout_s``),
+    when connected and permitted."""
+    window: int = DEFAULT_WINDOW
+    """Most messages in flight (published, not yet acknowledged)."""
+    strict_validation: bool = False
+    """Also check the contract's rules the schemas do not express (millisecond
+    timestamps, UUID ``sendereventuuid``)."""
+    initial_reported: Mapping[str, Any] | None = None
+    """Local state reported to the shadow at the first sync."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.policy not in ("hold", "drop"):
+            problems.append(f"policy must be 'hold' or 'drop', not {self.policy!r}")
+        if self.overflow not in ("reject_new", "drop_oldest"):
+            problems.append(
+                f"overflow must be 'reject_new' or 'drop_oldest', not {self.overflow!r}"
+            )
+        if self.durability not in ("process", "power"):
+            problems.append(f"durability must be 'process' or 'power', not {self.durability!r}")
+        if self.max_messages < 1 or self.max_bytes < 1 or self.window < 1:
+            problems.append("max_messages, max_bytes and window must be positive")
+        if self.port is not None and not 0 < self.port < 65536:
+            problems.append(f"port {self.port} is not a TCP port")
+        for name in ("connect_timeout_s", "shadow_timeout_s", "min_backoff_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        if self.close_timeout_s < 0:
+            problems.append("close_timeout_s must be >= 0")
+        if self.max_backoff_s < self.min_backoff_s:
+            problems.append("max_backoff_s must be >= min_backoff_s")
+        if problems:
+            raise ValueError("invalid client options: " + "; ".join(problems))
+
+
+class ClientOptionsArgs(TypedDict, total=False):
+    """The fields of :class:`ClientOptions` as keyword arguments."""
+
+    policy: PermissionPolicy
+    max_messages: int
+    max_bytes: int
+    overflow: OverflowPolicy
+    durability: Durability
+    outbox_path: Path | None
+    port: int | None
+    alpn: bool
+    min_backoff_s: float
+    max_backoff_s: float
+    connect_timeout_s: float
+    keepalive_s: int
+    shadow_timeout_s: float
+    close_timeout_s: float
+    drain_on_close: bool
+    window: int
+    strict_validation: bool
+    initial_reported: Mapping[str, Any] | None
+
+
+def _options(options: ClientOptions | None, overrides: Mapping[str, Any]) -> ClientOptions:
+    base = options or ClientOptions()
+    return dataclasses.replace(base, **overrides) if overrides else base
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """A snapshot of one client. Counters count since the client started; ``queued``,
+    ``held`` and ``oldest_age_s`` describe the outbox now (earlier runs included)."""
+
+    state: ConnectionState
+    connected: bool
+    permission: bool
+    """``sendTelemetryData`` as last seen in the shadow (False until known)."""
+    policy: PermissionPolicy
+    shadow_synced: bool
+    accepted: int
+    """Messages taken into the outbox by ``send()``."""
+    dropped_no_permission: int
+    """Valid messages discarded because of ``policy="drop"``."""
+    published: int
+    """Publishes, re-publications included."""
+    republished: int
+    acked: int
+    """PUBACKs received."""
+    queued: int
+    """Messages in the outbox, not yet acknowledged."""
+    held: int
+    """Of ``queued``, held back for want of permission (``queued`` while not permitted)."""
+    in_flight: int
+    dropped_overflow: int
+    rejected_full: int
+    rejected_invalid: int
+    oldest_age_s: float | None
+    ack_rate: float
+    """Acknowledged messages per second, last ten seconds."""
+    connects: int
+    disconnects: int
+    last_error: str | None
+
+
+# --------------------------------------------------------------------------- raw payloads
+
+
+class RawPayload:
+    """A payload given as a plain JSON object, for :meth:`AsyncClient.send`. Use
+    :func:`raw_payload` to get one of the right kind."""
+
+    eventtype: ClassVar[str] = "generic.signal"
+    eventsubtype: ClassVar[str] = "Status"
+    payloadversion: ClassVar[int] = 2
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        if not isinstance(body, Mapping):
+            raise TypeError("a raw payload is a JSON object (a mapping)")
+        self.body = dict(body)
+
+    def to_payload(self) -> dict[str, Any]:
+        return dict(self.body)
+
+
+@functools.cache
+def _raw_payload_class(eventtype: str, eventsubtype: str, payloadversion: int) -> type[RawPayload]:
+    attrs = {
+        "eventtype": eventtype,
+        "eventsubtype": eventsubtype,
+        "payloadversion": payloadversion,
+    }
+    return type(f"RawPayload_{eventsubtype}_{payloadversion}", (RawPayload,), attrs)
+
+
+def raw_payload(
+    body: Mapping[str, Any],
+    *,
+    eventtype: str = "generic.signal",
+    eventsubtype: str = "Status",
+    payloadversion: int = 2,
+) -> RawPayload:
+    """``body`` (e.g. ``{"signalstatus": {...}}``) as a payload of the given kind."""
+    return _raw_payload_class(eventtype, eventsubtype, payloadversion)(body)
+
+
+PayloadLike = Payload | Mapping[str, Any]
+"""A typed payload (``StatusV2(...)``) or a plain JSON object (a Status v2 payload unless
+``payloadversion`` says otherwise)."""
+
+
+def _as_payload(payload: PayloadLike, payloadversion: int | None) -> Payload:
+    if isinstance(payload, Mapping):
+        return raw_payload(payload, payloadversion=payloadversion or 2)
+    if payloadversion is not None and payloadversion != payload.payloadversion:
+        raise ValueError(
+            f"payloadversion={payloadversion} given with a version {payload.payloadversion} payload"
+        )
+    return payload
+
+
+# --------------------------------------------------------------------------- async client
+
+
+class AssetChannel:
+    """One asset bound to a client: ``await press.send(StatusV2(...))``."""
+
+    def __init__(self, client: AsyncClient, asset: Asset) -> None:
+        self.client = client
+        self.asset = asset
+
+    async def send(
+        self,
+        payload: PayloadLike,
+        *,
+        payloadversion: int | None = None,
+        asset_time: datetime | None = None,
+    ) -> SendResult:
+        return await self.client.send(
+            self.asset, payload, payloadversion=payloadversion, asset_time=asset_time
+        )
+
+
+class AsyncClient:
+    """One sender's connection to the platform. ``async with`` connects, syncs the shadow
+    and starts publishing; leaving it closes cleanly (see the module docstring).
+
+    Build it with :meth:`from_store`; options are :class:`ClientOptions` fields, given as
+    keyword arguments or as ``options=``. Use it from one event loop (the one that entered
+    it); :class:`Client` is the thread-safe blocking variant.
+    """
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        *,
+        sender: Sender | None = None,
+        options: ClientOptions | None = None,
+        **overrides: Unpack[ClientOptionsArgs],
+    ) -> None:
+        self.identity = identity
+        self.options = _options(options, overrides)
+        props = identity.properties
+        sender = sender or DEFAULT_SENDER
+        if sender.siteid is None and props.site_id:
+            sender = dataclasses.replace(sender, siteid=props.site_id)
+        self.sender = sender
+        self.topic = telemetry_topic(props.telemetry_topic, props.org_id, props.client_id)
+        self.outbox_path = self.options.outbox_path or identity.store_path / OUTBOX_FILE_NAME
+        o = self.options
+        conn_overrides: dict[str, Any] = {
+            "alpn": o.alpn,
+            "min_backoff_s": o.min_backoff_s,
+            "max_backoff_s": o.max_backoff_s,
+            "connect_timeout_s": o.connect_timeout_s,
+            "keepalive_s": o.keepalive_s,
+        }
+        if o.port is not None:
+            conn_overrides["port"] = o.port
+        self.settings = ConnectionSettings.from_store(identity.store_path, **conn_overrides)
+        self._outbox: Outbox | None = None
+        self._connection: Connection | None = None
+        self._shadow: ShadowSync | None = None
+        self._telemetry: Telemetry | None = None
+        self._named: dict[str, ShadowSync] = {}
+        self._channels: dict[int, AssetChannel] = {}
+        self._started = False
+        self._closed = False
+        self._final: ClientStats | None = None
+
+    @classmethod
+    def from_store(
+        cls,
+        path: Path | str,
+        *,
+        sender: Sender | None = None,
+        options: ClientOptions | None = None,
+        **overrides: Unpack[ClientOptionsArgs],
+    ) -> AsyncClient:
+        """A client for the certificate store at ``path`` (contract section 5). Raises
+        :class:`~iotref.device.errors.StoreError` (with a next step) if it is missing or
+        incomplete; options are checked here too (``ValueError``)."""
+        identity = CertificateStore(Path(path)).load()
+        return cls(identity, sender=sender, options=options, **overrides)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def properties(self) -> DeviceProperties:
+        return self.identity.properties
+
+    @property
+    def client_id(self) -> str:
+        return self.identity.properties.client_id
+
+    @property
+    def connection(self) -> Connection:
+        """The MQTT connection (for advanced use: extra subscriptions)."""
+        return self._running(self._connection)
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The publisher (for advanced use)."""
+        return self._running(self._telemetry)
+
+    @property
+    def shadow(self) -> ShadowSync:
+        """The classic shadow, kept in sync: ``client.shadow.on_desired("speed", handler)``,
+        ``client.shadow.set_reported("mode", "run")``, ``await client.shadow.wait_for(...)``."""
+        return self._running(self._shadow)
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._connection.connected
+
+    @property
+    def permission(self) -> bool:
+        """Whether ``sendTelemetryData`` is true (as last seen)."""
+        return self._shadow is not None and self._shadow.send_telemetry_allowed
+
+    @property
+    def started(self) -> bool:
+        return self._started and not self._closed
+
+    def _running(self, part: T | None) -> T:
+        if part is None or self._closed:
+            raise ClientClosed(
+                "the client is not started" if not self._closed else "the client is closed",
+                "use 'async with AsyncClient.from_store(...) as client'",
+            )
+        return part
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the outbox, connect, sync the shadow and start publishing. Raises
+        :class:`OutboxBusy`, :class:`~iotref.device.connection.ConnectionFailed`,
+        :class:`~iotref.device.shadow.ShadowRejected`; nothing is left running then."""
+        if self._started:
+            raise ClientClosed("a client can be started only once", "make a new client")
+        self._started = True
+        o = self.options
+        try:
+            self._outbox = Outbox(
+                self.outbox_path,
+                max_messages=o.max_messages,
+                max_bytes=o.max_bytes,
+                overflow=o.overflow,
+                durability=o.durability,
+            )
+        except OutboxLocked:
+            self._closed = True
+            raise OutboxBusy(
+                f"the outbox {self.outbox_path} is in use by another sender",
+                "make sure only one process runs with this machine's identity",
+            ) from None
+        except (OutboxError, sqlite3.Error, OSError) as exc:
+            self._closed = True
+            raise ClientError(
+                f"cannot open the outbox {self.outbox_path}: {exc}",
+                "check that the certificate store folder is writable",
+            ) from None
+        try:
+            connection = Connection(self.settings)
+            self._connection = connection
+            await connection.start()
+            shadow = ShadowSync(
+                connection,
+                self.client_id,
+                initial_reported=o.initial_reported,
+                first_sync_timeout_s=o.shadow_timeout_s,
+            )
+            self._shadow = shadow
+            await shadow.start()
+            telemetry = Telemetry(
+                connection,
+                self._outbox,
+                self.topic,
+                validator=MessageValidator(strict=o.strict_validation),
+                permission=ShadowPermission(shadow),
+                policy=o.policy,
+                window=o.window,
+                close_timeout=o.close_timeout_s,
+            )
+            self._telemetry = telemetry
+            await telemetry.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._shutdown(0.0, drain=False)
+            self._closed = True
+            raise
+        depth = self._outbox.depth
+        log.info(
+            "client %s started: %s, permission %s, %d message(s) waiting in %s",
+            self.client_id,
+            self.settings.where(),
+            "granted" if self.permission else "not granted",
+            depth,
+            self.outbox_path,
+        )
+
+    async def close(self, timeout: float | None = None) -> ClientStats:  # noqa: ASYNC109
+        """Stop: wait up to ``timeout`` (default ``close_timeout_s``) for in-flight acks
+        (and for the outbox to drain, see ``drain_on_close``), then disconnect. What is
+        not acknowledged stays in the outbox for the next run. Returns the final stats.
+        Idempotent."""
+        if self._final is not None:
+            return self._final
+        if not self._started or self._closed:
+            self._closed = True
+            self._final = self._snapshot()
+            return self._final
+        wait = self.options.close_timeout_s if timeout is None else timeout
+        telemetry = self._telemetry
+        drain = (
+            self.options.drain_on_close
+            and telemetry is not None
+            and telemetry.permission
+            and self.connected
+        )
+        final = await self._shutdown(wait, drain=drain)
+        self._closed = True
+        self._final = final
+        if final.queued:
+            log.info(
+                "client %s closed; %d message(s) kept in %s for the next run",
+                self.client_id,
+                final.queued,
+                self.outbox_path,
+            )
+        else:
+            log.info("client %s closed; the outbox is empty", self.client_id)
+        return final
+
+    async def _shutdown(self, wait: float, *, drain: bool) -> ClientStats:
+        if self._telemetry is not None:
+            try:
+                await self._telemetry.close(wait, drain=drain)
+            except Exception:
+                log.exception("closing the publisher failed")
+        final = self._snapshot()
+        for sync in [*self._named.values(), self._shadow]:
+            if sync is not None:
+                try:
+                    await sync.stop()
+                except Exception:
+                    log.exception("stopping a shadow sync failed")
+        self._named.clear()
+        if self._connection is not None:
+            try:
+                await self._connection.stop()
+            except Exception:
+                log.exception("stopping the connection failed")
+        if self._outbox is not None:
+            try:
+                self._outbox.close()
+            except Exception:
+                log.exception("closing the outbox failed")
+        return final
+
+    # ------------------------------------------------------------------ sending
+
+    def asset(self, asset: Asset) -> AssetChannel:
+        """``asset`` bound to this client; ``await channel.send(payload)``."""
+        channel = self._channels.get(id(asset))
+        if channel is None or channel.asset is not asset:
+            channel = AssetChannel(self, asset)
+            self._channels[id(asset)] = channel
+        return channel
+
+    async def send(
+        self,
+        asset: Asset,
+        payload: PayloadLike,
+        *,
+        payloadversion: int | None = None,
+        asset_time: datetime | None = None,
+    ) -> SendResult:
+        """Build a message for ``asset`` (header from the sender and the asset, fresh
+        ``sendereventuuid``, monotonic ``assettimestamp``), validate it and queue it.
+
+        Returns when the message is committed to the outbox (``status == "queued"``), or
+        discarded by ``policy="drop"`` (``"dropped_no_permission"``). Raises
+        :class:`InvalidMessageError`, :class:`OutboxFullError`, :class:`ClientClosed`.
+        ``payload`` may be a plain dict (a Status payload of ``payloadversion``, default 2).
+        """
+        message = build_message(
+            self.sender, asset, _as_payload(payload, payloadversion), asset_time=asset_time
+        )
+        return await self.send_message(message)
+
+    async def send_message(self, message: Mapping[str, Any]) -> SendResult:
+        """Validate and queue a complete message (header and payload) as it is."""
+        telemetry = self._running(self._telemetry)
+        try:
+            return await telemetry.send(dict(message))
+        except InvalidMessage as exc:
+            raise InvalidMessageError(exc.issues) from None
+        except OutboxFull as exc:
+            raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
+        except TelemetryClosed:
+            raise ClientClosed("the client is closed") from None
+
+    async def send_many(self, messages: Sequence[Mapping[str, Any]]) -> list[SendResult]:
+        """Validate and queue several complete messages in one transaction; one invalid
+        message refuses them all."""
+        telemetry = self._running(self._telemetry)
+        try:
+            return await telemetry.send_many([dict(m) for m in messages])
+        except InvalidMessage as exc:
+            raise InvalidMessageError(exc.issues) from None
+        except OutboxFull as exc:
+            raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
+        except TelemetryClosed:
+            raise ClientClosed("the client is closed") from None
+
+    # ------------------------------------------------------------------ waiting
+
+    async def wait_drained(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until every queued message was acknowledged; False after ``timeout``."""
+        outbox = self._running(self._outbox)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while outbox.depth > 0:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_S)
+        return True
+
+    async def wait_permission(
+        self,
+        allowed: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> bool:
+        """Wait until ``sendTelemetryData`` is ``allowed``; False after ``timeout``."""
+        self._running(self._shadow)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.permission is not allowed:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_S)
+        return True
+
+    # ------------------------------------------------------------------ shadows, events
+
+    async def named_shadow(self, name: str, **sync_options: Any) -> ShadowSync:
+        """A named shadow of this thing, synced like the classic one (started on first use,
+        stopped with the client). ``sync_options`` go to :class:`ShadowSync` the first time."""
+        sync = self._named.get(name)
+        if sync is None:
+            connection = self._running(self._connection)
+            sync = ShadowSync(connection, self.client_id, name, **sync_options)
+            self._named[name] = sync
+            try:
+                await sync.start()
+            except BaseException:
+                self._named.pop(name, None)
+                with contextlib.suppress(Exception):
+                    await sync.stop()
+                raise
+        return sync
+
+    def events(self) -> AsyncIterator[ConnectionEvent]:
+        """The connection's state changes from now on (ends when the client closes)."""
+        return self._running(self._connection).events()
+
+    def stats(self) -> ClientStats:
+        """A snapshot (see :class:`ClientStats`); after close, the final one."""
+        if self._final is not None:
+            return self._final
+        return self._snapshot()
+
+    def _snapshot(self) -> ClientStats:
+        conn = self._connection
+        tel = self._telemetry
+        state = conn.state if conn is not None else ConnectionState.STOPPED
+        conn_stats = conn.stats if conn is not None else None
+        permission = self.permission
+        if tel is not None and self._outbox is not None and not self._outbox.closed:
+            t = tel.stats()
+            return ClientStats(
+                state=state,
+                connected=state is ConnectionState.CONNECTED,
+                permission=permission,
+                policy=t.policy,
+                shadow_synced=self._shadow is not None and self._shadow.synced,
+                accepted=t.queued,
+                dropped_no_permission=t.dropped_no_permission,
+                published=t.published,
+                republished=t.republished,
+                acked=t.acked,
+                queued=t.depth,
+                held=0 if permission else t.depth,
+                in_flight=t.in_flight,
+                dropped_overflow=t.dropped_overflow,
+                rejected_full=t.rejected_full,
+                rejected_invalid=t.rejected_invalid,
+                oldest_age_s=t.oldest_age_s,
+                ack_rate=t.ack_rate,
+                connects=conn_stats.connects if conn_stats else 0,
+                disconnects=conn_stats.disconnects if conn_stats else 0,
+                last_error=t.last_error or (conn_stats.last_error if conn_stats else None),
+            )
+        depth = 0
+        if self._outbox is not None and not self._outbox.closed:
+            depth = self._outbox.depth
+        return ClientStats(
+            state=state,
+            connected=state is ConnectionState.CONNECTED,
+            permission=permission,
+            policy=self.options.policy,
+            shadow_synced=False,
+            accepted=0,
+            dropped_no_permission=0,
+            published=0,
+            republished=0,
+            acked=0,
+            queued=depth,
+            held=0 if permission else depth,
+            in_flight=0,
+            dropped_overflow=0,
+            rejected_full=0,
+            rejected_invalid=0,
+            oldest_age_s=None,
+            ack_rate=0.0,
+            connects=conn_stats.connects if conn_stats else 0,
+            disconnects=conn_stats.disconnects if conn_stats else 0,
+            last_error=conn_stats.last_error if conn_stats else None,
+        )
+
+
+# --------------------------------------------------------------------------- blocking
+
+
+async def _value(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+class _LoopThread:
+    """An event loop in a private daemon thread; :meth:`call` runs a coroutine on it and
+    blocks for the result."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        loop.call_soon(self._ready.set)
+        try:
+            loop.run_forever()
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError(
+                "a blocking Client method was called from the client's own thread (e.g. in "
+                "a shadow handler); use client.async_client there"
+            )
+        if self.loop.is_closed() or not self.thread.is_alive():
+            coro.close()
+            raise ClientClosed("the client is closed")
+        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"no result within {timeout} s") from None
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def stop(self, join_s: float = 10.0) -> None:
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(join_s)
+
+
+class BlockingAssetChannel:
+    """One asset bound to a blocking :class:`Client`."""
+
+    def __init__(self, client: Client, asset: Asset) -> None:
+        self.client = client
+        self.asset = asset
+
+    def send(
+        self,
+        payload: PayloadLike,
+        *,
+        payloadversion: int | None = None,
+        asset_time: datetime | None = None,
+    ) -> SendResult:
+        return self.client.send(
+            self.asset, payload, payloadversion=payloadversion, asset_time=asset_time
+        )
+
+
+class BlockingShadow:
+    """A :class:`ShadowSync` used from other threads. Handlers registered here run on the
+    client's own thread: keep them short, and use :attr:`sync` (async) inside them."""
+
+    def __init__(self, runner: _LoopThread, sync: ShadowSync) -> None:
+        self._runner = runner
+        self.sync = sync
+
+    @property
+    def desired(self) -> dict[str, Any]:
+        return self._runner.call(_value(lambda: self.sync.desired))
+
+    @property
+    def reported(self) -> dict[str, Any]:
+        return self._runner.call(_value(lambda: self.sync.reported))
+
+    @property
+    def version(self) -> int:
+        return self._runner.call(_value(lambda: self.sync.version))
+
+    @property
+    def synced(self) -> bool:
+        return self._runner.call(_value(lambda: self.sync.synced))
+
+    @property
+    def send_telemetry_allowed(self) -> bool:
+        return self._runner.call(_value(lambda: self.sync.send_telemetry_allowed))
+
+    def on_desired(self, key: str, handler: DesiredHandler) -> None:
+        """Decide changes of ``key`` (see :meth:`ShadowSync.on_desired`)."""
+        self._runner.call(_value(lambda: self.sync.on_desired(key, handler)))
+
+    def on_send_telemetry_changed(self, callback: Callable[[bool], Any]) -> None:
+        self._runner.call(_value(lambda: self.sync.on_send_telemetry_changed(callback)))
+
+    def set_reported(self, key: str, value: Any) -> None:
+        self._runner.call(_value(lambda: self.sync.set_reported(key, value)))
+
+    def update_local(self, changes: Mapping[str, Any]) -> None:
+        self._runner.call(_value(lambda: self.sync.update_local(changes)))
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._runner.call(self.sync.flush(timeout))
+
+    def wait_for(
+        self,
+        key: str,
+        *args: Any,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """See :meth:`ShadowSync.wait_for`; raises :class:`TimeoutError` after
+        ``timeout``."""
+        return self._runner.call(self.sync.wait_for(key, *args, timeout=timeout, **kwargs))
+
+    def get(self) -> dict[str, Any]:
+        return self._runner.call(self.sync.client.get())
+
+    def update(self, state: Mapping[str, Any], version: int | None = None) -> dict[str, Any]:
+        return self._runner.call(self.sync.client.update(state, version=version))
+
+
+class Client:
+    """The blocking facade: an :class:`AsyncClient` on an event loop in a private daemon
+    thread, the same methods, synchronous and thread-safe::
+
+        with Client.from_store("certificate_store/local") as client:
+            client.send(asset, StatusV2(...))
+    """
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        *,
+        sender: Sender | None = None,
+        options: ClientOptions | None = None,
+        **overrides: Unpack[ClientOptionsArgs],
+    ) -> None:
+        self.async_client = AsyncClient(identity, sender=sender, options=options, **overrides)
+        self._runner: _LoopThread | None = None
+        self._lock = threading.Lock()
+        self._shadow: BlockingShadow | None = None
+        self._named: dict[str, BlockingShadow] = {}
+
+    @classmethod
+    def from_store(
+        cls,
+        path: Path | str,
+        *,
+        sender: Sender | None = None,
+        options: ClientOptions | None = None,
+        **overrides: Unpack[ClientOptionsArgs],
+    ) -> Client:
+        """See :meth:`AsyncClient.from_store`."""
+        identity = CertificateStore(Path(path)).load()
+        return cls(identity, sender=sender, options=options, **overrides)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Client:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the thread, connect, sync the shadow, start publishing (see
+        :meth:`AsyncClient.start`)."""
+        with self._lock:
+            if self._runner is not None:
+                raise ClientClosed("a client can be started only once", "make a new client")
+            runner = _LoopThread(f"iotref-client-{self.async_client.client_id}")
+            self._runner = runner
+        try:
+            runner.call(self.async_client.start())
+        except BaseException:
+            runner.stop()
+            raise
+
+    def close(self, timeout: float | None = None) -> ClientStats:
+        """See :meth:`AsyncClient.close`; also stops the thread. Idempotent."""
+        with self._lock:
+            runner = self._runner
+        if runner is None or runner.loop.is_closed():
+            return self.async_client.stats()
+        try:
+            return runner.call(self.async_client.close(timeout))
+        finally:
+            runner.stop()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        runner = self._runner
+        if runner is None:
+            coro.close()
+            raise ClientClosed("the client is not started", "use 'with Client.from_store(...)'")
+        return runner.call(coro, timeout)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def client_id(self) -> str:
+        return self.async_client.client_id
+
+    @property
+    def properties(self) -> DeviceProperties:
+        return self.async_client.properties
+
+    @property
+    def sender(self) -> Sender:
+        return self.async_client.sender
+
+    @property
+    def topic(self) -> str:
+        return self.async_client.topic
+
+    @property
+    def connected(self) -> bool:
+        return self.async_client.connected
+
+    @property
+    def permission(self) -> bool:
+        return self.async_client.permission
+
+    @property
+    def shadow(self) -> BlockingShadow:
+        """The classic shadow (see :class:`BlockingShadow`)."""
+        if self._shadow is None:
+            sync = self._call(_value(lambda: self.async_client.shadow))
+            assert self._runner is not None
+            self._shadow = BlockingShadow(self._runner, sync)
+        return self._shadow
+
+    def named_shadow(self, name: str, **sync_options: Any) -> BlockingShadow:
+        """See :meth:`AsyncClient.named_shadow`."""
+        found = self._named.get(name)
+        if found is None:
+            sync = self._call(self.async_client.named_shadow(name, **sync_options))
+            assert self._runner is not None
+            found = BlockingShadow(self._runner, sync)
+            self._named[name] = found
+        return found
+
+    # ------------------------------------------------------------------ sending
+
+    def asset(self, asset: Asset) -> BlockingAssetChannel:
+        return BlockingAssetChannel(self, asset)
+
+    def send(
+        self,
+        asset: Asset,
+        payload: PayloadLike,
+        *,
+        payloadversion: int | None = None,
+        asset_time: datetime | None = None,
+    ) -> SendResult:
+        """See :meth:`AsyncClient.send`."""
+        return self._call(
+            self.async_client.send(
+                asset, payload, payloadversion=payloadversion, asset_time=asset_time
+            )
+        )
+
+    def send_message(self, message: Mapping[str, Any]) -> SendResult:
+        return self._call(self.async_client.send_message(message))
+
+    def send_many(self, messages: Sequence[Mapping[str, Any]]) -> list[SendResult]:
+        return self._call(self.async_client.send_many(messages))
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        return self._call(self.async_client.wait_drained(timeout))
+
+    def wait_permission(self, allowed: bool = True, timeout: float | None = None) -> bool:
+        return self._call(self.async_client.wait_permission(allowed, timeout))
+
+    def stats(self) -> ClientStats:
+        runner = self._runner
+        if runner is None or runner.loop.is_closed():
+            return self.async_client.stats()
+        return runner.call(_value(self.async_client.stats))
+
+    def events(self) -> Iterator[ConnectionEvent]:
+        """The connection's state changes from now on, blocking (ends when the client
+        closes)."""
+        items: queue.Queue[ConnectionEvent | None] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for event in self.async_client.events():
+                    items.put(event)
+            finally:
+                items.put(None)
+
+        runner = self._runner
+        if runner is None:
+            raise ClientClosed("the client is not started")
+        fut = asyncio.run_coroutine_threadsafe(pump(), runner.loop)
+        try:
+            while (event := items.get()) is not None:
+                yield event
+        finally:
+            fut.cancel()

@@ -1,0 +1,290 @@
+"""The client facade without a broker: options, store errors, raw payloads, typed errors,
+what works before start and after close, the outbox lock, and ``iotref run``'s offline
+parts (store errors, status lines)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from iotref.cli.main import cli
+from iotref.cli.run_command import RunCounters, status_text, summary_text
+from iotref.device.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    PROPERTIES_FILE,
+    ROOT_CA_FILE,
+)
+from iotref.device.client import (
+    AsyncClient,
+    Client,
+    ClientClosed,
+    ClientError,
+    ClientOptions,
+    ClientStats,
+    InvalidMessageError,
+    OutboxBusy,
+    OutboxFullError,
+    SendRefused,
+    _LoopThread,
+    raw_payload,
+)
+from iotref.device.connection import ConnectionState
+from iotref.device.errors import IotrefError, StoreError
+from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.protocol.message_schemas import ValidationIssue, default_validator
+
+PROPERTIES = {
+    "mqtt_endpoint": "localhost",
+    "mqtt_port": 1,
+    "machine_region": "",
+    "telemetry_topic": "connectprint/telemetry",
+    "client_id": "iotref-unit",
+    "org_id": "org-1",
+    "machine_id": "machine-1",
+    "site_id": "site-1",
+}
+
+
+def fake_store(path: Path) -> Path:
+    """A complete-looking store (the PEM files are never read: no connection is made)."""
+    path.mkdir(parents=True)
+    (path / PROPERTIES_FILE).write_text(json.dumps(PROPERTIES))
+    for name in (ROOT_CA_FILE, CERTIFICATE_FILE, PRIVATE_KEY_FILE):
+        (path / name).write_text("not used\n")
+    return path
+
+
+def test_options_defaults_and_checks() -> None:
+    o = ClientOptions()
+    assert (o.policy, o.overflow, o.durability, o.drain_on_close) == (
+        "hold",
+        "reject_new",
+        "process",
+        True,
+    )
+    with pytest.raises(ValueError, match="policy"):
+        ClientOptions(policy="keep")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="port"):
+        ClientOptions(port=70000)
+    with pytest.raises(ValueError, match="max_backoff_s"):
+        ClientOptions(min_backoff_s=5, max_backoff_s=1)
+
+
+def test_from_store_reads_identity_and_options(tmp_path: Path) -> None:
+    store = fake_store(tmp_path / "store")
+    client = AsyncClient.from_store(store, policy="drop", port=443, alpn=True)
+    assert client.client_id == "iotref-unit"
+    assert client.topic == "connectprint/telemetry/org-1/iotref-unit"
+    assert client.outbox_path == store / OUTBOX_FILE_NAME
+    assert client.settings.port == 443 and client.settings.alpn
+    assert client.options.policy == "drop"
+    # The sender's site comes from the store when the sender names none.
+    assert client.sender.siteid == "site-1"
+    named = Sender(SenderType.PRESS, "gw", "2.0", siteid="elsewhere")
+    assert AsyncClient.from_store(store, sender=named).sender.siteid == "elsewhere"
+    options = ClientOptions(max_messages=10)
+    assert AsyncClient.from_store(store, options=options, window=5).options.max_messages == 10
+
+
+def test_missing_or_incomplete_store_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError) as missing:
+        AsyncClient.from_store(tmp_path / "nothing")
+    assert "iotref provision" in (missing.value.next_step or "")
+    store = fake_store(tmp_path / "store")
+    (store / PRIVATE_KEY_FILE).unlink()
+    with pytest.raises(StoreError, match=PRIVATE_KEY_FILE):
+        Client.from_store(store)
+
+
+def test_errors_are_iotref_errors() -> None:
+    issue = ValidationIssue("$.payload", "required property is missing")
+    error = InvalidMessageError([issue, issue])
+    assert isinstance(error, SendRefused) and isinstance(error, ValueError)
+    assert isinstance(error, IotrefError) and error.issues == (issue, issue)
+    assert "$.payload" in str(error) and "1 more" in str(error)
+    full = OutboxFullError("the outbox is full", depth=3)
+    assert isinstance(full, ClientError) and full.depth == 3 and full.next_step
+    for cls in (ClientClosed, OutboxBusy):
+        assert issubclass(cls, ClientError)
+
+
+def test_raw_payload_builds_a_valid_message() -> None:
+    body = {
+        "signalstatus": {
+            "deviceinfo": {
+                "status": "Idle",
+                "speed": 0,
+                "statusdetails": "",
+                "totalproductioncounter": 1,
+            }
+        }
+    }
+    payload = raw_payload(body)
+    assert (payload.eventtype, payload.eventsubtype, payload.payloadversion) == (
+        "generic.signal",
+        "Status",
+        2,
+    )
+    assert type(raw_payload(body)) is type(payload)
+    assert raw_payload({}, payloadversion=1).payloadversion == 1
+    message = build_message(
+        Sender(SenderType.SYSTEM, "t", "1"), Asset("a", "s", AssetType.CUTTER), payload
+    )
+    assert default_validator().validate(message) == []
+    body["signalstatus"]["deviceinfo"]["status"] = "Bogus"
+    message = build_message(
+        Sender(SenderType.SYSTEM, "t", "1"), Asset("a", "s", AssetType.CUTTER), raw_payload(body)
+    )
+    assert default_validator().validate(message)
+    with pytest.raises(TypeError):
+        raw_payload([1, 2])  # type: ignore[arg-type]
+
+
+def test_not_started_and_closed(tmp_path: Path) -> None:
+    store = fake_store(tmp_path / "store")
+
+    async def main() -> None:
+        client = AsyncClient.from_store(store)
+        asset = Asset("a", "s", AssetType.CUTTER)
+        with pytest.raises(ClientClosed, match="not started"):
+            await client.send(asset, {"signalstatus": {}})
+        with pytest.raises(ClientClosed):
+            _ = client.shadow
+        stats = client.stats()
+        assert isinstance(stats, ClientStats)
+        assert stats.state is ConnectionState.STOPPED and not stats.connected
+        final = await client.close()
+        assert final.accepted == 0
+        with pytest.raises(ClientClosed, match="closed"):
+            await client.send_message({})
+        assert await client.close() is final
+
+    asyncio.run(main())
+
+
+def test_a_second_sender_on_the_same_store_is_refused_before_connecting(tmp_path: Path) -> None:
+    store = fake_store(tmp_path / "store")
+
+    async def main() -> None:
+        with Outbox(store / OUTBOX_FILE_NAME):
+            client = AsyncClient.from_store(store)
+            with pytest.raises(OutboxBusy) as busy:
+                await client.start()
+            assert "only one process" in (busy.value.next_step or "")
+            assert client.stats().state is ConnectionState.STOPPED
+
+    asyncio.run(main())
+
+
+def test_blocking_client_start_failure_leaves_no_thread(tmp_path: Path) -> None:
+    store = fake_store(tmp_path / "store")
+    before = set(threading.enumerate())
+    with Outbox(store / OUTBOX_FILE_NAME):
+        client = Client.from_store(store)
+        with pytest.raises(OutboxBusy):
+            client.start()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)
+        assert not thread.is_alive(), thread
+    with pytest.raises(ClientClosed):
+        Client.from_store(store).send(Asset("a", "s", AssetType.CUTTER), {})
+
+
+def test_loop_thread_refuses_calls_from_its_own_thread() -> None:
+    runner = _LoopThread("test-loop")
+    try:
+
+        async def inner() -> int:
+            return 1
+
+        async def outer() -> str:
+            coro = inner()
+            try:
+                runner.call(coro)
+            except RuntimeError as exc:
+                return str(exc)
+            return "no error"
+
+        assert "own thread" in runner.call(outer())
+        assert runner.call(inner()) == 1
+    finally:
+        runner.stop()
+    assert not runner.thread.is_alive()
+    with pytest.raises(ClientClosed):
+        runner.call(asyncio.sleep(0))
+
+
+# --------------------------------------------------------------------------- iotref run
+
+
+def test_run_without_a_store_says_what_to_do(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["run", "--store", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "no certificate store" in result.output and "iotref provision" in result.output
+
+
+def test_run_with_a_broken_store_says_what_to_do(tmp_path: Path) -> None:
+    store = fake_store(tmp_path / "store")
+    (store / PROPERTIES_FILE).write_text("{broken")
+    result = CliRunner().invoke(cli, ["run", "--store", str(store), "--duration", "0"])
+    assert result.exit_code == 1
+    assert "not valid JSON" in result.output and "iotref provision" in result.output
+
+
+def stats(**changes: object) -> ClientStats:
+    values: dict[str, object] = dict(
+        state=ConnectionState.CONNECTED,
+        connected=True,
+        permission=True,
+        policy="hold",
+        shadow_synced=True,
+        accepted=10,
+        dropped_no_permission=1,
+        published=9,
+        republished=0,
+        acked=9,
+        queued=1,
+        held=0,
+        in_flight=1,
+        dropped_overflow=2,
+        rejected_full=0,
+        rejected_invalid=0,
+        oldest_age_s=0.1,
+        ack_rate=5.0,
+        connects=1,
+        disconnects=0,
+        last_error=None,
+    )
+    values.update(changes)
+    return ClientStats(**values)  # type: ignore[arg-type]
+
+
+def test_status_and_summary_lines() -> None:
+    counters = RunCounters(invalid=4)
+    line = status_text(stats(), counters, 3.0)
+    for part in (
+        "connected",
+        "permission yes",
+        "sent 10",
+        "acked 9",
+        "queued 1",
+        "dropped 3",
+        "invalid 4",
+    ):
+        assert part in line, line
+    held = status_text(
+        stats(permission=False, held=5, connected=False, state=ConnectionState.DISCONNECTED),
+        counters,
+        1,
+    )
+    assert "disconnected" in held and "permission no" in held and "held 5" in held
+    summary = summary_text(stats(), counters, 12.0)
+    assert summary.startswith("Stopped after 12.0 s") and "1 kept in the outbox" in summary
