@@ -1,9 +1,154 @@
 """iotref: connect print-shop machines to the Zaikio / connectprint IoT platform.
 
-The public device API is re-exported here; the local platform lives in
-:mod:`iotref.sandbox` (installed with the ``iotref[sandbox]`` extra).
+The public device API lives here; everything else is an implementation detail of
+:mod:`iotref.device` and :mod:`iotref.protocol`. The local platform is
+:mod:`iotref.sandbox` (installed with the ``iotref[sandbox]`` extra) and is not imported
+by anything here.
+
+Send telemetry from a provisioned machine::
+
+    import asyncio
+    import iotref
+
+    async def main() -> None:
+        press = iotref.Asset("press-1", "SN-0001", iotref.AssetType.SHEETFED_PRESS)
+        async with iotref.AsyncClient.from_store("certificate_store/local") as client:
+            await client.send(press, iotref.StatusV2(status="Production", speed=12000))
+
+    asyncio.run(main())
 """
 
 from iotref._version import __version__
+from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
+from iotref.device.client import (
+    AsyncClient,
+    Client,
+    ClientClosed,
+    ClientError,
+    ClientOptions,
+    ClientStats,
+    InvalidMessageError,
+    OutboxBusy,
+    OutboxFullError,
+    SendRefused,
+)
+from iotref.device.connection import (
+    Connection,
+    ConnectionEvent,
+    ConnectionFailed,
+    ConnectionSettings,
+    ConnectionState,
+    ConnectionTakenOver,
+    PublishFailed,
+)
+from iotref.device.directory_client import MachineSpec
+from iotref.device.environment import Environment, load_environment, load_environment_file
+from iotref.device.errors import (
+    AuthorizationDenied,
+    AuthorizationExpired,
+    ConfigurationError,
+    IotrefError,
+    LoginRequired,
+    NetworkError,
+    ProvisioningError,
+    StoreError,
+)
+from iotref.device.keys import KeyType
+from iotref.device.messages import (
+    Asset,
+    AssetType,
+    DeviceStatusV1,
+    DeviceStatusV2,
+    Event,
+    JobPhaseStatusV1,
+    JobPhaseStatusV2,
+    JobPhaseV1,
+    JobPhaseV2,
+    Part,
+    Sender,
+    SenderType,
+    StatusV1,
+    StatusV2,
+    build_message,
+)
+from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
+from iotref.device.shadow import (
+    DesiredChange,
+    Refuse,
+    ShadowClient,
+    ShadowRejected,
+    ShadowSync,
+    ShadowTimeout,
+)
+from iotref.device.simulator import PressSimulator
+from iotref.device.store_checks import check_store
+from iotref.device.telemetry import SendResult, SendStatus
+from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
 
-__all__ = ["__version__"]
+__all__ = [
+    "Asset",
+    "AssetType",
+    "AsyncClient",
+    "AuthorizationDenied",
+    "AuthorizationExpired",
+    "BlockingOnboarding",
+    "CertificateStore",
+    "Client",
+    "ClientClosed",
+    "ClientError",
+    "ClientOptions",
+    "ClientStats",
+    "ConfigurationError",
+    "Connection",
+    "ConnectionEvent",
+    "ConnectionFailed",
+    "ConnectionSettings",
+    "ConnectionState",
+    "ConnectionTakenOver",
+    "DesiredChange",
+    "DeviceIdentity",
+    "DeviceProperties",
+    "DeviceStatusV1",
+    "DeviceStatusV2",
+    "Environment",
+    "Event",
+    "InvalidMessage",
+    "InvalidMessageError",
+    "IotrefError",
+    "JobPhaseStatusV1",
+    "JobPhaseStatusV2",
+    "JobPhaseV1",
+    "JobPhaseV2",
+    "KeyType",
+    "LoginRequired",
+    "MachineSpec",
+    "MessageValidator",
+    "NetworkError",
+    "Onboarding",
+    "OutboxBusy",
+    "OutboxFullError",
+    "Part",
+    "PressSimulator",
+    "ProvisionOptions",
+    "ProvisioningError",
+    "PublishFailed",
+    "Refuse",
+    "SendRefused",
+    "SendResult",
+    "SendStatus",
+    "Sender",
+    "SenderType",
+    "ShadowClient",
+    "ShadowRejected",
+    "ShadowSync",
+    "ShadowTimeout",
+    "StatusV1",
+    "StatusV2",
+    "StoreError",
+    "ValidationIssue",
+    "__version__",
+    "build_message",
+    "check_store",
+    "load_environment",
+    "load_environment_file",
+]

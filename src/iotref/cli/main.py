@@ -36,14 +36,27 @@ class _LazyGroup(click.Group):
             try:
                 module = importlib.import_module(module_name)
             except ImportError as exc:
-                missing = getattr(exc, "name", None) or str(exc)
-                raise click.ClickException(
-                    f"'{cmd_name}' needs a package that is not installed ({missing}); "
-                    "install iotref[sandbox]"
-                ) from None
+                return _unavailable(cmd_name, getattr(exc, "name", None) or str(exc))
             command: click.Command = getattr(module, attr)
             return command
         return super().get_command(ctx, cmd_name)
+
+
+def _unavailable(name: str, missing: str) -> click.Command:
+    """A stand-in for a command whose packages are not installed: listed in the help,
+    and one clear line when run."""
+
+    def fail() -> None:
+        raise click.ClickException(
+            f"'{name}' needs a package that is not installed ({missing}); install iotref[sandbox]"
+        )
+
+    return click.Command(
+        name,
+        callback=fail,
+        help="(needs iotref[sandbox])",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
