@@ -18,7 +18,7 @@ setup-browser:
 	@scripts/setup.sh --browser
 
 demo: setup
-	.venv/bin/iotref sandbox up --auto-approve
+	.venv/bin/iotref demo
 
 test: setup-browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -20,6 +20,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "provision": ("iotref.cli.onboarding_commands", "provision"),
     "status": ("iotref.cli.onboarding_commands", "status"),
     "validate": ("iotref.cli.validate_command", "validate"),
+    "demo": ("iotref.cli.demo_command", "demo"),
     "run": ("iotref.cli.run_command", "run"),
     "monitor": ("iotref.cli.monitor_command", "monitor"),
     "fleet": ("iotref.cli.fleet_command", "fleet"),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import click
@@ -158,3 +161,35 @@ def revoke(client_id: str, data_dir: Path) -> None:
         click.echo(f"{client_id} was already revoked")
     else:
         click.echo(f"revoked {client_id} (certificate serial {body.get('serial')})")
+
+
+@sandbox.command()
+@_data_dir
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 300),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for it to stop.",
+)
+def stop(data_dir: Path, timeout: float) -> None:
+    """Stop the sandbox running on DATA_DIR (as Ctrl-C would)."""
+    running = read_running(data_dir)
+    if running.pid is None:
+        click.echo(f"no sandbox is running on {data_dir}")
+        return
+    try:
+        os.kill(running.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        click.echo(f"no sandbox is running on {data_dir}")
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_running(data_dir).pid is None:
+            click.echo(f"sandbox on {data_dir} stopped (pid {running.pid})")
+            return
+        time.sleep(0.1)
+    raise click.ClickException(
+        f"the sandbox (pid {running.pid}) did not stop within {timeout:g} s; "
+        f"see {data_dir / 'logs' / 'sandbox.log'}"
+    )

@@ -1,0 +1,89 @@
+"""`iotref demo` end to end, as a newcomer runs it: in an empty folder, twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _demo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "IOTREF_HOME": str(cwd / "home")}
+    env.pop("IOTREF_ENV", None)
+    env.pop("IOTREF_ENV_FILE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "iotref.cli.main", "demo", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=180,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _sandboxes_under(path: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(path) in cmdline and ("sandbox" in cmdline or "mosquitto" in cmdline):
+            found.append(proc)
+    return found
+
+
+def test_demo_runs_the_whole_story_and_reuses_the_store(tmp_path: Path) -> None:
+    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    first = _demo(tmp_path, *ports, "--duration", "6", "--stop-sandbox")
+    out = first.stdout
+    assert first.returncode == 0, out + first.stderr
+    assert "Traceback" not in out + first.stderr
+    for step in ("sandbox", "login", "provision", "connect", "shadow"):
+        assert re.search(rf"✓ {step}\b", out), (step, out)
+    assert "provisioned: machine" in out
+    sent = int(re.search(r"sent (\d+), acknowledged by the broker (\d+)", out).group(1))  # type: ignore[union-attr]
+    received, valid = map(
+        int, re.search(r"received by the platform (\d+), valid (\d+)", out).groups()
+    )  # type: ignore[union-attr]
+    assert sent > 10
+    assert received == sent  # every message arrived once (the monitor deduplicates)
+    assert valid == received
+    switch = re.search(
+        r"while sendTelemetryData was off, (\d+) messages reached the platform; (\d+) were held",
+        out,
+    )  # type: ignore[union-attr]
+    assert switch is not None, out
+    assert int(switch.group(1)) == 0
+    assert int(switch.group(2)) > 0
+    assert "demo finished" in out
+    assert "sandbox stopped" in out
+    assert not _sandboxes_under(tmp_path)
+
+    second = _demo(tmp_path, *ports, "--duration", "4", "--no-switch", "--stop-sandbox")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "reusing the certificate store" in second.stdout
+    assert "login  not needed" in second.stdout
+    assert not _sandboxes_under(tmp_path)
+
+
+def test_demo_reports_a_port_in_use_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = _demo(tmp_path, "--http-port", str(port), "--mqtt-port", str(_free_port()))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert f"port {port} is in use" in lines[0]
+    assert "--http-port" in lines[0]
