@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-browser demo test unit lint format typecheck bench clean
+.PHONY: help setup setup-browser demo test unit lint format typecheck bench licenses clean
 
 help:
 	@echo "make demo   run the whole story on a local sandbox of the platform"
@@ -41,3 +41,6 @@ bench: setup
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache
+
+licenses: setup
+	scripts/licenses.sh
