@@ -1,0 +1,333 @@
+"""The fleet simulator's pure parts: shards, the histogram, the in-memory outbox, the status
+generator, limits and report merging."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iotref.device.fleet import (
+    REPORT_FORMAT,
+    FleetLimitError,
+    FleetOptions,
+    FleetReport,
+    Histogram,
+    MemoryOutbox,
+    OutboxTotals,
+    SandboxInfo,
+    Shard,
+    StatusGenerator,
+    check_limits,
+    device_name,
+    merge_reports,
+    messages_per_device,
+)
+from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.protocol.message_schemas import default_validator
+
+# --------------------------------------------------------------------------- shards, names
+
+
+def test_device_names_are_deterministic_and_sortable() -> None:
+    assert device_name(0) == "fleet-000000"
+    assert device_name(42) == "fleet-000042"
+    assert sorted(device_name(i) for i in (10, 2, 100)) == [
+        device_name(2),
+        device_name(10),
+        device_name(100),
+    ]
+
+
+def test_shards_partition_the_fleet() -> None:
+    n = 103
+    shards = [Shard(i, 4) for i in range(4)]
+    parts = [s.indices(n) for s in shards]
+    assert sorted(i for p in parts for i in p) == list(range(n))
+    assert parts[1][:3] == [1, 5, 9]
+    assert Shard().indices(3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "1", "a/b", "0/0", "1/0"])
+def test_bad_shards_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="shard"):
+        Shard.parse(text)
+
+
+def test_shard_parse_round_trips() -> None:
+    assert Shard.parse("1/3") == Shard(1, 3)
+    assert str(Shard(1, 3)) == "1/3"
+
+
+def test_messages_per_device() -> None:
+    assert messages_per_device(0.1, 60) == 6
+    assert messages_per_device(1, 2.4) == 2
+    assert messages_per_device(0.01, 10) == 1  # at least one
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError):
+        FleetOptions(devices=0, rate=1, duration_s=1)
+    with pytest.raises(ValueError):
+        FleetOptions(devices=1, rate=0, duration_s=1)
+    assert FleetOptions(devices=5, rate=0.5, duration_s=10).messages_per_device == 5
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+def test_histogram_buckets_are_contiguous_and_ordered() -> None:
+    previous_high = -1
+    for index in range(Histogram.bucket_of(10**9) + 1):
+        low, high = Histogram.bucket_range(index)
+        assert low == previous_high + 1
+        assert Histogram.bucket_of(low) == index
+        assert Histogram.bucket_of(high) == index
+        previous_high = high
+
+
+def test_histogram_percentiles_are_within_two_percent() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(8, 1.5) for _ in range(20_000)]
+    hist = Histogram()
+    for v in values:
+        hist.record(v)
+    exact = sorted(round(v) for v in values)
+    for q in (50, 90, 99, 99.9):
+        true = exact[max(0, math.ceil(q * len(exact) / 100 - 1e-9) - 1)]
+        got = hist.percentile(q)
+        assert got is not None
+        assert abs(got - true) <= max(1.0, 0.02 * true), (q, got, true)
+    assert hist.max == exact[-1]
+    assert hist.min == exact[0]
+    assert hist.count == len(values)
+
+
+def test_histogram_small_values_are_exact() -> None:
+    hist = Histogram()
+    for v in (1, 2, 3, 4, 100):
+        hist.record(v)
+    assert hist.percentile(50) == 3
+    assert hist.percentile(100) == 100
+    assert Histogram().percentile(50) is None
+
+
+def test_merged_histograms_equal_one_histogram() -> None:
+    rng = random.Random(5)
+    values = [rng.expovariate(1 / 5000) for _ in range(5000)]
+    whole, a, b = Histogram(), Histogram(), Histogram()
+    for i, v in enumerate(values):
+        whole.record(v)
+        (a if i % 2 else b).record(v)
+    a.merge(b)
+    assert a.to_json() == whole.to_json()
+    again = Histogram.from_json(json.loads(json.dumps(a.to_json())))
+    assert again.to_json() == whole.to_json()
+    assert again.percentile(99) == whole.percentile(99)
+
+
+def test_histogram_summary_in_milliseconds() -> None:
+    hist = Histogram()
+    hist.record(1500)
+    assert hist.summary_ms() == {"p50_ms": 1.5, "p99_ms": 1.5, "max_ms": 1.5, "mean_ms": 1.5}
+
+
+# --------------------------------------------------------------------------- memory outbox
+
+
+def test_memory_outbox_keeps_order_until_acked() -> None:
+    totals = OutboxTotals()
+    box = MemoryOutbox(totals)
+    seqs = [box.append("t", f"m{i}".encode(), f"id{i}").seq for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert [r.payload for r in box.read_batch(0, 3)] == [b"m0", b"m1", b"m2"]
+    box.ack(2)
+    assert [r.seq for r in box.read_batch(0, 10)] == [1, 3, 4, 5]
+    assert [r.seq for r in box.read_batch(3, 10)] == [4, 5]
+    box.ack(2)  # a second PUBACK of the same message changes nothing
+    assert box.depth == 4
+    assert totals.depth == 4
+    assert totals.acked == 1
+    box.ack_many([1, 3, 4, 5])
+    assert box.depth == 0
+    assert totals.depth == 0
+    assert box.stats().acked == 5
+    assert box.last_seq == 5
+    box.close()
+    assert box.closed
+
+
+# --------------------------------------------------------------------------- status generator
+
+
+def test_status_generator_makes_valid_messages() -> None:
+    validator = default_validator()
+    gen = StatusGenerator(7)
+    sender = Sender(SenderType.PRESS, device_name(7), "1.0")
+    asset = Asset("fleet-000007", "serial-7", AssetType.SHEETFED_PRESS)
+    statuses = set()
+    last_total = -1.0
+    for _ in range(16):
+        status = gen.next()
+        statuses.add(str(status.status))
+        assert status.totalproductioncounter >= last_total
+        last_total = status.totalproductioncounter
+        validator.validate_or_raise(build_message(sender, asset, status))
+    assert {"Production", "Idle", "NonPoductive"} <= statuses
+
+
+def test_status_generators_differ_by_seed_and_repeat_per_seed() -> None:
+    a = [StatusGenerator(1).next().speed for _ in range(1)]
+    b = [StatusGenerator(1).next().speed for _ in range(1)]
+    assert a == b
+    nominal = {StatusGenerator(s).nominal for s in range(50)}
+    assert len(nominal) > 1
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_limits_raise_the_soft_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        if hard != resource.RLIM_INFINITY and soft > 256:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        limits = check_limits(10, 10, None)
+        assert limits.nofile_soft == limits.nofile_hard
+        assert limits.needed_fds == 10 + 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_limits_refuse_more_devices_than_files() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard file limit here")
+    with pytest.raises(FleetLimitError, match=r"may open \d+ files"):
+        check_limits(hard + 1, hard + 1, None)
+
+
+def test_limits_refuse_more_devices_than_the_broker_takes(tmp_path: Path) -> None:
+    broker = tmp_path / "broker"
+    broker.mkdir()
+    (broker / "mosquitto.conf").write_text(
+        "listener 8883 127.0.0.1\nmax_connections 100\n\nlistener 9999 127.0.0.1\n"
+        "max_connections 256\n"
+    )
+    sandbox = SandboxInfo(
+        data_dir=tmp_path,
+        http_url="http://127.0.0.1:1",
+        admin_token="x",
+        mqtt_host="localhost",
+        mqtt_port=8883,
+        platform_mqtt_port=9999,
+        ca_file=tmp_path / "ca.pem",
+        operator_cert=tmp_path / "op.pem",
+        operator_key=tmp_path / "op.key",
+    )
+    assert check_limits(50, 50, sandbox).broker_max_connections == 100
+    with pytest.raises(FleetLimitError, match="at most 100 device connections"):
+        check_limits(50, 200, sandbox)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _report(shard: Shard, devices: int, latencies: list[float], **extra: Any) -> FleetReport:
+    lat = Histogram()
+    for v in latencies:
+        lat.record(v)
+    conn = Histogram()
+    for v in latencies:
+        conn.record(v * 100)
+    generated = devices * 3
+    doc: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "environment": "local",
+        "target": "sandbox",
+        "fleet_devices": 10,
+        "shards": [{"index": shard.index, "count": shard.count}],
+        "devices": devices,
+        "rate_per_device": 1.0,
+        "duration_s": 3.0,
+        "messages_per_device": 3,
+        "started_at": 100.0 + shard.index,
+        "finished_at": 200.0 + shard.index,
+        "provisioning": {"path": "bulk", "reused": 0, "provisioned": devices, "seconds": 1.0},
+        "connect": {
+            "connected": devices,
+            "failed": 0,
+            "concurrency": 10,
+            "all_connected_s": 1.0 + shard.index,
+            "histogram_us": conn.to_json(),
+            "synced": devices,
+            "sync_histogram_us": conn.to_json(),
+        },
+        "telemetry": {
+            "expected": generated,
+            "generated": generated,
+            "acknowledged": generated,
+            "unacknowledged": 0,
+            "drained": True,
+            "send_window_s": 3.0,
+            "throughput_msgs_per_s": generated / 3.0,
+        },
+        "latency": {"source": "watcher", "histogram_us": lat.to_json()},
+        "lost": {
+            "watcher": {"received": generated, "unique": generated, "duplicates": 0, "lost": 0},
+            "monitor": None,
+        },
+        "memory": {"peak_rss_mb": 50.0 + shard.index},
+        "cpu_s": {"connecting": 1.0},
+        "errors": {"disconnected": 1},
+        "limits": None,
+    }
+    doc.update(extra)
+    return FleetReport(doc)
+
+
+def test_merged_shards_sum_counts_and_recompute_percentiles() -> None:
+    rng = random.Random(11)
+    lat_a = [rng.uniform(1000, 9000) for _ in range(15)]
+    lat_b = [rng.uniform(1000, 90000) for _ in range(15)]
+    a = _report(Shard(0, 2), 5, lat_a)
+    b = _report(Shard(1, 2), 5, lat_b)
+    merged = merge_reports([a, b]).to_json()
+    assert merged["devices"] == 10
+    assert merged["telemetry"]["generated"] == 30
+    assert merged["lost"]["watcher"]["lost"] == 0
+    assert merged["lost"]["monitor"] is None
+    assert merged["errors"] == {"disconnected": 2}
+    assert merged["cpu_s"] == {"connecting": 2.0}
+    assert merged["connect"]["all_connected_s"] == 2.0
+    assert merged["memory"] == {"peak_rss_mb": 51.0, "peak_rss_mb_sum": 101.0}
+    whole = Histogram()
+    for v in lat_a + lat_b:
+        whole.record(v)
+    assert merged["latency"]["p99_ms"] == round((whole.percentile(99) or 0) / 1000, 3)
+    assert merged["latency"]["max_ms"] == round(max(round(v) for v in lat_a + lat_b) / 1000, 3)
+    assert [s["index"] for s in merged["shards"]] == [0, 1]
+    assert "shard 0/2, 1/2" in merge_reports([b, a]).text()
+
+
+def test_merge_refuses_mismatched_or_repeated_shards() -> None:
+    a = _report(Shard(0, 2), 5, [1000])
+    with pytest.raises(ValueError, match="twice"):
+        merge_reports([a, a])
+    other = _report(Shard(1, 2), 5, [1000], rate_per_device=2.0)
+    with pytest.raises(ValueError, match="rate_per_device"):
+        merge_reports([a, other])
+    with pytest.raises(ValueError):
+        FleetReport({"format": "something else"})
+
+
+def test_report_text_mentions_the_figures() -> None:
+    text = _report(Shard(), 5, [1000, 2000]).text()
+    assert "5 devices" in text
+    assert "0 by the independent subscriber" in text
+    assert "p99" in text
