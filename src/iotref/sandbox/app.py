@@ -1,4 +1,5 @@
-"""The sandbox's one HTTP application: every component's routes behind JSON errors."""
+"""The sandbox's one HTTP application: every component's routes behind JSON errors, plus
+``GET /openapi.json`` describing them (see :mod:`iotref.sandbox.openapi`)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from starlette.routing import BaseRoute, Route
 
 from iotref._version import __version__
 from iotref.sandbox.http_errors import EXCEPTION_HANDLERS, BodyLimitMiddleware
+from iotref.sandbox.openapi import openapi_route
 
 
 class Component(Protocol):
     """A part of the sandbox: HTTP routes plus a lifecycle. A component may also define
-    ``describe() -> dict`` whose keys the runner adds to ``sandbox.json``."""
+    ``describe() -> dict`` whose keys the runner adds to ``sandbox.json``, and
+    ``openapi() -> dict``, an OpenAPI fragment (``paths`` + ``components``) describing
+    routes that :func:`iotref.sandbox.openapi.builtin_fragments` does not."""
 
     def routes(self) -> Sequence[BaseRoute]: ...
 
@@ -34,6 +38,7 @@ def build_app(components: Sequence[Component]) -> Starlette:
     routes: list[BaseRoute] = [Route("/healthz", _health, methods=["GET"])]
     for component in components:
         routes.extend(component.routes())
+    routes.append(openapi_route(routes, components))
     return Starlette(
         routes=routes,
         middleware=[Middleware(BodyLimitMiddleware)],

@@ -173,6 +173,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_request", "body is not valid JSON") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "invalid_request", "body is nested too deeply") from exc
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_request", "body must be a JSON object")
     return value

@@ -184,6 +184,10 @@ class ShadowRest:
         topic = str(request.path_params["topic"])
         if not topic or "+" in topic or "#" in topic or len(topic.encode()) > 256:
             raise RestError(400, "Invalid topic name")
+        if any(_unfit_for_topic(char) for char in topic):
+            # MQTT forbids U+0000 and brokers refuse control characters and non-characters
+            # (Mosquitto drops the publisher's connection as a malformed packet).
+            raise RestError(400, "Invalid topic name")
         qos_text = request.query_params.get("qos", "0")
         if qos_text not in ("0", "1"):
             raise RestError(400, "Invalid QoS value; supported values are 0 and 1")
@@ -209,3 +213,14 @@ def shadow_routes(service: ShadowService) -> Sequence[BaseRoute]:
         ),
         Route("/topics/{topic:path}", rest.publish, methods=["POST"]),
     ]
+
+
+def _unfit_for_topic(char: str) -> bool:
+    code = ord(char)
+    return (
+        code <= 0x1F
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF
+        or 0xFDD0 <= code <= 0xFDEF
+        or (code & 0xFFFE) == 0xFFFE
+    )
