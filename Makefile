@@ -9,6 +9,7 @@ help:
 	@echo "make demo   run the whole story on a local sandbox of the platform"
 	@echo "make test   lint, type-check and run every test (unit and integration)"
 	@echo "make bench  run the benchmarks; figures in bench/results.json"
+	@echo "make reliability  soak the fault scenarios and security checks; writes docs/reliability.md"
 	@echo "make lint   ruff and mypy"
 
 setup:
@@ -38,6 +39,9 @@ format: setup
 bench: setup
 	$(PY) -m bench $(BENCH)
 	$(PY) -m bench.report
+
+reliability: setup
+	$(PY) -m tests.reliability.report $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,255 @@
+"""``make reliability``: run the reliability scenarios at soak size together with the
+hostile-input, isolation and secrets tests, and write ``docs/reliability.md`` from the
+figures they recorded (never by hand).
+
+``python -m tests.reliability.report [--short] [--runs N] [--output PATH]``
+
+The tests append their figures as JSON lines to ``$IOTREF_RELIABILITY_RESULTS``
+(:func:`tests.reliability.harness.record`); every test's outcome comes from pytest's JUnit
+XML. The document is written even when a test fails (the failure is in it), and the
+command exits with pytest's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_PATHS = [
+    "tests/unit/test_fault_proxy.py",
+    "tests/reliability",
+    "tests/integration/test_device_hostile_input.py",
+    "tests/integration/test_isolation.py",
+    "tests/integration/test_secrets.py",
+]
+SECURITY_FILES = ("test_isolation", "test_secrets", "test_device_hostile_input")
+
+
+def run_tests(results: Path, junit: Path, *, soak: bool, runs: int) -> int:
+    """Run the tests with the recording switched on; returns pytest's exit code."""
+    env = dict(os.environ)
+    env["IOTREF_RELIABILITY_RESULTS"] = str(results)
+    env["IOTREF_SOAK"] = "1" if soak else "0"
+    env["IOTREF_SOAK_RUNS"] = str(runs)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={junit}", *TEST_PATHS]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_outcomes(path: Path) -> list[dict[str, str]]:
+    """Every test case of the JUnit XML: file, name, outcome, message."""
+    if not path.exists():
+        return []
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome, message = "FAILED", child.get("message", "")
+            elif child.tag == "skipped":
+                kind = child.get("type", "")
+                outcome = "xfail (known bug)" if "xfail" in kind else "skipped"
+                message = child.get("message", "")
+        cases.append(
+            {
+                "file": case.get("classname", "").rsplit(".", 1)[-1],
+                "name": case.get("name", ""),
+                "outcome": outcome,
+                "message": message.replace("\n", " ")[:400],
+                "time": case.get("time", "0"),
+            }
+        )
+    return cases
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _fmt_s(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} / {max(values):.2f}"
+
+
+def render(
+    results: list[dict[str, Any]], outcomes: list[dict[str, str]], *, soak: bool, took: float
+) -> str:
+    """The Markdown of ``docs/reliability.md``."""
+    scenarios = [r for r in results if r["kind"] == "scenario"]
+    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in scenarios:
+        by_name[r["scenario"]].append(r)
+    out = [
+        "# Reliability and security figures",
+        "",
+        "Written by `make reliability` (`python -m tests.reliability.report`) from the figures "
+        "the tests recorded; do not edit by hand.",
+        "",
+        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"size: {'soak' if soak else 'short'}; whole run {took / 60:.1f} min; "
+        f"machine: {os.cpu_count()} CPUs",
+        "- sender: the device library (Connection + ShadowSync + Telemetry over the durable "
+        "outbox) through a TCP fault proxy; several assets; an operator changes desired state "
+        "through the shadow REST API all along; an independent subscriber (operator "
+        "identity, platform listener) counts deliveries; the sandbox's ingestion stores each "
+        "`sendereventuuid` once in `telemetry.db`.",
+        "- lost = accepted by `Telemetry.send` but never delivered (must be 0); duplicates "
+        "delivered = extra deliveries of a message (QoS 1 allows them after a lost "
+        "connection); duplicates stored = extra rows in the platform's store (must be 0); "
+        "dropped by the platform = duplicates the ingestion recognised by `sendereventuuid`.",
+        "",
+        "## Scenarios",
+        "",
+    ]
+    rows = []
+    for name, runs in by_name.items():
+        faults: dict[str, int] = defaultdict(int)
+        for run in runs:
+            for f in run["faults"]:
+                faults[f["kind"]] += 1
+        reconnects = [f["reconnect_s"] for r in runs for f in r["faults"] if f["reconnect_s"]]
+        stored = all(r["stored_available"] for r in runs)
+        rows.append(
+            [
+                name,
+                len(runs),
+                ", ".join(f"{k} x{n}" for k, n in faults.items()),
+                sum(r["sent"] for r in runs),
+                sum(r["received"] for r in runs),
+                sum(r["lost"] for r in runs),
+                sum(r["order_violations"] for r in runs),
+                sum(r["duplicates_delivered"] for r in runs),
+                sum(r["duplicates_stored"] for r in runs) if stored else "n/a",
+                sum(r["stored_lost"] for r in runs) if stored else "n/a",
+                sum(r["duplicates_dropped_by_platform"] for r in runs) if stored else "n/a",
+                sum(r["desired_changes"] for r in runs),
+                "yes" if all(r["final_reported_equals_desired"] for r in runs) else "NO",
+                _fmt_s(reconnects),
+                f"{runs[0]['backoff_bound_s']:g}",
+            ]
+        )
+    out += _table(
+        ["scenario", "runs", "faults injected", "sent", "received", "lost", "order violations",
+         "duplicates delivered", "duplicates stored", "missing from store",
+         "duplicates dropped by platform", "desired changes", "final reported == desired",
+         "reconnect s (median / max)", "bound s (max backoff + connect timeout)"],
+        rows,
+    )  # fmt: skip
+    if not rows:
+        out += ["No scenario recorded figures (see the test outcomes below).", ""]
+
+    out += ["## Faults", ""]
+    fault_rows: dict[str, dict[str, Any]] = {}
+    for r in scenarios:
+        for f in r["faults"]:
+            entry = fault_rows.setdefault(
+                f["kind"], {"detail": f["detail"], "n": 0, "down": 0, "times": [], "bound": 0.0}
+            )
+            entry["n"] += 1
+            entry["down"] += int(f["disconnected"])
+            if f["reconnect_s"] is not None:
+                entry["times"].append(f["reconnect_s"])
+            entry["bound"] = f["bound_s"]
+    out += _table(
+        ["fault", "what was injected", "injected", "connection dropped",
+         "reconnect s after healing (median / max)", "within bound"],
+        [[k, v["detail"], v["n"], v["down"], _fmt_s(v["times"]),
+          "yes" if all(t <= v["bound"] for t in v["times"]) else "NO"]
+         for k, v in fault_rows.items()],
+    )  # fmt: skip
+
+    hostile = [r for r in results if r["kind"] == "hostile_input"]
+    out += ["## Hostile input on the device's shadow topics", ""]
+    hostile_outcome = next(
+        (o["outcome"] for o in outcomes if "malformed_shadow_answers" in o["name"]), "not run"
+    )
+    out += _table(
+        ["input class", "payloads", "messages published", "result", "what the device did"],
+        [[h["input_class"], h["payloads"], h["messages"], hostile_outcome, h["outcome"]]
+         for h in hostile],
+    )  # fmt: skip
+    reports = [r for r in results if r["kind"] == "hostile_input_reports"]
+    if reports:
+        last = reports[-1]
+        out += [
+            f"Reported by the device: {last['ignored_warnings']} 'ignoring a non-JSON message' "
+            f"warnings, {last['handler_errors']} handler errors logged.",
+            "",
+        ]
+
+    out += ["## Security checks", ""]
+    security = [r for r in results if r["kind"] == "security"]
+    out += _table(["check", "outcome"], [[s["check"], s["outcome"]] for s in security])
+    out += ["### Every test of the security and hostile-input files", ""]
+    out += _table(
+        ["file", "test", "result", "note"],
+        [[o["file"], o["name"], o["outcome"], o["message"]]
+         for o in outcomes if o["file"] in SECURITY_FILES],
+    )  # fmt: skip
+
+    findings = [o for o in outcomes if o["outcome"].startswith(("xfail", "FAILED"))]
+    out += ["## Findings (known bugs, marked xfail until fixed) and failures", ""]
+    out += _table(
+        ["test", "result", "reason"],
+        [[f"{o['file']}::{o['name']}", o["outcome"], o["message"]] for o in findings],
+    )
+    other = [r for r in results if r["kind"] == "finding"]
+    for f in other:
+        out += [f"- {f['name']}: injected {f['injected']}; outcome: {f['outcome']}"]
+    out += ["", "## All tests run", ""]
+    counts: dict[str, int] = defaultdict(int)
+    for o in outcomes:
+        counts[o["outcome"]] += 1
+    out += [", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short", action="store_true", help="short size (as in make test)")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each scenario")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "reliability.md")
+    args = parser.parse_args(argv)
+    soak = not args.short
+    with tempfile.TemporaryDirectory(prefix="iotref-reliability-") as tmp:
+        results, junit = Path(tmp) / "results.jsonl", Path(tmp) / "junit.xml"
+        started = time.monotonic()
+        code = run_tests(results, junit, soak=soak, runs=args.runs)
+        text = render(
+            load_results(results),
+            load_outcomes(junit),
+            soak=soak,
+            took=time.monotonic() - started,
+        )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {args.output} (pytest exit code {code})")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
