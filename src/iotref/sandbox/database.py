@@ -6,6 +6,7 @@ inline. Each component declares its tables with :meth:`Database.ensure_schema`.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,16 @@ class Database:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # It holds secrets (the admin token, the shadow API's secret key): 0600 from the
+        # start. SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for existing in (
+            path,
+            path.with_name(path.name + "-wal"),
+            path.with_name(path.name + "-shm"),
+        ):
+            if existing.exists():
+                os.chmod(existing, 0o600)
         self._conn = sqlite3.connect(
             str(path), check_same_thread=False, isolation_level=None, timeout=30
         )
