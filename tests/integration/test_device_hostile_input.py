@@ -223,13 +223,6 @@ def telemetry_asset() -> Any:
     return Asset("press-hostile", "SN-HOSTILE", AssetType.SHEETFED_PRESS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in src/iotref/device/shadow.py (ShadowSync._on_delta/_apply_document): one "
-    "delta with an absurd version (2**62) on update/delta makes the device ignore every "
-    "later real delta and even the desired state of later gets ('older than applied'), "
-    "until the process restarts",
-)
 def test_a_delta_with_an_absurd_version_does_not_wedge_the_sync(
     sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
@@ -257,13 +250,6 @@ def test_a_delta_with_an_absurd_version_does_not_wedge_the_sync(
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in src/iotref/device/shadow.py (ShadowSync._reporter): after one reported "
-    "update is refused for good (here 413: an oversized value taken from a delta), every "
-    "later report carries the same value again and is refused too; the device never "
-    "reports anything any more",
-)
 def test_one_refused_report_does_not_block_later_reports(
     sandbox: SandboxProcess, tmp_path: Path
 ) -> None:

@@ -198,6 +198,22 @@ def _section(doc: Mapping[str, Any], name: str) -> JsonObject:
     return copy.deepcopy(value) if isinstance(value, dict) else {}
 
 
+def _without_refused(patch: JsonObject, refused: Mapping[str, Any]) -> JsonObject:
+    """``patch`` less the leaves that were refused with the very same value (a leaf that
+    changed since is reported again)."""
+    out: JsonObject = {}
+    for key, value in patch.items():
+        if key not in refused:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(refused[key], dict):
+            rest = _without_refused(value, refused[key])
+            if rest:
+                out[key] = rest
+        elif not json_equal(value, refused[key]):
+            out[key] = value
+    return out
+
+
 def _version(doc: Mapping[str, Any]) -> int | None:
     value = doc.get("version")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -435,6 +451,7 @@ class ShadowSync:
         self._report_needed = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self._reporter_task: asyncio.Task[None] | None = None
+        self._refused_patch: JsonObject = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._synced = asyncio.Event()
         self._sync_error: ShadowError | None = None
@@ -716,13 +733,17 @@ class ShadowSync:
             merge_into(self._reported, local)
         self._cloud_reported = cloud_reported
         if version is not None and version < self._version:
-            log.info(
-                "%s: get answered version %d, older than applied %d; desired kept",
+            # The get answer is the shadow as it is now, and versions only grow (a delete
+            # resets them through delete/accepted): the version applied before cannot have
+            # come from this shadow (a forged or corrupted message). Take the shadow's.
+            log.warning(
+                "%s: the shadow is at version %d, but version %d was applied; taking the "
+                "shadow's document",
                 self.client.label,
                 version,
                 self._version,
             )
-            return
+            self._decided.clear()
         self._desired = _section(doc, "desired")
         applied_version = version if version is not None else self._version
         self._after_desired_change()
@@ -732,8 +753,20 @@ class ShadowSync:
     def _on_shadow_message(self, suffix: str, doc: JsonObject, own: bool) -> None:
         if suffix == "update/delta":
             self._spawn(self._on_delta(doc))
-        elif suffix == "update/accepted" and not own:
-            self._on_foreign_update(doc)
+        elif suffix == "update/accepted":
+            version = _version(doc)
+            if version is not None and version < self._version and self._synced.is_set():
+                # The service numbers its updates in order; an accepted update older than
+                # the version applied means that version was not the service's: resync.
+                log.warning(
+                    "%s: update accepted at version %d below the applied %d; syncing again",
+                    self.client.label,
+                    version,
+                    self._version,
+                )
+                self._start_sync()
+            elif not own:
+                self._on_foreign_update(doc)
         elif suffix == "delete/accepted":
             self._on_deleted(doc)
 
@@ -917,6 +950,8 @@ class ShadowSync:
             if self._cloud_reported is None or not self.connection.connected:
                 continue  # the next sync sets _report_needed again
             patch = merge_patch(self._cloud_reported, self._reported)
+            if self._refused_patch:
+                patch = _without_refused(patch, self._refused_patch)
             if not patch:
                 self._resolve_flush()
                 continue
@@ -931,6 +966,10 @@ class ShadowSync:
                 else:
                     log.error("%s: reported state refused: %s", self.client.label, exc)
                     self._fail_flush(exc)
+                    # Retrying the same patch would be refused again, and every later
+                    # report would carry it. Report the refused keys no more (they stay in
+                    # local state) until they change again.
+                    self._refused_patch = patch
                 continue
             except (ShadowTimeout, MqttError) as exc:
                 self.last_error = str(exc)
