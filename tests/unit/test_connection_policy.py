@@ -5,6 +5,8 @@ bridge, and the Connection's behaviour before it is started."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import random
 import threading
@@ -13,9 +15,11 @@ from pathlib import Path
 import pytest
 from awscrt import io, mqtt5
 
+from iotref.device import connection as connection_module
 from iotref.device.backoff import Backoff, backoff_cap, full_jitter
 from iotref.device.connection import (
     Connection,
+    ConnectionClosed,
     ConnectionEvent,
     ConnectionFailed,
     ConnectionSettings,
@@ -302,3 +306,157 @@ async def test_unstarted_connection(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         await conn.start()
     await conn.stop()
+
+
+# --------------------------------------------------------------------------- publish_callback
+
+
+class FakeCrtClient:
+    """Stands in for awscrt's client: publish() returns a concurrent future that the test
+    completes from another thread, as awscrt does."""
+
+    def __init__(self) -> None:
+        self.packets: list[mqtt5.PublishPacket] = []
+        self.futures: list[concurrent.futures.Future[object]] = []
+
+    def publish(self, packet: mqtt5.PublishPacket) -> concurrent.futures.Future[object]:
+        self.packets.append(packet)
+        fut: concurrent.futures.Future[object] = concurrent.futures.Future()
+        self.futures.append(fut)
+        return fut
+
+
+def _puback(code: mqtt5.PubackReasonCode) -> mqtt5.PublishCompletionData:
+    data = mqtt5.PublishCompletionData()
+    data.puback = mqtt5.PubackPacket(reason_code=code)
+    return data
+
+
+def _connected(tmp_path: Path) -> tuple[Connection, FakeCrtClient]:
+    conn = Connection(settings(tmp_path))
+    client = FakeCrtClient()
+    conn._client = client
+    conn._bridge = _LoopBridge(asyncio.get_running_loop())
+    conn._state = ConnectionState.CONNECTED
+    return conn, client
+
+
+@pytest.mark.anyio
+async def test_publish_callback_reports_pubacks_refusals_and_errors_on_the_loop(
+    tmp_path: Path,
+) -> None:
+    conn, client = _connected(tmp_path)
+    loop_thread = threading.get_ident()
+    outcomes: dict[int, BaseException | None] = {}
+    threads: set[int] = set()
+
+    def record(i: int, outcome: BaseException | None) -> None:
+        threads.add(threading.get_ident())
+        assert i not in outcomes, "called twice"
+        outcomes[i] = outcome
+
+    for i in range(3):
+        conn.publish_callback("t/o/c", b"%d" % i, functools.partial(record, i))
+    assert [p.qos for p in client.packets] == [mqtt5.QoS.AT_LEAST_ONCE] * 3
+    assert [p.payload for p in client.packets] == [b"0", b"1", b"2"]
+
+    def complete() -> None:
+        client.futures[0].set_result(_puback(mqtt5.PubackReasonCode.SUCCESS))
+        client.futures[1].set_result(_puback(mqtt5.PubackReasonCode.NOT_AUTHORIZED))
+        client.futures[2].set_exception(RuntimeError("socket closed"))
+
+    thread = threading.Thread(target=complete)
+    thread.start()
+    thread.join()
+    for _ in range(100):
+        if len(outcomes) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert threads == {loop_thread}
+    assert outcomes[0] is None
+    refused = outcomes[1]
+    assert isinstance(refused, PublishFailed) and refused.reason_code == 0x87
+    assert isinstance(outcomes[2], PublishFailed) and outcomes[2].reason_code is None
+    stats = conn.stats
+    assert (stats.publishes, stats.pubacks, stats.publish_failures) == (3, 1, 2)
+
+
+@pytest.mark.anyio
+async def test_publish_callback_pending_at_stop_fails_once_and_errors_are_contained(
+    tmp_path: Path,
+) -> None:
+    conn, client = _connected(tmp_path)
+    outcomes: list[BaseException | None] = []
+
+    def broken(outcome: BaseException | None) -> None:
+        raise RuntimeError("a buggy callback")
+
+    conn.publish_callback("t/o/c", b"x", outcomes.append, 0)
+    conn.publish_callback("t/o/c", b"y", broken)
+    assert client.packets[0].qos == mqtt5.QoS.AT_MOST_ONCE
+    conn._finish(ConnectionClosed("the connection was stopped"))  # what stop() does
+    assert len(outcomes) == 1 and isinstance(outcomes[0], PublishFailed)
+    # The late completion from awscrt is ignored: the callback ran already.
+    client.futures[0].set_result(mqtt5.PublishCompletionData())
+    await asyncio.sleep(0.05)
+    assert len(outcomes) == 1
+    assert conn.stats.publish_failures == 2
+
+
+@pytest.mark.anyio
+async def test_publish_callback_refuses_at_once_when_it_cannot_queue(tmp_path: Path) -> None:
+    called: list[BaseException | None] = []
+    conn = Connection(settings(tmp_path))
+    with pytest.raises(PublishFailed, match="not started or stopped"):
+        conn.publish_callback("a/b", b"x", called.append)
+    conn2, _ = _connected(tmp_path)
+    with pytest.raises(PublishFailed, match="QoS 2"):
+        conn2.publish_callback("a/b", b"x", called.append, 2)
+    assert called == []
+
+
+def test_the_native_publish_is_used_with_the_awscrt_it_was_checked_against() -> None:
+    # After an awscrt upgrade: compare the new mqtt5.Client.publish with the call in
+    # Connection.publish_callback (arguments, completion callback), then update the hash.
+    assert connection_module._raw_publish_function() is not None
+
+
+def test_the_native_publish_is_not_used_with_another_awscrt_wrapper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection_module, "_KNOWN_CRT_PUBLISH_SHA256", "0" * 64)
+    connection_module._raw_publish_function.cache_clear()
+    try:
+        assert connection_module._raw_publish_function() is None
+    finally:
+        monkeypatch.undo()
+        connection_module._raw_publish_function.cache_clear()
+
+
+def test_native_publish_completions_mean_what_the_wrapper_futures_mean(tmp_path: Path) -> None:
+    conn = Connection(settings(tmp_path))
+    outcomes: dict[int, BaseException | None] = {}
+    cases = [
+        # (qos, error code, PUBACK reason code)
+        (1, 0, 0x00),
+        (1, 0, 0x10),  # NO_MATCHING_SUBSCRIBERS: still a success
+        (1, 0, 0x87),
+        (1, 0, 0xEE),  # unknown to awscrt: treated as no reason code, as the wrapper does
+        (1, 5134, 0),  # an awscrt error (the connection went away)
+        (0, 0, None),
+    ]
+    for key, (qos, error, code) in enumerate(cases):
+        conn._pending_callbacks[key] = functools.partial(outcomes.__setitem__, key)
+        conn._complete_raw_publish(key, "t/o/c", qos, error, code)
+    conn._complete_raw_publish(99, "t/o/c", 1, 0, 0)  # unknown key (already failed): ignored
+    assert outcomes[0] is None and outcomes[1] is None and outcomes[3] is None
+    assert outcomes[5] is None
+    refused = outcomes[2]
+    assert isinstance(refused, PublishFailed) and refused.reason_code == 0x87
+    assert str(refused).startswith("the broker refused the publish to t/o/c: NOT_AUTHORIZED")
+    failed = outcomes[4]
+    assert isinstance(failed, PublishFailed) and failed.reason_code is None
+    assert "publish to t/o/c failed: AWS_" in str(failed)
+    stats = conn.stats
+    assert (stats.pubacks, stats.publish_failures) == (3, 2)
+    assert conn._pending_callbacks == {}

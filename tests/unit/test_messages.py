@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import threading
 import uuid
@@ -470,3 +471,175 @@ def test_sender_is_a_value_and_header_fields_are_copies() -> None:
 def test_module_exports() -> None:
     for name in messages.__all__:
         assert hasattr(messages, name)
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def test_event_ids_are_random_rfc4122_v4_uuids_across_pool_refills() -> None:
+    s, a = sender(), asset()
+    texts = [build_message(s, a, StatusV1())["sendereventuuid"] for _ in range(1000)]
+    assert len(set(texts)) == len(texts)
+    for text in texts:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # canonical: lower case, 8-4-4-4-12
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # All other bits vary: every hex digit outside the fixed version nibble takes many
+    # values (a broken slicing or translation table would pin some of them).
+    digits = [t.replace("-", "") for t in texts]
+    for i in range(32):
+        seen = {d[i] for d in digits}
+        if i == 12:
+            assert seen == {"4"}
+        elif i == 16:
+            assert seen == set("89ab")
+        else:
+            assert len(seen) >= 12, i
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_repeats_its_parents_event_ids() -> None:
+    messages._uuid4_text()  # the pool now holds ids the parent will hand out next
+    parent_next = list(messages._uuid_pool)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            child = [messages._uuid4_text() for _ in range(5)]
+            os.write(write_end, json.dumps(child).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_ids = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert len(child_ids) == 5 and not set(child_ids) & set(parent_next)
+
+
+def test_timestamps_of_many_interleaved_seconds_are_exact() -> None:
+    base = epoch_ms(T0)
+    # The sender's clock and assets running ahead alternate between seconds (and more
+    # seconds than the cache holds).
+    for i in range(300):
+        for ms in (base + i, base + 1000 * i + 7, base + 86_400_000 * i + 999):
+            expected = (messages._EPOCH + timedelta(milliseconds=ms)).strftime(
+                "%Y-%m-%dT%H:%M:%S.%f"
+            )[:-3] + "Z"
+            assert format_timestamp_ms(ms) == expected
+    assert format_timestamp_ms(-1) == "1969-12-31T23:59:59.999Z"
+    assert format_timestamp_ms(0) == "1970-01-01T00:00:00.000Z"
+    with pytest.raises(ValueError):  # as before: a float is not milliseconds
+        format_timestamp_ms(1.5)  # type: ignore[arg-type]
+
+
+def test_build_message_stamps_match_the_clock_and_are_shared_when_equal() -> None:
+    a = asset()
+    message = build_message(sender(), a, StatusV1(), now=T0)
+    assert message["sendertimestamp"] == message["assettimestamp"] == "2026-11-25T10:00:00.123Z"
+    again = build_message(sender(), a, StatusV1(), now=T0)  # asset stamp bumped by 1 ms
+    assert again["sendertimestamp"] == "2026-11-25T10:00:00.123Z"
+    assert again["assettimestamp"] == "2026-11-25T10:00:00.124Z"
+    assert list(again) == [
+        "headerversion",
+        "eventtype",
+        "eventsubtype",
+        "payloadversion",
+        "sendereventuuid",
+        "sendertimestamp",
+        "assettimestamp",
+        "sendertype",
+        "sendername",
+        "sendersoftwareversion",
+        "siteid",
+        "sitename",
+        "assetid",
+        "assetserial",
+        "assettype",
+        "payload",
+    ]
+
+
+def test_status_v2_payload_keeps_the_key_order_and_leaves_out_absent_fields() -> None:
+    full = StatusV2(
+        DeviceStatusV2.PRODUCTION,
+        1.5,
+        7,
+        statusdetails="ok",
+        productioncounter=3,
+        jobphase=[JobPhaseV2("J", JobPhaseStatusV2.SETUP, 1, "")],
+        event=Event("E"),
+    )
+    deviceinfo = full.to_payload()["signalstatus"]["deviceinfo"]
+    assert list(deviceinfo) == [
+        "status",
+        "statusdetails",
+        "speed",
+        "productioncounter",
+        "totalproductioncounter",
+        "jobphase",
+        "event",
+    ]
+    assert type(deviceinfo["status"]) is str and deviceinfo["status"] == "Production"
+    bare = StatusV2(DeviceStatusV2.IDLE, 0, 0).to_payload()["signalstatus"]["deviceinfo"]
+    assert bare == {"status": "Idle", "statusdetails": "", "speed": 0, "totalproductioncounter": 0}
+
+
+_STDLIB = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _stdlib_json(value: Any) -> bytes:
+    return _STDLIB.encode(value).encode("utf-8")
+
+
+def test_to_json_gives_the_bytes_of_the_json_module() -> None:
+    message = build_message(
+        sender(), asset(assetname="Drückmaschine 印刷機 \u2028"), full_v2(), now=T0
+    )
+    message["payload"]["signalstatus"]["deviceinfo"]["statusdetails"] = 'q"uote\\ \x00\x1f é'
+    assert to_json(message) == _stdlib_json(message)
+    odd: dict[str, Any] = {
+        "null": None,  # "null" in the output: written by the json module
+        "big": 2**70,  # beyond orjson's 64 bits
+        "neg": -(2**63),
+        "tuple": (1, 2.5, True, False),
+        "floats": [0.1, -0.0, 12000.5, 1e15, 123456.789],
+        "nested": {"a": [{"b": []}], "": {}},
+    }
+    assert to_json(odd) == _stdlib_json(odd)
+
+
+def test_to_json_falls_back_to_the_json_module_for_what_orjson_writes_differently() -> None:
+    class Text(str):
+        pass
+
+    class Mapping(dict[str, Any]):
+        pass
+
+    values: list[Any] = [
+        {1: "int key"},
+        {"sub": Text("x")},
+        {"status": DeviceStatusV2.IDLE},
+        Mapping(a=1),
+    ]
+    for value in values:
+        assert to_json(value) == _stdlib_json(value)
+    # Tiny and huge floats: the same numbers (orjson spells exponents differently).
+    floats = {"tiny": 1e-05, "huge": 1.5e16, "small": -1.25e-7}
+    assert json.loads(to_json(floats)) == floats
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_to_json_still_refuses_nan_and_infinity(bad: float) -> None:
+    with pytest.raises(ValueError):
+        to_json({"speed": bad})
+
+
+def test_to_json_still_refuses_what_json_cannot_carry() -> None:
+    with pytest.raises(TypeError):
+        to_json({"when": datetime(2026, 1, 1, tzinfo=UTC)})
+    with pytest.raises(TypeError):
+        to_json({"raw": b"bytes"})
+    with pytest.raises(TypeError):
+        to_json({"part": Part("Front")})  # a dataclass
+    with pytest.raises(UnicodeEncodeError):
+        to_json({"text": "lone \ud800 surrogate"})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from iotref.device.messages import (
     StatusV2,
     build_message,
 )
-from iotref.device.outbox import Outbox, OutboxFull
+from iotref.device.outbox import AppendResult, Outbox, OutboxEntry, OutboxFull
 from iotref.device.telemetry import (
     PermissionFlag,
     SendStatus,
@@ -105,6 +105,37 @@ class FakeConnection:
 
     def counters(self) -> list[int]:
         return [counter_of(p) for _, p in self.published]
+
+
+class CallbackConnection(FakeConnection):
+    """A :class:`FakeConnection` that also offers ``publish_callback`` like the real
+    Connection, so that the publisher takes its callback path."""
+
+    def publish_callback(
+        self,
+        topic: str,
+        payload: bytes,
+        callback: Callable[[BaseException | None], None],
+        qos: int = 1,
+    ) -> None:
+        fut = FutureConnection.publish_nowait(self, topic, payload, qos)
+
+        def done(f: asyncio.Future[None]) -> None:
+            callback(asyncio.CancelledError() if f.cancelled() else f.exception())
+
+        fut.add_done_callback(done)
+
+
+FutureConnection = FakeConnection
+
+
+@pytest.fixture(autouse=True, params=["futures", "callbacks"])
+def connection_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs against a connection with ``publish_nowait`` only, and again
+    against one with ``publish_callback`` (what the real Connection has)."""
+    if request.param == "callbacks":
+        monkeypatch.setitem(globals(), "FakeConnection", CallbackConnection)
+    return str(request.param)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -545,5 +576,189 @@ def test_permission_lost_in_the_middle_of_a_batch_keeps_order(outbox: Outbox) ->
             source.grant()
             await settle(lambda: outbox.depth == 0)
             assert conn.counters() == list(range(40))
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def test_the_publisher_uses_publish_callback_when_the_connection_has_it(
+    outbox: Outbox, connection_kind: str
+) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            assert (tel._publish_cb is not None) == (connection_kind == "callbacks")
+            for i in range(3):
+                await tel.send(message(i))
+            await settle(lambda: len(conn.published) == 3)
+            conn.ack_all()
+            await settle(lambda: outbox.depth == 0)
+            assert tel.stats().acked == 3 and tel.in_flight == 0
+
+    run(main())
+
+
+class CountingOutbox(Outbox):
+    """Counts transactions: appends alone and group commits."""
+
+    appends = 0
+    groups: list[int]
+
+    def _append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
+        self.groups.append(len(entries))
+        return super()._append_each(entries)
+
+
+@pytest.fixture
+def counting(tmp_path: Path) -> Iterator[CountingOutbox]:
+    ob = CountingOutbox(tmp_path / "counting.sqlite3", durability="power")
+    ob.groups = []
+    yield ob
+    ob.close()
+
+
+def test_concurrent_senders_share_commits_and_return_after_them(
+    counting: CountingOutbox,
+) -> None:
+    async def sender(tel: Telemetry, base: int) -> list[int]:
+        seqs = []
+        for i in range(20):
+            result = await tel.send(message(base + i))
+            assert result.queued and result.seq is not None
+            # Committed when send() returns: the row is stored.
+            assert [r.seq for r in counting.read_batch(result.seq - 1, 1)] == [result.seq]
+            seqs.append(result.seq)
+        return seqs
+
+    async def main() -> None:
+        conn = FakeConnection(auto_ack=True)
+        async with Telemetry(conn, counting, TOPIC) as tel:
+            per_task = await asyncio.gather(*(sender(tel, 1000 * k) for k in range(5)))
+            for seqs in per_task:
+                assert seqs == sorted(seqs)  # each task's messages in its order
+            everything = sorted(s for seqs in per_task for s in seqs)
+            assert everything == list(range(everything[0], everything[0] + 100))
+            # The first task sends alone until the second one shows up; from then on the
+            # others' sends are committed together.
+            grouped = sum(counting.groups)
+            assert grouped >= 60 and max(counting.groups) >= 4
+            assert len(counting.groups) + (100 - grouped) <= 45  # transactions, not 100
+            await settle(lambda: counting.depth == 0)
+            assert tel.stats().queued == 100
+            # Publication order is seq order, and per task the order it sent in.
+            counters = conn.counters()
+            assert len(counters) == 100
+            for k in range(5):
+                mine = [c for c in counters if c // 1000 == k]
+                assert mine == list(range(1000 * k, 1000 * k + 20))
+
+    run(main())
+
+
+def test_a_single_sender_stops_grouping_after_a_few_solo_commits(
+    counting: CountingOutbox,
+) -> None:
+    async def main() -> None:
+        conn = FakeConnection(auto_ack=True)
+        async with Telemetry(conn, counting, TOPIC) as tel:
+            await tel.send(message(0))  # this task: commits alone, right away
+            await asyncio.create_task(tel.send(message(1)))  # another task: grouping on
+            assert tel._grouping
+            for i in range(2, 12):
+                await tel.send(message(i))
+            assert not tel._grouping
+            assert counting.groups == [1] * telemetry_module._GROUP_SOLO_LIMIT
+            assert tel.stats().queued == 12
+
+    run(main())
+
+
+def test_a_sender_cancelled_before_the_group_commit_is_not_stored(
+    counting: CountingOutbox,
+) -> None:
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, counting, TOPIC, close_timeout=0.1) as tel:
+            await tel.send(message(0))
+            task = asyncio.create_task(tel.send(message(1)))  # groups: another task
+            other = asyncio.create_task(tel.send(message(2)))
+            await asyncio.sleep(0)  # both wait for the commit that runs next
+            task.cancel()
+            assert (await other).queued
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert counting.groups == [1]
+            assert [json.loads(r.payload)["payload"]["signalstatus"]["deviceinfo"]["speed"]
+                    for r in counting.read_batch(0, 10)] == [0, 2]  # fmt: skip
+            assert tel.stats().queued == 2
+
+    run(main())
+
+
+def test_a_group_that_does_not_fit_gets_the_outcomes_of_single_appends(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        ob = Outbox(tmp_path / "small.sqlite3", max_messages=3, durability="power")
+        conn = FakeConnection()
+        try:
+            async with Telemetry(conn, ob, TOPIC, close_timeout=0.1) as tel:
+                await tel.send(message(0))
+                outcomes = await asyncio.gather(
+                    *(asyncio.create_task(tel.send(message(i))) for i in range(1, 4)),
+                    return_exceptions=True,
+                )
+                assert [type(o).__name__ for o in outcomes] == [
+                    "SendResult",
+                    "SendResult",
+                    "OutboxFull",
+                ]
+                stats = tel.stats()
+                assert stats.queued == 3 and stats.rejected_full == 1 and stats.depth == 3
+        finally:
+            ob.close()
+
+    run(main())
+
+
+def test_sends_are_not_grouped_with_process_durability(tmp_path: Path) -> None:
+    class Counting(Outbox):
+        groups = 0
+
+        def _append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
+            Counting.groups += 1
+            return super()._append_each(entries)
+
+    async def main() -> None:
+        ob = Counting(tmp_path / "process.sqlite3")
+        try:
+            async with Telemetry(FakeConnection(auto_ack=True), ob, TOPIC) as tel:
+                results = await asyncio.gather(*(tel.send(message(i)) for i in range(10)))
+                assert [r.seq for r in results] == list(range(1, 11))
+                assert Counting.groups == 0 and not tel._grouping
+        finally:
+            ob.close()
+
+    run(main())
+
+
+def test_an_outbox_subclass_with_its_own_append_is_never_grouped(tmp_path: Path) -> None:
+    class OwnAppend(Outbox):
+        calls = 0
+
+        def append(self, topic: str, payload: bytes, message_id: str | None = None) -> AppendResult:
+            OwnAppend.calls += 1
+            return super().append(topic, payload, message_id)
+
+    async def main() -> None:
+        ob = OwnAppend(tmp_path / "own.sqlite3", durability="power")
+        try:
+            async with Telemetry(FakeConnection(auto_ack=True), ob, TOPIC) as tel:
+                await asyncio.gather(*(tel.send(message(i)) for i in range(10)))
+                assert OwnAppend.calls == 10 and not tel._grouping
+        finally:
+            ob.close()
 
     run(main())

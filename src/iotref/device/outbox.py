@@ -303,8 +303,13 @@ class Outbox:
         """
         size = len(payload) + len(topic.encode())
         with self._lock:
-            db = self._conn()
-            dropped = self._make_room_locked(db, 1, size)
+            db = self._db
+            if db is None:
+                raise OutboxClosed(f"{self.path} is closed")
+            if self._count < self.max_messages and self._bytes + size <= self.max_bytes:
+                dropped = 0  # the common case of _make_room_locked, inlined
+            else:
+                dropped = self._make_room_locked(db, 1, size)
             seq = self._last_seq + 1
             if dropped:
                 db.execute("BEGIN IMMEDIATE")
@@ -358,6 +363,45 @@ class Outbox:
             self._bytes += total
             self._accepted += len(entries)
             return results
+
+    def _append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
+        """The outcome of appending each entry in turn with :meth:`append` (a result or the
+        :class:`OutboxFull` it raised), committed in one transaction when all of them fit
+        without dropping anything (then the outcomes are the same), else one by one.
+        For the group commit of concurrent ``Telemetry.send()`` calls. Other errors
+        (closed, SQLite) are raised."""
+        sizes = [len(e.payload) + len(e.topic.encode()) for e in entries]
+        total = sum(sizes)
+        with self._lock:
+            db = self._conn()
+            if entries and self._fits(len(entries), total):
+                now = self._clock()
+                first = self._last_seq + 1
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany(
+                        _INSERT,
+                        [
+                            (first + i, e.topic, e.payload, size, now, e.message_id)
+                            for i, (e, size) in enumerate(zip(entries, sizes, strict=True))
+                        ],
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                self._last_seq = first + len(entries) - 1
+                self._count += len(entries)
+                self._bytes += total
+                self._accepted += len(entries)
+                return [AppendResult(first + i) for i in range(len(entries))]
+        outcomes: list[AppendResult | OutboxFull] = []
+        for e in entries:
+            try:
+                outcomes.append(self.append(e.topic, e.payload, e.message_id))
+            except OutboxFull as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _make_room_locked(self, db: sqlite3.Connection, n: int, size: int) -> int:
         """How many oldest rows to drop so ``n`` messages of ``size`` bytes fit (0 if they

@@ -52,7 +52,7 @@ from functools import partial
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from iotref.device.messages import to_json
-from iotref.device.outbox import Outbox, OutboxEntry, OutboxRecord
+from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ DEFAULT_BATCH: Final = 256
 DEFAULT_CLOSE_TIMEOUT_S: Final = 10.0
 SEND_YIELD_EVERY: Final = 32
 """``send()`` lets other tasks run (the drainer, the acks) every this many calls."""
+_GROUP_SOLO_LIMIT: Final = 4
+"""Group commits of a single message in a row after which ``send()`` stops grouping."""
 _IDLE_ACK_FLUSH_S: Final = 0.2
 _RETRY_MIN_S: Final = 0.5
 _RETRY_MAX_S: Final = 30.0
@@ -72,7 +74,11 @@ _RETRY_MAX_S: Final = 30.0
 
 
 class ConnectionLike(Protocol):
-    """What the publisher needs of :class:`iotref.device.connection.Connection`."""
+    """What the publisher needs of :class:`iotref.device.connection.Connection`.
+
+    A connection that also has ``publish_callback(topic, payload, callback, qos)`` (as
+    :class:`~iotref.device.connection.Connection` does) is published through that,
+    which costs less per message than a future."""
 
     @property
     def connected(self) -> bool: ...
@@ -210,6 +216,9 @@ class TelemetryStats:
 
 # --------------------------------------------------------------------------- publisher
 
+_Pending = tuple[int, str, bytes]
+"""A message to publish: ``(seq, topic, payload)``."""
+
 
 async def _wait_event(event: asyncio.Event, seconds: float) -> None:
     """Wait until ``event`` is set or ``seconds`` passed."""
@@ -282,16 +291,36 @@ class Telemetry:
         # Messages appended by this object while the drainer had read everything up to
         # ``_cursor``: when ``_tail_valid``, exactly the rows after the cursor, so the
         # drainer takes them from memory instead of reading them back from SQLite.
-        self._tail: deque[OutboxRecord] = deque()
+        self._tail: deque[_Pending] = deque()
         self._tail_valid = False
         self._tail_max = max(window, batch) * 2
         self._published_high = 0
-        self._in_flight: dict[int, asyncio.Future[None]] = {}
-        self._orphans: set[asyncio.Future[None]] = set()
+        # The seqs published in the current generation and not yet acknowledged.
+        self._in_flight: set[int] = set()
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self._publish_cb: Callable[..., None] | None = getattr(connection, "publish_callback", None)
         self._hold_until = 0.0
         self._failures_in_row = 0
         self._waiting_room = False
         self._since_yield = 0
+        # Group commit of concurrent send() calls: the open group of this loop pass, and
+        # whether sends are grouped at all (from when a second task sends until a few
+        # groups in a row held one message only).
+        self._group: list[tuple[bytes, str | None, asyncio.Future[AppendResult]]] | None = None
+        self._grouping = False
+        self._group_solos = 0
+        self._last_sender: asyncio.Task[Any] | None = None
+        # Grouping pays where a commit is dear: durability="power" flushes every commit to
+        # the disk (the loop waits for it); with "process" a commit costs little more than
+        # the rows it writes, less than suspending each send until the group commit. And
+        # only an Outbox whose appends are its own can commit a group in one transaction
+        # (a subclass may keep its rows elsewhere).
+        kind = type(outbox)
+        self._can_group = (
+            outbox.durability == "power"
+            and kind.append is Outbox.append
+            and kind.append_many is Outbox.append_many
+        )
 
         self._queued = 0
         self._published = 0
@@ -350,11 +379,12 @@ class Telemetry:
                 done = self._outbox.depth == 0
             self._draining = False
             self._kick()
-            pending = list(self._in_flight.values())
-            if pending:
+            if self._in_flight:
                 remaining = max(0.0, deadline - time.monotonic())
-                await asyncio.wait(pending, timeout=remaining)
-                await asyncio.sleep(0)  # let the done-callbacks record the acks
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle_waiter = waiter
+                await asyncio.wait([waiter], timeout=remaining)
+                self._idle_waiter = None
             done = done and not self._in_flight
             # The drainer returns by itself once closing; cancel only if it is stuck.
             self._kick()
@@ -376,6 +406,9 @@ class Telemetry:
     async def send(self, message: dict[str, Any]) -> SendResult:
         """Validate, serialize and store one message; see :class:`SendResult`.
 
+        Returns once the message is committed. With ``durability="power"`` the sends of
+        several tasks that wait at the same time share one commit (one flush).
+
         Raises :class:`~iotref.protocol.message_schemas.InvalidMessage` (nothing queued),
         :class:`~iotref.device.outbox.OutboxFull` (``reject_new``; nothing queued, the
         caller keeps the message) or :class:`TelemetryClosed`.
@@ -395,12 +428,71 @@ class Telemetry:
         message_id = message.get("sendereventuuid")
         payload = to_json(message)
         mid = message_id if isinstance(message_id, str) else None
+        # With durability="power", several tasks sending at once share one commit (see
+        # _send_grouped); otherwise, and for a single sender, commit right here.
+        if self._can_group:
+            if self._group is not None or self._grouping:
+                return await self._send_grouped(payload, mid)
+            task = asyncio.current_task()
+            if task is not self._last_sender:
+                if self._last_sender is not None:
+                    self._grouping = True
+                    self._group_solos = 0
+                    self._last_sender = None
+                    return await self._send_grouped(payload, mid)
+                self._last_sender = task
         appended = self._outbox.append(self.topic, payload, mid)
-        self._remember(appended.seq, payload, mid, appended.dropped)
+        self._remember(appended.seq, payload, appended.dropped)
         self._queued += 1
         self._kick()
-        await self._maybe_yield()
+        self._since_yield += 1
+        if self._since_yield >= SEND_YIELD_EVERY:  # see _maybe_yield
+            self._since_yield = 0
+            await asyncio.sleep(0)
         return SendResult(SendStatus.QUEUED, appended.seq, appended.dropped)
+
+    async def _send_grouped(self, payload: bytes, message_id: str | None) -> SendResult:
+        """Store the message in the group commit of this loop pass: every ``send()`` that
+        gets here before the commit runs (at the end of the pass) joins it, and each
+        returns once the one transaction committed. Outcomes are those of separate
+        appends in call order (when the group does not fit as a whole, it is appended one
+        by one). A caller cancelled before the commit is left out of it."""
+        group = self._group
+        if group is None:
+            group = self._group = []
+            asyncio.get_running_loop().call_soon(self._commit_group)
+        waiter: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        group.append((payload, message_id, waiter))
+        appended = await waiter
+        return SendResult(SendStatus.QUEUED, appended.seq, appended.dropped)
+
+    def _commit_group(self) -> None:
+        group, self._group = self._group or [], None
+        group = [entry for entry in group if not entry[2].done()]  # cancelled callers
+        if len(group) > 1:
+            self._group_solos = 0
+        else:
+            self._group_solos += 1
+            if self._group_solos >= _GROUP_SOLO_LIMIT:
+                self._grouping = False
+        if not group:
+            return
+        topic = self.topic
+        outcomes: Sequence[AppendResult | BaseException]
+        try:
+            outcomes = self._outbox._append_each(
+                [OutboxEntry(topic, payload, mid) for payload, mid, _ in group]
+            )
+        except Exception as exc:  # closed, SQLite: every caller gets it
+            outcomes = [exc] * len(group)
+        for (payload, _, waiter), outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+                continue
+            self._remember(outcome.seq, payload, outcome.dropped)
+            self._queued += 1
+            waiter.set_result(outcome)
+        self._kick()
 
     async def send_many(self, messages: Sequence[dict[str, Any]]) -> list[SendResult]:
         """Like :meth:`send` for several messages, stored in one transaction (one flush in
@@ -430,7 +522,7 @@ class Telemetry:
             )
         appended = self._outbox.append_many(entries)
         for entry, result in zip(entries, appended, strict=True):
-            self._remember(result.seq, entry.payload, entry.message_id, result.dropped)
+            self._remember(result.seq, entry.payload, result.dropped)
         self._queued += len(entries)
         self._kick()
         self._since_yield = SEND_YIELD_EVERY
@@ -494,13 +586,13 @@ class Telemetry:
             self._since_yield = 0
             await asyncio.sleep(0)
 
-    def _remember(self, seq: int, payload: bytes, message_id: str | None, dropped: int) -> None:
+    def _remember(self, seq: int, payload: bytes, dropped: int) -> None:
         if not self._tail_valid:
             return
         if dropped or len(self._tail) >= self._tail_max:
             self._forget_tail()  # evicted rows may be in it / too big: read from SQLite
             return
-        self._tail.append(OutboxRecord(seq, self.topic, payload, time.time(), 0, message_id))
+        self._tail.append((seq, self.topic, payload))
 
     def _forget_tail(self) -> None:
         self._tail_valid = False
@@ -519,9 +611,10 @@ class Telemetry:
 
     def _rewind(self, reason: str) -> None:
         """Start a new generation from the oldest unacknowledged message."""
-        if self._in_flight:
-            self._orphans.update(self._in_flight.values())
-            self._in_flight.clear()
+        # Publishes of older generations still remove their message when acked, but no
+        # longer count against the window nor trigger rewinds.
+        self._in_flight.clear()
+        self._wake_idle_waiter()
         self._gen += 1
         self._cursor = 0
         self._forget_tail()
@@ -552,11 +645,13 @@ class Telemetry:
                 await wake.wait()
                 continue
             want = min(room, self._batch)
+            records: list[_Pending]
             if self._tail_valid:
                 tail = self._tail
                 records = [tail.popleft() for _ in range(min(want, len(tail)))]
             else:
-                records = self._outbox.read_batch(self._cursor, want)
+                stored = self._outbox.read_batch(self._cursor, want)
+                records = [(r.seq, r.topic, r.payload) for r in stored]
                 # Fewer than asked for: nothing else is stored after them, so from now on
                 # this object's own appends are the whole tail.
                 self._tail_valid = len(records) < want
@@ -573,54 +668,78 @@ class Telemetry:
             self._publish(records)
             await asyncio.sleep(0)
 
-    def _publish(self, records: Iterable[OutboxRecord]) -> None:
+    def _publish(self, records: Iterable[_Pending]) -> None:
         gen = self._gen
         first_again = last_again = 0
-        conn = self._conn
         permission = self._permission
         in_flight = self._in_flight
-        for rec in records:
+        publish_cb = self._publish_cb
+        publish_nowait = self._conn.publish_nowait
+        on_ack = self._on_ack
+        on_done = self._on_done
+        published_high = self._published_high
+        published = republished = 0
+        failure: Exception | None = None
+        for seq, topic, payload in records:
             # The contract: check the permission before every telemetry publish.
             if permission.allowed is not True or gen != self._gen:
                 self._forget_tail()  # the rest of the batch is re-read from the outbox
                 break
             try:
-                fut = conn.publish_nowait(rec.topic, rec.payload, 1)
+                if publish_cb is not None:
+                    publish_cb(topic, payload, partial(on_ack, seq, gen), 1)
+                else:
+                    publish_nowait(topic, payload, 1).add_done_callback(partial(on_done, seq, gen))
             except Exception as exc:
-                self._forget_tail()
-                self._publish_failed(exc, gen)
+                failure = exc
                 break
-            in_flight[rec.seq] = fut
-            fut.add_done_callback(partial(self._on_done, rec.seq, gen))
-            self._cursor = rec.seq
-            self._published += 1
-            if rec.seq <= self._published_high:
-                self._republished += 1
-                first_again = first_again or rec.seq
-                last_again = rec.seq
+            in_flight.add(seq)
+            self._cursor = seq
+            published += 1
+            if seq <= published_high:
+                republished += 1
+                first_again = first_again or seq
+                last_again = seq
             else:
-                self._published_high = rec.seq
+                published_high = seq
+        self._published += published
+        self._republished += republished
+        self._published_high = published_high
         if first_again:
             self._outbox.mark_attempted(first_again, last_again)
+        if failure is not None:
+            self._forget_tail()
+            self._publish_failed(failure, gen)
 
     def _on_done(self, seq: int, gen: int, fut: asyncio.Future[None]) -> None:
-        if gen == self._gen:
-            self._in_flight.pop(seq, None)
-        else:
-            self._orphans.discard(fut)
+        """A ``publish_nowait`` future completed."""
         exc: BaseException | None = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        self._on_ack(seq, gen, exc)
+
+    def _on_ack(self, seq: int, gen: int, exc: BaseException | None) -> None:
+        """The publish of ``seq`` (in generation ``gen``) completed: acked if ``exc`` is
+        None."""
+        in_flight = self._in_flight
+        if gen == self._gen:
+            in_flight.discard(seq)
         if exc is None:
             self._acked += 1
             self._failures_in_row = 0
             if not self._outbox.closed:
                 self._outbox.ack(seq)
-            if self._waiting_room and self.window - len(self._in_flight) >= self._refill:
+            if self._waiting_room and self.window - len(in_flight) >= self._refill:
                 self._waiting_room = False
                 self._kick()
-            elif self._closing and not self._in_flight:
+            if self._closing and not in_flight:
                 self._kick()
+                self._wake_idle_waiter()
             return
         self._publish_failed(exc, gen)
+
+    def _wake_idle_waiter(self) -> None:
+        waiter = self._idle_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _publish_failed(self, exc: BaseException, gen: int) -> None:
         self._failed += 1
