@@ -19,12 +19,6 @@ pytestmark = pytest.mark.integration
 RESETS = 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in src/iotref/device/connection.py (TakeoverDetector): network resets of "
-    "connections younger than takeover_uptime_s (10 s), 3 within takeover_window_s (60 s), "
-    "are taken for a session takeover and the connection stops for good (TAKEN_OVER)",
-)
 def test_rapid_resets_are_not_mistaken_for_a_takeover(
     platform: Platform, device: DeviceFiles
 ) -> None:

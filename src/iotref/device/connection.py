@@ -163,8 +163,8 @@ class ConnectionSettings:
     max_backoff_s: float = 30.0
     session_expiry_s: int = 3600
     connect_timeout_s: float = 10.0
-    takeover_limit: int = 3
-    takeover_window_s: float = 60.0
+    takeover_limit: int = 5
+    takeover_window_s: float = 120.0
     takeover_uptime_s: float = 10.0
     """A disconnect counts towards the takeover heuristic only if the connection had been
     up for less than this (a fight for the session gives short-lived connections)."""
@@ -351,7 +351,9 @@ class TakeoverDetector:
             if len(self._short) >= self.limit:
                 return (
                     f"the broker closed {len(self._short)} connections within "
-                    f"{self.window_s:g} s, each soon after it was accepted"
+                    f"{self.window_s:g} s, each soon after it was accepted: another process "
+                    "is probably using this identity (or the network drops every new "
+                    "connection)"
                 )
             return None
 
