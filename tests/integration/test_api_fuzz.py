@@ -2,8 +2,9 @@
 
 Every operation of the description gets positive and negative inputs (Schemathesis's
 examples, coverage and fuzzing phases); each request is sent once with valid credentials,
-where the operation has security, and once as generated (missing, random or wrong
-credentials). The checks: no 5xx, the status code is documented, the content type is
+where the operation has security, once more with the monitor's session cookie and CSRF
+token where it takes them, and once as generated (missing, random or wrong credentials).
+The checks: no 5xx, the status code is documented, the content type is
 documented, the body matches its schema and documented headers match theirs. A second test
 walks the success answers that random inputs cannot reach (a real CSR, a real device code,
 a real machine) through the same checks.
@@ -21,6 +22,7 @@ sandbox serves exactly it.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -44,6 +46,7 @@ from schemathesis.config import SchemathesisConfig
 
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
+from iotref.sandbox.monitor import COOKIE_NAME, MONITOR_SESSION
 from iotref.sandbox.openapi import (
     ADMIN_BEARER,
     AWS_SIGV4,
@@ -102,6 +105,8 @@ class Credentials:
     organization: str
     person: str
     admin: str
+    monitor_cookie: str
+    monitor_csrf: str
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +121,27 @@ def fuzz_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxPr
 
 @pytest.fixture(scope="module")
 def credentials(fuzz_sandbox: SandboxProcess) -> Credentials:
+    cookie, csrf = _monitor_login(fuzz_sandbox)
     return Credentials(
         organization=get_token(fuzz_sandbox, ORGANIZATION_SCOPE),
         person=get_token(fuzz_sandbox, PERSON_SCOPE),
         admin=fuzz_sandbox.admin_token,
+        monitor_cookie=cookie,
+        monitor_csrf=csrf,
     )
+
+
+def _monitor_login(sandbox: SandboxProcess) -> tuple[str, str]:
+    """The monitor's session cookie (from the token link) and the page's CSRF token."""
+    with sandbox.http() as http:
+        answer = http.get("/monitor", params={"token": sandbox.admin_token})
+        assert answer.status_code == 303, answer.text
+        cookie = answer.cookies[COOKIE_NAME]
+        page = http.get("/monitor")  # the client keeps the cookie
+        assert page.status_code == 200, page.text
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text)
+    assert found is not None
+    return cookie, found.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +152,7 @@ def http_session() -> Iterator[requests.Session]:
 
 def _valid_authorization(case: Case, credentials: Credentials) -> str | None:
     """The ``Authorization`` value that satisfies the operation's security, if it has any."""
-    requirements = case.operation.definition.raw.get("security", [])
-    schemes = {name for requirement in requirements for name in requirement}
+    schemes = _schemes(case)
     if DIRECTORY_BEARER in schemes:
         person = case.operation.path.startswith("/api/v1/person")
         return f"Bearer {credentials.person if person else credentials.organization}"
@@ -158,7 +178,23 @@ def test_api(
             headers={"Authorization": authorization},
             checks=CHECKS,
         )
+    if MONITOR_SESSION in _schemes(case):
+        # The monitor's cookie (with the CSRF token, which GETs ignore), in a session of its
+        # own so that the cookie does not stick to the other calls.
+        with requests.Session() as cookie_session:
+            case.call_and_validate(
+                base_url=base_url,
+                session=cookie_session,
+                headers={"X-CSRF-Token": credentials.monitor_csrf},
+                cookies={COOKIE_NAME: credentials.monitor_cookie},
+                checks=CHECKS,
+            )
     case.call_and_validate(base_url=base_url, session=http_session, checks=CHECKS)
+
+
+def _schemes(case: Case) -> set[str]:
+    requirements = case.operation.definition.raw.get("security", [])
+    return {name for requirement in requirements for name in requirement}
 
 
 # -- success answers random inputs do not reach --------------------------------------------
@@ -168,6 +204,7 @@ class Caller:
     """Build a case of one operation, send it, run the checks, return the JSON body."""
 
     def __init__(self, sandbox: SandboxProcess, session: requests.Session) -> None:
+        self.sandbox = sandbox
         self.base_url = sandbox.http_url
         self.session = session
 
@@ -177,11 +214,11 @@ class Caller:
         path: str,
         status: int,
         token: str | None = None,
+        headers: dict[str, str] | None = None,
         **parts: Any,
     ) -> Any:
-        case = schema[path][method].Case(
-            headers={"Authorization": f"Bearer {token}"} if token else None, **parts
-        )
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+        case = schema[path][method].Case(headers=headers or None, **parts)
         response = case.call_and_validate(
             base_url=self.base_url, session=self.session, checks=CHECKS
         )
@@ -325,11 +362,44 @@ def test_success_answers_conform(
         body=b"\xff\x00",
         media_type="application/octet-stream",
     )
+    _monitor_success_answers(call, credentials, thing["clientId"])
     revoked = call("POST", "/admin/things/{clientId}/revoke", 200, admin, path_parameters=client)
     assert revoked["alreadyRevoked"] is False
     again = call("POST", "/admin/things/{clientId}/revoke", 200, admin, path_parameters=client)
     assert again["alreadyRevoked"] is True
     call("GET", "/oauth/device", 200, query={"user_code": "12345678"})
+
+
+def _monitor_success_answers(call: Caller, credentials: Credentials, client_id: str) -> None:
+    """The monitor's page and cookie, and its answers about a provisioned thing."""
+    admin = credentials.admin
+    device = {"client_id": client_id}
+    desired = {"desired": {"fuzz": {"level": 1}}}
+    shadow = "/monitor/api/devices/{client_id}/shadow"
+    as_json: dict[str, Any] = {"media_type": "application/json", "path_parameters": device}
+    with requests.Session() as browser:
+        page = Caller(call.sandbox, browser)
+        page("GET", "/monitor", 303, query={"token": admin})
+        page("GET", "/monitor", 200)  # with the cookie the 303 set
+        page("GET", "/monitor", 401, query={"token": "wrong"})
+        for name in ("monitor.css", "monitor.js"):
+            page("GET", "/monitor/assets/{name}", 200, path_parameters={"name": name})
+        page("GET", "/monitor/api/summary", 200)
+        csrf = {"X-CSRF-Token": credentials.monitor_csrf}
+        page("POST", shadow, 403, body=desired, **as_json)  # the cookie without the CSRF token
+        updated = page("POST", shadow, 200, headers=csrf, body=desired, **as_json)
+        stale = {**desired, "version": updated["shadow"]["version"] + 5}
+        page("POST", shadow, 409, headers=csrf, body=stale, **as_json)
+        page("POST", shadow, 400, headers=csrf, body={"desired": {"a": [None]}}, **as_json)
+    call("GET", "/monitor/api/summary", 200, admin)
+    call("GET", "/monitor/api/devices/{client_id}", 200, admin, path_parameters=device)
+    call("GET", "/monitor/api/devices/{client_id}/messages", 200, admin, path_parameters=device)
+    call("GET", shadow, 200, admin, path_parameters=device)
+    call("POST", shadow + "/validate", 200, admin, body={**desired, "version": 3}, **as_json)
+    for enabled in (False, True):
+        send = "/monitor/api/devices/{client_id}/send-telemetry"
+        call("POST", send, 200, admin, body={"enabled": enabled}, **as_json)
+    call("GET", "/monitor/api/messages/{message_id}", 404, admin, path_parameters={"message_id": 1})
 
 
 def _wait_for_shadow(call: Caller, admin: str, shadow: dict[str, str]) -> None:

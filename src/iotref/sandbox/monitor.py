@@ -25,6 +25,8 @@ Routes (all under ``/monitor``):
   ``message`` per message, ``stats`` once a second, ``dropped`` when a slow reader missed
   messages.
 
+:meth:`Monitor.openapi` describes these routes for ``GET /openapi.json``.
+
 A device counts as *online* when it sent telemetry within the last ``online_window``
 seconds (30 by default): the broker's ``$SYS`` tree has no per-client connection state.
 """
@@ -57,6 +59,14 @@ from starlette.routing import BaseRoute, Route
 from iotref.protocol import shadow_document as sd
 from iotref.sandbox.context import SandboxContext
 from iotref.sandbox.http_errors import ApiError, read_json_object
+from iotref.sandbox.openapi import (
+    ADMIN_BEARER,
+    html_response,
+    json_content,
+    json_response,
+    response_ref,
+    schema_ref,
+)
 
 if TYPE_CHECKING:
     from iotref.sandbox.ingestion import Ingestion, Subscription
@@ -115,7 +125,8 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only ("²".isdigit() is true, int("²") fails), and few enough for int().
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or not low <= int(raw) <= high:
         raise _api_error(400, "invalid_request", f"{name} must be an integer from {low} to {high}")
     return int(raw)
 
@@ -127,6 +138,14 @@ def _flag(request: Request, name: str) -> bool:
     if raw in ("1", "true", "yes"):
         return True
     raise _api_error(400, "invalid_request", f"{name} must be 1 or 0")
+
+
+def _origin_host(origin: str) -> str | None:
+    """The ``host[:port]`` of an ``Origin`` header; ``None`` if it is not a URL."""
+    try:
+        return urlsplit(origin).netloc
+    except ValueError:  # e.g. "http://[::1" (an unclosed IPv6 literal)
+        return None
 
 
 def sse_event(event: str, data: Any, event_id: str | None = None) -> str:
@@ -191,6 +210,10 @@ class Monitor:
     def describe(self) -> dict[str, Any]:
         return {"monitor_url": f"{self.ctx.http_url}/monitor"}
 
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI fragment of the routes above (merged into ``/openapi.json``)."""
+        return monitor_fragment()
+
     # ------------------------------------------------------------------ auth
 
     def _cookie_ok(self, request: Request) -> bool:
@@ -218,7 +241,7 @@ class Monitor:
             raise ApiError(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
         origin = request.headers.get("origin")
         host = request.headers.get("host", "")
-        if origin is not None and urlsplit(origin).netloc != host:
+        if origin is not None and _origin_host(origin) != host:
             raise ApiError(403, "csrf_failed", "cross-origin request refused")
 
     # ------------------------------------------------------------------ page
@@ -251,7 +274,7 @@ class Monitor:
 
     async def asset(self, request: Request) -> Response:
         name = str(request.path_params["name"])
-        match = _ASSET_NAME.match(name)
+        match = _ASSET_NAME.fullmatch(name)
         if match is None or name == "index.html":
             raise ApiError(404, "not_found", "no such asset")
         try:
@@ -265,7 +288,7 @@ class Monitor:
 
     def _client_id(self, request: Request) -> str:
         client_id = str(request.path_params["client_id"])
-        if not _CLIENT_ID.match(client_id):
+        if not _CLIENT_ID.fullmatch(client_id):
             raise ApiError(400, "invalid_request", "malformed client id")
         return client_id
 
@@ -444,7 +467,7 @@ class Monitor:
     async def stream(self, request: Request) -> Response:
         self._auth(request)
         device = request.query_params.get("device") or None
-        if device is not None and not _CLIENT_ID.match(device):
+        if device is not None and not _CLIENT_ID.fullmatch(device):
             raise ApiError(400, "invalid_request", "malformed device")
         invalid_only = _flag(request, "invalid_only")
         stats = request.query_params.get("stats", "1") != "0"
@@ -548,7 +571,11 @@ def _desired_update(body: dict[str, Any]) -> bytes:
     update: dict[str, Any] = {"state": {"desired": desired}}
     if "version" in body:
         update["version"] = body["version"]
-    payload = sd.to_json(update)
+    try:
+        payload = sd.to_json(update)
+    except RecursionError:
+        # json.loads took it, but with the two levels added here it is too deep to dump.
+        raise ApiError(400, "invalid_request", "desired is nested too deeply") from None
     try:
         sd.parse_update(payload)
     except sd.ShadowError as exc:
@@ -559,3 +586,597 @@ def _desired_update(body: dict[str, Any]) -> bytes:
             body={"error": "invalid_shadow_update", "code": exc.code, "message": exc.message},
         ) from None
     return payload
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+TAG_MONITOR = "Monitor"
+MONITOR_SESSION = "monitorSession"
+MONITOR_CSRF = "monitorCsrf"
+MONITOR_LINK = "monitorLink"
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` or null (``nullable`` next to a ``$ref`` would be ignored in 3.0)."""
+    if "$ref" in schema:
+        return {"allOf": [schema], "nullable": True}
+    return {**schema, "nullable": True}
+
+
+def _object(properties: dict[str, Any], *, closed: bool = True) -> dict[str, Any]:
+    """An object whose every property is required."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "required": list(properties),
+        "properties": properties,
+    }
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _message_properties() -> dict[str, Any]:
+    text = _nullable({"type": "string"})
+    number = _nullable({"type": "number"})
+    return {
+        "id": {"type": "integer", "minimum": 1},
+        "received_at": {"type": "number", "description": "Epoch seconds."},
+        "topic": {"type": "string"},
+        "client_id": {"type": "string"},
+        "org_id": text,
+        "topic_problem": text,
+        "sendereventuuid": text,
+        "valid": {"type": "boolean"},
+        "errors": {"type": "array", "items": schema_ref("MonitorIssue")},
+        "eventtype": text,
+        "eventsubtype": text,
+        "payloadversion": _nullable({"type": "integer"}),
+        "assetid": text,
+        "assettimestamp": text,
+        "status": text,
+        "speed": number,
+        "productioncounter": number,
+        "totalproductioncounter": number,
+    }
+
+
+def _monitor_schemas() -> dict[str, Any]:
+    text = _nullable({"type": "string"})
+    number = _nullable({"type": "number"})
+    count = {"type": "integer", "minimum": 0}
+    counters = {"received": count, "valid": count, "invalid": count, "duplicates": count}
+    any_value = {"description": "Any JSON value; null when not set."}
+    thing_fields = ["org_id", "site_id", "machine_id", "revoked", "provisioned_at"]
+    stored = _object(
+        {
+            **_message_properties(),
+            "body": {"type": "string", "description": "The payload, when it is UTF-8."},
+            "body_base64": {"type": "string", "format": "byte", "description": "Otherwise."},
+        }
+    )
+    stored["required"] = [k for k in stored["required"] if not k.startswith("body")]
+    stored["oneOf"] = [{"required": ["body"]}, {"required": ["body_base64"]}]
+    return {
+        "MonitorIssue": {
+            "type": "object",
+            "description": "Why a message is invalid: where (a JSON path) and why.",
+            "required": ["path", "reason"],
+            "properties": {"path": {"type": "string"}, "reason": {"type": "string"}},
+        },
+        "MonitorMessage": {
+            **_object(_message_properties()),
+            "description": "A stored telemetry message, without its body.",
+        },
+        "MonitorStoredMessage": {
+            **stored,
+            "description": "A stored telemetry message with its body (``body`` if the "
+            "payload is UTF-8, ``body_base64`` if not).",
+        },
+        "MonitorTotals": _object({"stored": count, **counters}),
+        "MonitorRate": {
+            "type": "array",
+            "description": "Messages per second, oldest second first: ``[epoch second, "
+            "count]`` pairs.",
+            "items": {
+                "type": "array",
+                "items": {"type": "integer"},
+                "minItems": 2,
+                "maxItems": 2,
+            },
+        },
+        "MonitorPermission": {
+            "type": "object",
+            "description": "``sendTelemetryData`` in the device's shadow (``version`` when "
+            "the device has a shadow).",
+            "required": ["shadow", "desired", "reported"],
+            "properties": {
+                "shadow": {"type": "boolean"},
+                "desired": any_value,
+                "reported": any_value,
+                "version": {"type": "integer", "minimum": 1},
+            },
+            "additionalProperties": False,
+        },
+        "MonitorDevice": {
+            "type": "object",
+            "description": "A device: provisioned (``known``) or only seen in telemetry, "
+            "with its counters; the thing's fields when it is known.",
+            "required": ["client_id", *counters, "last_seen", "known", "online", "send_telemetry"],
+            "properties": {
+                "client_id": {"type": "string"},
+                **counters,
+                "org_id": text,
+                "topic_problem": text,
+                "first_seen": number,
+                "last_seen": number,
+                "last_status": text,
+                "last_speed": number,
+                "last_productioncounter": number,
+                "last_totalproductioncounter": number,
+                "last_assettimestamp": text,
+                "known": {"type": "boolean"},
+                "site_id": {"type": "string"},
+                "machine_id": text,
+                "revoked": {"type": "boolean"},
+                "provisioned_at": {"type": "string", "format": "date-time"},
+                "online": {"type": "boolean"},
+                "send_telemetry": _nullable(schema_ref("MonitorPermission")),
+            },
+            "oneOf": [
+                {
+                    "properties": {"known": {"type": "boolean", "enum": [True]}},
+                    "required": thing_fields,
+                },
+                {
+                    "properties": {
+                        "known": {"type": "boolean", "enum": [False]},
+                        "send_telemetry": {"type": "object", "nullable": True, "enum": [None]},
+                    },
+                    "not": {"anyOf": [{"required": [name]} for name in thing_fields[1:]]},
+                },
+            ],
+        },
+        "MonitorShadow": _object(
+            {
+                "desired": _nullable({"type": "object"}),
+                "reported": _nullable({"type": "object"}),
+                "delta": _nullable({"type": "object"}),
+                "version": {"type": "integer", "minimum": 1},
+                "metadata": {
+                    "type": "object",
+                    "properties": {
+                        "desired": {"type": "object"},
+                        "reported": {"type": "object"},
+                    },
+                    "additionalProperties": False,
+                },
+                "timestamp": {"type": "integer", "description": "Epoch seconds."},
+            }
+        ),
+        "MonitorShadowUpdated": _object(
+            {
+                "accepted": schema_ref("ShadowUpdateAccepted"),
+                "shadow": _nullable(schema_ref("MonitorShadow")),
+            }
+        ),
+        "MonitorShadowError": {
+            **_object(
+                {
+                    "error": {
+                        "type": "string",
+                        "enum": ["invalid_shadow_update", "shadow_update_rejected"],
+                    },
+                    "code": {"type": "integer"},
+                    "message": {"type": "string"},
+                }
+            ),
+            "description": "The shadow service refused the update: its error code and message.",
+        },
+        "MonitorSummary": _object(
+            {
+                "now": {"type": "number", "description": "Epoch seconds."},
+                "online_window": {"type": "number"},
+                "ingestion": {
+                    "type": "object",
+                    "description": "The ingestion's state and its totals.",
+                    "required": ["subscribed", "connections", "topic_filter"],
+                    "properties": {
+                        "subscribed": {"type": "boolean"},
+                        "connections": {"type": "integer", "minimum": 1},
+                        "topic_filter": {"type": "string"},
+                        "queued_chunks": count,
+                        "stored": count,
+                        **counters,
+                    },
+                },
+                "totals": schema_ref("MonitorTotals"),
+                "rate": schema_ref("MonitorRate"),
+                "devices": {"type": "array", "items": schema_ref("MonitorDevice")},
+                "pending_authorizations": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "user_code": {"type": "string"},
+                            "created_at": {"type": "string", "format": "date-time"},
+                            "expires_at": {"type": "string", "format": "date-time"},
+                            "verification_uri_complete": {"type": "string"},
+                        }
+                    ),
+                },
+            }
+        ),
+        "MonitorDeviceDetail": {
+            "allOf": [
+                schema_ref("MonitorDevice"),
+                {
+                    "type": "object",
+                    "required": ["shadow", "rate", "series", "messages"],
+                    "properties": {
+                        "shadow": _nullable(schema_ref("MonitorShadow")),
+                        "rate": schema_ref("MonitorRate"),
+                        "series": {
+                            "type": "array",
+                            "items": _object(
+                                {
+                                    "id": {"type": "integer", "minimum": 1},
+                                    "t": {"type": "number"},
+                                    "speed": number,
+                                    "productioncounter": number,
+                                    "totalproductioncounter": number,
+                                }
+                            ),
+                        },
+                        "messages": {"type": "array", "items": schema_ref("MonitorMessage")},
+                    },
+                },
+            ]
+        },
+    }
+
+
+def _security_schemes() -> dict[str, Any]:
+    return {
+        MONITOR_SESSION: {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": COOKIE_NAME,
+            "description": "The monitor's session cookie, set by ``GET /monitor?token=`` "
+            "(HttpOnly, SameSite=Strict, path ``/monitor``).",
+        },
+        MONITOR_CSRF: {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-CSRF-Token",
+            "description": 'The page\'s CSRF token (``<meta name="csrf-token">``), needed '
+            "with the session cookie on POSTs; a browser's ``Origin`` must also match.",
+        },
+        MONITOR_LINK: {
+            "type": "apiKey",
+            "in": "query",
+            "name": "token",
+            "description": "The admin token in the monitor link: answered with a redirect "
+            "that sets the session cookie.",
+        },
+    }
+
+
+def _client_id_parameter() -> dict[str, Any]:
+    return {
+        "in": "path",
+        "name": "client_id",
+        "required": True,
+        "schema": {"type": "string", "pattern": _CLIENT_ID.pattern},
+        "example": "iotref-0123456789abcdef0123",
+    }
+
+
+def monitor_fragment() -> dict[str, Any]:
+    """The OpenAPI fragment of the monitor's routes (see :meth:`Monitor.openapi`)."""
+    read: list[dict[str, list[str]]] = [{ADMIN_BEARER: []}, {MONITOR_SESSION: []}]
+    write: list[dict[str, list[str]]] = [
+        {ADMIN_BEARER: []},
+        {MONITOR_SESSION: [], MONITOR_CSRF: []},
+    ]
+    client_id = _client_id_parameter()
+    not_ready = json_response("Ingestion has not started.", schema_ref("Error"))
+    shadow_error = {"anyOf": [schema_ref("Error"), schema_ref("MonitorShadowError")]}
+    csrf_refused = json_response(
+        "Cookie authentication without the CSRF token, or from another origin.",
+        schema_ref("Error"),
+    )
+    desired_body = {
+        "required": True,
+        "content": json_content(
+            {
+                "type": "object",
+                "required": ["desired"],
+                "properties": {
+                    "desired": {"type": "object"},
+                    "version": {"type": "integer", "minimum": 1},
+                },
+            }
+        ),
+    }
+    security_headers = {
+        name: {"required": True, "schema": {"type": "string"}}
+        for name in ("Content-Security-Policy", "X-Frame-Options", "Cache-Control")
+    }
+    page_refused = {**html_response("No or a wrong token."), "headers": security_headers}
+    paths: dict[str, Any] = {
+        "/monitor": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorPage",
+                "summary": "The monitor's page (HTML)",
+                "description": "Opened through ``/monitor?token=ADMIN_TOKEN``: a 303 to "
+                "``/monitor`` that sets the session cookie. Bearer tokens are not accepted "
+                "here.",
+                "security": [{MONITOR_SESSION: []}, {MONITOR_LINK: []}],
+                "responses": {
+                    "200": {**html_response("The page."), "headers": security_headers},
+                    "303": {
+                        "description": "The token is right: to ``/monitor``, with the cookie.",
+                        "headers": {
+                            "Location": {
+                                "required": True,
+                                "schema": {"type": "string", "enum": ["/monitor"]},
+                            },
+                            "Set-Cookie": {
+                                "required": True,
+                                "schema": {"type": "string", "pattern": f"^{COOKIE_NAME}="},
+                            },
+                        },
+                    },
+                    "401": page_refused,
+                },
+            }
+        },
+        "/monitor/assets/{name}": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorAsset",
+                "summary": "A static file of the page",
+                "security": [],
+                "parameters": [
+                    {
+                        "in": "path",
+                        "name": "name",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[a-z0-9_-]+\\.(css|js|svg)$"},
+                        "example": "monitor.css",
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file.",
+                        "content": {
+                            media: {"schema": {"type": "string"}}
+                            for media in ("text/css", "text/javascript", "image/svg+xml")
+                        },
+                    },
+                    "404": response_ref("NotFound"),
+                },
+            }
+        },
+        "/monitor/api/summary": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorSummary",
+                "summary": "Devices, totals, the message rate and pending approvals",
+                "security": read,
+                "responses": {
+                    "200": json_response("The summary.", schema_ref("MonitorSummary")),
+                    "401": response_ref("Unauthorized"),
+                    "409": not_ready,
+                },
+            }
+        },
+        "/monitor/api/stream": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorStream",
+                "summary": "Live messages and statistics (server-sent events)",
+                "description": "Events: ``message`` (one per message, as in the list), "
+                "``stats`` (once a second unless ``stats=0``), ``dropped`` (a slow reader "
+                "missed messages). The stream does not end.",
+                "security": read,
+                "parameters": [
+                    {
+                        "in": "query",
+                        "name": "device",
+                        "description": "Only this device's messages.",
+                        "schema": {"type": "string", "pattern": client_id["schema"]["pattern"]},
+                    },
+                    {"in": "query", "name": "invalid_only", "schema": {"type": "boolean"}},
+                    {
+                        "in": "query",
+                        "name": "stats",
+                        "description": "``0``: no ``stats`` events.",
+                        "schema": {"type": "string", "enum": ["0", "1"]},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The event stream.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": response_ref("BadRequest"),
+                    "401": response_ref("Unauthorized"),
+                    "409": not_ready,
+                },
+            }
+        },
+        "/monitor/api/messages/{message_id}": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorMessage",
+                "summary": "One stored message with its body",
+                "security": read,
+                "parameters": [
+                    {
+                        "in": "path",
+                        "name": "message_id",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1},
+                    }
+                ],
+                "responses": {
+                    "200": json_response("The message.", schema_ref("MonitorStoredMessage")),
+                    "401": response_ref("Unauthorized"),
+                    "404": response_ref("NotFound"),
+                    "409": not_ready,
+                },
+            }
+        },
+        "/monitor/api/devices/{client_id}": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorDevice",
+                "summary": "One device: counters, thing, shadow, rate, series, latest messages",
+                "security": read,
+                "parameters": [client_id],
+                "responses": {
+                    "200": json_response("The device.", schema_ref("MonitorDeviceDetail")),
+                    "400": response_ref("BadRequest"),
+                    "401": response_ref("Unauthorized"),
+                    "404": response_ref("NotFound"),
+                    "409": not_ready,
+                },
+            }
+        },
+        "/monitor/api/devices/{client_id}/messages": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorDeviceMessages",
+                "summary": "The device's stored messages, newest first",
+                "security": read,
+                "parameters": [
+                    client_id,
+                    {
+                        "in": "query",
+                        "name": "limit",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                    },
+                    {
+                        "in": "query",
+                        "name": "before",
+                        "description": "Only messages with a smaller id (paging).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": _SQLITE_MAX_INT},
+                    },
+                    {"in": "query", "name": "invalid", "schema": {"type": "boolean"}},
+                ],
+                "responses": {
+                    "200": json_response(
+                        "The messages.",
+                        _object(
+                            {"messages": {"type": "array", "items": schema_ref("MonitorMessage")}}
+                        ),
+                    ),
+                    "400": response_ref("BadRequest"),
+                    "401": response_ref("Unauthorized"),
+                    "404": response_ref("NotFound"),
+                    "409": not_ready,
+                },
+            }
+        },
+        "/monitor/api/devices/{client_id}/shadow": {
+            "get": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorShadow",
+                "summary": "The provisioned device's shadow",
+                "security": read,
+                "parameters": [client_id],
+                "responses": {
+                    "200": json_response("The shadow.", schema_ref("MonitorShadow")),
+                    "400": response_ref("BadRequest"),
+                    "401": response_ref("Unauthorized"),
+                    "404": response_ref("NotFound"),
+                },
+            },
+            "post": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorUpdateDesired",
+                "summary": "Merge into the shadow's desired state",
+                "description": "Through the shadow service's update path; ``version`` makes "
+                "the update conditional.",
+                "security": write,
+                "parameters": [client_id],
+                "requestBody": desired_body,
+                "responses": {
+                    "200": json_response("Updated.", schema_ref("MonitorShadowUpdated")),
+                    "400": json_response("A malformed or refused update.", shadow_error),
+                    "401": response_ref("Unauthorized"),
+                    "403": csrf_refused,
+                    "404": response_ref("NotFound"),
+                    "409": json_response("A version conflict.", schema_ref("MonitorShadowError")),
+                    "413": json_response("The body or the state is too large.", shadow_error),
+                },
+            },
+        },
+        "/monitor/api/devices/{client_id}/shadow/validate": {
+            "post": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorValidateDesired",
+                "summary": "Check a desired update by the shadow service's rules, no update",
+                "security": write,
+                "parameters": [client_id],
+                "requestBody": desired_body,
+                "responses": {
+                    "200": json_response(
+                        "The update would be accepted.",
+                        _object(
+                            {
+                                "ok": {"type": "boolean", "enum": [True]},
+                                "update": {
+                                    "type": "object",
+                                    "required": ["state"],
+                                    "properties": {
+                                        "state": _object({"desired": {"type": "object"}}),
+                                        "version": {"type": "integer"},
+                                    },
+                                    "additionalProperties": False,
+                                },
+                            }
+                        ),
+                    ),
+                    "400": json_response("A malformed or refused update.", shadow_error),
+                    "401": response_ref("Unauthorized"),
+                    "403": csrf_refused,
+                    "404": response_ref("NotFound"),
+                    "413": json_response("The body or the state is too large.", shadow_error),
+                },
+            }
+        },
+        "/monitor/api/devices/{client_id}/send-telemetry": {
+            "post": {
+                "tags": [TAG_MONITOR],
+                "operationId": "monitorSendTelemetry",
+                "summary": "Set desired.sendTelemetryData",
+                "security": write,
+                "parameters": [client_id],
+                "requestBody": {
+                    "required": True,
+                    "content": json_content(
+                        {
+                            "type": "object",
+                            "required": ["enabled"],
+                            "properties": {"enabled": {"type": "boolean"}},
+                        }
+                    ),
+                },
+                "responses": {
+                    "200": json_response("Updated.", schema_ref("MonitorShadowUpdated")),
+                    "400": json_response("A malformed body.", shadow_error),
+                    "401": response_ref("Unauthorized"),
+                    "403": csrf_refused,
+                    "404": response_ref("NotFound"),
+                    "409": json_response("A version conflict.", schema_ref("MonitorShadowError")),
+                    "413": json_response("The body is too large.", shadow_error),
+                },
+            }
+        },
+    }
+    return {
+        "paths": paths,
+        "components": {"schemas": _monitor_schemas(), "securitySchemes": _security_schemes()},
+    }
