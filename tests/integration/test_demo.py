@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import SandboxFactory
+
 pytestmark = pytest.mark.integration
 
 
@@ -87,3 +89,66 @@ def test_demo_reports_a_port_in_use_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert f"port {port} is in use" in lines[0]
     assert "--http-port" in lines[0]
+
+
+def _expire_certificate(store: Path, data_dir: Path) -> None:
+    """Replace the store's certificate by one of the same key and subject, signed by the
+    sandbox's device CA, that expired yesterday."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert = x509.load_pem_x509_certificate((data_dir / "ca" / "device-ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        (data_dir / "ca" / "device-ca.key").read_bytes(), None
+    )
+    old = x509.load_pem_x509_certificate((store / "deviceCert.pem").read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(old.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    (store / "deviceCert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def test_errors_a_newcomer_meets_are_one_clear_line(
+    tmp_path: Path, sandbox_factory: SandboxFactory
+) -> None:
+    # A sandbox left running on the data dir is used, not fought.
+    left_running = sandbox_factory("--auto-approve", "--poll-interval", "1",
+                                   data_dir=tmp_path / ".sandbox")  # fmt: skip
+    first = _demo(tmp_path, "--duration", "3", "--no-switch")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "using the sandbox already running" in first.stdout
+    store = tmp_path / "certificate_store" / "local"
+
+    # An expired certificate: one line, and the way out.
+    _expire_certificate(store, left_running.data_dir)
+    expired = _demo(tmp_path, "--duration", "3", "--no-switch")
+    assert expired.returncode == 1
+    lines = [line for line in expired.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, expired.stderr
+    assert "expired" in lines[0]
+    assert "iotref provision --renew" in lines[0]
+
+    # A store from another environment (another sandbox, other ports): refused, one line.
+    left_running.stop()
+    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    other = _demo(
+        tmp_path, "--data-dir", str(tmp_path / "other-sandbox"), *ports, "--duration", "3",
+        "--stop-sandbox",
+    )  # fmt: skip
+    assert other.returncode == 1
+    lines = [line for line in other.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, other.stderr
+    assert "belongs to environment" in lines[0]
+    assert "--store" in lines[0]
+    assert "Traceback" not in other.stdout + other.stderr
+    assert not _sandboxes_under(tmp_path / "other-sandbox")
