@@ -2,11 +2,13 @@
 receives, validates and stores, against the raw broker throughput to a plain subscriber
 measured in the same run.
 
-Both phases use the same publishers: several TLS connections pushing pre-built QoS 1
-PUBLISH packets as fast as the broker acknowledges them (no client library in the way).
+Both phases use the same publishers: one ``mosquitto_pub`` process per sender (the
+Mosquitto project's client, C, MQTT 5, QoS 1) publishing one message per line of its
+standard input as fast as the broker acknowledges them, so the publishers cost little of
+the machine the sandbox runs on. Each prints every PUBACK (``-d``); they are counted.
 
 * raw: operator connections publish to ``bench/raw/N`` (a topic the ingestion does not
-  subscribe to); a plain subscriber in this process only splits packets and acknowledges.
+  subscribe to); a plain subscriber (``mosquitto_sub``) only counts them.
   Figure: messages/s delivered to it.
 * ingestion: provisioned devices publish valid messages to their own telemetry topics;
   the figure is messages/s from the first publish until the monitor's API counts all of
@@ -19,9 +21,6 @@ PUBLISH packets as fast as the broker acknowledges them (no client library in th
 from __future__ import annotations
 
 import os
-import select
-import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -43,41 +42,22 @@ from iotref.device.messages import (
     to_json,
 )
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from iotref.sandbox.ingestion import publish_packet, split_packets
 
 MESSAGES = int(os.environ.get("IOTREF_BENCH_INGEST_MESSAGES", "100000"))
 PUBLISHERS = int(os.environ.get("IOTREF_BENCH_PUBLISHERS", "4"))
-WINDOW = 4000  # unacknowledged messages per publisher
-CHUNK = 200  # packets per write
+CONNECT_TIMEOUT = 15.0
 
 
-def _tls(ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(cert), str(key))
-    return context
+@dataclass
+class Job:
+    """One publisher: its identity, its topic and what it sends (one message per line)."""
 
-
-def _connect_311(client_id: str) -> bytes:
-    raw = client_id.encode()
-    body = (
-        b"\x00\x04MQTT\x04\x02\x00\x3c" + len(raw).to_bytes(2, "big") + raw
-    )  # MQTT 3.1.1, clean session, keepalive 60
-    return b"\x10" + bytes([len(body)]) + body
-
-
-def _read_connack(sock: ssl.SSLSocket) -> bytes:
-    data = b""
-    while True:
-        split = split_packets(data, mqtt5=False)
-        if split.others:
-            first, body = split.others[0]
-            if first >> 4 != 2 or len(body) < 2 or (body[-1] != 0 and body[1] != 0):
-                raise RuntimeError(f"connection refused: {body!r}")
-            return data[split.consumed :]
-        more = sock.recv(4096)
-        if not more:
-            raise RuntimeError("connection closed before CONNACK")
-        data += more
+    ca: str | Path
+    cert: str | Path
+    key: str | Path
+    client_id: str
+    topic: str
+    payloads: list[bytes]
 
 
 @dataclass
@@ -88,74 +68,107 @@ class Outcome:
     error: str | None = None
 
 
-def blast(
-    port: int,
-    tls: ssl.SSLContext,
-    client_id: str,
-    packets: list[bytes],
-    outcome: Outcome,
-    start: threading.Event | None = None,
-) -> None:
-    """Publish pre-built MQTT 3.1.1 QoS 1 packets and wait for every PUBACK."""
+class Publisher:
+    """``mosquitto_pub -l -d`` for one job: connected at construction, publishing once
+    :meth:`publish` hands it the lines; counts PUBACKs from its debug output."""
+
+    def __init__(self, port: int, job: Job) -> None:
+        if any(b"\n" in payload for payload in job.payloads):
+            raise ValueError("mosquitto_pub -l sends one message per line: no newlines")
+        self.job = job
+        self.outcome = Outcome()
+        self.connected = threading.Event()
+        self.refused: str | None = None
+        cmd = [
+            "mosquitto_pub",
+            "-h", "127.0.0.1", "-p", str(port), "--insecure",
+            "--cafile", str(job.ca), "--cert", str(job.cert), "--key", str(job.key),
+            "-i", job.client_id, "-V", "mqttv5", "-q", "1", "-t", job.topic, "-l", "-d",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        rest = b""
+        while True:
+            data = stdout.read1(1 << 16)
+            if not data:
+                break
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            lines, rest = data[:cut], data[cut:]
+            if not self.connected.is_set() and b"received CONNACK" in lines:
+                if b"received CONNACK (0)" not in lines:
+                    self.refused = lines.decode(errors="replace").strip()
+                self.connected.set()
+            self.outcome.sent += lines.count(b" sending PUBLISH ")
+            self.outcome.acked += lines.count(b" received PUBACK ")
+        self.connected.set()
+
+    def publish(self) -> None:
+        """Feed every line, wait until mosquitto_pub has them all acknowledged and exits."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"\n".join(self.job.payloads) + b"\n")
+            self.proc.stdin.close()
+        except OSError as exc:
+            self.outcome.error = f"{type(exc).__name__}: {exc}"
+
+    def wait(self, started: float, timeout: float) -> Outcome:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        self._reader.join(5)
+        self.outcome.seconds = time.perf_counter() - started
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr.read().decode(errors="replace").strip()
+        self.proc.stderr.close()
+        if self.outcome.error is None:
+            if code is None:
+                self.outcome.error = f"mosquitto_pub did not finish in {timeout:g} s"
+            elif code != 0 or self.refused:
+                self.outcome.error = f"mosquitto_pub exited {code}: {self.refused or stderr}"
+            elif self.outcome.acked != len(self.job.payloads):
+                self.outcome.error = (
+                    f"{self.outcome.acked} of {len(self.job.payloads)} acknowledged"
+                )
+        return self.outcome
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def publish_all(port: int, jobs: list[Job], timeout: float = 300) -> tuple[list[Outcome], float]:
+    """Connect one publisher per job, start them together, wait for every PUBACK;
+    (outcomes, wall seconds from the start to the last publisher done)."""
+    publishers: list[Publisher] = []
     try:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with tls.wrap_socket(raw, server_hostname="localhost") as sock:
-            sock.sendall(_connect_311(client_id))
-            pending = _read_connack(sock)
-            if start is not None:
-                start.wait()
-            began = time.perf_counter()
-            total = len(packets)
-            index = 0
-            while outcome.acked < total:
-                can_send = index < total and index - outcome.acked < WINDOW
-                if can_send:
-                    sock.sendall(b"".join(packets[index : index + CHUNK]))
-                    index = min(total, index + CHUNK)
-                    outcome.sent = index
-                wait = 0.0 if can_send else 30.0
-                if sock.pending() or select.select([sock], [], [], wait)[0]:
-                    data = sock.recv(1 << 16)
-                    if not data:
-                        raise RuntimeError("the broker closed the connection")
-                    pending += data
-                    split = split_packets(pending, mqtt5=False)
-                    pending = pending[split.consumed :]
-                    outcome.acked += sum(1 for first, _ in split.others if first >> 4 == 4)
-                elif not can_send:
-                    raise RuntimeError("no PUBACK for 30 s")
-            outcome.seconds = time.perf_counter() - began
-            sock.sendall(b"\xe0\x00")
-    except Exception as exc:
-        outcome.error = f"{type(exc).__name__}: {exc}"
-
-
-def publish_all(
-    port: int, jobs: list[tuple[ssl.SSLContext, str, list[bytes]]], timeout: float = 300
-) -> tuple[list[Outcome], float]:
-    """Run one publisher thread per job, started together; (outcomes, wall seconds)."""
-    start = threading.Event()
-    outcomes = [Outcome() for _ in jobs]
-    threads = [
-        threading.Thread(target=blast, args=(port, tls, cid, packets, out, start), daemon=True)
-        for (tls, cid, packets), out in zip(jobs, outcomes, strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)  # let them connect
-    began = time.perf_counter()
-    start.set()
-    for thread in threads:
-        thread.join(timeout)
-    return outcomes, time.perf_counter() - began
-
-
-def packets_for(topic: str, payloads: list[bytes]) -> list[bytes]:
-    return [
-        publish_packet(topic, payload, 1, index % 65535 + 1, mqtt5=False)
-        for index, payload in enumerate(payloads)
-    ]
+        for job in jobs:
+            publishers.append(Publisher(port, job))
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        for publisher in publishers:
+            publisher.connected.wait(max(0.0, deadline - time.monotonic()))
+        began = time.perf_counter()
+        feeders = [threading.Thread(target=p.publish, daemon=True) for p in publishers]
+        for feeder in feeders:
+            feeder.start()
+        outcomes = [p.wait(began, timeout) for p in publishers]
+        for feeder in feeders:
+            feeder.join(5)
+        return outcomes, time.perf_counter() - began
+    finally:
+        for publisher in publishers:
+            publisher.close()
 
 
 def device_messages(count: int, name: str) -> list[bytes]:
@@ -243,12 +256,18 @@ def run(ctx: BenchContext) -> list[Figure]:
     figures: list[Figure] = []
 
     # raw: operator connections -> broker -> plain subscriber
-    operator = _tls(ca, info["operator_cert"], info["operator_key"])
     plain = PlainSubscriber(int(info["platform_mqtt_port"]), info, "bench/raw/#")
     time.sleep(1.0)  # connected and subscribed
     sample = device_messages(per, "raw")
     raw_jobs = [
-        (operator, f"bench-raw-{i}", packets_for(f"bench/raw/{i}", sample))
+        Job(
+            ca,
+            info["operator_cert"],
+            info["operator_key"],
+            f"bench-raw-{i}",
+            f"bench/raw/{i}",
+            sample,
+        )
         for i in range(PUBLISHERS)
     ]
     outcomes, _ = publish_all(int(info["platform_mqtt_port"]), raw_jobs)
@@ -276,8 +295,7 @@ def run(ctx: BenchContext) -> list[Figure]:
     for index, device in enumerate(devices):
         topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
         payloads = device_messages(per, str(index))
-        tls = _tls(ca, device.cert_path, device.key_path)
-        jobs.append((tls, device.client_id, packets_for(topic, payloads)))
+        jobs.append(Job(ca, device.cert_path, device.key_path, device.client_id, topic, payloads))
     with httpx.Client(
         base_url=sandbox.http_url,
         headers={"Authorization": f"Bearer {sandbox.admin_token}"},

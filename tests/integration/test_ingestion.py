@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from bench.bench_ingestion import _tls, device_messages, packets_for, publish_all
+from bench.bench_ingestion import Job, device_messages, publish_all
 
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.support.device_keys import DeviceFiles
@@ -118,9 +118,16 @@ def test_100k_messages_from_several_senders_are_all_counted(sandbox: SandboxProc
     jobs = []
     for index, device in enumerate(devices):
         topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
-        tls = _tls(sandbox.info["ca_file"], device.cert_path, device.key_path)
+        payloads = device_messages(per_sender, str(index))
         jobs.append(
-            (tls, device.client_id, packets_for(topic, device_messages(per_sender, str(index))))
+            Job(
+                sandbox.info["ca_file"],
+                device.cert_path,
+                device.key_path,
+                device.client_id,
+                topic,
+                payloads,
+            )
         )
     before = totals(sandbox)
     outcomes, _seconds = publish_all(sandbox.mqtt_port, jobs, timeout=60)

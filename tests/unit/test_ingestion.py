@@ -1,15 +1,21 @@
-"""Unit tests of telemetry ingestion: the MQTT packet codec, record building (validation,
-topic checks), the telemetry store (dedup, counters, rates) and the live feed."""
+"""Unit tests of telemetry ingestion: the receiving side around awscrt (inbox, options,
+forwarding, records from forwarded messages), record building (validation, topic checks),
+the telemetry store (dedup, counters, rates) and the live feed."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import queue
+import threading
 import time
 import uuid
+from multiprocessing import Pipe
 from pathlib import Path
+from types import SimpleNamespace
 
-import pytest
+from awscrt import mqtt5
 
 from iotref.device.messages import (
     Asset,
@@ -23,19 +29,19 @@ from iotref.device.messages import (
 )
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox.ingestion import (
-    ProtocolError,
+    RECEIVE_MAXIMUM,
+    Inbox,
+    Receiver,
+    ReceiverSettings,
+    ReceivingClients,
     RecordBuilder,
     TelemetryFeed,
     ThingDirectory,
-    connect_packet,
-    decode_varint,
-    encode_varint,
+    client_options,
     event_of,
-    publish_packet,
-    split_packets,
-    subscribe_packet,
+    subscription_granted,
 )
-from iotref.sandbox.telemetry_store import TelemetryStore, bump_rate, rate_series
+from iotref.sandbox.telemetry_store import Record, TelemetryStore, bump_rate, rate_series
 
 ORG = "org-1"
 CLIENT = "iotref-0123456789abcdef0123"
@@ -59,70 +65,130 @@ def builder(known: dict[str, str] | None = None) -> RecordBuilder:
     return RecordBuilder(MessageValidator(), ThingDirectory(table.get))
 
 
-# --------------------------------------------------------------------------- codec
+# --------------------------------------------------------------------------- receiving
 
 
-@pytest.mark.parametrize("value", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 268_435_455])
-def test_varint_round_trip(value: int) -> None:
-    encoded = encode_varint(value)
-    assert decode_varint(encoded, 0) == (value, len(encoded))
-    assert decode_varint(encoded[:-1], 0) is None or len(encoded) == 1
+def received(topic: str, payload: bytes) -> SimpleNamespace:
+    """What awscrt hands the publish callback (the part the inbox reads)."""
+    return SimpleNamespace(publish_packet=SimpleNamespace(topic=topic, payload=payload))
 
 
-def test_varint_limits() -> None:
-    with pytest.raises(ValueError):
-        encode_varint(268_435_456)
-    with pytest.raises(ProtocolError):
-        decode_varint(b"\xff\xff\xff\xff\x01", 0)
+def settings(connections: int = 2) -> ReceiverSettings:
+    return ReceiverSettings(
+        host="127.0.0.1",
+        port=8883,
+        ca_path="ca.pem",
+        cert_path="cert.pem",
+        key_path="key.pem",
+        topic_filter="$share/iotref-ingest/connectprint/telemetry/#",
+        client_ids=tuple(f"ingest-{i}" for i in range(connections)),
+    )
 
 
-def test_split_publish_packets_mqtt5_and_partial_rest() -> None:
-    one = publish_packet("a/b", b'{"x":1}', 1, 7)
-    two = publish_packet("a/c", b"payload", 0)
-    three = publish_packet("a/d", b"z" * 300, 1, 9)
-    data = one + two + three[:10]
-    split = split_packets(data)
-    assert split.messages == [("a/b", b'{"x":1}'), ("a/c", b"payload")]
-    assert split.acks == [7]
-    assert data[split.consumed :] == three[:10]
-    rest = split_packets(three)
-    assert rest.messages == [("a/d", b"z" * 300)]
-    assert rest.acks == [9]
+def test_inbox_keeps_arrival_order_and_hands_out_batches() -> None:
+    inbox = Inbox()
+    for i in range(5):
+        inbox.on_publish(received(f"t/{i}", b"%d" % i))  # type: ignore[arg-type]
+    assert inbox.take(0, limit=3) == [("t/0", b"0"), ("t/1", b"1"), ("t/2", b"2")]
+    assert inbox.take(0) == [("t/3", b"3"), ("t/4", b"4")]
+    started = time.monotonic()
+    assert inbox.take(0.05) == []
+    assert time.monotonic() - started >= 0.04
 
 
-def test_split_mqtt311_and_control_packets() -> None:
-    data = b"\x20\x03\x00\x00\x00" + publish_packet("t", b"p", 1, 3, mqtt5=False) + b"\xd0\x00"
-    split = split_packets(data, mqtt5=False)
-    assert split.messages == [("t", b"p")]
-    assert split.acks == [3]
-    assert [first for first, _ in split.others] == [0x20, 0xD0]
+def test_inbox_wakes_the_taker_at_once() -> None:
+    inbox = Inbox()
+    got: list[list[tuple[str, bytes]]] = []
+    taker = threading.Thread(target=lambda: got.append(inbox.take(5)))
+    taker.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    inbox.on_publish(received("t", b"x"))  # type: ignore[arg-type]
+    taker.join(5)
+    assert got == [[("t", b"x")]]
+    assert time.monotonic() - started < 1
 
 
-def test_publish_with_properties_is_skipped_correctly() -> None:
-    body = b"\x00\x01t" + b"\x00\x05" + b"\x03" + b"\x01\x01\x02" + b"hello"
-    packet = b"\x32" + encode_varint(len(body)) + body
-    split = split_packets(packet)
-    assert split.messages == [("t", b"hello")]
-    assert split.acks == [5]
+def test_full_inbox_holds_the_callback_until_there_is_room() -> None:
+    inbox = Inbox(limit=2)
+    for i in range(2):
+        inbox.on_publish(received("t", b"%d" % i))  # type: ignore[arg-type]
+    third = threading.Thread(target=inbox.on_publish, args=(received("t", b"2"),))
+    third.start()
+    time.sleep(0.05)
+    assert third.is_alive()  # not acknowledged yet: awscrt acks when the callback returns
+    assert len(inbox.take(0, limit=1)) == 1
+    third.join(5)
+    assert not third.is_alive()
+    assert [payload for _, payload in inbox.take(0)] == [b"1", b"2"]
+    blocked = threading.Thread(target=inbox.on_publish, args=(received("t", b"3"),))
+    inbox.on_publish(received("t", b"4"))  # type: ignore[arg-type]
+    inbox.on_publish(received("t", b"5"))  # type: ignore[arg-type]
+    blocked.start()
+    inbox.close()  # stopping: nobody waits any more
+    blocked.join(5)
+    assert not blocked.is_alive()
 
 
-def test_malformed_publish_is_a_protocol_error() -> None:
-    with pytest.raises(ProtocolError):
-        split_packets(b"\x30\x01\x00")
-    with pytest.raises(ProtocolError):
-        split_packets(b"\x30\x04\x00\x02\xff\xfe")
+def test_client_options_for_the_platform_listener() -> None:
+    options = client_options(settings(), "ingest-0", None)
+    assert (options.host_name, options.port) == ("127.0.0.1", 8883)
+    connect = options.connect_options
+    assert connect.client_id == "ingest-0"
+    assert connect.receive_maximum == RECEIVE_MAXIMUM == 65535
+    assert connect.session_expiry_interval_sec == 0
+    assert connect.keep_alive_interval_sec == 30
+    assert options.session_behavior == mqtt5.ClientSessionBehaviorType.CLEAN
+    assert (
+        options.extended_validation_and_flow_control_options
+        == mqtt5.ExtendedValidationAndFlowControlOptions.NONE
+    )
+    assert options.disable_metrics is True
 
 
-def test_connect_and_subscribe_packets_are_well_formed() -> None:
-    connect = connect_packet("client-1")
-    assert connect[0] == 0x10
-    length, start = decode_varint(connect, 1) or (0, 0)
-    assert len(connect) == start + length
-    assert connect[start : start + 7] == b"\x00\x04MQTT\x05"
-    assert connect.endswith(b"\x00\x08client-1")
-    sub = subscribe_packet(1, "x/#", 1)
-    assert sub[0] == 0x82
-    assert sub.endswith(b"\x00\x03x/#\x01")
+def test_subscription_granted_only_with_good_reason_codes() -> None:
+    assert subscription_granted(mqtt5.SubackPacket(reason_codes=[mqtt5.SubackReasonCode(1)]))
+    assert not subscription_granted(mqtt5.SubackPacket(reason_codes=[]))
+    assert not subscription_granted(mqtt5.SubackPacket(reason_codes=[mqtt5.SubackReasonCode(0x87)]))
+    assert not subscription_granted(None)
+
+
+def test_forwarder_sends_the_inbox_in_batches_then_ends() -> None:
+    ours, theirs = Pipe()
+    clients = ReceivingClients(settings(), theirs)
+    for i in range(5):
+        clients.inbox.on_publish(received(TOPIC, b"%d" % i))  # type: ignore[arg-type]
+    forwarder = threading.Thread(target=clients._forward)
+    forwarder.start()
+    kind, received_at, batch = ours.recv()
+    assert kind == "messages"
+    assert abs(received_at - time.time()) < 5
+    assert batch == [(TOPIC, b"%d" % i) for i in range(5)]
+    clients.inbox.on_publish(received(TOPIC, b"last"))  # type: ignore[arg-type]
+    clients._forwarding = False
+    forwarder.join(5)
+    assert not forwarder.is_alive()
+    got = []
+    while ours.poll(0.1):
+        got.append(ours.recv())
+    assert [item[2] for item in got] == [[(TOPIC, b"last")]]
+
+
+def test_receiver_checks_forwarded_messages_and_tracks_subscriptions() -> None:
+    out: queue.Queue[list[Record] | None] = queue.Queue()
+    receiver = Receiver(settings(2), builder(), out)
+    receiver._received(12.5, [(TOPIC, message()), (TOPIC, b"{oops")])
+    records = out.get_nowait()
+    assert records is not None
+    assert [r.valid for r in records] == [True, False]
+    assert {r.received_at for r in records} == {12.5}
+    assert receiver.messages == 2
+    receiver._state(0, True, logging.INFO, "subscribed")
+    assert not receiver.subscribed.is_set()  # one of two connections
+    receiver._state(1, True, logging.INFO, "subscribed")
+    assert receiver.subscribed.is_set()
+    receiver._state(0, False, logging.WARNING, "lost the broker connection")
+    assert not receiver.subscribed.is_set()
 
 
 # --------------------------------------------------------------------------- records

@@ -3,21 +3,26 @@ would, checks it and stores it for the monitor.
 
 How it keeps up (20,000+ messages/s on a small machine):
 
-* Receiving runs on threads, not on the event loop: each receiver thread holds one MQTT 5
-  connection to the broker's platform listener (mutual TLS, the platform identity) and
-  speaks the few packets it needs itself (CONNECT, SUBSCRIBE, PUBLISH in, PUBACK out,
-  PINGREQ, DISCONNECT), reading the socket in large chunks and splitting many PUBLISH
-  packets per read. A general MQTT client library reads packet by packet and costs several
-  times more per message. With more than one connection the subscription is shared
-  (``$share/iotref-ingest/...``) so the broker spreads the messages over them.
-* The receiver asks for a Receive Maximum of 65,535, so the broker keeps sending without
-  waiting for acknowledgements, and acknowledges a whole chunk with one write once its
-  messages have been parsed and validated (QoS 1; a message is acknowledged once it is
-  queued for the database, so a crash of the sandbox may lose the last moment's messages).
-* Each message is parsed and validated with the platform's schemas
-  (:class:`iotref.protocol.message_schemas.MessageValidator`) on the receiver thread; its
-  topic is checked against the thing registry (org id and client id of
-  ``{telemetryTopic}/{orgId}/{clientId}``).
+* The MQTT side is awscrt's MQTT 5 client (the library the device side uses): several
+  connections to the broker's platform listener (mutual TLS, the platform identity), with
+  a shared subscription (``$share/iotref-ingest/...``) when there is more than one, so the
+  broker spreads the messages over them. Each connection asks for a Receive Maximum of
+  65,535, so the broker keeps sending without waiting for acknowledgements. Several
+  connections also give a burst room: Mosquitto keeps only so much for one connection
+  (about ``max_queued_messages`` packets plus the socket buffers) and drops the rest.
+* The clients run in a small child process (:func:`receiver_process_main`) that does
+  nothing else: awscrt calls back once per message on its own threads and each callback
+  needs Python's GIL, so in the sandbox process, next to the threads that validate and
+  store, the callbacks would wait for the GIL, awscrt would stop reading the sockets and
+  Mosquitto would drop what no longer fits in its per-connection queue
+  (``max_queued_messages``). The callback only appends ``(topic, payload)`` to an
+  in-memory queue (:class:`Inbox`); awscrt acknowledges the message (QoS 1 PUBACK) when
+  the callback returns, so an acknowledged message is at least in that queue (a crash of
+  the sandbox may lose the last moment's messages). A forwarding thread sends the queue
+  in batches over a pipe to the sandbox process.
+* There :class:`Receiver` parses and validates each message with the platform's schemas
+  (:class:`iotref.protocol.message_schemas.MessageValidator`) and checks its topic against
+  the thing registry (org id and client id of ``{telemetryTopic}/{orgId}/{clientId}``).
 * One writer thread stores batches in ``telemetry.db`` (:mod:`telemetry_store`) in one
   transaction per batch; duplicates (same ``sendereventuuid``) are recognised by the
   database's unique index, counted and not stored again.
@@ -32,15 +37,19 @@ import contextlib
 import logging
 import os
 import queue
-import select
 import socket
-import ssl
+import subprocess
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from awscrt import io, mqtt5
 
 from iotref.protocol.message_schemas import MessageValidator, parse_json
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
@@ -50,168 +59,21 @@ from iotref.sandbox.telemetry_store import Record, TelemetryStore
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "iotref-ingest"
-DEFAULT_CONNECTIONS = 4  # each can hold tens of thousands of unacknowledged messages
+DEFAULT_CONNECTIONS = 16  # each adds room for a burst in Mosquitto's per-connection queue
 KEEPALIVE_SECONDS = 30
 RECEIVE_MAXIMUM = 65535
-READ_SIZE = 1 << 16
-CHUNK_LIMIT = 1 << 20  # bytes gathered from the socket before they are processed
+EVENT_LOOP_THREADS = 1  # the callbacks take turns on the GIL anyway; one thread, no contention
+INBOX_LIMIT = 200_000  # messages waiting in the receiving process before callbacks wait
+FORWARD_LIMIT = 2000  # messages per batch sent to the sandbox process
 WRITE_BATCH_LIMIT = 20_000  # records per database transaction
-QUEUE_CHUNKS = 256  # chunks waiting for the writer before the receivers wait
+QUEUE_CHUNKS = 256  # batches waiting for the writer before the receiver waits
 CONNECT_WAIT_SECONDS = 15.0
+STOP_WAIT_SECONDS = 10.0
 RECONNECT_MIN_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 2.0
+SUBSCRIBE_RETRY_SECONDS = 2.0
 UNKNOWN_RECHECK_SECONDS = 5.0
 FEED_QUEUE_SIZE = 2000
-
-
-# --------------------------------------------------------------------------- MQTT wire
-
-
-class ProtocolError(Exception):
-    """The broker sent something this receiver does not accept."""
-
-
-def encode_varint(value: int) -> bytes:
-    """MQTT's variable byte integer (0 .. 268,435,455)."""
-    if not 0 <= value <= 268_435_455:
-        raise ValueError("value out of range for a variable byte integer")
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def decode_varint(data: bytes, pos: int) -> tuple[int, int] | None:
-    """``(value, position after it)``, or None if ``data`` ends inside it."""
-    value = 0
-    shift = 0
-    for index in range(pos, min(pos + 4, len(data))):
-        byte = data[index]
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, index + 1
-        shift += 7
-    if len(data) - pos >= 4:
-        raise ProtocolError("malformed variable byte integer")
-    return None
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + encode_varint(len(body)) + body
-
-
-def connect_packet(
-    client_id: str,
-    keepalive: int = KEEPALIVE_SECONDS,
-    *,
-    receive_maximum: int = RECEIVE_MAXIMUM,
-    session_expiry: int = 0,
-    clean_start: bool = True,
-) -> bytes:
-    """An MQTT 5 CONNECT (no credentials: the TLS client certificate identifies us)."""
-    props = (
-        b"\x11" + session_expiry.to_bytes(4, "big") + b"\x21" + receive_maximum.to_bytes(2, "big")
-    )
-    flags = 0x02 if clean_start else 0x00
-    body = (
-        _string("MQTT")
-        + bytes([5, flags])
-        + keepalive.to_bytes(2, "big")
-        + encode_varint(len(props))
-        + props
-        + _string(client_id)
-    )
-    return _packet(0x10, body)
-
-
-def subscribe_packet(packet_id: int, topic_filter: str, qos: int = 1) -> bytes:
-    body = packet_id.to_bytes(2, "big") + b"\x00" + _string(topic_filter) + bytes([qos])
-    return _packet(0x82, body)
-
-
-def publish_packet(
-    topic: str, payload: bytes, qos: int = 1, packet_id: int = 0, *, mqtt5: bool = True
-) -> bytes:
-    """A PUBLISH packet (tests and the benchmark pre-build them)."""
-    body = _string(topic)
-    if qos:
-        body += packet_id.to_bytes(2, "big")
-    if mqtt5:
-        body += b"\x00"
-    return _packet(0x30 | (qos << 1), body + payload)
-
-
-def puback_packet(packet_id: int) -> bytes:
-    return b"\x40\x02" + packet_id.to_bytes(2, "big")
-
-
-PINGREQ = b"\xc0\x00"
-DISCONNECT = b"\xe0\x00"
-
-
-@dataclass
-class Split:
-    """What :func:`split_packets` found in a chunk of bytes."""
-
-    messages: list[tuple[str, bytes]] = field(default_factory=list)
-    acks: list[int] = field(default_factory=list)
-    others: list[tuple[int, bytes]] = field(default_factory=list)
-    consumed: int = 0
-
-
-def split_packets(data: bytes, *, mqtt5: bool = True) -> Split:
-    """Split complete packets off the front of ``data``: PUBLISH packets become
-    ``(topic, payload)`` (plus the packet id to acknowledge for QoS > 0), anything else
-    ``(first byte, body)``. ``consumed`` says where the incomplete rest begins."""
-    out = Split()
-    pos = 0
-    size = len(data)
-    messages = out.messages
-    acks = out.acks
-    while pos + 2 <= size:
-        first = data[pos]
-        header = decode_varint(data, pos + 1)
-        if header is None:
-            break
-        length, start = header
-        end = start + length
-        if end > size:
-            break
-        if first >> 4 == 3:
-            if length < 2:
-                raise ProtocolError("PUBLISH too short")
-            topic_len = (data[start] << 8) | data[start + 1]
-            cursor = start + 2 + topic_len
-            try:
-                topic = data[start + 2 : cursor].decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ProtocolError("PUBLISH topic is not UTF-8") from exc
-            if first & 0x06:
-                acks.append((data[cursor] << 8) | data[cursor + 1])
-                cursor += 2
-            if mqtt5:
-                props = decode_varint(data, cursor)
-                if props is None:
-                    raise ProtocolError("PUBLISH properties cut off")
-                cursor = props[1] + props[0]
-            if cursor > end:
-                raise ProtocolError("PUBLISH header longer than the packet")
-            messages.append((topic, data[cursor:end]))
-        else:
-            out.others.append((first, data[start:end]))
-        pos = end
-    out.consumed = pos
-    return out
 
 
 # --------------------------------------------------------------------------- checking
@@ -437,20 +299,271 @@ class TelemetryFeed:
         self._subscriptions.clear()
 
 
-# --------------------------------------------------------------------------- threads
+# --------------------------------------------------------------------------- receiving
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReceiverSettings:
+    """What the receiving process needs (plain values: it is pickled to the child)."""
+
     host: str
     port: int
-    tls: Callable[[], ssl.SSLContext]
+    ca_path: str
+    cert_path: str
+    key_path: str
     topic_filter: str
-    client_id: str
+    client_ids: tuple[str, ...]
+    receive_maximum: int = RECEIVE_MAXIMUM
+    keepalive: int = KEEPALIVE_SECONDS
+    event_loop_threads: int = EVENT_LOOP_THREADS
+
+
+def tls_context(settings: ReceiverSettings) -> io.ClientTlsContext:
+    """Mutual TLS with the platform identity; only the sandbox's root CA is trusted."""
+    options = io.TlsContextOptions.create_client_with_mtls_from_path(
+        settings.cert_path, settings.key_path
+    )
+    options.override_default_trust_store_from_path(None, settings.ca_path)
+    options.min_tls_ver = io.TlsVersion.TLSv1_2
+    options.verify_peer = True
+    return io.ClientTlsContext(options)
+
+
+def client_options(
+    settings: ReceiverSettings,
+    client_id: str,
+    tls: io.ClientTlsContext | None,
+    bootstrap: io.ClientBootstrap | None = None,
+) -> mqtt5.ClientOptions:
+    """awscrt options of one receiving connection (callbacks are added by the caller)."""
+    return mqtt5.ClientOptions(
+        host_name=settings.host,
+        port=settings.port,
+        bootstrap=bootstrap,
+        tls_ctx=tls,
+        connect_options=mqtt5.ConnectPacket(
+            client_id=client_id,
+            keep_alive_interval_sec=settings.keepalive,
+            session_expiry_interval_sec=0,
+            receive_maximum=settings.receive_maximum,
+        ),
+        session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
+        # Mosquitto, not AWS IoT Core: no IoT Core throughput and size limits client-side.
+        extended_validation_and_flow_control_options=(
+            mqtt5.ExtendedValidationAndFlowControlOptions.NONE
+        ),
+        offline_queue_behavior=mqtt5.ClientOperationQueueBehaviorType.FAIL_ALL_ON_DISCONNECT,
+        min_reconnect_delay_ms=round(RECONNECT_MIN_SECONDS * 1000),
+        max_reconnect_delay_ms=round(RECONNECT_MAX_SECONDS * 1000),
+        connack_timeout_ms=10_000,
+        ack_timeout_sec=10,
+        disable_metrics=True,
+    )
+
+
+def subscription_granted(suback: Any) -> bool:
+    codes = list(getattr(suback, "reason_codes", None) or [])
+    return bool(codes) and all(int(code) < 0x80 for code in codes)
+
+
+class Inbox:
+    """Where awscrt's callbacks leave received messages, in arrival order, until the
+    forwarding thread takes them. ``deque.append``/``popleft`` are thread-safe."""
+
+    def __init__(self, limit: int = INBOX_LIMIT) -> None:
+        self.limit = limit
+        self.closed = False
+        self._messages: deque[tuple[str, bytes]] = deque()
+        self._ready = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def on_publish(self, data: mqtt5.PublishReceivedData) -> None:
+        """awscrt callback (its event-loop thread): queue, nothing else. The QoS 1
+        acknowledgement goes out when this returns."""
+        packet = data.publish_packet
+        messages = self._messages
+        while len(messages) >= self.limit and not self.closed:
+            time.sleep(0.005)  # the sandbox is behind: stop reading the socket meanwhile
+        messages.append((packet.topic, bytes(packet.payload or b"")))
+        if not self._ready.is_set():
+            self._ready.set()
+
+    def close(self) -> None:
+        """No more waiting in :meth:`on_publish` (stopping)."""
+        self.closed = True
+        self._ready.set()
+
+    def take(self, timeout: float, limit: int = FORWARD_LIMIT) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` messages, waiting up to ``timeout`` for the first."""
+        self._ready.clear()
+        if not self._messages:
+            self._ready.wait(timeout)
+        messages = self._messages
+        popleft = messages.popleft
+        return [popleft() for _ in range(min(len(messages), limit))]
+
+
+class ReceivingClients:
+    """Runs in the receiving process: the awscrt clients, (re)subscribing after every
+    connect, and the thread that forwards the inbox to the sandbox process.
+
+    To the sandbox process it sends ``("messages", received_at, [(topic, payload), ...])``,
+    ``("state", index, subscribed, level, text)`` and finally ``("stopped",)``; it stops
+    when it receives anything, when the pipe closes or when its parent goes away.
+    """
+
+    def __init__(self, settings: ReceiverSettings, conn: Connection) -> None:
+        self.settings = settings
+        self.conn = conn
+        self.inbox = Inbox()
+        self.events: queue.Queue[tuple[str, int, int, Any]] = queue.Queue()
+        self.clients: list[mqtt5.Client] = []
+        self._generation = [0] * len(settings.client_ids)
+        self._retry_at: dict[int, float] = {}
+        self._stopped = [threading.Event() for _ in settings.client_ids]
+        self._forwarding = True
+        self._send_lock = threading.Lock()
+
+    def send(self, item: tuple[Any, ...]) -> bool:
+        with self._send_lock:
+            try:
+                self.conn.send(item)
+            except (OSError, ValueError):
+                return False
+        return True
+
+    def state(self, index: int, subscribed: bool, level: int, text: str) -> None:
+        self.send(("state", index, subscribed, level, text))
+
+    def run(self) -> None:
+        tls = tls_context(self.settings)
+        bootstrap = io.ClientBootstrap(
+            io.EventLoopGroup(self.settings.event_loop_threads),
+            io.DefaultHostResolver(io.EventLoopGroup(1)),
+        )
+        for index, client_id in enumerate(self.settings.client_ids):
+            options = client_options(self.settings, client_id, tls, bootstrap)
+            options.on_publish_callback_fn = self.inbox.on_publish
+            options.on_lifecycle_event_connection_success_fn = self._event("connected", index)
+            options.on_lifecycle_event_connection_failure_fn = self._event("failed", index)
+            options.on_lifecycle_event_disconnection_fn = self._event("disconnected", index)
+            options.on_lifecycle_event_stopped_fn = lambda _data, i=index: self._stopped[i].set()
+            self.clients.append(mqtt5.Client(options))
+        forwarder = threading.Thread(target=self._forward, name="ingest-forward", daemon=True)
+        forwarder.start()
+        for client in self.clients:
+            client.start()
+        parent = os.getppid()
+        try:
+            while not self._told_to_stop() and os.getppid() == parent:
+                self._handle_events(0.2)
+        finally:
+            for client in self.clients:
+                client.stop()
+            deadline = time.monotonic() + STOP_WAIT_SECONDS / 2
+            for stopped in self._stopped:
+                stopped.wait(max(0.0, deadline - time.monotonic()))
+            self.inbox.close()
+            self._forwarding = False
+            forwarder.join(STOP_WAIT_SECONDS / 2)
+            self.send(("stopped",))
+
+    def _told_to_stop(self) -> bool:
+        try:
+            return self.conn.poll(0)
+        except (OSError, EOFError):
+            return True
+
+    def _event(self, kind: str, index: int) -> Callable[[Any], None]:
+        def callback(data: Any) -> None:
+            self.events.put((kind, index, 0, getattr(data, "exception", None)))
+
+        return callback
+
+    def _handle_events(self, timeout: float) -> None:
+        now = time.monotonic()
+        for index, when in list(self._retry_at.items()):
+            if when <= now:
+                del self._retry_at[index]
+                self._subscribe(index)
+        try:
+            kind, index, generation, detail = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        topic_filter = self.settings.topic_filter
+        if kind == "connected":
+            self._generation[index] += 1
+            self._subscribe(index)
+        elif kind == "failed":
+            self.state(index, False, logging.DEBUG, f"ingestion cannot connect yet: {detail}")
+        elif kind == "disconnected":
+            self._generation[index] += 1
+            self._retry_at.pop(index, None)
+            self.state(
+                index, False, logging.WARNING, f"ingestion lost the broker connection: {detail}"
+            )
+        elif kind == "suback" and generation == self._generation[index]:
+            if isinstance(detail, BaseException):
+                self.state(index, False, logging.DEBUG, f"subscribing failed: {detail}")
+            elif subscription_granted(detail):
+                self.state(index, True, logging.INFO, f"ingestion subscribed to {topic_filter}")
+                return
+            else:
+                self.state(
+                    index,
+                    False,
+                    logging.WARNING,
+                    f"the broker refused the subscription to {topic_filter}",
+                )
+            self._retry_at[index] = time.monotonic() + SUBSCRIBE_RETRY_SECONDS
+
+    def _subscribe(self, index: int) -> None:
+        generation = self._generation[index]
+        packet = mqtt5.SubscribePacket(
+            [mqtt5.Subscription(self.settings.topic_filter, mqtt5.QoS.AT_LEAST_ONCE)]
+        )
+
+        def done(future: Any) -> None:
+            try:
+                detail = future.result()
+            except Exception as exc:
+                detail = exc
+            self.events.put(("suback", index, generation, detail))
+
+        try:
+            self.clients[index].subscribe(packet).add_done_callback(done)
+        except Exception as exc:
+            self.events.put(("suback", index, generation, exc))
+
+    def _forward(self) -> None:
+        inbox = self.inbox
+        while True:
+            batch = inbox.take(0.1)
+            if batch:
+                if not self.send(("messages", time.time(), batch)):
+                    return  # the sandbox process is gone
+            elif not self._forwarding and not len(inbox):
+                return
+
+
+def receiver_process_main(fd: int) -> None:
+    """Entry point of the receiving process: settings arrive first on the pipe ``fd``."""
+    conn = Connection(fd)
+    try:
+        settings = conn.recv()
+    except (OSError, EOFError):
+        return
+    try:
+        ReceivingClients(settings, conn).run()
+    finally:
+        conn.close()
 
 
 class Receiver(threading.Thread):
-    """One MQTT connection that receives telemetry and queues parsed records."""
+    """In the sandbox process: runs the receiving process (again, should it end) and
+    turns the messages it forwards into checked records for the writer."""
 
     def __init__(
         self,
@@ -458,115 +571,119 @@ class Receiver(threading.Thread):
         builder: RecordBuilder,
         out: queue.Queue[list[Record] | None],
     ) -> None:
-        super().__init__(name=f"ingest-{settings.client_id}", daemon=True)
+        super().__init__(name="ingest-receiver", daemon=True)
         self.settings = settings
         self.builder = builder
         self.out = out
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
         self.messages = 0
-        self._sock: ssl.SSLSocket | None = None
+        self._connections: set[int] = set()
+        self._conn: Connection | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
 
     def stop(self) -> None:
         self.stopping.set()
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._conn.send(("stop",))
 
     def run(self) -> None:
         delay = RECONNECT_MIN_SECONDS
         while not self.stopping.is_set():
+            started = time.monotonic()
             try:
                 self._session()
-                delay = RECONNECT_MIN_SECONDS
-            except (OSError, ProtocolError, ssl.SSLError) as exc:
-                if self.subscribed.is_set():
-                    log.warning("ingestion lost the broker connection: %s", exc)
-                else:
-                    log.debug("ingestion cannot connect yet: %s", exc)
             except Exception:
-                log.exception("ingestion receiver failed; reconnecting")
+                log.exception("ingestion receiver failed; restarting it")
             finally:
-                self.subscribed.clear()
-                if self._sock is not None:
-                    with contextlib.suppress(OSError):
-                        self._sock.close()
-                    self._sock = None
+                self._end_session()
+            if time.monotonic() - started > 30:
+                delay = RECONNECT_MIN_SECONDS
             if self.stopping.wait(delay):
                 break
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
     def _session(self) -> None:
-        settings = self.settings
-        raw = socket.create_connection((settings.host, settings.port), timeout=10)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock = settings.tls().wrap_socket(raw, server_hostname="localhost")
-        self._sock = sock
-        sock.sendall(connect_packet(settings.client_id))
-        pending = b""
-        handshake = 0  # 0: waiting for CONNACK, 1: for SUBACK, 2: receiving
-        last_sent = time.monotonic()
-        sock.settimeout(1.0)
-        while not self.stopping.is_set():
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            code = "import sys; from iotref.sandbox.ingestion import receiver_process_main as m; "
+            process = subprocess.Popen(
+                [sys.executable, "-c", code + "m(int(sys.argv[1]))", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+            conn = Connection(os.dup(ours.fileno()))
+        with self._lock:
+            self._process = process
+            self._conn = conn
+        conn.send(self.settings)
+        if self.stopping.is_set():
+            self.stop()
+        stop_deadline: float | None = None
+        while True:
+            if stop_deadline is None and self.stopping.is_set():
+                stop_deadline = time.monotonic() + STOP_WAIT_SECONDS
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                log.warning("ingestion: the receiving process did not stop in time")
+                return
+            if not conn.poll(0.5):
+                continue
             try:
-                data = sock.recv(READ_SIZE)
-            except TimeoutError:
-                data = None
-            if data is not None:
-                if not data:
-                    raise OSError("the broker closed the connection")
-                chunks = [pending, data] if pending else [data]
-                size = len(data)
-                while size < CHUNK_LIMIT and (
-                    sock.pending() or select.select([sock], [], [], 0)[0]
-                ):
-                    more = sock.recv(READ_SIZE)
-                    if not more:
-                        break
-                    chunks.append(more)
-                    size += len(more)
-                buffer = b"".join(chunks)
-                split = split_packets(buffer)
-                pending = buffer[split.consumed :]
-                for first, body in split.others:
-                    handshake = self._control(sock, first, body, handshake)
-                if split.messages:
-                    now = time.time()
-                    build = self.builder.build
-                    records = [build(topic, payload, now) for topic, payload in split.messages]
-                    self.messages += len(records)
-                    self.out.put(records)
-                if split.acks:
-                    sock.sendall(b"".join(puback_packet(pid) for pid in split.acks))
-                    last_sent = time.monotonic()
-            if time.monotonic() - last_sent > KEEPALIVE_SECONDS / 2:
-                sock.sendall(PINGREQ)
-                last_sent = time.monotonic()
-        with contextlib.suppress(OSError):
-            sock.sendall(DISCONNECT)
+                item = conn.recv()
+            except EOFError:
+                if not self.stopping.is_set():
+                    log.warning("ingestion: the receiving process ended unexpectedly")
+                return
+            kind = item[0]
+            if kind == "messages":
+                self._received(item[1], item[2])
+            elif kind == "state":
+                self._state(item[1], item[2], item[3], item[4])
+            elif kind == "stopped":
+                return
 
-    def _control(self, sock: ssl.SSLSocket, first: int, body: bytes, handshake: int) -> int:
-        kind = first >> 4
-        if kind == 2:  # CONNACK
-            if len(body) < 2 or body[1] != 0:
-                code = body[1] if len(body) > 1 else -1
-                raise ProtocolError(f"the broker refused the connection (reason {code:#x})")
-            sock.sendall(subscribe_packet(1, self.settings.topic_filter, 1))
-            return 1
-        if kind == 9:  # SUBACK
-            codes = body[2:]
-            props = decode_varint(codes, 0)
-            if props is not None:
-                codes = codes[props[1] + props[0] :]
-            if not codes or codes[0] >= 0x80:
-                raise ProtocolError(
-                    f"the broker refused the subscription to {self.settings.topic_filter}"
-                )
+    def _received(self, received_at: float, messages: list[tuple[str, bytes]]) -> None:
+        build = self.builder.build
+        records = [build(topic, payload, received_at) for topic, payload in messages]
+        self.messages += len(records)
+        self.out.put(records)
+
+    def _state(self, index: int, subscribed: bool, level: int, text: str) -> None:
+        log.log(level, "%s (connection %d)", text, index)
+        if subscribed:
+            self._connections.add(index)
+        else:
+            self._connections.discard(index)
+        if len(self._connections) == len(self.settings.client_ids):
             self.subscribed.set()
-            log.info("ingestion subscribed to %s", self.settings.topic_filter)
-            return 2
-        if kind == 14:  # DISCONNECT from the server
-            reason = body[0] if body else 0
-            raise ProtocolError(f"the broker disconnected us (reason {reason:#x})")
-        return handshake  # PINGRESP and anything else
+        else:
+            self.subscribed.clear()
+
+    def _end_session(self) -> None:
+        with self._lock:
+            conn, process = self._conn, self._process
+            self._conn = None
+            self._process = None
+        self._connections.clear()
+        self.subscribed.clear()
+        if conn is not None:
+            conn.close()
+        if process is not None:
+            try:
+                process.wait(STOP_WAIT_SECONDS / 2)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                try:
+                    process.wait(2)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+# --------------------------------------------------------------------------- writer
 
 
 class Writer(threading.Thread):
@@ -671,10 +788,18 @@ class Ingestion:
         if client_id and org_id:
             self.directory.remember(str(client_id), str(org_id))
 
-    def _tls(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.cas.server_root_ca_path))
-        context.load_cert_chain(str(self.cas.platform_cert_path), str(self.cas.platform_key_path))
-        return context
+    def receiver_settings(self) -> ReceiverSettings:
+        return ReceiverSettings(
+            host=LOOPBACK,
+            port=self.ctx.platform_mqtt_port,
+            ca_path=str(self.cas.server_root_ca_path),
+            cert_path=str(self.cas.platform_cert_path),
+            key_path=str(self.cas.platform_key_path),
+            topic_filter=self.topic_filter,
+            client_ids=tuple(
+                f"iotref-platform-ingest-{os.getpid()}-{index}" for index in range(self.connections)
+            ),
+        )
 
     @property
     def topic_filter(self) -> str:
@@ -691,17 +816,9 @@ class Ingestion:
         builder = RecordBuilder(MessageValidator(), self.directory, self.telemetry_topic)
         self._writer = Writer(self.store, self._queue, self._deliver, lambda: self.feed.active)
         self._writer.start()
-        for index in range(self.connections):
-            settings = ReceiverSettings(
-                host=LOOPBACK,
-                port=self.ctx.platform_mqtt_port,
-                tls=self._tls,
-                topic_filter=self.topic_filter,
-                client_id=f"iotref-platform-ingest-{os.getpid()}-{index}",
-            )
-            receiver = Receiver(settings, builder, self._queue)
-            receiver.start()
-            self._receivers.append(receiver)
+        receiver = Receiver(self.receiver_settings(), builder, self._queue)
+        receiver.start()
+        self._receivers.append(receiver)
         deadline = time.monotonic() + CONNECT_WAIT_SECONDS
         for receiver in self._receivers:
             left = deadline - time.monotonic()
@@ -724,7 +841,7 @@ class Ingestion:
         for receiver in self._receivers:
             receiver.stop()
         for receiver in self._receivers:
-            await asyncio.to_thread(receiver.join, 5)
+            await asyncio.to_thread(receiver.join, STOP_WAIT_SECONDS + 5)
         self._receivers.clear()
         if self._writer is not None:
             await asyncio.to_thread(self._queue.put, None)
