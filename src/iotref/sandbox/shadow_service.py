@@ -62,6 +62,7 @@ class ShadowService:
         self.credentials: AwsCredentials = self.store.credentials()
         self._queues: dict[ShadowKey, deque[tuple[Job, asyncio.Future[Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._publish_tails: dict[ShadowKey, asyncio.Task[None]] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -181,6 +182,32 @@ class ShadowService:
 
     # ------------------------------------------------------------------ per-shadow queues
 
+    def _publish_in_order(self, key: ShadowKey, messages: list[Message]) -> None:
+        """Publish ``messages`` after everything published before for the same shadow,
+        without holding up the shadow's queue: while the broker is away, operations (REST
+        callers included) are answered at once and their messages follow when it is back."""
+        if not messages:
+            return
+        previous = self._publish_tails.get(key)
+
+        async def run() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await previous
+            for topic, payload in messages:
+                await self._publish(topic, payload)
+
+        task = asyncio.create_task(run())
+        self._publish_tails[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._publish_tails.get(key) is done:
+                del self._publish_tails[key]
+
+        task.add_done_callback(forget)
+
     def _submit(self, key: ShadowKey, job: Job) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         queue = self._queues.get(key)
@@ -211,9 +238,9 @@ class ShadowService:
                 else:
                     if not future.done():
                         future.set_result(result)
-                for topic, payload in messages:
-                    await self._publish(topic, payload)
+                self._publish_in_order(key, messages)
                 queue.popleft()
+                await asyncio.sleep(0)  # let other shadows' jobs and callers run
         finally:
             for _job, future in queue:
                 if not future.done():
