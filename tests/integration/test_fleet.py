@@ -6,6 +6,7 @@ at the same time as separate processes, and its merged report agree with one run
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import subprocess
@@ -15,7 +16,22 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from iotref.device.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    ROOT_CA_FILE,
+)
+from iotref.device.connection import (
+    Connection,
+    ConnectionFailed,
+    ConnectionSettings,
+    build_tls_context,
+)
 from iotref.device.environment import load_environment_file
 from iotref.device.fleet import (
     FleetOptions,
@@ -24,6 +40,7 @@ from iotref.device.fleet import (
     SandboxInfo,
     device_name,
     find_sandbox,
+    without_system_trust_store,
 )
 from tests.support.sandbox_process import SandboxProcess
 
@@ -80,6 +97,7 @@ def test_every_device_connects_syncs_and_is_counted(
         assert monitor["stored"] == expected
         assert monitor["lost"] == 0
     assert report["memory"]["peak_rss_mb"] > 0
+    assert "building TLS contexts" in report["cpu_s"]  # ahead of the connect ramp
     assert report["limits"]["nofile_soft"] >= DEVICES
 
     # Each device is an ordinary certificate store, and a thing of its own in the sandbox.
@@ -219,3 +237,56 @@ def test_bulk_route_needs_the_admin_token_and_good_csrs(sandbox: SandboxProcess)
             headers=admin,
         )
         assert site.status_code == 422
+
+
+def _foreign_ca(path: Path) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the sandbox's CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_contexts_built_without_the_system_store_still_verify_the_broker(
+    single_run: dict[str, Any], store_root: Path, tmp_path: Path
+) -> None:
+    """Skipping the system CA bundle must not mean trusting anything: with the device's
+    own CA file the broker is trusted, with another CA it is refused."""
+    store = store_root / "local" / device_name(3)
+    props = json.loads((store / "properties.json").read_text())
+
+    def settings(ca: Path, suffix: str) -> ConnectionSettings:
+        return ConnectionSettings(
+            endpoint=props["mqtt_endpoint"],
+            port=props["mqtt_port"],
+            client_id=f"{props['client_id']}-{suffix}",
+            cert_path=store / CERTIFICATE_FILE,
+            key_path=store / PRIVATE_KEY_FILE,
+            ca_path=ca,
+            connect_timeout_s=5.0,
+            fail_fast=False,
+        )
+
+    async def connect(s: ConnectionSettings) -> None:
+        with without_system_trust_store():
+            context = build_tls_context(s)
+        connection = Connection(s, tls_context=context)
+        await connection.start()
+        assert connection.connected
+        await connection.stop()
+
+    asyncio.run(connect(settings(store / ROOT_CA_FILE, "own-ca")))
+    with pytest.raises(ConnectionFailed) as failed:
+        asyncio.run(connect(settings(_foreign_ca(tmp_path / "other.pem"), "other-ca")))
+    assert failed.value.kind == "tls"

@@ -1,17 +1,33 @@
 """The fleet simulator's pure parts: shards, the histogram, the in-memory outbox, the status
-generator, limits and report merging."""
+generator, limits, report merging, and the TLS contexts built ahead of connecting."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import json
 import math
+import os
 import random
 import resource
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from awscrt import io
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from iotref.device import connection as connection_module
+from iotref.device.connection import (
+    Connection,
+    ConnectionFailed,
+    ConnectionSettings,
+    build_tls_context,
+)
 from iotref.device.fleet import (
     REPORT_FORMAT,
     FleetLimitError,
@@ -23,10 +39,12 @@ from iotref.device.fleet import (
     SandboxInfo,
     Shard,
     StatusGenerator,
+    build_tls_contexts,
     check_limits,
     device_name,
     merge_reports,
     messages_per_device,
+    without_system_trust_store,
 )
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.protocol.message_schemas import default_validator
@@ -331,3 +349,117 @@ def test_report_text_mentions_the_figures() -> None:
     assert "5 devices" in text
     assert "0 by the independent subscriber" in text
     assert "p99" in text
+
+
+# --------------------------------------------------------------------------- TLS contexts
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> ConnectionSettings:
+    cert, key = _self_signed(tmp_path, "device")
+    ca, _ = _self_signed(tmp_path, "ca")
+    values: dict[str, Any] = {
+        "endpoint": "127.0.0.1",
+        "port": 1,
+        "client_id": "fleet-test",
+        "cert_path": cert,
+        "key_path": key,
+        "ca_path": ca,
+    }
+    values.update(overrides)
+    return ConnectionSettings(**values)
+
+
+@pytest.mark.parametrize("before", [None, "/somewhere/cert.pem"])
+def test_system_trust_store_is_skipped_only_within(
+    monkeypatch: pytest.MonkeyPatch, before: str | None
+) -> None:
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        if before is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, before)
+    seen: dict[str, str | None] = {}
+
+    def inside() -> None:
+        with without_system_trust_store():
+            seen.update((name, os.environ.get(name)) for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"))
+            raise RuntimeError("restored anyway")
+
+    with pytest.raises(RuntimeError):
+        inside()
+    assert seen == {"SSL_CERT_FILE": os.devnull, "SSL_CERT_DIR": os.devnull}
+    assert os.environ.get("SSL_CERT_FILE") == before
+    assert os.environ.get("SSL_CERT_DIR") == before
+
+
+class _Device:
+    """What build_tls_contexts needs of a FleetDevice."""
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self._settings = settings
+        self.tls_context: io.ClientTlsContext | None = None
+
+    def settings(self) -> ConnectionSettings:
+        return self._settings
+
+
+def test_tls_contexts_are_built_ahead_and_bad_files_left_to_start(tmp_path: Path) -> None:
+    good = _settings(tmp_path)
+    missing = _settings(tmp_path, key_path=tmp_path / "missing.key")
+    devices = [_Device(good), _Device(missing), _Device(good)]
+    assert build_tls_contexts(devices) == 2  # type: ignore[arg-type]
+    assert isinstance(devices[0].tls_context, io.ClientTlsContext)
+    assert devices[1].tls_context is None  # Connection.start() will say what is wrong
+    assert isinstance(devices[2].tls_context, io.ClientTlsContext)
+
+    stop = threading.Event()
+    stop.set()
+    late = [_Device(good)]
+    assert build_tls_contexts(late, stop) == 0  # type: ignore[arg-type]
+    assert late[0].tls_context is None
+
+
+def test_connection_uses_a_prebuilt_tls_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path, connect_timeout_s=0.5, fail_fast=False)
+    context = build_tls_context(settings)
+
+    def refuse(_: ConnectionSettings) -> io.ClientTlsContext:
+        raise AssertionError("the prebuilt context should have been used")
+
+    monkeypatch.setattr(connection_module, "build_tls_context", refuse)
+    connection = Connection(settings, tls_context=context)
+
+    async def start() -> None:
+        with pytest.raises(ConnectionFailed) as failed:  # nothing listens on port 1
+            await connection.start()
+        assert failed.value.kind != "config"
+
+    asyncio.run(start())

@@ -796,9 +796,15 @@ class Connection:
         settings: ConnectionSettings,
         *,
         on_event: Callable[[ConnectionEvent], None] | None = None,
+        tls_context: io.ClientTlsContext | None = None,
     ) -> None:
+        """``tls_context``: a context already built for ``settings`` (e.g. by
+        :func:`build_tls_context`, ahead of time or on another thread); without it,
+        :meth:`start` builds one from ``settings``. The client keeps it while it lives (it
+        is needed for every reconnect)."""
         self.settings = settings
         self._on_event = on_event
+        self._tls_context = tls_context
         self._state = ConnectionState.STOPPED
         self._started = False
         self._client: mqtt5.Client | None = None
@@ -890,7 +896,9 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._bridge = _LoopBridge(self._loop)
         try:
-            tls = build_tls_context(self.settings)
+            tls = self._tls_context
+            if tls is None:
+                tls = build_tls_context(self.settings)
         except ConnectionFailed as exc:
             self._counters.last_error = exc.reason
             self._set_state(ConnectionState.STOPPED, exc.reason)
@@ -904,6 +912,7 @@ class Connection:
         options.on_lifecycle_event_disconnection_fn = self._crt_disconnection
         options.on_lifecycle_event_stopped_fn = self._crt_stopped
         self._client = mqtt5.Client(options)
+        self._tls_context = None  # the client holds it from now on
         self._raw_publish = _raw_publish_function()
         log.info(
             "connection: starting client id %s to %s",

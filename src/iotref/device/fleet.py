@@ -66,7 +66,7 @@ import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -74,7 +74,7 @@ from typing import Any, Final
 
 import httpx
 import orjson
-from awscrt import mqtt5
+from awscrt import io, mqtt5
 
 from iotref.device.certificate_store import (
     CERTIFICATE_FILE,
@@ -922,12 +922,80 @@ class StatusGenerator:
 # --------------------------------------------------------------------------- one device
 
 
+# s2n makes every new TLS configuration load the system's CA bundle (aws-lc's default
+# paths: 144 certificates here, ~3.7 ms), and aws-c-io throws it away again at once because a
+# device trusts only its own CA file. While the fleet builds its contexts these variables
+# point aws-lc's default paths at nothing.
+_DEFAULT_TRUST_VARIABLES: Final = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+@contextlib.contextmanager
+def without_system_trust_store() -> Iterator[None]:
+    """Within: new awscrt TLS contexts do not load the system's CA bundle first.
+
+    Only for contexts that replace the trust store anyway (as
+    :func:`~iotref.device.connection.build_tls_context` does with ``ca_path``): a context
+    that relies on the system's CAs built here would trust nothing. It changes this
+    process's environment, so use it where nothing else is opening TLS connections.
+    """
+    saved = {name: os.environ.get(name) for name in _DEFAULT_TRUST_VARIABLES}
+    for name in _DEFAULT_TRUST_VARIABLES:
+        os.environ[name] = os.devnull
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def build_tls_contexts(devices: Sequence[FleetDevice], stop: threading.Event | None = None) -> int:
+    """Build each device's TLS context (on a worker thread, before connecting), so the
+    connect ramp only creates clients. A device whose files are unusable gets none, and
+    :meth:`Connection.start` reports why as usual. Returns how many were built.
+
+    awscrt keeps the GIL while it builds a context, so more than one worker thread would
+    not build faster; what makes it cheap is skipping the system CA bundle."""
+    built = 0
+    with without_system_trust_store():
+        for device in devices:
+            if stop is not None and stop.is_set():
+                break
+            with contextlib.suppress(ConnectionFailed):
+                device.tls_context = build_tls_context(device.settings())
+                built += 1
+    return built
+
+
 class FleetDevice:
     """One simulated machine: its connection, shadow sync and telemetry."""
+
+    __slots__ = (
+        "_up_since",
+        "asset",
+        "connect_started",
+        "connected_at",
+        "connection",
+        "ever_connected",
+        "failed",
+        "generated",
+        "generator",
+        "identity",
+        "outbox",
+        "run",
+        "sender",
+        "shadow",
+        "synced_at",
+        "telemetry",
+        "tls_context",
+    )
 
     def __init__(self, identity: FleetDeviceIdentity, run: FleetRun) -> None:
         self.identity = identity
         self.run = run
+        self.tls_context: io.ClientTlsContext | None = None
         self.connection: Connection | None = None
         self.shadow: ShadowSync | None = None
         self.telemetry: Telemetry | None = None
@@ -975,7 +1043,8 @@ class FleetDevice:
     async def connect(self) -> None:
         """Set up and connect; the shadow subscriptions ride on the first CONNACK."""
         run = self.run
-        connection = Connection(self.settings(), on_event=self._on_event)
+        tls_context, self.tls_context = self.tls_context, None  # the client keeps it
+        connection = Connection(self.settings(), on_event=self._on_event, tls_context=tls_context)
         shadow = ShadowSync(connection, self.client_id, timeout_s=run.options.shadow_timeout_s)
         await shadow.client.subscribe()  # registered now, one SUBSCRIBE on connect
         await shadow.start(wait=False)
@@ -1614,6 +1683,13 @@ class FleetRun:
         limit = asyncio.Semaphore(opts.connect_concurrency)
         start = time.monotonic()
         last = start
+        self._enter("building TLS contexts")
+        stop = threading.Event()
+        try:
+            await asyncio.to_thread(build_tls_contexts, self.devices, stop)
+        finally:
+            stop.set()
+        self._enter("connecting")
 
         async def one(device: FleetDevice) -> None:
             nonlocal last
