@@ -227,8 +227,10 @@ class _Extra:
         }
 
 
-async def _nothing(request: Any) -> Any:  # pragma: no cover - never called
-    raise NotImplementedError
+async def _nothing(request: Any) -> Any:  # pragma: no cover - only routed, never called
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({})
 
 
 def test_components_contribute_fragments() -> None:
