@@ -47,11 +47,8 @@ from iotref.device.connection import Connection, ConnectionSettings
 from iotref.device.messages import (
     Asset,
     AssetType,
-    DeviceStatusV2,
     Sender,
     SenderType,
-    StatusV2,
-    build_message,
 )
 from iotref.device.outbox import Outbox, OutboxFull
 from iotref.device.shadow import ShadowSync
@@ -63,6 +60,8 @@ from iotref.device.telemetry import (
 )
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from tests.support.counted_messages import index_of
+from tests.support.counted_messages import status_message as counted_message
 from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess
 
@@ -74,20 +73,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def status_message(asset: Asset, index: int) -> dict[str, Any]:
     """A valid Status v2 message carrying ``index`` as its production counter."""
-    return build_message(
-        SENDER,
-        asset,
-        StatusV2(
-            status=DeviceStatusV2.PRODUCTION,
-            speed=1000,
-            totalproductioncounter=index,
-            statusdetails="running",
-        ),
-    )
-
-
-def index_of(message: dict[str, Any]) -> int:
-    return int(message["payload"]["signalstatus"]["deviceinfo"]["totalproductioncounter"])
+    return counted_message(SENDER, asset, index)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -44,10 +44,7 @@ from iotref.device.connection import Connection, ConnectionEvent, ConnectionSett
 from iotref.device.messages import (
     Asset,
     AssetType,
-    DeviceStatusV2,
     SenderType,
-    StatusV2,
-    build_message,
 )
 from iotref.device.messages import (
     Sender as SenderIdentity,
@@ -57,6 +54,8 @@ from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from tests.support.counted_messages import index_of
+from tests.support.counted_messages import status_message as counted_message
 from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess
 
@@ -261,21 +260,8 @@ class Watcher:
 
 
 def status_message(asset: Asset, index: int) -> dict[str, Any]:
-    """A valid Status v2 message carrying ``index`` as its total production counter."""
-    return build_message(
-        IDENTITY,
-        asset,
-        StatusV2(
-            status=DeviceStatusV2.PRODUCTION,
-            speed=1000,
-            totalproductioncounter=index,
-            statusdetails="running",
-        ),
-    )
-
-
-def index_of(message: dict[str, Any]) -> int:
-    return int(message["payload"]["signalstatus"]["deviceinfo"]["totalproductioncounter"])
+    """A valid Status v2 message carrying ``index`` as its production counter."""
+    return counted_message(IDENTITY, asset, index)
 
 
 def device_topic(device: DeviceFiles) -> str:
