@@ -93,6 +93,20 @@ def test_wal_mode_and_synchronous_levels(tmp_path: Path) -> None:
             assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_new_outbox_has_8k_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "new.sqlite3") as ob:
+        assert ob._conn().execute("PRAGMA page_size").fetchone()[0] == 8192
+    old = tmp_path / "old.sqlite3"
+    with sqlite3.connect(old) as db:  # an outbox made with SQLite's default pages
+        db.execute("PRAGMA page_size=4096")
+        db.execute("PRAGMA journal_mode=WAL")
+    with Outbox(old) as ob:
+        ob.append(TOPIC, b"kept")
+    with Outbox(old) as ob:
+        assert ob._conn().execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert payloads(ob) == [b"kept"]
+
+
 def test_second_owner_is_refused(db_path: Path) -> None:
     with Outbox(db_path), pytest.raises(OutboxLocked):
         Outbox(db_path)
@@ -235,6 +249,36 @@ def test_acks_are_batched(tmp_path: Path) -> None:
         assert [r.seq for r in ob.read_batch()] == [seqs[4]]
 
 
+def test_read_pending_gives_bare_rows_and_skips_acked_ones(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite3", ack_batch=100) as ob:
+        seqs = [ob.append(TOPIC, b"m%d" % i).seq for i in range(8)]
+        assert ob.read_pending(0, 3) == [(s, TOPIC, b"m%d" % i) for i, s in enumerate(seqs[:3])]
+        # Acked but not yet deleted, after the cursor: skipped, and the limit still filled.
+        ob.ack(seqs[3])
+        ob.ack(seqs[5])
+        assert ob.pending_acks == 2
+        assert [row[0] for row in ob.read_pending(seqs[2], 3)] == [seqs[4], seqs[6], seqs[7]]
+        assert [row[0] for row in ob.read_pending(seqs[6], 10)] == [seqs[7]]
+
+
+def test_acks_in_any_order_delete_exactly_the_acked_rows(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite3", ack_batch=1000) as ob:
+        seqs = [ob.append(TOPIC, b"m%d" % i).seq for i in range(20)]
+        acked = [seqs[i] for i in (7, 0, 1, 2, 19, 9, 10, 8, 15, 3)]
+        for seq in acked:  # runs 0-3, 7-10, 15 and 19, acked out of order
+            ob.ack(seq)
+        ob.ack(seqs[1])  # twice
+        assert ob.flush_acks() == len(acked)
+        ob.ack(seqs[2])  # again, after its row is gone: nothing else goes with it
+        ob.ack(seqs[4])
+        assert ob.flush_acks() == 1
+        left = [s for s in seqs if s not in acked and s != seqs[4]]
+        assert [r.seq for r in ob.read_batch(0, 100)] == left
+        stats = ob.stats()
+        assert stats.depth == len(left) and stats.acked == len(acked) + 1
+        assert stats.bytes == sum(len(p) + len(TOPIC) for p in payloads(ob))
+
+
 _CRASH_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
@@ -342,6 +386,7 @@ class OutboxMachine(RuleBasedStateMachine):
         start = expected[after] if after < len(expected) else (expected[-1] if expected else 0)
         got = self.ob.read_batch(start, limit)
         assert [r.seq for r in got] == [s for s in expected if s > start][:limit]
+        assert self.ob.read_pending(start, limit) == [(r.seq, r.topic, r.payload) for r in got]
 
     @invariant()
     def everything_in_order(self) -> None:

@@ -21,8 +21,9 @@ from iotref.device.messages import (
     SenderType,
     StatusV2,
     build_message,
+    to_json,
 )
-from iotref.device.outbox import AppendResult, Outbox, OutboxEntry, OutboxFull
+from iotref.device.outbox import AppendResult, Outbox, OutboxEntry, OutboxFull, OutboxRecord
 from iotref.device.telemetry import (
     PermissionFlag,
     SendStatus,
@@ -760,5 +761,99 @@ def test_an_outbox_subclass_with_its_own_append_is_never_grouped(tmp_path: Path)
                 assert OwnAppend.calls == 10 and not tel._grouping
         finally:
             ob.close()
+
+    run(main())
+
+
+def test_a_rewind_with_a_full_memory_tail_republishes_everything_in_order(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher stalls (no PUBACKs) while the sender runs far ahead: the memory tail
+    fills up (``2 * window``) and later messages are only in the outbox; a reconnect then
+    drops the tail and everything unacknowledged is read back from the oldest, in order."""
+    reads: list[list[int]] = []
+    read_pending = outbox.read_pending
+
+    def spy(after_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+        rows = read_pending(after_seq, limit)
+        reads.append([row[0] for row in rows])
+        return rows
+
+    monkeypatch.setattr(outbox, "read_pending", spy)
+
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC, window=5, batch=5) as tel:
+            await asyncio.sleep(0.01)  # the first read: empty, so the tail is all there is
+            for i in range(40):
+                await tel.send(message(i))
+            await settle(lambda: tel.in_flight == 5)
+            # At most 2 * window in memory, then the tail was full: the rest is stored only.
+            assert tel._tail and len(tel._tail) <= 10 and not tel._tail_valid
+            reads.clear()
+            conn.drop()
+            await conn.reconnect()
+            while len(set(conn.counters())) < 40 or conn.in_flight:
+                conn.ack_all()
+                await asyncio.sleep(0.001)
+            await settle(lambda: outbox.depth == 0)
+            assert first_occurrences(conn.counters()) == list(range(40))
+            assert conn.counters()[:5] == list(range(5))  # the first pass, never acked
+
+    run(main())
+    assert reads[0][0] == 1  # the rewind dropped the tail: read back from the oldest
+
+
+def test_the_tail_is_published_before_the_rest_is_read_back(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[list[int]] = []
+    read_pending = outbox.read_pending
+
+    def spy(after_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+        rows = read_pending(after_seq, limit)
+        reads.append([row[0] for row in rows])
+        return rows
+
+    monkeypatch.setattr(outbox, "read_pending", spy)
+
+    async def main() -> None:
+        conn = FakeConnection()
+        async with Telemetry(conn, outbox, TOPIC, window=5, batch=5) as tel:
+            await asyncio.sleep(0.01)  # the first read: empty, so the tail is all there is
+            reads.clear()
+            for i in range(40):  # no pause: the publisher falls behind by more than 10
+                tel._since_yield = 0
+                await tel.send(message(i))
+            while len(conn.published) < 40 or conn.in_flight:
+                conn.ack_all()
+                await asyncio.sleep(0.001)
+            assert conn.counters() == list(range(40))
+
+    run(main())
+    read_back = [seq for batch in reads for seq in batch]
+    # What did not fit the memory tail was read from the outbox, each message once.
+    assert read_back and len(read_back) == len(set(read_back)) and read_back == sorted(read_back)
+    assert read_back[-1] == 40
+    assert read_back[0] > 5  # not from the oldest: what was in memory was not read again
+
+
+def test_an_outbox_subclass_with_its_own_read_batch_is_read_through_it(tmp_path: Path) -> None:
+    class OwnRead(Outbox):
+        reads = 0
+
+        def read_batch(self, after_seq: int = 0, limit: int = 500) -> list[OutboxRecord]:
+            OwnRead.reads += 1
+            return super().read_batch(after_seq, limit)
+
+    async def main() -> None:
+        path = tmp_path / "own.sqlite3"
+        with OwnRead(path) as ob:  # a backlog: read back at start
+            for i in range(5):
+                ob.append(TOPIC, to_json(message(i)))
+            conn = FakeConnection(auto_ack=True)
+            async with Telemetry(conn, ob, TOPIC):
+                await settle(lambda: ob.depth == 0)
+            assert conn.counters() == list(range(5)) and OwnRead.reads >= 1
 
     run(main())

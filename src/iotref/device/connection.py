@@ -263,7 +263,9 @@ class ConnectionState(enum.Enum):
 
     @property
     def terminal(self) -> bool:
-        return self in (ConnectionState.TAKEN_OVER, ConnectionState.STOPPED)
+        # Identity, not ``in (...)``: the members are singletons, and this runs for every
+        # publish (a tuple's ``in`` calls the enum's ``__eq__``).
+        return self is ConnectionState.TAKEN_OVER or self is ConnectionState.STOPPED
 
 
 @dataclass(frozen=True)
@@ -1156,7 +1158,10 @@ class Connection:
         if callback is None:
             return  # already failed by _finish
         error = crt_exceptions.from_code(error_code) if error_code else None
-        code = _puback_reason_code(reason_code) if qos == 1 and error is None else None
+        # 0 (success), the usual case, needs no decoding: it reads like no code at all.
+        code = (
+            _puback_reason_code(reason_code) if qos == 1 and error is None and reason_code else None
+        )
         _call_publish_callback(callback, self._outcome(topic, qos, error, code))
 
     def _complete_publish_callback(self, key: int, topic: str, qos: int, cf: Any) -> None:

@@ -663,20 +663,26 @@ class StatusV2:
     event: Event | None = None
 
     def __post_init__(self) -> None:
-        _set(self, "status", _enum(DeviceStatusV2, self.status, "StatusV2.status"))
-        _set(self, "speed", _number(self.speed, "StatusV2.speed"))
-        _set(
-            self,
-            "totalproductioncounter",
-            _number(self.totalproductioncounter, "StatusV2.totalproductioncounter"),
-        )
-        _set(self, "statusdetails", _text(self.statusdetails, "StatusV2.statusdetails"))
-        _set(
-            self,
-            "productioncounter",
-            _opt_number(self.productioncounter, "StatusV2.productioncounter"),
-        )
-        _set(self, "jobphase", _items(self.jobphase, JobPhaseV2, "StatusV2.jobphase"))
+        # Each field is checked (and normalised); it is set again only when the check
+        # changed it, which a well-typed value never is (this runs for every message).
+        status = _enum(DeviceStatusV2, self.status, "StatusV2.status")
+        if status is not self.status:
+            _set(self, "status", status)
+        speed = _number(self.speed, "StatusV2.speed")
+        if speed is not self.speed:
+            _set(self, "speed", speed)
+        total = _number(self.totalproductioncounter, "StatusV2.totalproductioncounter")
+        if total is not self.totalproductioncounter:
+            _set(self, "totalproductioncounter", total)
+        details = _text(self.statusdetails, "StatusV2.statusdetails")
+        if details is not self.statusdetails:
+            _set(self, "statusdetails", details)
+        if self.productioncounter is not None:
+            counter = _number(self.productioncounter, "StatusV2.productioncounter")
+            if counter is not self.productioncounter:
+                _set(self, "productioncounter", counter)
+        if self.jobphase is not None:
+            _set(self, "jobphase", _items(self.jobphase, JobPhaseV2, "StatusV2.jobphase"))
         if self.event is not None and not isinstance(self.event, Event):
             raise InvalidField("StatusV2.event", "must be an Event")
 

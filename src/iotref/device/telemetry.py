@@ -227,6 +227,11 @@ async def _wait_event(event: asyncio.Event, seconds: float) -> None:
             await event.wait()
 
 
+def _read_records(outbox: Outbox, after_seq: int, limit: int) -> list[_Pending]:
+    """``Outbox.read_pending`` for an outbox that overrides ``read_batch``."""
+    return [(r.seq, r.topic, r.payload) for r in outbox.read_batch(after_seq, limit)]
+
+
 def _default_validator() -> MessageValidatorLike:
     from iotref.protocol.message_schemas import default_validator
 
@@ -289,11 +294,17 @@ class Telemetry:
         self._gen = 0
         self._cursor = 0
         # Messages appended by this object while the drainer had read everything up to
-        # ``_cursor``: when ``_tail_valid``, exactly the rows after the cursor, so the
-        # drainer takes them from memory instead of reading them back from SQLite.
+        # ``_cursor``: the rows right after the cursor, in order, so the drainer takes
+        # them from memory instead of reading them back from SQLite; when
+        # ``_tail_valid``, all of them (else the rows after the tail's are read back).
         self._tail: deque[_Pending] = deque()
         self._tail_valid = False
         self._tail_max = max(window, batch) * 2
+        self._read_pending: Callable[[int, int], list[_Pending]] = (
+            outbox.read_pending
+            if type(outbox).read_batch is Outbox.read_batch
+            else partial(_read_records, outbox)
+        )
         self._published_high = 0
         # The seqs published in the current generation and not yet acknowledged.
         self._in_flight: set[int] = set()
@@ -589,8 +600,13 @@ class Telemetry:
     def _remember(self, seq: int, payload: bytes, dropped: int) -> None:
         if not self._tail_valid:
             return
-        if dropped or len(self._tail) >= self._tail_max:
-            self._forget_tail()  # evicted rows may be in it / too big: read from SQLite
+        if dropped:
+            self._forget_tail()  # evicted rows may be in it: read from SQLite
+            return
+        if len(self._tail) >= self._tail_max:
+            # Full: keep it, and read this message and the next ones back from SQLite
+            # once the tail is published.
+            self._tail_valid = False
             return
         self._tail.append((seq, self.topic, payload))
 
@@ -646,12 +662,13 @@ class Telemetry:
                 continue
             want = min(room, self._batch)
             records: list[_Pending]
-            if self._tail_valid:
-                tail = self._tail
+            tail = self._tail
+            if tail:
                 records = [tail.popleft() for _ in range(min(want, len(tail)))]
+            elif self._tail_valid:
+                records = []
             else:
-                stored = self._outbox.read_batch(self._cursor, want)
-                records = [(r.seq, r.topic, r.payload) for r in stored]
+                records = self._read_pending(self._cursor, want)
                 # Fewer than asked for: nothing else is stored after them, so from now on
                 # this object's own appends are the whole tail.
                 self._tail_valid = len(records) < want
