@@ -114,6 +114,19 @@ def run_size(ctx: BenchContext, devices: int) -> tuple[dict[str, Any], dict[str,
     return json.loads(out), cpu, elapsed
 
 
+def _memory_note(report: dict[str, Any]) -> str:
+    """Which malloc tuning the simulator ran with, and its memory mappings (the kernel
+    caps them at ``vm.max_map_count``)."""
+    memory = report["memory"]
+    malloc = memory.get("malloc") or {}
+    if not malloc:
+        return "simulator (malloc not tuned)"
+    return (
+        f"simulator; glibc mmap threshold {malloc['mmap_threshold'] // 1024} kB, "
+        f"{memory.get('memory_maps_before_stop')} mappings of max {malloc.get('max_map_count')}"
+    )
+
+
 def run(ctx: BenchContext) -> list[Figure]:
     figures: list[Figure] = []
     for devices in SIZES:
@@ -136,7 +149,7 @@ def run(ctx: BenchContext) -> list[Figure]:
             Figure(f"{p} latency p99", lat["p99_ms"] or 0, "ms"),
             Figure(f"{p} latency max", lat["max_ms"] or 0, "ms"),
             Figure(f"{p} lost", lost_n, "messages", f"by the {source}; errors: {errors}"),
-            Figure(f"{p} peak RSS", report["memory"]["peak_rss_mb"], "MB", "simulator"),
+            Figure(f"{p} peak RSS", report["memory"]["peak_rss_mb"], "MB", _memory_note(report)),
             Figure(
                 f"{p} RSS per device",
                 report["memory"]["peak_rss_mb"] * 1000 / devices,

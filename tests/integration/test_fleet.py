@@ -159,6 +159,17 @@ def test_shards_and_their_merged_report_agree_with_one_run(
     for shard in shards:
         assert shard["devices"] == DEVICES // 2
         assert shard["provisioning"]["reused"] == DEVICES // 2  # the single run's stores
+        # `iotref fleet` owns its process: it tunes glibc's malloc (where it is glibc), and
+        # asks the monitor for its counts only once the devices are stopped.
+        memory = shard["memory"]
+        if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            assert memory["malloc"]["applied"] is True
+            assert memory["malloc"]["mmap_threshold"] == 6 * 1024
+            assert set(memory["trimmed_mb"]) == {"after provisioning", "after connecting"}
+        assert memory["memory_maps_before_stop"] > 0
+        if shard["lost"]["monitor"] is not None:
+            phases = list(shard["cpu_s"])
+            assert phases.index("stopping") < phases.index("counting")
 
     merged_out = subprocess.run(
         [sys.executable, "-m", "iotref.cli.main", "fleet", "merge", "--json", *map(str, paths)],

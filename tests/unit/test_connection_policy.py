@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import functools
 import json
+import os
 import random
 import threading
 from pathlib import Path
@@ -92,6 +93,25 @@ def test_backoff_object_resets() -> None:
     assert b.cap == 1
     with pytest.raises(ValueError):
         Backoff(0, 1)
+
+
+def test_backoffs_share_one_generator_reseeded_in_a_forked_child() -> None:
+    """Backoffs without their own rng share one (a fleet keeps one per device alive);
+    a forked child draws a different sequence from its parent."""
+    a, b = Backoff(1, 8), Backoff(1, 8)
+    assert a.rng is b.rng
+    assert Backoff(1, 8, rng=random.Random(3)).rng is not a.rng
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report its next draws and leave at once
+        os.close(read)
+        os.write(write, repr([a.rng.random() for _ in range(4)]).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child_draws = pipe.read()
+    os.waitpid(pid, 0)
+    assert child_draws != repr([a.rng.random() for _ in range(4)])
 
 
 # --------------------------------------------------------------------------- takeover

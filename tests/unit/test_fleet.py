@@ -463,3 +463,60 @@ def test_connection_uses_a_prebuilt_tls_context(
         assert failed.value.kind != "config"
 
     asyncio.run(start())
+
+
+_MMAP_PROBE = """
+import ctypes, json, re, sys
+from iotref.device.fleet import tune_malloc
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+
+
+def mmapped_blocks(path):
+    out = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, out)
+    libc.fclose(out)
+    text = open(path).read()
+    return int(re.search(r'<total type="mmap" count="(\\d+)"', text).group(1))
+
+
+path = sys.argv[1]
+tuned = tune_malloc() if sys.argv[2] == "tuned" else None
+before = mmapped_blocks(path)
+blocks = [libc.malloc(6224) for _ in range(2000)]  # one MQTT 5 operation table each
+print(json.dumps({"tuning": tuned, "new_mmapped": mmapped_blocks(path) - before}))
+"""
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/maps") or not hasattr(os, "confstr"), reason="Linux only"
+)
+@pytest.mark.parametrize("mode", ["tuned", "default"])
+def test_malloc_tuning_gives_large_blocks_pages_of_their_own(tmp_path: Path, mode: str) -> None:
+    # In a process of its own: the setting is process-wide.
+    import subprocess
+    import sys
+
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    if not libc.startswith("glibc"):
+        pytest.skip("glibc only")
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAP_PROBE, str(tmp_path / "info.xml"), mode],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result = json.loads(out)
+    if mode == "tuned":
+        assert result["tuning"]["applied"] is True
+        assert result["tuning"]["mmap_threshold"] == 6 * 1024
+        # The first ones fill what the heap has free already (a few MB after start-up);
+        # the rest get pages of their own.
+        assert result["new_mmapped"] >= 1000
+    else:
+        assert result["new_mmapped"] == 0  # glibc's default threshold is 128 kB

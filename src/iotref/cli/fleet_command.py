@@ -213,6 +213,7 @@ def fleet(
             site=site,
             bulk=not no_bulk,
             seed=seed,
+            tune_malloc=True,
         )
         run = FleetRun(env, options, sandbox=sandbox)
         show = not no_progress and sys.stderr.isatty()

@@ -12,8 +12,20 @@ their network together do not come back in lock step.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
+
+# One generator for every Backoff that is not given its own: a random.Random is 2.5 kB
+# (and reads the OS's entropy to seed itself), and a fleet simulator keeps one Backoff per
+# device alive (the shadow reporter's). Jitter needs no per-instance stream.
+_SHARED_RNG = random.Random()
+# A forked child reseeds it, so that processes forked from one parent do not jitter alike.
+os.register_at_fork(after_in_child=_SHARED_RNG.seed)
+
+
+def _shared_rng() -> random.Random:
+    return _SHARED_RNG
 
 
 def backoff_cap(attempt: int, min_s: float, max_s: float) -> float:
@@ -37,7 +49,7 @@ class Backoff:
 
     min_s: float = 0.5
     max_s: float = 30.0
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=_shared_rng)
     attempt: int = 0
 
     def __post_init__(self) -> None:
