@@ -527,6 +527,30 @@ def test_requests_of_one_shadow_are_processed_in_order(device: ShadowDevice) -> 
     assert got["get/accepted"]["state"]["reported"] == {"n": count - 1}
 
 
+def test_messages_of_each_update_arrive_in_order(device: ShadowDevice) -> None:
+    """The service hands an update's messages to the broker back to back without waiting
+    for each PUBACK: they still arrive as accepted, delta, documents, update after update."""
+    shadow = f"burst-{uuid.uuid4().hex[:6]}"
+    device.subscribe(shadow)
+    device.drain()
+    base = prefix(device.thing, shadow)
+    count = 30
+    for i in range(count):
+        device.probe.publish(f"{base}/update", json.dumps({"state": {"desired": {"n": i}}}), qos=1)
+    topics = {f"{base}/update/{suffix}" for suffix in ("accepted", "delta", "documents")}
+    seen = []
+    while len(seen) < 3 * count:
+        msg = device.wait(topics, timeout=20)
+        body = json.loads(msg.payload)
+        version = body["current"]["version"] if "current" in body else body["version"]
+        seen.append((msg.topic.rsplit("/", 1)[1], version))
+    assert seen == [
+        (suffix, version)
+        for version in range(1, count + 1)
+        for suffix in ("accepted", "delta", "documents")
+    ]
+
+
 def test_rest_update_reaches_the_device(sandbox: SandboxProcess, device: ShadowDevice) -> None:
     shadow = "from-rest"
     device.subscribe(shadow)
