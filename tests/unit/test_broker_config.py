@@ -6,6 +6,7 @@ from pathlib import Path
 
 from iotref.protocol.topics import SHADOW_RESPONSE_SUFFIXES
 from iotref.sandbox.broker_config import (
+    MAX_QUEUED_MESSAGES,
     TELEMETRY_TOPIC,
     BrokerConfig,
     Listener,
@@ -52,6 +53,8 @@ def test_config(tmp_path: Path) -> None:
     assert "allow_anonymous false" in text
     assert f"persistence_location {tmp_path}/" in text
     assert "user root" in text
+    # A burst to the ingestion's connections waits in the broker instead of being dropped.
+    assert f"max_queued_messages {MAX_QUEUED_MESSAGES}" in text.splitlines()
     first, second = text.split("\nlistener ")[1:]
     assert first.startswith("8883 127.0.0.1")
     assert "use_username_as_clientid true" in first

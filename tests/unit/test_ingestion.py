@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -15,6 +14,7 @@ from multiprocessing import Pipe
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from awscrt import mqtt5
 
 from iotref.device.messages import (
@@ -135,7 +135,7 @@ def test_client_options_for_the_platform_listener() -> None:
     assert (options.host_name, options.port) == ("127.0.0.1", 8883)
     connect = options.connect_options
     assert connect.client_id == "ingest-0"
-    assert connect.receive_maximum == RECEIVE_MAXIMUM == 65535
+    assert connect.receive_maximum == RECEIVE_MAXIMUM == 200
     assert connect.session_expiry_interval_sec == 0
     assert connect.keep_alive_interval_sec == 30
     assert options.session_behavior == mqtt5.ClientSessionBehaviorType.CLEAN
@@ -175,11 +175,8 @@ def test_forwarder_sends_the_inbox_in_batches_then_ends() -> None:
 
 
 def test_receiver_checks_forwarded_messages_and_tracks_subscriptions() -> None:
-    out: queue.Queue[list[Record] | None] = queue.Queue()
-    receiver = Receiver(settings(2), builder(), out)
-    receiver._received(12.5, [(TOPIC, message()), (TOPIC, b"{oops")])
-    records = out.get_nowait()
-    assert records is not None
+    receiver = Receiver(settings(2), builder(), lambda batch: None)
+    records = receiver._received(12.5, [(TOPIC, message()), (TOPIC, b"{oops")])
     assert [r.valid for r in records] == [True, False]
     assert {r.received_at for r in records} == {12.5}
     assert receiver.messages == 2
@@ -189,6 +186,37 @@ def test_receiver_checks_forwarded_messages_and_tracks_subscriptions() -> None:
     assert receiver.subscribed.is_set()
     receiver._state(0, False, logging.WARNING, "lost the broker connection")
     assert not receiver.subscribed.is_set()
+
+
+def test_receiver_stores_what_has_arrived_meanwhile_as_one_batch() -> None:
+    ours, theirs = Pipe()
+    batches: list[list[Record]] = []
+    receiver = Receiver(settings(1), builder(), batches.append)
+    theirs.send(("messages", 1.0, [(TOPIC, message(counter=1))]))
+    theirs.send(("state", 0, True, logging.INFO, "subscribed"))
+    theirs.send(("messages", 2.0, [(TOPIC, message(counter=2)), (TOPIC, b"{oops")]))
+    theirs.send(("stopped",))
+    receiver._pump(ours)  # returns at "stopped"
+    assert len(batches) == 1
+    assert [(r.received_at, r.valid) for r in batches[0]] == [
+        (1.0, True),
+        (2.0, True),
+        (2.0, False),
+    ]
+    assert receiver.messages == 3
+    assert receiver.subscribed.is_set()
+
+
+def test_receiver_batches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("iotref.sandbox.ingestion.WRITE_BATCH_LIMIT", 2)
+    ours, theirs = Pipe()
+    batches: list[list[Record]] = []
+    receiver = Receiver(settings(1), builder(), batches.append)
+    for counter in range(5):
+        theirs.send(("messages", 1.0, [(TOPIC, message(counter=counter))]))
+    theirs.close()  # the receiving process ended: what arrived is still stored
+    receiver._pump(ours)
+    assert [len(batch) for batch in batches] == [2, 2, 1]
 
 
 # --------------------------------------------------------------------------- records

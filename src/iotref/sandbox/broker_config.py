@@ -20,6 +20,10 @@ PRIVILEGED_IDENTITIES = (PLATFORM_IDENTITY, OPERATOR_IDENTITY)
 MAX_PACKET_SIZE = 128 * 1024 + 4096  # AWS IoT Core: 128 KB payload, plus headers and topic
 PLATFORM_MAX_CONNECTIONS = 256
 PERSISTENT_CLIENT_EXPIRATION = "1h"  # AWS IoT Core's default persistent session expiry
+MAX_QUEUED_MESSAGES = 100_000
+"""QoS 1 messages Mosquitto holds per client beyond those in flight (its default: 1000,
+then it drops). The sandbox's ingestion connections ask for a modest receive maximum
+(see :mod:`iotref.sandbox.ingestion`), so a burst of telemetry waits here, not dropped."""
 
 
 def render_acl(telemetry_topic: str = TELEMETRY_TOPIC) -> str:
@@ -95,6 +99,7 @@ def render_config(config: BrokerConfig) -> str:
         f"autosave_interval {config.autosave_interval}",
         f"persistent_client_expiration {PERSISTENT_CLIENT_EXPIRATION}",
         f"max_packet_size {MAX_PACKET_SIZE}",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         "set_tcp_nodelay true",
         f"log_dest file {_check_path(config.log_file)}",
         "log_type error",

@@ -7,9 +7,14 @@ How it keeps up (20,000+ messages/s on a small machine):
   connections to the broker's platform listener (mutual TLS, the platform identity), with
   a shared subscription (``$share/iotref-ingest/...``) when there is more than one, so the
   broker spreads the messages over them. Each connection asks for a Receive Maximum of
-  65,535, so the broker keeps sending without waiting for acknowledgements. Several
-  connections also give a burst room: Mosquitto keeps only so much for one connection
-  (about ``max_queued_messages`` packets plus the socket buffers) and drops the rest.
+  :data:`RECEIVE_MAXIMUM` (200): enough that the broker rarely waits for an
+  acknowledgement, and few enough that awscrt's queue of outgoing PUBACKs stays short
+  (queueing one walks the PUBACKs already queued; with 65,535 allowed in flight that
+  walk took ~40% of the receiving process's CPU in a 100,000-message burst, measured
+  with ``perf``). What does not fit in flight waits in Mosquitto's per-client queue,
+  which the sandbox raises to ``max_queued_messages`` 100,000
+  (:data:`iotref.sandbox.broker_config.MAX_QUEUED_MESSAGES`) so a burst is not dropped.
+  Fewer than 16 connections were slower again (more queued PUBACKs per connection).
 * The clients run in a small child process (:func:`receiver_process_main`) that does
   nothing else: awscrt calls back once per message on its own threads and each callback
   needs Python's GIL, so in the sandbox process, next to the threads that validate and
@@ -19,15 +24,21 @@ How it keeps up (20,000+ messages/s on a small machine):
   in-memory queue (:class:`Inbox`); awscrt acknowledges the message (QoS 1 PUBACK) when
   the callback returns, so an acknowledged message is at least in that queue (a crash of
   the sandbox may lose the last moment's messages). A forwarding thread sends the queue
-  in batches over a pipe to the sandbox process.
-* There :class:`Receiver` parses and validates each message with the platform's schemas
-  (:class:`iotref.protocol.message_schemas.MessageValidator`) and checks its topic against
-  the thing registry (org id and client id of ``{telemetryTopic}/{orgId}/{clientId}``).
-* One writer thread stores batches in ``telemetry.db`` (:mod:`telemetry_store`) in one
-  transaction per batch; duplicates (same ``sendereventuuid``) are recognised by the
-  database's unique index, counted and not stored again.
-* After each batch the writer hands the new messages to :class:`TelemetryFeed`, the
-  in-process pub/sub of the monitor's live streams, on the event loop.
+  in batches over a pipe to the sandbox process (waiting a few milliseconds for more
+  when there are only a few, so that batches are not tiny).
+* There :class:`Receiver`'s thread parses and validates each message with the
+  platform's schemas (:class:`iotref.protocol.message_schemas.MessageValidator`), checks
+  its topic against the thing registry (org id and client id of
+  ``{telemetryTopic}/{orgId}/{clientId}``) and stores whatever has arrived meanwhile in
+  ``telemetry.db`` (:mod:`telemetry_store`), one transaction per batch
+  (:class:`BatchWriter`); duplicates (same ``sendereventuuid``) are recognised by the
+  database's unique index, counted and not stored again. Checking and storing share one
+  thread on purpose: as two threads they passed the GIL back and forth for every row and
+  spent most of their time waiting for it.
+* The monitor's counters (totals, per device, rates) are kept in memory as batches are
+  stored, so its summary never counts rows. After each batch, only when a live stream is
+  open, the new messages go to :class:`TelemetryFeed`, the in-process pub/sub of the
+  monitor's live streams, on the event loop.
 """
 
 from __future__ import annotations
@@ -61,12 +72,12 @@ log = logging.getLogger(__name__)
 SHARE_GROUP = "iotref-ingest"
 DEFAULT_CONNECTIONS = 16  # each adds room for a burst in Mosquitto's per-connection queue
 KEEPALIVE_SECONDS = 30
-RECEIVE_MAXIMUM = 65535
+RECEIVE_MAXIMUM = 200  # unacknowledged messages per connection (see the module doc)
 EVENT_LOOP_THREADS = 1  # the callbacks take turns on the GIL anyway; one thread, no contention
 INBOX_LIMIT = 200_000  # messages waiting in the receiving process before callbacks wait
 FORWARD_LIMIT = 2000  # messages per batch sent to the sandbox process
-WRITE_BATCH_LIMIT = 20_000  # records per database transaction
-QUEUE_CHUNKS = 256  # batches waiting for the writer before the receiver waits
+FORWARD_LINGER_SECONDS = 0.005  # a short wait for more, so that batches are not tiny
+WRITE_BATCH_LIMIT = 10_000  # records per database transaction
 CONNECT_WAIT_SECONDS = 15.0
 STOP_WAIT_SECONDS = 10.0
 RECONNECT_MIN_SECONDS = 0.1
@@ -395,12 +406,17 @@ class Inbox:
         self.closed = True
         self._ready.set()
 
-    def take(self, timeout: float, limit: int = FORWARD_LIMIT) -> list[tuple[str, bytes]]:
-        """Up to ``limit`` messages, waiting up to ``timeout`` for the first."""
+    def take(
+        self, timeout: float, limit: int = FORWARD_LIMIT, linger: float = 0.0
+    ) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` messages, waiting up to ``timeout`` for the first, then up to
+        ``linger`` seconds more for others when there are fewer than ``limit``."""
         self._ready.clear()
         if not self._messages:
             self._ready.wait(timeout)
         messages = self._messages
+        if messages and linger > 0 and len(messages) < limit and not self.closed:
+            time.sleep(linger)
         popleft = messages.popleft
         return [popleft() for _ in range(min(len(messages), limit))]
 
@@ -540,7 +556,7 @@ class ReceivingClients:
     def _forward(self) -> None:
         inbox = self.inbox
         while True:
-            batch = inbox.take(0.1)
+            batch = inbox.take(0.1, linger=FORWARD_LINGER_SECONDS)
             if batch:
                 if not self.send(("messages", time.time(), batch)):
                     return  # the sandbox process is gone
@@ -562,19 +578,26 @@ def receiver_process_main(fd: int) -> None:
 
 
 class Receiver(threading.Thread):
-    """In the sandbox process: runs the receiving process (again, should it end) and
-    turns the messages it forwards into checked records for the writer."""
+    """In the sandbox process: runs the receiving process (again, should it end), turns
+    the messages it forwards into checked records and hands them to ``sink`` (the
+    :class:`BatchWriter`) in batches: whatever has arrived while the previous batch was
+    being stored, up to :data:`WRITE_BATCH_LIMIT` records.
+
+    Checking and storing happen on this one thread. With a thread for each, they would
+    pass Python's GIL back and forth for every row (SQLite lets go of it for each
+    statement), and each time wait for the other's switch interval: most of the time
+    would go to waiting."""
 
     def __init__(
         self,
         settings: ReceiverSettings,
         builder: RecordBuilder,
-        out: queue.Queue[list[Record] | None],
+        sink: Callable[[list[Record]], None],
     ) -> None:
         super().__init__(name="ingest-receiver", daemon=True)
         self.settings = settings
         self.builder = builder
-        self.out = out
+        self.sink = sink
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
         self.messages = 0
@@ -622,6 +645,11 @@ class Receiver(threading.Thread):
         conn.send(self.settings)
         if self.stopping.is_set():
             self.stop()
+        self._pump(conn)
+
+    def _pump(self, conn: Connection) -> None:
+        """Handle what the receiving process sends until it stops (or does not in time
+        after :meth:`stop`)."""
         stop_deadline: float | None = None
         while True:
             if stop_deadline is None and self.stopping.is_set():
@@ -631,25 +659,41 @@ class Receiver(threading.Thread):
                 return
             if not conn.poll(0.5):
                 continue
-            try:
-                item = conn.recv()
-            except EOFError:
-                if not self.stopping.is_set():
-                    log.warning("ingestion: the receiving process ended unexpectedly")
-                return
-            kind = item[0]
-            if kind == "messages":
-                self._received(item[1], item[2])
-            elif kind == "state":
-                self._state(item[1], item[2], item[3], item[4])
-            elif kind == "stopped":
+            records: list[Record] = []
+            ended = False
+            # Everything already waiting in the pipe, up to a batch: one transaction.
+            while True:
+                try:
+                    item = conn.recv()
+                except EOFError:
+                    if not self.stopping.is_set():
+                        log.warning("ingestion: the receiving process ended unexpectedly")
+                    ended = True
+                    break
+                ended = self._handle(item, records)
+                if ended or len(records) >= WRITE_BATCH_LIMIT or not conn.poll(0):
+                    break
+            if records:
+                self.sink(records)
+            if ended:
                 return
 
-    def _received(self, received_at: float, messages: list[tuple[str, bytes]]) -> None:
+    def _handle(self, item: tuple[Any, ...], records: list[Record]) -> bool:
+        """Handle one item from the receiving process; True once it has stopped."""
+        kind = item[0]
+        if kind == "messages":
+            records += self._received(item[1], item[2])
+        elif kind == "state":
+            self._state(item[1], item[2], item[3], item[4])
+        elif kind == "stopped":
+            return True
+        return False
+
+    def _received(self, received_at: float, messages: list[tuple[str, bytes]]) -> list[Record]:
         build = self.builder.build
         records = [build(topic, payload, received_at) for topic, payload in messages]
         self.messages += len(records)
-        self.out.put(records)
+        return records
 
     def _state(self, index: int, subscribed: bool, level: int, text: str) -> None:
         log.log(level, "%s (connection %d)", text, index)
@@ -686,51 +730,34 @@ class Receiver(threading.Thread):
 # --------------------------------------------------------------------------- writer
 
 
-class Writer(threading.Thread):
-    """Stores queued records in batches and hands them to the feed."""
+class BatchWriter:
+    """Stores a batch of records (one transaction) and hands them to the live feed when
+    someone is watching; called by the :class:`Receiver`'s thread."""
 
     def __init__(
         self,
         store: TelemetryStore,
-        source: queue.Queue[list[Record] | None],
         deliver: Callable[[list[dict[str, Any]]], None],
         feed_active: Callable[[], bool],
     ) -> None:
-        super().__init__(name="ingest-writer", daemon=True)
         self.store = store
-        self.source = source
         self.deliver = deliver
         self.feed_active = feed_active
         self.batches = 0
 
-    def run(self) -> None:
-        done = False
-        while not done:
-            first = self.source.get()
-            if first is None:
-                break
-            batch = list(first)
-            while len(batch) < WRITE_BATCH_LIMIT:
-                try:
-                    more = self.source.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    done = True
-                    break
-                batch.extend(more)
-            try:
-                results = self.store.write_batch(batch)
-            except Exception:
-                log.exception("storing %d telemetry messages failed", len(batch))
-                continue
-            self.batches += 1
-            if self.feed_active():
-                events = [
-                    event_of(record, row_id, None if row_id else self._original(record))
-                    for record, row_id in results
-                ]
-                self.deliver(events)
+    def __call__(self, batch: list[Record]) -> None:
+        try:
+            results = self.store.write_batch(batch)
+        except Exception:
+            log.exception("storing %d telemetry messages failed", len(batch))
+            return
+        self.batches += 1
+        if self.feed_active():
+            events = [
+                event_of(record, row_id, None if row_id else self._original(record))
+                for record, row_id in results
+            ]
+            self.deliver(events)
 
     def _original(self, record: Record) -> int | None:
         if record.sendereventuuid is None:
@@ -765,9 +792,8 @@ class Ingestion:
         self.feed = TelemetryFeed()
         self.store: TelemetryStore | None = None
         self.directory = ThingDirectory(self._lookup_org)
-        self._queue: queue.Queue[list[Record] | None] = queue.Queue(QUEUE_CHUNKS)
         self._receivers: list[Receiver] = []
-        self._writer: Writer | None = None
+        self._writer: BatchWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         ctx.events.subscribe("thing_registered", self._on_thing_registered)
 
@@ -814,9 +840,8 @@ class Ingestion:
         self._loop = asyncio.get_running_loop()
         self.store = await asyncio.to_thread(TelemetryStore, self.database_path)
         builder = RecordBuilder(MessageValidator(), self.directory, self.telemetry_topic)
-        self._writer = Writer(self.store, self._queue, self._deliver, lambda: self.feed.active)
-        self._writer.start()
-        receiver = Receiver(self.receiver_settings(), builder, self._queue)
+        self._writer = BatchWriter(self.store, self._deliver, lambda: self.feed.active)
+        receiver = Receiver(self.receiver_settings(), builder, self._writer)
         receiver.start()
         self._receivers.append(receiver)
         deadline = time.monotonic() + CONNECT_WAIT_SECONDS
@@ -843,10 +868,6 @@ class Ingestion:
         for receiver in self._receivers:
             await asyncio.to_thread(receiver.join, STOP_WAIT_SECONDS + 5)
         self._receivers.clear()
-        if self._writer is not None:
-            await asyncio.to_thread(self._queue.put, None)
-            await asyncio.to_thread(self._writer.join, 10)
-            self._writer = None
         if self.store is not None:
             self.store.close()
         self._loop = None
@@ -857,6 +878,6 @@ class Ingestion:
             "subscribed": self.subscribed,
             "connections": self.connections,
             "topic_filter": self.topic_filter,
-            "queued_chunks": self._queue.qsize(),
+            "batches": self._writer.batches if self._writer is not None else 0,
             **totals,
         }

@@ -784,7 +784,15 @@ def _monitor_schemas() -> dict[str, Any]:
                         "subscribed": {"type": "boolean"},
                         "connections": {"type": "integer", "minimum": 1},
                         "topic_filter": {"type": "string"},
-                        "queued_chunks": count,
+                        "batches": {
+                            **count,
+                            "description": "Transactions the ingestion has stored.",
+                        },
+                        "queued_chunks": {
+                            **count,
+                            "description": "No longer reported (nothing queues up in the "
+                            "sandbox process any more); kept for older clients.",
+                        },
                         "stored": count,
                         **counters,
                     },

@@ -23,6 +23,11 @@ from typing import Any
 RATE_WINDOW_SECONDS = 600
 """How far back the per-second message-rate series reach (kept in memory)."""
 
+PAGE_SIZE = 16384
+"""Database page size of a new ``telemetry.db`` (SQLite's default is 4096). Each message
+adds a key to the ``sendereventuuid`` index at a random place: with bigger pages a batch
+dirties fewer pages, and storing costs about a third less."""
+
 _SCHEMA = [
     """
     CREATE TABLE IF NOT EXISTS telemetry_messages (
@@ -202,7 +207,7 @@ class TelemetryStore:
         self.path = path
         self._lock = threading.Lock()  # the counters
         self._write_lock = threading.Lock()
-        self._write = self._connect()
+        self._write = self._connect(PAGE_SIZE)
         for statement in _SCHEMA:
             self._write.execute(statement)
         self._read = self._connect()
@@ -215,11 +220,14 @@ class TelemetryStore:
         self.invalid = 0
         self._load_devices()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, page_size: int | None = None) -> sqlite3.Connection:
         conn = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30
         )
         conn.row_factory = sqlite3.Row
+        if page_size is not None:
+            # Only takes effect when the file is created (before WAL mode is set).
+            conn.execute(f"PRAGMA page_size={int(page_size)}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
