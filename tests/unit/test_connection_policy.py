@@ -11,6 +11,7 @@ import json
 import os
 import random
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,11 @@ from iotref.device.connection import (
     ConnectionFailed,
     ConnectionSettings,
     ConnectionState,
+    IncomingMessage,
     PublishFailed,
     TakeoverDetector,
     _LoopBridge,
+    _Subscription,
     build_client_options,
     build_tls_context,
     describe_failure,
@@ -326,6 +329,113 @@ async def test_unstarted_connection(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         await conn.start()
     await conn.stop()
+
+
+@pytest.mark.anyio
+async def test_handlers_of_one_filter_are_added_and_removed_in_order(tmp_path: Path) -> None:
+    conn = Connection(settings(tmp_path))
+    seen: list[str] = []
+
+    def first(message: IncomingMessage) -> None:
+        seen.append("first")
+
+    def second(message: IncomingMessage) -> None:
+        seen.append("second")
+
+    for handler in (first, second, first):  # registered now, subscribed on connect
+        await conn.subscribe("a/+", handler)
+    await conn.unsubscribe("a/+", first)  # the first of the two
+    conn._on_message(IncomingMessage("a/b", b"x", 1))
+    assert seen == ["second", "first"]
+    await conn.unsubscribe("a/+", second)
+    await conn.unsubscribe("a/+", second)  # not there any more: nothing happens
+    conn._on_message(IncomingMessage("a/c", b"x", 1))
+    assert seen == ["second", "first", "first"]
+    await conn.unsubscribe("a/+", first)
+    conn._on_message(IncomingMessage("a/d", b"x", 1))
+    assert seen == ["second", "first", "first"]
+
+
+def test_per_connection_objects_have_no_instance_dict(tmp_path: Path) -> None:
+    # A fleet holds thousands of connections: an instance dict costs ~1 kB each.
+    conn = Connection(settings(tmp_path))
+    objects = [conn, conn._detector, conn._counters, conn._attempt, _Subscription("a/b", 1)]
+    objects.append(_LoopBridge(asyncio.new_event_loop()))
+    try:
+        for obj in objects:
+            assert not hasattr(obj, "__dict__"), type(obj).__name__
+        assert weakref.ref(conn)() is conn  # applications may still refer to it weakly
+    finally:
+        objects[-1]._loop.close()  # type: ignore[attr-defined]
+
+
+class StoppingCrtClient:
+    """awscrt's client as :meth:`Connection.stop` sees it: ``stop()`` is a request, and
+    awscrt reports "stopped" later, from one of its own threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.stops = 0
+        self.threads: list[threading.Thread] = []
+
+    def stop(self) -> None:
+        self.stops += 1
+        self.report_stopped()
+
+    def report_stopped(self) -> None:
+        thread = threading.Thread(
+            target=self.conn._crt_stopped, args=(mqtt5.LifecycleStoppedData(),)
+        )
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+
+
+@pytest.mark.anyio
+async def test_stop_waits_until_awscrt_reports_the_client_stopped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[ConnectionEvent] = []
+    conn = Connection(settings(tmp_path), on_event=events.append)
+    client = StoppingCrtClient(conn)
+    conn._client = client
+    conn._bridge = _LoopBridge(asyncio.get_running_loop())
+    conn._started = conn._ever_connected = True
+    conn._state = ConnectionState.CONNECTED
+    await conn.stop()
+    client.join()
+    assert client.stops == 1
+    assert "did not report stopped" not in caplog.text  # woken by the report, no timeout
+    assert conn.state is ConnectionState.STOPPED and events[-1].state is ConnectionState.STOPPED
+    await conn.stop()  # again: nothing left to stop
+    assert client.stops == 1
+
+
+@pytest.mark.anyio
+async def test_stop_after_awscrt_stopped_by_itself_does_not_stop_it_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A takeover: the awscrt thread stopped the client right away (see _crt_disconnection).
+    conn = Connection(settings(tmp_path))
+    client = StoppingCrtClient(conn)
+    conn._client = client
+    conn._bridge = _LoopBridge(asyncio.get_running_loop())
+    conn._started = conn._ever_connected = True
+    conn._state = ConnectionState.CONNECTED
+    conn._takeover_reason = "the broker reported SESSION_TAKEN_OVER"
+    client.report_stopped()
+    client.join()
+    for _ in range(100):
+        if conn.taken_over:
+            break
+        await asyncio.sleep(0.01)
+    assert conn.taken_over
+    await conn.stop()
+    assert client.stops == 0 and "did not report stopped" not in caplog.text
+    assert conn.state is ConnectionState.TAKEN_OVER
 
 
 # --------------------------------------------------------------------------- publish_callback

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -857,3 +858,36 @@ def test_an_outbox_subclass_with_its_own_read_batch_is_read_through_it(tmp_path:
             assert conn.counters() == list(range(5)) and OwnRead.reads >= 1
 
     run(main())
+
+
+def test_the_drainers_wakeup_is_an_event_for_one_waiter() -> None:
+    async def main() -> None:
+        wake = telemetry_module._Wakeup()
+        wake.set()
+        assert wake.is_set()
+        await wake.wait()  # set: returns at once
+        wake.clear()
+        assert not wake.is_set()
+        waiter = asyncio.ensure_future(wake.wait())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        wake.set()
+        await waiter
+        wake.clear()
+        with pytest.raises(TimeoutError):  # the drainer's timed waits cancel the wait
+            async with asyncio.timeout(0):
+                await wake.wait()
+        waiter = asyncio.ensure_future(wake.wait())  # and it can wait again
+        await asyncio.sleep(0)
+        wake.set()
+        await waiter
+
+    run(main())
+
+
+def test_a_publisher_has_no_instance_dict_but_can_be_referenced_weakly(tmp_path: Path) -> None:
+    # A fleet holds thousands of publishers: an instance dict costs ~1.6 kB each.
+    with Outbox(tmp_path / "o.sqlite3") as ob:
+        tel = Telemetry(FakeConnection(), ob, TOPIC)
+        assert not hasattr(tel, "__dict__")
+        assert weakref.ref(tel)() is tel

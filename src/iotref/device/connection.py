@@ -317,6 +317,9 @@ class TakeoverDetector:
     Thread-safe; times come from ``clock`` (monotonic seconds).
     """
 
+    # One per connection: no instance dict (see Connection.__slots__).
+    __slots__ = ("_clock", "_connected_at", "_lock", "_short", "limit", "uptime_s", "window_s")
+
     def __init__(
         self,
         limit: int,
@@ -330,7 +333,9 @@ class TakeoverDetector:
         self._clock = clock
         self._lock = threading.Lock()
         self._connected_at: float | None = None
-        self._short: collections.deque[float] = collections.deque()
+        # The times of the recent short-lived hang-ups, oldest first: at most a few (a
+        # list, not a deque: an empty deque already takes a 760-byte block).
+        self._short: list[float] = []
 
     def connected(self) -> None:
         with self._lock:
@@ -347,12 +352,15 @@ class TakeoverDetector:
                 return None
             if error_name not in _HANGUP_ERRORS or now - connected_at > self.uptime_s:
                 return None
-            self._short.append(now)
-            while self._short and now - self._short[0] > self.window_s:
-                self._short.popleft()
-            if len(self._short) >= self.limit:
+            short = self._short
+            short.append(now)
+            expired = 0
+            while expired < len(short) and now - short[expired] > self.window_s:
+                expired += 1
+            del short[:expired]
+            if len(short) >= self.limit:
                 return (
-                    f"the broker closed {len(self._short)} connections within "
+                    f"the broker closed {len(short)} connections within "
                     f"{self.window_s:g} s, each soon after it was accepted: another process "
                     "is probably using this identity (or the network drops every new "
                     "connection)"
@@ -582,12 +590,14 @@ def build_tls_context(settings: ConnectionSettings) -> io.ClientTlsContext:
 class _LoopBridge:
     """Hands calls from awscrt threads to the asyncio loop, in order, batched."""
 
+    __slots__ = ("_items", "_lock", "_loop", "_scheduled")
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._items: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
-            collections.deque()
-        )
+        # A list swapped for a new one by each drain (a deque would keep a 760-byte block
+        # per connection even when empty).
+        self._items: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._scheduled = False
 
     def post(self, fn: Callable[..., None], *args: Any) -> None:
@@ -600,13 +610,13 @@ class _LoopBridge:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             with self._lock:
-                self._items.clear()
+                self._items = []
                 self._scheduled = False
 
     def _drain(self) -> None:
         with self._lock:
-            items = list(self._items)
-            self._items.clear()
+            items = self._items
+            self._items = []
             self._scheduled = False
         for fn, args in items:
             try:
@@ -618,16 +628,29 @@ class _LoopBridge:
 class _Subscription:
     """One topic filter, its handlers, and (for async handlers) an ordered worker."""
 
+    __slots__ = ("_queue", "_worker", "acked", "handlers", "qos", "topic_filter")
+
     def __init__(self, topic_filter: str, qos: int) -> None:
         self.topic_filter = topic_filter
         self.qos = qos
-        self.handlers: list[MessageHandler] = []
+        # A tuple (replaced on change): smaller than a list, and delivery needs no copy.
+        self.handlers: tuple[MessageHandler, ...] = ()
         self.acked = False
         self._queue: asyncio.Queue[tuple[MessageHandler, IncomingMessage]] | None = None
         self._worker: asyncio.Task[None] | None = None
 
+    def add(self, handler: MessageHandler) -> None:
+        self.handlers = (*self.handlers, handler)
+
+    def remove(self, handler: MessageHandler) -> None:
+        """Remove the first occurrence of ``handler``, if any."""
+        handlers = self.handlers
+        if handler in handlers:
+            i = handlers.index(handler)
+            self.handlers = handlers[:i] + handlers[i + 1 :]
+
     def deliver(self, message: IncomingMessage) -> None:
-        for handler in list(self.handlers):
+        for handler in self.handlers:
             if _is_async(handler):
                 self._enqueue(handler, message)
                 continue
@@ -762,13 +785,15 @@ class _EventStream:
 
     def _close(self) -> None:
         self._closed = True
-        self._owner._streams.discard(self)
+        streams = self._owner._streams
+        if streams is not None:
+            streams.discard(self)
 
 
 # --------------------------------------------------------------------------- the connection
 
 
-@dataclass
+@dataclass(slots=True)
 class _Counters:
     connects: int = 0
     disconnects: int = 0
@@ -780,7 +805,7 @@ class _Counters:
     last_error: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Attempt:
     """What the first connect of :meth:`Connection.start` learned."""
 
@@ -792,6 +817,38 @@ class _Attempt:
 class Connection:
     """One MQTT 5 connection with automatic reconnect. Use ``async with Connection(s) as c``
     or :meth:`start` / :meth:`stop`. Not thread-safe: use it from one asyncio loop."""
+
+    # A fleet holds thousands of connections: no instance dict (``__weakref__`` kept, so
+    # that applications can still hold weak references to a connection).
+    __slots__ = (
+        "__weakref__",
+        "_attempt",
+        "_bridge",
+        "_client",
+        "_client_stopped",
+        "_connected_callbacks",
+        "_counters",
+        "_detector",
+        "_ever_connected",
+        "_loop",
+        "_next_callback_key",
+        "_on_event",
+        "_pending",
+        "_pending_callbacks",
+        "_raw_publish",
+        "_session_present",
+        "_started",
+        "_state",
+        "_stop_waiter",
+        "_stopping",
+        "_streams",
+        "_subs",
+        "_takeover_lock",
+        "_takeover_reason",
+        "_tasks",
+        "_tls_context",
+        "settings",
+    )
 
     def __init__(
         self,
@@ -814,7 +871,7 @@ class Connection:
         self._bridge: _LoopBridge | None = None
         self._subs: dict[str, _Subscription] = {}
         self._connected_callbacks: list[ConnectedCallback] = []
-        self._streams: set[_EventStream] = set()
+        self._streams: set[_EventStream] | None = None  # made by events()
         self._pending: set[asyncio.Future[None]] = set()
         # publish_callback's callbacks not yet called, by a per-connection number.
         self._pending_callbacks: dict[int, PublishCallback] = {}
@@ -826,7 +883,11 @@ class Connection:
         )
         self._takeover_reason: str | None = None
         self._takeover_lock = threading.Lock()
-        self._stopped_evt: threading.Event = threading.Event()
+        # Whether awscrt reported the client stopped (set on the loop, by _on_stopped),
+        # and the future stop() waits on for that: made only by stop(), which spares
+        # every connection a threading.Event (a Condition with a deque: ~1.1 kB).
+        self._client_stopped = False
+        self._stop_waiter: asyncio.Future[None] | None = None
         self._attempt = _Attempt()
         self._session_present: bool | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -962,12 +1023,16 @@ class Connection:
         """Disconnect (DISCONNECT normal), stop reconnecting, fail what is pending."""
         client = self._client
         self._stopping = True
-        if client is not None and not self._stopped_evt.is_set():
+        if client is not None and not self._client_stopped:
             client.stop()
             # A connection that never came up may be stuck in s2n's TLS blinding delay;
             # awscrt finishes that on its own, nobody needs to wait for it.
             wait_s = STOP_TIMEOUT_S if self._ever_connected else 0.5
-            stopped = await asyncio.to_thread(self._stopped_evt.wait, wait_s)
+            waiter = self._stop_waiter
+            if waiter is None:
+                waiter = self._stop_waiter = asyncio.get_running_loop().create_future()
+            done, _ = await asyncio.wait([waiter], timeout=wait_s)
+            stopped = bool(done)
             if not stopped and self._ever_connected:
                 log.warning("connection: awscrt did not report stopped in %s s", STOP_TIMEOUT_S)
         self._finish(ConnectionClosed("the connection was stopped"))
@@ -1037,6 +1102,8 @@ class Connection:
         if self._started and self._state.terminal:
             stream.push(_END)
         else:
+            if self._streams is None:
+                self._streams = set()
             self._streams.add(stream)
         return stream
 
@@ -1214,12 +1281,12 @@ class Connection:
         run one message at a time, in order, per filter. Raises :class:`SubscribeFailed`."""
         sub = self._subs.get(topic_filter)
         if sub is not None and sub.acked:
-            sub.handlers.append(handler)
+            sub.add(handler)
             return
         if sub is None:
             sub = _Subscription(topic_filter, qos)
             self._subs[topic_filter] = sub
-        sub.handlers.append(handler)
+        sub.add(handler)
         if self._client is None:
             if self._started:
                 self._subs.pop(topic_filter, None)
@@ -1228,8 +1295,7 @@ class Connection:
         try:
             await self._send_subscribe([sub])
         except BaseException:
-            if handler in sub.handlers:
-                sub.handlers.remove(handler)
+            sub.remove(handler)
             if not sub.handlers and not sub.acked:
                 self._subs.pop(topic_filter, None)
             raise
@@ -1240,8 +1306,7 @@ class Connection:
         if sub is None:
             return
         if handler is not None:
-            with contextlib.suppress(ValueError):
-                sub.handlers.remove(handler)
+            sub.remove(handler)
             if sub.handlers:
                 return
         self._subs.pop(topic_filter, None)
@@ -1332,7 +1397,6 @@ class Connection:
         self._post(self._on_disconnect, label, takeover)
 
     def _crt_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
-        self._stopped_evt.set()
         self._post(self._on_stopped)
 
     # ------------------------------------------------------------------ loop side
@@ -1444,6 +1508,10 @@ class Connection:
         self._set_state(ConnectionState.DISCONNECTED, reason)
 
     def _on_stopped(self) -> None:
+        self._client_stopped = True
+        waiter, self._stop_waiter = self._stop_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self._takeover_reason is not None and self._state is not ConnectionState.TAKEN_OVER:
             self._set_state(ConnectionState.TAKEN_OVER, self._takeover_reason)
 
@@ -1487,12 +1555,14 @@ class Connection:
                 self._on_event(event)
             except Exception:
                 log.exception("on_event callback failed")
-        for stream in list(self._streams):
-            stream.push(event)
+        streams = self._streams
+        if streams:
+            for stream in list(streams):
+                stream.push(event)
+                if state.terminal:
+                    stream.push(_END)
             if state.terminal:
-                stream.push(_END)
-        if state.terminal:
-            self._streams.clear()
+                streams.clear()
 
 
 __all__ = [

@@ -45,7 +45,6 @@ import contextlib
 import enum
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -110,6 +109,8 @@ class ShadowPermissionLike(Protocol):
 class ShadowPermission:
     """A :class:`PermissionSource` reading a shadow sync's ``send_telemetry_allowed``
     (``False`` until the shadow was read) and listening to its changes."""
+
+    __slots__ = ("_shadow",)
 
     def __init__(self, shadow: ShadowPermissionLike) -> None:
         self._shadow = shadow
@@ -220,7 +221,42 @@ _Pending = tuple[int, str, bytes]
 """A message to publish: ``(seq, topic, payload)``."""
 
 
-async def _wait_event(event: asyncio.Event, seconds: float) -> None:
+class _Wakeup:
+    """An :class:`asyncio.Event` for a single waiter (the drainer): the same ``set``,
+    ``clear``, ``is_set`` and ``wait``, without the deque of waiters an ``asyncio.Event``
+    allocates (760 bytes even when empty) in each of a fleet's thousands of publishers."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        assert self._waiter is None, "one waiter only"
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+
+async def _wait_event(event: _Wakeup, seconds: float) -> None:
     """Wait until ``event`` is set or ``seconds`` passed."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
@@ -253,6 +289,53 @@ class Telemetry:
     its buffered acks but does not close it.
     """
 
+    # A fleet holds thousands of publishers: no instance dict (``__weakref__`` kept, so
+    # that applications can still hold weak references to one).
+    __slots__ = (
+        "__weakref__",
+        "_acked",
+        "_batch",
+        "_can_group",
+        "_close_timeout",
+        "_closing",
+        "_conn",
+        "_cursor",
+        "_draining",
+        "_dropped_no_permission",
+        "_failed",
+        "_failures_in_row",
+        "_gen",
+        "_group",
+        "_group_solos",
+        "_grouping",
+        "_hold_until",
+        "_idle_waiter",
+        "_in_flight",
+        "_last_error",
+        "_last_sender",
+        "_outbox",
+        "_permission",
+        "_publish_cb",
+        "_published",
+        "_published_high",
+        "_queued",
+        "_read_pending",
+        "_refill",
+        "_rejected_invalid",
+        "_republished",
+        "_since_yield",
+        "_tail",
+        "_tail_max",
+        "_tail_valid",
+        "_task",
+        "_validator",
+        "_waiting_room",
+        "_wake",
+        "policy",
+        "topic",
+        "window",
+    )
+
     def __init__(
         self,
         connection: ConnectionLike,
@@ -283,7 +366,7 @@ class Telemetry:
         self._refill = max(1, min(batch, window // 4))
         self._close_timeout = close_timeout
 
-        self._wake: asyncio.Event | None = None
+        self._wake: _Wakeup | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._draining = False
@@ -297,7 +380,8 @@ class Telemetry:
         # ``_cursor``: the rows right after the cursor, in order, so the drainer takes
         # them from memory instead of reading them back from SQLite; when
         # ``_tail_valid``, all of them (else the rows after the tail's are read back).
-        self._tail: deque[_Pending] = deque()
+        # (A list, not a deque: an empty deque already takes a 760-byte block.)
+        self._tail: list[_Pending] = []
         self._tail_valid = False
         self._tail_max = max(window, batch) * 2
         self._read_pending: Callable[[int, int], list[_Pending]] = (
@@ -352,7 +436,7 @@ class Telemetry:
             return
         if self._closing:
             raise TelemetryClosed("telemetry is closed")
-        self._wake = asyncio.Event()
+        self._wake = _Wakeup()
         self._conn.add_connected_callback(self._on_connected)
         self._task = asyncio.get_running_loop().create_task(
             self._drain_loop(), name="telemetry-drainer"
@@ -664,7 +748,12 @@ class Telemetry:
             records: list[_Pending]
             tail = self._tail
             if tail:
-                records = [tail.popleft() for _ in range(min(want, len(tail)))]
+                if len(tail) <= want:
+                    records = tail
+                    self._tail = []
+                else:
+                    records = tail[:want]
+                    del tail[:want]
             elif self._tail_valid:
                 records = []
             else:
