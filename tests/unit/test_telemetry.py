@@ -766,12 +766,8 @@ def test_an_outbox_subclass_with_its_own_append_is_never_grouped(tmp_path: Path)
     run(main())
 
 
-def test_a_rewind_with_a_full_memory_tail_republishes_everything_in_order(
-    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The publisher stalls (no PUBACKs) while the sender runs far ahead: the memory tail
-    fills up (``2 * window``) and later messages are only in the outbox; a reconnect then
-    drops the tail and everything unacknowledged is read back from the oldest, in order."""
+def spy_on_read_pending(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Record the sequence numbers of every ``read_pending`` of ``outbox``."""
     reads: list[list[int]] = []
     read_pending = outbox.read_pending
 
@@ -781,6 +777,16 @@ def test_a_rewind_with_a_full_memory_tail_republishes_everything_in_order(
         return rows
 
     monkeypatch.setattr(outbox, "read_pending", spy)
+    return reads
+
+
+def test_a_rewind_with_a_full_memory_tail_republishes_everything_in_order(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher stalls (no PUBACKs) while the sender runs far ahead: the memory tail
+    fills up (``2 * window``) and later messages are only in the outbox; a reconnect then
+    drops the tail and everything unacknowledged is read back from the oldest, in order."""
+    reads = spy_on_read_pending(outbox, monkeypatch)
 
     async def main() -> None:
         conn = FakeConnection()
@@ -808,15 +814,7 @@ def test_a_rewind_with_a_full_memory_tail_republishes_everything_in_order(
 def test_the_tail_is_published_before_the_rest_is_read_back(
     outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reads: list[list[int]] = []
-    read_pending = outbox.read_pending
-
-    def spy(after_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
-        rows = read_pending(after_seq, limit)
-        reads.append([row[0] for row in rows])
-        return rows
-
-    monkeypatch.setattr(outbox, "read_pending", spy)
+    reads = spy_on_read_pending(outbox, monkeypatch)
 
     async def main() -> None:
         conn = FakeConnection()
