@@ -1,9 +1,14 @@
 """Telemetry throughput over the sandbox broker (mutual TLS, QoS 1, ~1 KB status messages).
 
-In one run, one device identity, one client at a time:
+In one run, one device identity, one client at a time, each measurement in a fresh Python
+process of its own (see :func:`isolated`):
 
 (a) raw paho-mqtt publishing prepared payloads, pipelined (up to ``WINDOW`` unacked);
-(b) raw awscrt MQTT 5, the same;
+(b) raw awscrt MQTT 5, the same, as an application using awscrt directly runs it;
+(b') the same with the thread-state fix that the library applies to its own awscrt
+    callbacks (:mod:`iotref.device.thread_state`: without it CPython builds and destroys a
+    thread state for every PUBACK callback on awscrt's thread), to show what the full
+    path's own work costs against raw awscrt on equal terms (``c/b'``);
 (c) the full path at its documented high rate: build the messages, and hand them over with
     ``Telemetry.send_many()``, ``SEND_MANY`` at a time, which validates and serializes each
     and commits them to the durable outbox in one transaction before it returns; then
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import multiprocessing
 import ssl
 import statistics
 import threading
@@ -56,6 +62,7 @@ from iotref.device.messages import (
 )
 from iotref.device.outbox import Durability, Outbox, OutboxEntry
 from iotref.device.telemetry import PermissionFlag, Telemetry
+from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
@@ -71,8 +78,41 @@ DETAILS = "d" * 560  # makes the serialized message about 1 KB
 SENDER = Sender(SenderType.PRESS, "bench-gateway", "1.0")
 SEND_MANY = 100
 """Messages per ``send_many()`` call in (c)."""
-CPU_US: dict[str, list[float]] = {"awscrt": [], "full": [], "full_sequential": []}
+CPU_US: dict[str, list[float]] = {
+    "awscrt": [],
+    "awscrt_kept": [],
+    "full": [],
+    "full_sequential": [],
+}
 """CPU time of this process (all its threads) per message, per run."""
+
+
+def isolated(name: str, *args: Any, **kwargs: Any) -> float:
+    """Run the measurement ``name`` of this module in a fresh Python process and return its
+    rate (its CPU figures are added to :data:`CPU_US`). Each path gets a process of its own,
+    as it would in an application: nothing one path leaves behind (Python thread states on
+    awscrt's threads, a grown heap for the garbage collector, warm caches) helps or slows
+    the next. ``run_paho``/``run_awscrt`` get ``N`` prepared payloads made in the child."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        rate, cpu = pool.submit(_child_measure, name, args, kwargs).result()
+    for key, values in cpu.items():
+        CPU_US[key].extend(values)
+    return rate
+
+
+def _child_measure(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[float, dict[str, list[float]]]:
+    if name == "run_paho":
+        info, dev, topic, n = args
+        rate = run_paho(info, dev, topic, prepared_payloads(n))
+    elif name == "run_awscrt":
+        info, dev, topic, n = args
+        rate = run_awscrt(info, dev, topic, prepared_payloads(n), **kwargs)
+    else:
+        rate = asyncio.run(full_path(*args, **kwargs))
+    return rate, CPU_US
 
 
 def make_message(asset: Asset, i: int) -> dict[str, Any]:
@@ -140,7 +180,15 @@ def run_paho(info: dict[str, Any], dev: DeviceFiles, topic: str, payloads: list[
 # --------------------------------------------------------------------------- (b) awscrt
 
 
-def run_awscrt(info: dict[str, Any], dev: DeviceFiles, topic: str, payloads: list[bytes]) -> float:
+def run_awscrt(
+    info: dict[str, Any],
+    dev: DeviceFiles,
+    topic: str,
+    payloads: list[bytes],
+    keep_state: bool = False,
+) -> float:
+    """(b), or with ``keep_state`` (b'): the same with the thread-state fix the library
+    applies to its own awscrt callbacks (:mod:`iotref.device.thread_state`)."""
     n = len(payloads)
     tls = io.TlsContextOptions.create_client_with_mtls_from_path(
         str(dev.cert_path), str(dev.key_path)
@@ -174,6 +222,8 @@ def run_awscrt(info: dict[str, Any], dev: DeviceFiles, topic: str, payloads: lis
         lock = threading.Lock()
 
         def on_done(_: Any) -> None:
+            if keep_state:
+                keep_thread_state()
             with lock:
                 acked[0] += 1
                 last = acked[0] == n
@@ -192,7 +242,9 @@ def run_awscrt(info: dict[str, Any], dev: DeviceFiles, topic: str, payloads: lis
             client.publish(packet).add_done_callback(on_done)
         if not done.wait(120):
             raise RuntimeError(f"awscrt: only {acked[0]} of {n} acked")
-        CPU_US["awscrt"].append((time.process_time() - cpu) / n * 1e6)
+        CPU_US["awscrt_kept" if keep_state else "awscrt"].append(
+            (time.process_time() - cpu) / n * 1e6
+        )
         return n / (time.perf_counter() - started)
     finally:
         client.stop()
@@ -359,19 +411,27 @@ def run(ctx: BenchContext) -> list[Figure]:
     payload = to_json(make_message(asset, 0))
     size = len(payload)
 
-    rates: dict[str, list[float]] = {"paho": [], "awscrt": [], "full": [], "sequential": []}
+    rates: dict[str, list[float]] = {
+        "paho": [],
+        "awscrt": [],
+        "awscrt_kept": [],
+        "full": [],
+        "sequential": [],
+    }
     for r in range(ROUNDS):  # interleaved, so that drifts of the machine hit all of them
-        rates["paho"].append(run_paho(info, dev, topic, prepared_payloads(N)))
-        rates["awscrt"].append(run_awscrt(info, dev, topic, prepared_payloads(N)))
+        rates["paho"].append(isolated("run_paho", info, dev, topic, N))
+        rates["awscrt"].append(isolated("run_awscrt", info, dev, topic, N))
+        rates["awscrt_kept"].append(isolated("run_awscrt", info, dev, topic, N, keep_state=True))
         db = ctx.workdir / f"telemetry-full-{r}.sqlite3"
         rates["full"].append(
-            asyncio.run(full_path(info, dev, topic, N, db, batch=SEND_MANY, cpu_key="full"))
+            isolated("full_path", info, dev, topic, N, db, batch=SEND_MANY, cpu_key="full")
         )
         db = ctx.workdir / f"telemetry-sequential-{r}.sqlite3"
         rates["sequential"].append(
-            asyncio.run(full_path(info, dev, topic, N, db, cpu_key="full_sequential"))
+            isolated("full_path", info, dev, topic, N, db, cpu_key="full_sequential")
         )
     a, b, c, s = (statistics.median(rates[k]) for k in ("paho", "awscrt", "full", "sequential"))
+    b_kept = statistics.median(rates["awscrt_kept"])
     power_rates = {
         senders: asyncio.run(
             full_path(
@@ -398,6 +458,13 @@ def run(ctx: BenchContext) -> list[Figure]:
         Figure("telemetry.raw_paho", a, "msg/s", f"{note}; runs {spread['paho']}"),
         Figure("telemetry.raw_awscrt", b, "msg/s", f"{note}; runs {spread['awscrt']}"),
         Figure(
+            "telemetry.raw_awscrt_kept_thread_state",
+            b_kept,
+            "msg/s",
+            f"(b') raw awscrt with the library's thread-state fix; {note}; "
+            f"runs {spread['awscrt_kept']}",
+        ),
+        Figure(
             "telemetry.full_path",
             c,
             "msg/s",
@@ -413,6 +480,12 @@ def run(ctx: BenchContext) -> list[Figure]:
         ),
         Figure("telemetry.full_vs_paho", c / a, "ratio", "c/a"),
         Figure("telemetry.full_vs_awscrt", c / b, "ratio", "c/b (goal >= 1.0)"),
+        Figure(
+            "telemetry.full_vs_awscrt_kept_thread_state",
+            c / b_kept,
+            "ratio",
+            "c/b': what the full path's own work costs against raw awscrt given the same fix",
+        ),
         Figure(
             "telemetry.full_sequential_vs_awscrt",
             s / b,

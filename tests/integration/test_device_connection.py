@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from iotref.device import connection as connection_module
 from iotref.device.connection import (
     Connection,
     ConnectionEvent,
@@ -178,8 +180,17 @@ async def wait_state(
 
 
 async def test_connects_with_mutual_tls_publishes_and_receives(
-    sandbox: SandboxProcess, device: DeviceFiles
+    sandbox: SandboxProcess, device: DeviceFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    keeping_threads: set[str] = set()
+    keep = connection_module.keep_thread_state
+
+    def recording_keep() -> None:
+        comm = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
+        keeping_threads.add(comm.read_text().strip())
+        keep()
+
+    monkeypatch.setattr(connection_module, "keep_thread_state", recording_keep)
     events: list[ConnectionEvent] = []
     received: asyncio.Queue[IncomingMessage] = asyncio.Queue()
     async with Connection(settings_for(sandbox, device), on_event=events.append) as conn:
@@ -201,6 +212,8 @@ async def test_connects_with_mutual_tls_publishes_and_receives(
         assert msg.topic == topic and json.loads(msg.payload)["code"] == 400
         stats = conn.stats
         assert stats.connects == 1 and stats.pubacks >= 202 and stats.publish_failures == 1
+        # The callbacks came on awscrt's event-loop thread, which kept its thread state.
+        assert any(name.startswith("AwsEventLoop") for name in keeping_threads)
     assert events[-1].state is ConnectionState.STOPPED
     assert conn.state is ConnectionState.STOPPED
 

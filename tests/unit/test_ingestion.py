@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 from awscrt import mqtt5
 
+from iotref.device import thread_state
 from iotref.device.messages import (
     Asset,
     AssetType,
@@ -28,6 +29,7 @@ from iotref.device.messages import (
     to_json,
 )
 from iotref.protocol.message_schemas import MessageValidator
+from iotref.sandbox import ingestion
 from iotref.sandbox.ingestion import (
     RECEIVE_MAXIMUM,
     Inbox,
@@ -128,6 +130,19 @@ def test_full_inbox_holds_the_callback_until_there_is_room() -> None:
     inbox.close()  # stopping: nobody waits any more
     blocked.join(5)
     assert not blocked.is_alive()
+
+
+def test_the_inbox_callback_keeps_its_thread_state() -> None:
+    done: list[bool] = []
+
+    def deliver() -> None:
+        Inbox().on_publish(received(TOPIC, b"{}"))
+        done.append(thread_state.is_kept())
+
+    worker = threading.Thread(target=deliver)
+    worker.start()
+    worker.join(5)
+    assert done == [True]
 
 
 def test_client_options_for_the_platform_listener() -> None:
@@ -279,6 +294,36 @@ def test_topic_checks() -> None:
     assert problem is not None
 
 
+def test_checked_topics_are_remembered_and_problems_looked_at_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingestion, "TOPIC_CACHE_LIMIT", 3)
+    lookups: list[str] = []
+    table: dict[str, str] = {}
+
+    def lookup(client_id: str) -> str | None:
+        lookups.append(client_id)
+        return table.get(client_id)
+
+    things = ThingDirectory(lookup)
+    b = RecordBuilder(MessageValidator(), things)
+    raw = message()
+    assert b.build(TOPIC, raw, 1.0).topic_problem == f"unknown client id {CLIENT}"
+    things.remember(CLIENT, ORG)  # registered meanwhile
+    record = b.build(TOPIC, raw, 2.0)
+    assert (record.client_id, record.org_id, record.topic_problem) == (CLIENT, ORG, None)
+    other = f"connectprint/telemetry/other-org/{CLIENT}"
+    assert "organization" in (b.build(other, raw, 3.0).topic_problem or "")
+    assert b.build(TOPIC, raw, 4.0).topic_problem is None
+    for index in range(5):
+        table[f"iotref-{index}"] = ORG
+        topic = f"connectprint/telemetry/{ORG}/iotref-{index}"
+        assert b.build(topic, raw, 5.0).topic_problem is None
+        assert b.build(topic, raw, 5.0).client_id == f"iotref-{index}"
+    assert lookups == [CLIENT] + [f"iotref-{index}" for index in range(5)]
+    assert len(b._good_topics) <= 3
+
+
 def test_unknown_client_lookup_is_rate_limited_and_remembered() -> None:
     calls: list[str] = []
 
@@ -339,6 +384,47 @@ def test_store_dedups_counts_and_keeps_invalid(tmp_path: Path) -> None:
     assert reopened.totals()["duplicates"] == 2
     assert reopened.write_batch([b.build(TOPIC, raw, time.time())])[0][1] is None
     reopened.close()
+
+
+def test_store_returns_each_rows_id_with_and_without_duplicates(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "telemetry.db")
+    b = builder()
+    raws = [message(counter=i) for i in range(5)]
+    uuids = [json.loads(raw)["sendereventuuid"] for raw in raws]
+
+    def stored_ids(results: list[tuple[Record, int | None]]) -> list[int | None]:
+        return [row_id for _, row_id in results]
+
+    first = stored_ids(store.write_batch([b.build(TOPIC, raw, 1.0) for raw in raws[:3]]))
+    assert first == [store.message_id(u) for u in uuids[:3]]
+    assert len(set(first)) == 3
+    # Duplicates of an earlier batch and within the batch, and messages without a
+    # sendereventuuid (all stored): the ids still belong to the right rows.
+    batch = [raws[3], raws[0], b"[1]", raws[4], raws[4], b"[1]"]
+    got = stored_ids(store.write_batch([b.build(TOPIC, raw, 2.0) for raw in batch]))
+    assert got[1] is None and got[4] is None
+    assert got[0] == store.message_id(uuids[3])
+    assert got[3] == store.message_id(uuids[4])
+    for row_id, raw in zip(got, batch, strict=True):
+        if row_id is not None:
+            stored = store.message(row_id)
+            assert stored is not None and stored["body"] == raw.decode()
+    assert store.count_rows() == 7
+    assert store.totals() == {
+        "received": 9,
+        "stored": 7,
+        "valid": 5,
+        "invalid": 2,
+        "duplicates": 2,
+    }
+    after = stored_ids(store.write_batch([b.build(TOPIC, message(counter=9), 3.0)]))
+    assert after == [max(i for i in first + got if i is not None) + 1]
+    device = store.device(CLIENT)
+    assert device is not None
+    assert (device["received"], device["duplicates"], device["invalid"]) == (10, 2, 2)
+    assert store.rates(CLIENT, 5, now=3.5)[-3:] == [[1, 3], [2, 6], [3, 1]]
+    assert store.rates(None, 5, now=3.5)[-3:] == [[1, 3], [2, 6], [3, 1]]
+    store.close()
 
 
 def test_non_utf8_body_is_returned_as_base64(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iotref.protocol import message_schemas
 from iotref.protocol.message_schemas import (
@@ -20,6 +22,7 @@ from iotref.protocol.message_schemas import (
     header_schema,
     known_header_versions,
     known_payloads,
+    parse_json,
     payload_schema,
     validate_json,
     validate_message,
@@ -641,11 +644,78 @@ def test_malformed_json_is_one_issue_at_the_root(
     assert fragment in issues[0].message
 
 
+@pytest.mark.parametrize("depth", [256, 300, 900])
+def test_nesting_beyond_the_validators_reach_is_never_valid(
+    validator: MessageValidator, depth: int
+) -> None:
+    """jsonschema_rs stops at 255 levels; such a message (parsed: the JSON parser takes
+    up to 1024 levels) is refused with a clear reason, not taken for a valid one."""
+    deep: object = 1
+    for _ in range(depth):
+        deep = {"a": deep}
+    message = changed(V2, "payload.signalstatus.deviceinfo.status", deep)
+    for issues in (validator.validate(message), validator.validate_json(json.dumps(message))):
+        assert [issue.path for issue in issues] == ["$"]
+        assert "nesting deeper than 255 levels" in issues[0].message
+    assert not validator.is_valid(message)
+    shallow = changed(V2, "payload.signalstatus.deviceinfo.status", {"a": {"a": 1}})
+    assert set(paths(validator.validate(shallow))) == {"$.payload.signalstatus.deviceinfo.status"}
+
+
 def test_json_text_is_validated_like_the_parsed_message(validator: MessageValidator) -> None:
     message = changed(V2, "payload.signalstatus.deviceinfo.status", "Bogus")
     assert validator.validate_json(json.dumps(message).encode()) == validator.validate(message)
     assert validator.validate_json(bytearray(json.dumps(V1).encode())) == []
     assert validator.validate_json(memoryview(json.dumps(V1).encode())) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"n": 123456789012345678901234567890}',  # beyond 64 bits: still an exact int
+        b'{"n": -9223372036854775809, "m": 18446744073709551615}',
+        b'{"n": 1E400}',  # the json module reads infinity
+        b'{"s": "\\ud800", "\\udfff": 1}',  # lone surrogate escapes
+        b'{"a": 1, "a": 2}',
+        b'{"f": [0.1, -0.0, 1.7976931348623157e308, 5e-324, 12345678901234567e-5, 1e22]}',
+        b'{"u": "\\u00e9\\ud83d\\ude00 \xc3\xa9", "z": "\\u0000"}',
+        b"[" * 600 + b"]" * 600,
+    ],
+)
+def test_parse_json_reads_what_the_json_module_reads(text: bytes) -> None:
+    value, issue = parse_json(text)
+    assert issue is None
+    assert repr(value) == repr(json.loads(text))  # repr: 1 and 1.0, 0.0 and -0.0 differ
+    assert repr(parse_json(bytearray(text))[0]) == repr(value)
+    assert repr(parse_json(text.decode("utf-8", "surrogatepass"))[0]) == repr(value)
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec=None)),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(st.characters(codec=None), max_size=4), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES, st.booleans())
+def test_parse_json_agrees_with_the_json_module(value: Any, ascii_only: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    parsed, issue = parse_json(text)
+    try:
+        expected = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        assert issue is not None and "not UTF-8" in issue.message
+        return
+    assert issue is None
+    assert repr(parsed) == repr(expected)
 
 
 def test_module_level_shortcuts_use_the_default_validator() -> None:

@@ -48,6 +48,7 @@ from awscrt import exceptions as crt_exceptions
 from awscrt import io, mqtt5
 
 from iotref.device.errors import IotrefError, StoreError
+from iotref.device.thread_state import keep_thread_state
 
 log = logging.getLogger("iotref.connection")
 
@@ -601,6 +602,9 @@ class _LoopBridge:
         self._scheduled = False
 
     def post(self, fn: Callable[..., None], *args: Any) -> None:
+        # Called on awscrt's threads: keep their Python thread state instead of building
+        # and destroying one per callback (see iotref.device.thread_state).
+        keep_thread_state()
         with self._lock:
             self._items.append((fn, args))
             if self._scheduled:

@@ -37,6 +37,7 @@ from importlib.resources.abc import Traversable
 from typing import Any, Final
 
 import jsonschema_rs
+import orjson
 
 __all__ = [
     "InvalidMessage",
@@ -306,11 +307,32 @@ def _reject_constant(name: str) -> Any:
 _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+# Every digit becomes "0", every other byte "x": a run of digits as long as _LONG_NUMBER
+# is then a plain substring search.
+_DIGITS_ONLY: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x78 for byte in range(256))
+_LONG_NUMBER: Final = b"0" * 19
+
+
 def parse_json(data: bytes | bytearray | memoryview | str) -> tuple[Any, ValidationIssue | None]:
     """Parse JSON text strictly (UTF-8, no NaN/Infinity): ``(value, None)`` or
-    ``(None, issue at "$")`` naming the parser's complaint."""
+    ``(None, issue at "$")`` naming the parser's complaint.
+
+    Bytes go to orjson first (about three times faster than the json module). Whatever
+    orjson refuses is parsed again by the json module, which accepts a little more (lone
+    surrogate escapes, numbers too large for a float) and words the complaint; so does
+    text with a run of 19 or more digits, because orjson reads integers beyond 64 bits as
+    floats where the json module keeps them exact. So a message reads the same either
+    way (orjson only also takes nesting deeper than Python's recursion limit)."""
+    if not isinstance(data, str):
+        raw = data if type(data) is bytes else bytes(data)
+        if _LONG_NUMBER not in raw.translate(_DIGITS_ONLY):
+            try:
+                return orjson.loads(raw), None
+            except orjson.JSONDecodeError:
+                pass
+        data = raw
     try:
-        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        text = data if isinstance(data, str) else data.decode("utf-8")
         return _DECODER.decode(text), None
     except UnicodeDecodeError as exc:
         return None, ValidationIssue(
@@ -440,10 +462,20 @@ class MessageValidator:
             if payload is not None:
                 for error in payload.iter_errors(message):
                     found.extend(_issues_of(error, message))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as exc:
             # The library trips over values JSON cannot carry; those are reported below.
+            # It also refuses nesting deeper than it recurses (255 levels). Whatever it
+            # was, a message it could not check is never taken for a valid one.
             found.clear()
-        found.extend(_non_json(message))
+            found.extend(_non_json(message))
+            if not found:
+                if _depth_exceeds(message, _MAX_CHECKED_DEPTH):
+                    why = f"nesting deeper than {_MAX_CHECKED_DEPTH} levels"
+                else:
+                    why = "the message could not be checked"
+                found.append(([], f"{why} ({exc})"))
+        else:
+            found.extend(_non_json(message))
         if self._strict:
             found.extend(self._strict_issues(message))
         return _finish(refusals, found)
@@ -493,6 +525,27 @@ class MessageValidator:
         if isinstance(uuid, str) and not _UUID.match(uuid):
             found.append((["sendereventuuid"], "must be a UUID"))
         return found
+
+
+_MAX_CHECKED_DEPTH: Final = 255
+"""The deepest nesting the schema validator checks (jsonschema_rs's recursion limit)."""
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects/arrays more than ``limit`` levels (iteratively)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _non_json(message: Any) -> Iterator[tuple[list[str | int], str]]:
