@@ -520,3 +520,27 @@ def test_malloc_tuning_gives_large_blocks_pages_of_their_own(tmp_path: Path, mod
         assert result["new_mmapped"] >= 1000
     else:
         assert result["new_mmapped"] == 0  # glibc's default threshold is 128 kB
+
+
+def test_peak_rss_is_the_simulators_own_not_its_parents() -> None:
+    """A simulator started by a large process reports its own peak (Linux carries
+    ``ru_maxrss`` over through fork and exec)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    parent = textwrap.dedent(
+        """
+        import subprocess, sys
+        big = bytearray(300 * 1024 * 1024)
+        for i in range(0, len(big), 4096):
+            big[i] = 1
+        child = "from iotref.device.fleet import peak_rss_mb; print(peak_rss_mb())"
+        print(subprocess.run([sys.executable, "-c", child], capture_output=True,
+                             text=True, check=True).stdout.strip())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert 0 < float(out.stdout.strip()) < 200

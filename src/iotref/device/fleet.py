@@ -1620,7 +1620,15 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (MB)."""
+    """This process's peak resident set size (MB).
+
+    From ``VmHWM`` in ``/proc/self/status`` where there is one: ``ru_maxrss`` carries over
+    the parent's peak through fork and exec on Linux, so a simulator started by a large
+    process (a benchmark harness) would report the parent's size instead of its own."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
