@@ -81,6 +81,20 @@ def sandbox() -> None:
     show_default=True,
     help="Device-flow polling interval in seconds.",
 )
+@click.option(
+    "--telemetry-max-messages",
+    type=click.IntRange(0),
+    default=1_000_000,
+    show_default=True,
+    help="Stored telemetry messages the monitor keeps (oldest pruned first); 0: no limit.",
+)
+@click.option(
+    "--telemetry-max-age",
+    type=click.IntRange(0),
+    default=7 * 24 * 3600,
+    show_default=True,
+    help="Seconds a stored telemetry message is kept (by receive time); 0: no limit.",
+)
 def up(
     data_dir: Path,
     http_port: int,
@@ -90,6 +104,8 @@ def up(
     refresh_token_ttl: int,
     device_code_ttl: int,
     poll_interval: int,
+    telemetry_max_messages: int,
+    telemetry_max_age: int,
 ) -> int:
     """Start the sandbox and run until Ctrl-C or SIGTERM."""
     settings = SandboxSettings(
@@ -101,6 +117,8 @@ def up(
         refresh_token_ttl=refresh_token_ttl,
         device_code_ttl=device_code_ttl,
         poll_interval=poll_interval,
+        telemetry_max_messages=telemetry_max_messages,
+        telemetry_max_age=telemetry_max_age,
     )
     code = run_sandbox(settings)
     if code:

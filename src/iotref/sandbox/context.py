@@ -37,6 +37,8 @@ class SandboxSettings:
     refresh_token_ttl: int = 7 * 24 * 3600
     device_code_ttl: int = 900
     poll_interval: int = 5
+    telemetry_max_messages: int = 1_000_000  # stored telemetry messages kept; 0: no limit
+    telemetry_max_age: int = 7 * 24 * 3600  # seconds a stored message is kept; 0: no limit
     mosquitto_binary: str = "mosquitto"
 
 

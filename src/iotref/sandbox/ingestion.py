@@ -78,7 +78,7 @@ from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator, parse_json
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from iotref.sandbox.context import LOOPBACK, SandboxContext
-from iotref.sandbox.telemetry_store import Record, TelemetryStore
+from iotref.sandbox.telemetry_store import Record, Retention, TelemetryStore
 
 log = logging.getLogger(__name__)
 
@@ -615,11 +615,13 @@ class Receiver(threading.Thread):
         settings: ReceiverSettings,
         builder: RecordBuilder,
         sink: Callable[[list[Record]], None],
+        idle: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="ingest-receiver", daemon=True)
         self.settings = settings
         self.builder = builder
         self.sink = sink
+        self.idle = idle  # called between batches when nothing arrives (e.g. retention)
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
         self.messages = 0
@@ -680,6 +682,8 @@ class Receiver(threading.Thread):
                 log.warning("ingestion: the receiving process did not stop in time")
                 return
             if not conn.poll(0.5):
+                if self.idle is not None:
+                    self.idle()
                 continue
             records: list[Record] = []
             ended = False
@@ -780,6 +784,15 @@ class BatchWriter:
                 for record, row_id in results
             ]
             self.deliver(events)
+        self.housekeeping()
+
+    def housekeeping(self) -> None:
+        """Between batches, on this thread: the store's retention pass when one is due
+        (at most every few seconds, in bounded chunks)."""
+        try:
+            self.store.maybe_prune()
+        except Exception:
+            log.exception("pruning stored telemetry failed")
 
     def _original(self, record: Record) -> int | None:
         if record.sendereventuuid is None:
@@ -860,10 +873,17 @@ class Ingestion:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.store = await asyncio.to_thread(TelemetryStore, self.database_path)
+        settings = self.ctx.settings
+        retention = Retention(
+            max_messages=settings.telemetry_max_messages or None,
+            max_age_seconds=settings.telemetry_max_age or None,
+        )
+        self.store = await asyncio.to_thread(TelemetryStore, self.database_path, retention)
         builder = RecordBuilder(MessageValidator(), self.directory, self.telemetry_topic)
         self._writer = BatchWriter(self.store, self._deliver, lambda: self.feed.active)
-        receiver = Receiver(self.receiver_settings(), builder, self._writer)
+        receiver = Receiver(
+            self.receiver_settings(), builder, self._writer, self._writer.housekeeping
+        )
         receiver.start()
         self._receivers.append(receiver)
         deadline = time.monotonic() + CONNECT_WAIT_SECONDS

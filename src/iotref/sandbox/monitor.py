@@ -355,6 +355,7 @@ class Monitor:
                 "online_window": self.online_window,
                 "ingestion": self.ingestion.status(),
                 "totals": store.totals(),
+                "retention": store.retention_status(),
                 "rate": store.rates(None, RATE_SECONDS, now),
                 "devices": devices,
                 "pending_authorizations": self.directory.pending_authorizations(),
@@ -798,6 +799,18 @@ def _monitor_schemas() -> dict[str, Any]:
                     },
                 },
                 "totals": schema_ref("MonitorTotals"),
+                "retention": _object(
+                    {
+                        "max_messages": _nullable({"type": "integer", "minimum": 1}),
+                        "max_age_seconds": _nullable({"type": "number", "minimum": 1}),
+                        "pruned": {
+                            **count,
+                            "description": "Stored messages removed by the retention "
+                            "policy (the totals still count them).",
+                        },
+                        "prune_passes": count,
+                    }
+                ),
                 "rate": schema_ref("MonitorRate"),
                 "devices": {"type": "array", "items": schema_ref("MonitorDevice")},
                 "pending_authorizations": {

@@ -6,11 +6,22 @@ stored, later copies are only counted. Invalid messages are stored too, with the
 (JSON path + reason). One writer (the ingestion's writer thread) inserts whole batches in
 one transaction each; readers (the monitor's HTTP handlers) use their own connection, so
 WAL lets them read while the writer writes.
+
+Retention (:class:`Retention`): the store keeps at most ``max_messages`` messages and/or
+none older than ``max_age_seconds`` (by ``received_at``); the oldest (lowest ids) go first.
+:meth:`TelemetryStore.maybe_prune` runs on the writer thread between batches, at most
+every :data:`PRUNE_INTERVAL_SECONDS`, and deletes in transactions of at most
+:data:`PRUNE_CHUNK` rows (``DELETE ... WHERE id <= ?``) for at most
+:data:`PRUNE_PASS_SECONDS` per pass, so ingestion never waits long. Only stored messages
+go: the counters (received, valid, invalid, duplicates, per device) count what arrived and
+never go down. A copy of a pruned message arriving later is no longer recognised as a
+duplicate (the ``sendereventuuid`` index forgot it) and is stored again as a new message.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,6 +30,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 RATE_WINDOW_SECONDS = 600
 """How far back the per-second message-rate series reach (kept in memory)."""
@@ -38,6 +51,45 @@ WAL_AUTOCHECKPOINT_PAGES = 4000
 16 KB pages; SQLite's default is 1,000). Fewer checkpoints copy an index page rewritten
 by several batches fewer times. Together with :data:`CACHE_KIB`, storing a 100,000-message
 burst costs about a fifth less."""
+
+PRUNE_INTERVAL_SECONDS = 2.0
+"""Least time between two retention passes."""
+
+PRUNE_CHUNK = 10_000
+"""Most rows one retention transaction deletes."""
+
+PRUNE_PASS_SECONDS = 0.25
+"""A retention pass stops starting new chunks after this long (the rest waits for the
+next pass), so a backlog never holds the writer thread for long."""
+
+DEFAULT_MAX_MESSAGES = 1_000_000
+DEFAULT_MAX_AGE_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How many stored messages to keep (``max_messages``) and for how long
+    (``max_age_seconds``); ``None`` or 0 for no limit."""
+
+    max_messages: int | None = DEFAULT_MAX_MESSAGES
+    max_age_seconds: float | None = DEFAULT_MAX_AGE_SECONDS
+    interval_seconds: float = PRUNE_INTERVAL_SECONDS
+    chunk: int = PRUNE_CHUNK
+    pass_seconds: float = PRUNE_PASS_SECONDS
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_messages) or bool(self.max_age_seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_messages": self.max_messages or None,
+            "max_age_seconds": self.max_age_seconds or None,
+        }
+
+
+NO_RETENTION = Retention(max_messages=None, max_age_seconds=None)
+
 
 _SCHEMA = [
     """
@@ -221,8 +273,9 @@ class TelemetryStore:
     :meth:`write_batch` runs on the writer thread; the other methods may run anywhere.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention: Retention = NO_RETENTION) -> None:
         self.path = path
+        self.retention = retention
         self._lock = threading.Lock()  # the counters
         self._write_lock = threading.Lock()
         self._write = self._connect(PAGE_SIZE)
@@ -238,7 +291,15 @@ class TelemetryStore:
         self.stored = 0
         self.duplicates = 0
         self.invalid = 0
+        self.pruned = 0
+        self.prune_passes = 0
+        self._last_prune: float | None = None
         self._load_devices()
+        self._rows = (
+            int(self._write.execute("SELECT COUNT(*) FROM telemetry_messages").fetchone()[0])
+            if retention.max_messages
+            else 0
+        )
 
     def _connect(self, page_size: int | None = None) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -282,7 +343,9 @@ class TelemetryStore:
             try:
                 results = list(zip(records, self._insert(conn, rows), strict=True))
                 with self._lock:
+                    stored_before = self.stored
                     touched = [c.row() for c in self._count(results)]
+                    self._rows += self.stored - stored_before
                 conn.executemany(_UPSERT_DEVICE, touched)
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -368,6 +431,110 @@ class TelemetryStore:
         self.duplicates += len(results) - stored
         self.invalid += invalid
         return list(touched.values())
+
+    # ------------------------------------------------------------------ retention
+
+    def maybe_prune(self, now: float | None = None) -> int:
+        """A retention pass if one is due (writer thread only). Returns the rows removed."""
+        if not self.retention.active:
+            return 0
+        moment = time.monotonic()
+        last = self._last_prune
+        if last is not None and moment - last < self.retention.interval_seconds:
+            return 0
+        self._last_prune = moment
+        return self.prune(now)
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete what the retention policy no longer keeps, oldest first, in chunks of
+        at most ``retention.chunk`` rows, one transaction each, until nothing is left to
+        delete or ``retention.pass_seconds`` have passed (at least one chunk). Writer
+        thread only. Logs one line when it removed rows; returns how many."""
+        retention = self.retention
+        if not retention.active:
+            return 0
+        started = time.monotonic()
+        cutoff: float | None = None
+        if retention.max_age_seconds:
+            cutoff = (time.time() if now is None else now) - retention.max_age_seconds
+        removed = 0
+        while True:
+            chunk = 0
+            if cutoff is not None:
+                chunk = self._prune_old_chunk(cutoff)
+            if not chunk and retention.max_messages:
+                chunk = self._prune_excess_chunk(retention.max_messages)
+            removed += chunk
+            if not chunk or time.monotonic() - started >= retention.pass_seconds:
+                break
+        with self._lock:
+            self.prune_passes += 1
+            self.pruned += removed
+        if removed:
+            log.info(
+                "telemetry retention: pruned %d stored messages in %.3f s (%d pruned in all; "
+                "limits: %s messages, %s s)",
+                removed,
+                time.monotonic() - started,
+                self.pruned,
+                retention.max_messages or "no",
+                retention.max_age_seconds or "no",
+            )
+        return removed
+
+    def _delete(self, sql: str, params: tuple[Any, ...]) -> int:
+        conn = self._write
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = conn.execute(sql, params).rowcount
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        with self._lock:
+            self._rows = max(0, self._rows - deleted)
+        return deleted
+
+    def _prune_old_chunk(self, cutoff: float) -> int:
+        """Delete up to one chunk of messages received before ``cutoff``, from the
+        oldest; 0 once the oldest message is younger."""
+        with self._write_lock:
+            first = self._write.execute(
+                "SELECT id, received_at FROM telemetry_messages ORDER BY id LIMIT 1"
+            ).fetchone()
+        if first is None or first["received_at"] >= cutoff:
+            return 0
+        return self._delete(
+            "DELETE FROM telemetry_messages WHERE id < ? AND received_at < ?",
+            (int(first["id"]) + self.retention.chunk, cutoff),
+        )
+
+    def _prune_excess_chunk(self, max_messages: int) -> int:
+        """Delete up to one chunk of the oldest messages beyond ``max_messages``."""
+        excess = min(self._rows - max_messages, self.retention.chunk)
+        if excess <= 0:
+            return 0
+        with self._write_lock:
+            row = self._write.execute(
+                "SELECT id FROM telemetry_messages ORDER BY id LIMIT 1 OFFSET ?", (excess - 1,)
+            ).fetchone()
+        if row is None:  # fewer rows than counted (should not happen): count again
+            with self._write_lock:
+                count = self._write.execute("SELECT COUNT(*) FROM telemetry_messages").fetchone()
+            with self._lock:
+                self._rows = int(count[0])
+            return 0
+        return self._delete("DELETE FROM telemetry_messages WHERE id <= ?", (int(row[0]),))
+
+    def retention_status(self) -> dict[str, Any]:
+        """The retention settings and how many stored messages have been pruned."""
+        with self._lock:
+            return {
+                **self.retention.to_json(),
+                "pruned": self.pruned,
+                "prune_passes": self.prune_passes,
+            }
 
     def message_id(self, sendereventuuid: str) -> int | None:
         """The row id of the stored message with this ``sendereventuuid`` (writer side)."""
