@@ -13,8 +13,7 @@ import pytest
 from bench.bench_ingestion import Job, device_messages, publish_all
 
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from tests.support.device_keys import DeviceFiles
-from tests.support.mqtt_probe import Probe, connect
+from tests.support.mqtt_probe import device_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -53,16 +52,6 @@ def wait_device(
         if state.get("received", 0) >= received or time.monotonic() > deadline:
             return state
         time.sleep(0.1)
-
-
-def device_probe(sandbox: SandboxProcess, device: DeviceFiles) -> Probe:
-    return connect(
-        sandbox.mqtt_port,
-        sandbox.info["ca_file"],
-        device.cert_path,
-        device.key_path,
-        client_id=device.client_id,
-    )
 
 
 def test_duplicates_are_stored_once_and_counted(sandbox: SandboxProcess) -> None:

@@ -23,7 +23,7 @@ from bench.bench_ingestion import device_messages
 
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.support.device_keys import DeviceFiles
-from tests.support.mqtt_probe import connect
+from tests.support.mqtt_probe import device_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -125,13 +125,7 @@ def test_messages_appear_live_and_invalid_ones_are_flagged(
     row.click()
     page.wait_for_selector("#device-panel:not([hidden])")
     stream = page.locator("#stream li.message")
-    with connect(
-        sandbox.mqtt_port,
-        sandbox.info["ca_file"],
-        device.cert_path,
-        device.key_path,
-        client_id=device.client_id,
-    ) as probe:
+    with device_probe(sandbox, device) as probe:
         for payload in device_messages(5, "live"):
             assert probe.publish(topic, payload) == 0
             time.sleep(0.15)

@@ -18,7 +18,7 @@ import pytest
 from bench.bench_ingestion import device_messages
 
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import connect
+from tests.support.mqtt_probe import device_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -90,13 +90,7 @@ def test_monitor_prints_messages_and_ends_on_ctrl_c(sandbox: SandboxProcess) -> 
         del bad["assetid"]
         for dev, payloads in ((other, [good]), (device, [good, json.dumps(bad).encode()])):
             topic = f"{TELEMETRY_TOPIC}/{dev.org_id}/{dev.client_id}"
-            with connect(
-                sandbox.mqtt_port,
-                sandbox.info["ca_file"],
-                dev.cert_path,
-                dev.key_path,
-                client_id=dev.client_id,
-            ) as probe:
+            with device_probe(sandbox, dev) as probe:
                 for payload in payloads:
                     probe.publish(topic, payload)
         first = monitor.wait_line(lambda line: "✓" in line)

@@ -13,7 +13,7 @@ import pytest
 from bench.bench_ingestion import device_messages
 
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import connect
+from tests.support.mqtt_probe import device_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -61,13 +61,7 @@ def test_stored_messages_stay_at_the_limit_while_counters_go_on(
         "prune_passes": summary["retention"]["prune_passes"],
     }
 
-    with connect(
-        sandbox.mqtt_port,
-        sandbox.info["ca_file"],
-        device.cert_path,
-        device.key_path,
-        client_id=device.client_id,
-    ) as probe:
+    with device_probe(sandbox, device) as probe:
         for round_, (start, end) in enumerate(((0, 8), (8, 12)), start=1):
             for payload in payloads[start:end]:
                 assert probe.publish(topic, payload) == 0

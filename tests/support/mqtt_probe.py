@@ -12,13 +12,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+if TYPE_CHECKING:
+    from tests.support.device_keys import DeviceFiles
+    from tests.support.sandbox_process import SandboxProcess
 
 
 class ConnectRefused(Exception):
@@ -273,3 +277,15 @@ class MosquittoSub:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def device_probe(sandbox: SandboxProcess, device: DeviceFiles) -> Probe:
+    """A probe connected as ``device`` (its certificate and client id) to the sandbox's
+    device listener."""
+    return connect(
+        sandbox.mqtt_port,
+        sandbox.info["ca_file"],
+        device.cert_path,
+        device.key_path,
+        client_id=device.client_id,
+    )
