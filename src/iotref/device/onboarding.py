@@ -73,6 +73,7 @@ from iotref.device.keys import (
     key_matches_certificate,
     private_key_pem,
 )
+from iotref.device.next_steps import Selection, run, steps
 from iotref.device.provisioning_client import ProvisioningClient
 from iotref.device.store_checks import (
     DEFAULT_EXPIRY_THRESHOLD_DAYS,
@@ -167,7 +168,12 @@ class Onboarding:
         on_step: StepCallback | None = None,
     ) -> None:
         self.env = env
-        self.store = CertificateStore(store_path or default_store_path(env.name))
+        #: The environment and ``store_path`` as given (None: the default), for next steps
+        #: that run as printed.
+        self.selection = Selection.of(env, store_path)
+        self.store = CertificateStore(
+            store_path or default_store_path(env.name), selection=self.selection
+        )
         self.token_store = token_store or TokenStore()
         self._owns_http = http is None
         self.http = http or create_http_client()
@@ -271,7 +277,7 @@ class Onboarding:
             ):
                 raise ProvisioningError(
                     f"nothing to renew: the store {self.store.path} holds no provisioned machine",
-                    "run 'iotref provision' without --renew",
+                    run("provision", then="without --renew").within(self.selection),
                 )
             return await self._provision(progress, options)
 
@@ -304,7 +310,9 @@ class Onboarding:
             reasons = "; ".join(p.reason for p in blocking) or "properties.json is unusable"
             raise StoreError(
                 f"the store {self.store.path} cannot be reused: {reasons}",
-                first.next_step if first else "run 'iotref provision --renew'",
+                (first.hint or first.next_step)
+                if first
+                else run("provision", "--renew").within(self.selection),
                 path=self.store.path,
             )
         warnings = tuple(p.reason for p in report.problems)
@@ -340,8 +348,11 @@ class Onboarding:
                 raise ProvisioningError(
                     f"this login is for organization {bearer_org}, but the store's machine "
                     f"belongs to organization {progress.organization_id}",
-                    "log in again and pick that organization ('iotref logout', then "
-                    "'iotref login')",
+                    steps(
+                        "log in again and pick that organization ({}, then {})",
+                        ("logout",),
+                        ("login",),
+                    ).within(self.selection),
                 )
             if resumed:
                 self._step(
@@ -479,8 +490,10 @@ class Onboarding:
                     raise ProvisioningError(
                         "an earlier, interrupted run may already have created this machine "
                         f"(serial number {spec.serial_number} of {spec.manufacturer} is taken)",
-                        "find the machine's id in the directory and run 'iotref provision "
-                        "--machine-id ID'",
+                        steps(
+                            "find the machine's id in the directory and run {} with it",
+                            ("provision", "--machine-id", "MACHINE_ID"),
+                        ).within(self.selection),
                     ) from None
                 raise
             created = True

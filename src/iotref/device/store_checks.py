@@ -50,19 +50,23 @@ from iotref.device.certificate_store import (
 from iotref.device.environment import EnvironmentIdentity
 from iotref.device.errors import StoreError
 from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
+from iotref.device.next_steps import NextStep, Selection, run
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
-RENEW = "run 'iotref provision --renew' for a new key and certificate"
+RENEW = run("provision", "--renew", then="for a new key and certificate")
 
 
 @dataclass(frozen=True)
 class StoreProblem:
-    """One finding: a stable ``code``, the ``reason`` and the ``next_step``."""
+    """One finding: a stable ``code``, the ``reason`` and the ``next_step``; ``hint`` is
+    the next step as a :class:`~iotref.device.next_steps.NextStep` where it names
+    ``iotref`` commands (for a command line to render with the person's options)."""
 
     code: str
     reason: str
     next_step: str
+    hint: NextStep | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class StoreReport:
     missing: list[str] = field(default_factory=list)
     problems: list[StoreProblem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The options that selected this store, for next steps that run as printed.
+    selection: Selection | None = None
 
     @property
     def ok(self) -> bool:
@@ -101,8 +107,12 @@ class StoreReport:
     def environment(self) -> EnvironmentIdentity | None:
         return None if self.progress is None else self.progress.environment
 
-    def add(self, code: str, reason: str, next_step: str) -> None:
-        self.problems.append(StoreProblem(code, reason, next_step))
+    def add(self, code: str, reason: str, next_step: str | NextStep) -> None:
+        if isinstance(next_step, NextStep):
+            hint = next_step.within(self.selection) if self.selection else next_step
+            self.problems.append(StoreProblem(code, reason, hint.render(), hint))
+        else:
+            self.problems.append(StoreProblem(code, reason, next_step))
 
 
 def _read_pem_certificates(path: Path) -> list[x509.Certificate]:
@@ -163,11 +173,9 @@ def check_store(
     """Inspect ``store`` locally. ``expected`` is the environment in use: a store of another
     environment is a problem. Never raises for a broken store; reports it."""
     now = now or datetime.now(timezone.utc)
-    report = StoreReport(path=store.path)
+    report = StoreReport(path=store.path, selection=store.selection)
     if not store.path.exists() or store.is_empty():
-        report.add(
-            "absent", f"there is no certificate store at {store.path}", "run 'iotref provision'"
-        )
+        report.add("absent", f"there is no certificate store at {store.path}", run("provision"))
         return report
 
     _check_environment(store, report, expected)
@@ -175,9 +183,10 @@ def check_store(
     progress = report.progress
     if report.missing:
         if progress is not None and progress.state is not ProgressState.PROVISIONED:
-            step = "run 'iotref provision' to finish provisioning"
+            then = "to finish provisioning"
             if progress.machine_id:
-                step += f" (it continues with machine {progress.machine_id})"
+                then += f" (it continues with machine {progress.machine_id})"
+            step = run("provision", then=then)
             report.add(
                 "incomplete",
                 f"provisioning has not finished (state {progress.state.value}); missing "
@@ -188,7 +197,7 @@ def check_store(
             report.add(
                 "incomplete",
                 f"the store is incomplete: missing {', '.join(report.missing)}",
-                RENEW if progress is not None and progress.machine_id else "run 'iotref provision'",
+                RENEW if progress is not None and progress.machine_id else run("provision"),
             )
 
     _check_properties(store, report)
@@ -205,7 +214,7 @@ def _check_environment(
     try:
         report.progress = store.read_progress()
     except StoreError as exc:
-        report.add("progress_unreadable", exc.reason, exc.next_step or "")
+        report.add("progress_unreadable", exc.reason, exc.hint or exc.next_step or "")
         return
     progress = report.progress
     if progress is None:
@@ -214,8 +223,11 @@ def _check_environment(
                 "unknown_environment",
                 "the store has no record of its environment (not made by iotref, or the "
                 f"record {store.file('.progress.json').name} was removed)",
-                "move the folder away and run 'iotref provision', or pass --store for a "
-                "store of this environment",
+                run(
+                    "provision",
+                    before="move the folder away and",
+                    then="or pass --store for a store of this environment",
+                ),
             )
         return
     if expected is not None and progress.environment != expected:
@@ -317,7 +329,12 @@ def _check_certificate(
             "certificate_not_yet_valid",
             f"the certificate is valid only from {info.not_before:%Y-%m-%d %H:%M} UTC "
             "(is the clock right?)",
-            "check the system clock, then " + RENEW,
+            run(
+                "provision",
+                "--renew",
+                before="check the system clock, then",
+                then="for a new key and certificate",
+            ),
         )
     elif now > info.not_after:
         report.add(
@@ -411,7 +428,12 @@ def _check_permissions(store: CertificateStore, report: StoreReport) -> None:
                 report.add(
                     "insecure_permissions",
                     f"{PRIVATE_KEY_FILE} is readable by others (mode {key_mode:o})",
-                    f"chmod 600 {key_path}; if others may have copied it, " + RENEW,
+                    run(
+                        "provision",
+                        "--renew",
+                        before=f"chmod 600 {key_path}; if others may have copied it,",
+                        then="for a new key and certificate",
+                    ),
                 )
     except OSError as exc:
         report.add(

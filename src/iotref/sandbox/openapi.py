@@ -469,6 +469,28 @@ def verification_page_fragment() -> Fragment:
                     },
                 }
             },
+            "/oauth/device/demo_account": {
+                "get": {
+                    "tags": [TAG_PAGE],
+                    "operationId": "demoAccount",
+                    "summary": "The sandbox's seeded demo account, to sign in with (sandbox only)",
+                    "security": [],
+                    "responses": {
+                        "200": json_response(
+                            "The demo person's email and password.",
+                            {
+                                "type": "object",
+                                "required": ["email", "password"],
+                                "properties": {
+                                    "email": {"type": "string"},
+                                    "password": {"type": "string"},
+                                },
+                                "additionalProperties": False,
+                            },
+                        )
+                    },
+                }
+            },
             "/oauth/device/sign_out": {
                 "post": {
                     "tags": [TAG_PAGE],
