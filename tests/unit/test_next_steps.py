@@ -126,7 +126,10 @@ def test_store_errors_name_the_store_they_are_about(tmp_path: Path) -> None:
     assert [p.code for p in report.problems] == ["absent"]
     problem = report.problems[0]
     assert isinstance(problem.hint, NextStep)
-    assert problem.next_step == "run 'iotref provision --env test --store rel/s'"
+    assert problem.next_step == (
+        "run 'iotref provision --env test --store rel/s --name NAME --manufacturer "
+        "MANUFACTURER --serial-number SERIAL' (with the machine's values)"
+    )
 
 
 def test_no_hint_in_the_source_bypasses_the_helper() -> None:

@@ -46,8 +46,7 @@ from iotref.device.connection import ConnectionState
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
-from iotref.device.next_steps import Selection
-from iotref.device.next_steps import run as run_next
+from iotref.device.next_steps import Selection, provision_new_machine
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.telemetry import SendStatus
 
@@ -72,7 +71,7 @@ def load_identity(
 ) -> DeviceIdentity:
     """The store's identity, or a :class:`StoreError` with what to do."""
     path = store or default_store_path(env.name)
-    provision = run_next("provision").within(Selection.of(env, store))
+    provision = provision_new_machine().within(Selection.of(env, store))
     certificate_store = CertificateStore(path, selection=Selection.of(env, store))
     if not path.is_dir() or certificate_store.is_empty():
         raise StoreError(f"there is no certificate store at {path}", provision, path=path)

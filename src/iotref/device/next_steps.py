@@ -123,6 +123,10 @@ class NextStep:
         return self.render()
 
 
+#: What ``iotref provision`` needs for a new machine; the person puts in the values.
+NEW_MACHINE_ARGS = ("--name", "NAME", "--manufacturer", "MANUFACTURER", "--serial-number", "SERIAL")
+
+
 def run(subcommand: str, *args: str, then: str = "", before: str = "") -> NextStep:
     """``run 'iotref SUBCOMMAND ARGS'``, after ``before`` and followed by ``then`` (plain
     text, braces included)."""
@@ -132,6 +136,11 @@ def run(subcommand: str, *args: str, then: str = "", before: str = "") -> NextSt
 
 def _literal(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
+
+
+def provision_new_machine() -> NextStep:
+    """``run 'iotref provision ... --name NAME ...'`` for a store that has no machine yet."""
+    return run("provision", *NEW_MACHINE_ARGS, then="(with the machine's values)")
 
 
 def steps(text: str, *commands: tuple[str, ...]) -> NextStep:

@@ -50,7 +50,7 @@ from iotref.device.certificate_store import (
 from iotref.device.environment import EnvironmentIdentity
 from iotref.device.errors import StoreError
 from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
-from iotref.device.next_steps import NextStep, Selection, run
+from iotref.device.next_steps import NextStep, Selection, provision_new_machine, run
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
@@ -175,7 +175,9 @@ def check_store(
     now = now or datetime.now(timezone.utc)
     report = StoreReport(path=store.path, selection=store.selection)
     if not store.path.exists() or store.is_empty():
-        report.add("absent", f"there is no certificate store at {store.path}", run("provision"))
+        report.add(
+            "absent", f"there is no certificate store at {store.path}", provision_new_machine()
+        )
         return report
 
     _check_environment(store, report, expected)
@@ -197,7 +199,7 @@ def check_store(
             report.add(
                 "incomplete",
                 f"the store is incomplete: missing {', '.join(report.missing)}",
-                RENEW if progress is not None and progress.machine_id else run("provision"),
+                RENEW if progress is not None and progress.machine_id else provision_new_machine(),
             )
 
     _check_properties(store, report)
