@@ -442,7 +442,7 @@ def _platform_line(platform: RevocationStatus | None, offline: bool) -> str:
         return "not asked (--offline)" if offline else "not asked (no usable certificate)"
     if platform.verdict == "accepted":
         return f"ok: {platform.reason}"
-    return f"{platform.verdict}: {platform.reason}"
+    return platform.reason
 
 
 def _print_report(

@@ -189,10 +189,10 @@ async def check_revocation(
     crls = tuple(answers)
     renew = REVOKED_NEXT_STEP
     if listed is not None:
-        when = f" on {listed.revoked_at:%Y-%m-%d %H:%M} UTC" if listed.revoked_at else ""
+        when = f" since {listed.revoked_at:%Y-%m-%d %H:%M} UTC" if listed.revoked_at else ""
         return RevocationStatus(
             "revoked",
-            f"the certificate is revoked: the CA's CRL ({listed.url}) lists it{when}",
+            f"the certificate is revoked{when}: the CA's CRL ({listed.url}) lists it",
             crls,
             handshake,
             renew,

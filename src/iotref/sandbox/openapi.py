@@ -628,6 +628,26 @@ def provisioning_fragment() -> Fragment:
                     },
                 }
             },
+            "/ca/device.crl": {
+                "get": {
+                    "tags": [TAG_PROVISIONING],
+                    "operationId": "deviceCrl",
+                    "summary": "The device CA's certificate revocation list (sandbox only)",
+                    "description": "DER (RFC 5280); every device certificate names this URL "
+                    "as its CRL distribution point. AWS IoT Core's certificates name none.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "The CRL.",
+                            "content": {
+                                "application/pkix-crl": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                }
+                            },
+                        }
+                    },
+                }
+            },
         },
         "components": {
             "schemas": {

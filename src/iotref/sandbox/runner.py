@@ -249,7 +249,7 @@ class Sandbox:
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
         from iotref.sandbox.broker import Broker
         from iotref.sandbox.bulk_provisioning import BulkProvisioning
-        from iotref.sandbox.certificate_authority import CertificateAuthorities
+        from iotref.sandbox.certificate_authority import DEVICE_CRL_PATH, CertificateAuthorities
         from iotref.sandbox.directory import Directory
         from iotref.sandbox.ingestion import Ingestion
         from iotref.sandbox.monitor import Monitor
@@ -259,6 +259,7 @@ class Sandbox:
 
         cas = CertificateAuthorities(ctx.paths.ca_dir)
         cas.ensure()
+        cas.device_crl_url = f"{ctx.http_url}{DEVICE_CRL_PATH}"
         self.cas = cas
         things = ThingRegistry(ctx.db)
         directory = Directory(ctx)
