@@ -13,7 +13,7 @@ Send telemetry from a provisioned machine::
     async def main() -> None:
         press = iotref.Asset("press-1", "SN-0001", iotref.AssetType.SHEETFED_PRESS)
         async with iotref.AsyncClient.from_store("certificate_store/local") as client:
-            await client.send(press, iotref.StatusV2(status="Production", speed=12000))
+            await client.send(press, iotref.StatusV2("Production", 12000, 1_000_000))
 
     asyncio.run(main())
 """

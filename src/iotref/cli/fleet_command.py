@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from iotref.cli.output import is_quiet
 from iotref.device.environment import BUILTIN_ENVIRONMENTS, resolve_environment
 from iotref.device.errors import IotrefError
 from iotref.device.fleet import (
@@ -218,7 +219,7 @@ def fleet(
             tune_malloc=True,
         )
         run = FleetRun(env, options, sandbox=sandbox)
-        show = not no_progress and sys.stderr.isatty()
+        show = not no_progress and not is_quiet() and sys.stderr.isatty()
         report = asyncio.run(_run_with_progress(run, show))
     except IotrefError as exc:
         selection = Selection.from_options(env_name, env_file, None)
