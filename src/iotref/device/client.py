@@ -665,6 +665,14 @@ class AsyncClient:
                 depth,
                 self.outbox_path,
             )
+        elif not wait:
+            log.info(
+                "client %s started, connecting to %s; %d message(s) waiting in %s",
+                self.client_id,
+                self.settings.where(),
+                depth,
+                self.outbox_path,
+            )
         else:
             reason = connection.stats.last_error
             log.warning(

@@ -1407,9 +1407,12 @@ class Connection:
             log.warning("unsubscribe %s failed: %s", topic_filter, _error_name(exc))
             return
         unsuback = asyncio.wrap_future(crt_future)
-        done, _ = await asyncio.wait({unsuback}, timeout=max_wait_s)
+        try:
+            done, _ = await asyncio.wait({unsuback}, timeout=max_wait_s)
+        finally:
+            if not unsuback.done():
+                unsuback.cancel()  # also when this wait is cancelled: nobody awaits it then
         if not done:
-            unsuback.cancel()
             log.warning("unsubscribe %s: no UNSUBACK within %g s", topic_filter, max_wait_s)
         elif unsuback.exception() is not None:
             log.warning(
