@@ -20,8 +20,12 @@ How it keeps up (20,000+ messages/s on a small machine):
   of the sandbox) that they rejoin on every connect, so Mosquitto queues telemetry for
   them meanwhile; and once they have subscribed, Mosquitto is told to save its database
   (event ``ingestion_subscribed``, see :mod:`iotref.sandbox.broker`), so that a broker
-  that crashes and is restarted still has the sessions (and queues for them) before any
-  device reconnects. (AWS IoT Core's rules engine never misses a message a broker took.)
+  that crashes and is restarted still has the sessions before any device reconnects.
+  Mosquitto 2.0 restores a plain subscription with its session, but not a shared one:
+  with several connections (the default), telemetry that a crashed and restarted broker
+  accepts before the ingestion has subscribed again reaches nobody. (AWS IoT Core's rules
+  engine never misses a message the broker took; docs/reliability.md says how the
+  scenarios keep devices out meanwhile.)
 * The clients run in a small child process (:func:`receiver_process_main`) that does
   nothing else: awscrt calls back once per message on its own threads and each callback
   needs Python's GIL, so in the sandbox process, next to the threads that validate and
