@@ -44,7 +44,7 @@ reliability: setup
 	$(PY) -m tests.reliability.report $(RELIABILITY_ARGS)
 
 clean:
-	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache tests/mermaid/node_modules
 
 licenses: setup
 	scripts/licenses.sh
