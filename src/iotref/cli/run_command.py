@@ -48,7 +48,7 @@ from iotref.cli.onboarding_commands import (
 )
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import AsyncClient, ClientStats, InvalidMessageError, OutboxFullError
-from iotref.device.connection import ConnectionState
+from iotref.device.connection import ConnectionState, ConnectionTakenOver
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
@@ -107,6 +107,8 @@ class RunCounters:
     invalid: int = 0
     refused_full: int = 0
     dropped: int = 0
+    refused_taken_over: int = 0
+    """Not accepted because another process took this identity over (the run stops)."""
 
 
 def status_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
@@ -273,6 +275,9 @@ async def _send(client: AsyncClient, counters: RunCounters, sending: Any, where:
         counters.refused_full += 1
         if counters.refused_full == 1 or counters.refused_full % 1000 == 0:
             error_line(f"iotref: {where}{exc.one_line()}")
+        return
+    except ConnectionTakenOver:
+        counters.refused_taken_over += 1  # the run is stopping: see run_sender
         return
     if result.status is SendStatus.DROPPED_NO_PERMISSION:
         counters.dropped += 1
