@@ -126,7 +126,7 @@ def _expire_certificate(store: Path, data_dir: Path) -> None:
         (data_dir / "ca" / "device-ca.key").read_bytes(), None
     )
     old = x509.load_pem_x509_certificate((store / "deviceCert.pem").read_bytes())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(old.subject)

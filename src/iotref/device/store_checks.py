@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -162,7 +162,7 @@ def check_store(
 ) -> StoreReport:
     """Inspect ``store`` locally. ``expected`` is the environment in use: a store of another
     environment is a problem. Never raises for a broken store; reports it."""
-    now = now or datetime.now(UTC)
+    now = now or datetime.now(timezone.utc)
     report = StoreReport(path=store.path)
     if not store.path.exists() or store.is_empty():
         report.add(
