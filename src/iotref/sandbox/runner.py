@@ -263,7 +263,11 @@ class Sandbox:
         shadows = ShadowService(ctx, cas)
         ingestion = Ingestion(ctx, cas, things)
         monitor = Monitor(ctx, ingestion, shadows, directory, things)
-        return [directory, broker, provisioning, bulk_provisioning, shadows, ingestion, monitor]
+        # The ingestion subscribes before the shadow service answers: a device that
+        # boots with the sandbox publishes only once its shadow granted the permission,
+        # and then the ingestion already takes every message (Mosquitto 2.0 does not
+        # restore the ingestion's shared subscription from its database).
+        return [directory, broker, provisioning, bulk_provisioning, ingestion, shadows, monitor]
 
     def _write_files(self, ctx: SandboxContext) -> dict[str, Any]:
         env = {
