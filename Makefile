@@ -2,6 +2,11 @@
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+# make demo HTTP_PORT=8790 MQTT_PORT=8893: the sandbox's ports (default 8780 and 8883, or
+# free ones when those are in use).
+HTTP_PORT ?=
+MQTT_PORT ?=
+DEMO_ARGS ?=
 
 .PHONY: help setup setup-browser demo test unit lint format typecheck bench licenses clean
 
@@ -19,7 +24,8 @@ setup-browser:
 	@scripts/setup.sh --browser
 
 demo: setup
-	.venv/bin/iotref demo
+	.venv/bin/iotref demo $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) \
+	  $(if $(MQTT_PORT),--mqtt-port $(MQTT_PORT)) $(DEMO_ARGS)
 
 test: setup-browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)
