@@ -7,6 +7,8 @@ PYTEST_ARGS ?=
 HTTP_PORT ?=
 MQTT_PORT ?=
 DEMO_ARGS ?=
+DEMO_OPTIONS = $(strip $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) \
+  $(if $(MQTT_PORT),--mqtt-port $(MQTT_PORT)) $(DEMO_ARGS))
 
 .PHONY: help setup setup-browser demo test unit lint format typecheck bench licenses clean
 
@@ -24,8 +26,7 @@ setup-browser:
 	@scripts/setup.sh --browser
 
 demo: setup
-	.venv/bin/iotref demo $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) \
-	  $(if $(MQTT_PORT),--mqtt-port $(MQTT_PORT)) $(DEMO_ARGS)
+	.venv/bin/iotref demo $(DEMO_OPTIONS)
 
 test: setup-browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -666,7 +666,7 @@ def demo(
                 f"started at {sandbox.http_url}, MQTT port {sandbox.mqtt_port} "
                 f"(data in {data_dir}{busy})",
             )
-        env = load_environment_file(sandbox.env_file, name="local")
+        env = load_environment_file(Path(_relative(sandbox.env_file)), name="local")
     else:
         env = resolve_environment(env_name, env_file)
         display.step("environment", str(env))

@@ -300,6 +300,7 @@ class Onboarding:
             self.env.identity,
             selector=self.env.cli_selector,
             store_option=self.store_option,
+            command="run",
         )
         if mismatch is not None:
             raise StoreError(mismatch.reason, mismatch.next_step, path=self.store.path)

@@ -270,12 +270,13 @@ def environment_mismatch(
     *,
     selector: str | None = None,
     store_option: Path | None = None,
-    command: str = "provision",
+    command: str = "run",
 ) -> StoreProblem | None:
     """``wrong_environment`` if the store was made for another environment than
     ``current``: the reason says what differs (environment, endpoint or sandbox); the next
     step names commands with the user's options, ``selector`` (``--env NAME`` or
-    ``--env-file PATH`` in use) and ``store_option`` (``--store`` as given, or None)."""
+    ``--env-file PATH`` in use) and ``store_option`` (``--store`` as given, or None):
+    ``iotref COMMAND`` with the store's own environment, or provisioning for this one."""
     recorded = progress.environment
     if recorded.matches(current):
         return None
