@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -98,6 +100,26 @@ def test_demo_runs_the_whole_story_and_reuses_the_store(tmp_path: Path) -> None:
     assert not _sandboxes_under(tmp_path)
 
 
+def test_the_demo_press_prints(tmp_path: Path) -> None:
+    """The press produces from the first message: speed above zero and a job counter that
+    rises, as the platform stored them (the sandbox's telemetry.db), not as the demo says."""
+    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    result = _demo(tmp_path, *ports, "--duration", "4", "--no-switch", "--stop-sandbox")
+    assert result.returncode == 0, result.stdout + result.stderr
+    sent = int(re.search(r"sent (\d+), acknowledged", result.stdout).group(1))  # type: ignore[union-attr]
+    db = tmp_path / ".sandbox" / "telemetry.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(
+            "SELECT speed, productioncounter FROM telemetry_messages WHERE valid ORDER BY id"
+        ).fetchall()
+    assert len(rows) == sent > 10
+    speeds = [speed for speed, _ in rows]
+    assert all(speed is not None for speed in speeds)
+    assert sum(1 for speed in speeds if speed > 0) > len(rows) / 2, speeds
+    counters = [counter for _, counter in rows]
+    assert counters == sorted(counters) and counters[-1] > counters[0], counters
+
+
 def test_demo_reports_a_port_in_use_in_one_line(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -124,7 +146,7 @@ def _expire_certificate(store: Path, data_dir: Path) -> None:
         (data_dir / "ca" / "device-ca.key").read_bytes(), None
     )
     old = x509.load_pem_x509_certificate((store / "deviceCert.pem").read_bytes())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(old.subject)

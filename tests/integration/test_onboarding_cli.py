@@ -340,7 +340,7 @@ def _self_signed(key_pem: bytes) -> bytes:
 
     key = load_private_key(key_pem)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")])
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(1)

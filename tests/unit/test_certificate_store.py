@@ -40,7 +40,7 @@ from iotref.device.store_checks import check_store, environment_mismatch, issuer
 from iotref.device.token_store import TokenStore
 
 IDENTITY = EnvironmentIdentity("local", "http://127.0.0.1:8780")
-NOW = dt.datetime(2030, 6, 1, tzinfo=dt.UTC)
+NOW = dt.datetime(2030, 6, 1, tzinfo=dt.timezone.utc)
 PROPS = DeviceProperties(
     mqtt_endpoint="localhost",
     mqtt_port=8883,
@@ -65,7 +65,7 @@ def _cert(
     *,
     ca: bool = False,
     days: int = 365,
-    start: dt.datetime = dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+    start: dt.datetime = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc),
 ) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -359,14 +359,14 @@ def test_certificate_issued_by_the_root_is_verified_against_it(tmp_path: Path, p
 def test_expiry(tmp_path: Path, pki: Pki) -> None:
     store = _make_store(tmp_path, pki)  # valid 2030-01-01 .. 2031-01-01
     assert _codes(store) == []
-    near = dt.datetime(2030, 12, 20, tzinfo=dt.UTC)
+    near = dt.datetime(2030, 12, 20, tzinfo=dt.timezone.utc)
     report = check_store(store, expected=IDENTITY, now=near)
     assert [p.code for p in report.problems] == ["certificate_expiring"]
     assert "in 12 days" in report.problems[0].reason
     assert check_store(store, expected=IDENTITY, now=near, threshold_days=5).ok
-    late = dt.datetime(2031, 2, 1, tzinfo=dt.UTC)
+    late = dt.datetime(2031, 2, 1, tzinfo=dt.timezone.utc)
     assert [p.code for p in check_store(store, now=late).problems] == ["certificate_expired"]
-    early = dt.datetime(2029, 12, 1, tzinfo=dt.UTC)
+    early = dt.datetime(2029, 12, 1, tzinfo=dt.timezone.utc)
     assert "certificate_not_yet_valid" in [p.code for p in check_store(store, now=early).problems]
 
 

@@ -445,6 +445,8 @@ def test_series_and_messages_order(tmp_path: Path) -> None:
     store.write_batch([b.build(TOPIC, message(speed=s, counter=s), 100.0 + s) for s in range(5)])
     series = store.series(CLIENT)
     assert [p["speed"] for p in series] == [0, 1, 2, 3, 4]
+    assert {p["assetid"] for p in series} == {"press-1"}
+    assert [p["speed"] for p in store.series(CLIENT, limit=2)] == [3, 4]
     newest = store.messages(CLIENT, limit=2)
     assert [m["speed"] for m in newest] == [4, 3]
     older = store.messages(CLIENT, limit=10, before=newest[-1]["id"])

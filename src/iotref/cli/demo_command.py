@@ -47,7 +47,7 @@ from iotref.device.environment import (
 from iotref.device.errors import IotrefError, LoginRequired, StoreError
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.onboarding import Onboarding, ProvisionOptions
-from iotref.device.simulator import PressSimulator
+from iotref.device.simulator import Phase, PressSimulator
 
 DEFAULT_DATA_DIR = Path(".sandbox")
 DEFAULT_HTTP_PORT = 8780
@@ -448,7 +448,9 @@ async def _login_and_provision(opts: DemoOptions, display: Display) -> Path:
 async def _publish(opts: DemoOptions, store: Path, display: Display) -> dict[str, Any]:
     sender = Sender(SenderType.SYSTEM, "iotref demo gateway", __version__)
     press = Asset("demo-press-1", "DEMO-SN-1", AssetType.SHEETFED_PRESS, assetname="Demo press")
-    simulator = PressSimulator(seed=7)
+    # Printing from the first message: a press that starts idle waits longer for its first
+    # job than the demo lasts, and its machine chart would be a flat line.
+    simulator = PressSimulator(seed=7, start_phase=Phase.PRODUCTION)
     platform = Platform(opts.sandbox) if opts.sandbox is not None else None
     p = display.progress
     findings: dict[str, Any] = {"switch": None}

@@ -12,9 +12,8 @@ import io
 import json
 import sys
 import time
-import tomllib
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,6 +28,11 @@ from iotref.device.errors import ConfigurationError, IotrefError
 from iotref.device.keys import DEFAULT_KEY_TYPE, KeyType
 from iotref.device.onboarding import Onboarding, ProvisionOptions, ProvisionResult
 from iotref.device.store_checks import DEFAULT_EXPIRY_THRESHOLD_DAYS, StoreReport
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -311,7 +315,7 @@ def _print_report(env: Environment, report: StoreReport, login_line: str) -> Non
         click.echo(f"machine      {report.progress.machine_id} (provisioning not finished)")
     cert = report.certificate
     if cert is not None:
-        days = cert.days_left(datetime.now(UTC))
+        days = cert.days_left(datetime.now(timezone.utc))
         click.echo(f"certificate  {cert.subject}")
         click.echo(f"  issuer     {cert.issuer}")
         click.echo(f"  expires    {cert.not_after:%Y-%m-%d %H:%M} UTC ({days:.0f} days)")

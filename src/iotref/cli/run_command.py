@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -39,6 +39,7 @@ from iotref.cli.onboarding_commands import (
     _expected_errors,
     _store_option,
 )
+from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import AsyncClient, ClientStats, InvalidMessageError, OutboxFullError
 from iotref.device.connection import ConnectionState
@@ -254,7 +255,7 @@ async def simulate(
             next_at = loop.time()  # fell behind: do not try to catch up in a burst
             delay = 0
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
+            async with stdlib_compat.timeout(delay):
                 await stop.wait()
 
 
@@ -372,7 +373,7 @@ def make_presses(
     identity: DeviceIdentity, options: RunOptions
 ) -> list[tuple[Asset, PressSimulator]]:
     machine = identity.properties.machine_id or identity.properties.client_id
-    start = datetime.now(UTC)
+    start = datetime.now(timezone.utc)
     presses = []
     for i in range(options.assets):
         if options.kind == "mixed":
@@ -466,7 +467,7 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
                 if feeding.done():
                     break
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.25):
+                    async with stdlib_compat.timeout(0.25):
                         await stop.wait()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):

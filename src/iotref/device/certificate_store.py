@@ -14,13 +14,12 @@ runs on one store.
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from iotref.device.files import (
     write_atomic,
     write_file_synced,
 )
+from iotref.device.stdlib_compat import StrEnum
 
 ROOT_CA_FILE = "amazonRootCA1.pem"
 PRIVATE_KEY_FILE = "devicePrivateKey.pem"
@@ -118,7 +118,7 @@ class DeviceProperties:
         return cls(**{key: data[key] for key in PROPERTIES_KEYS})
 
 
-class ProgressState(enum.StrEnum):
+class ProgressState(StrEnum):
     """How far provisioning got, in order."""
 
     STARTED = "started"
@@ -134,7 +134,7 @@ class ProgressState(enum.StrEnum):
 
 
 def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Final, TypedDict, TypeVar, Unpack
+from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
 from iotref._version import __version__
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
@@ -71,6 +71,7 @@ from iotref.device.outbox import (
     OverflowPolicy,
 )
 from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,
     PermissionPolicy,
@@ -571,7 +572,7 @@ class AsyncClient:
             self.outbox_path,
         )
 
-    async def close(self, timeout: float | None = None) -> ClientStats:  # noqa: ASYNC109
+    async def close(self, timeout: float | None = None) -> ClientStats:
         """Stop: wait up to ``timeout`` (default ``close_timeout_s``) for in-flight acks
         (and for the outbox to drain, see ``drain_on_close``), then disconnect. What is
         not acknowledged stays in the outbox for the next run. Returns the final stats.
@@ -688,7 +689,7 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ waiting
 
-    async def wait_drained(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    async def wait_drained(self, timeout: float | None = None) -> bool:
         """Wait until every queued message was acknowledged; False after ``timeout``."""
         outbox = self._running(self._outbox)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -701,7 +702,7 @@ class AsyncClient:
     async def wait_permission(
         self,
         allowed: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> bool:
         """Wait until ``sendTelemetryData`` is ``allowed``; False after ``timeout``."""
         self._running(self._shadow)

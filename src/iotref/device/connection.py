@@ -47,6 +47,7 @@ from typing import Any
 from awscrt import exceptions as crt_exceptions
 from awscrt import io, mqtt5
 
+from iotref.device import stdlib_compat
 from iotref.device.errors import IotrefError, StoreError
 from iotref.device.thread_state import keep_thread_state
 
@@ -992,7 +993,7 @@ class Connection:
         self._attempt.waiters.append(waiter)
         timeout = self.settings.connect_timeout_s
         try:
-            async with asyncio.timeout(timeout):
+            async with stdlib_compat.timeout(timeout):
                 if self.settings.fail_fast:
                     # awscrt (s2n) reports TLS failures only after a "blinding" delay of
                     # 10-30 s; a quick TLS probe tells at once what is wrong.
@@ -1067,7 +1068,7 @@ class Connection:
         for task in list(self._tasks):
             task.cancel()
 
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def wait_connected(self, timeout: float | None = None) -> None:
         """Return once connected. Raises :class:`TimeoutError` after ``timeout`` seconds,
         :class:`ConnectionTakenOver` / :class:`ConnectionClosed` if the connection ended."""
         self._raise_if_ended()
@@ -1077,7 +1078,7 @@ class Connection:
         waiter = self._loop.create_future()
         self._attempt.waiters.append(waiter)
         try:
-            async with asyncio.timeout(timeout):
+            async with stdlib_compat.timeout(timeout):
                 await waiter
         finally:
             if waiter in self._attempt.waiters:

@@ -215,7 +215,7 @@ def load_environment(name: str) -> Environment:
             f"unknown environment {name!r}",
             f"use one of {', '.join(BUILTIN_ENVIRONMENTS)}, or --env-file PATH",
         )
-    text = resources.files("iotref.device").joinpath("environments", f"env.{name}").read_text()
+    text = (resources.files("iotref.device") / "environments" / f"env.{name}").read_text()
     return environment_from_values(name, parse_env_file(text))
 
 

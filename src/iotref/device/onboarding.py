@@ -26,6 +26,7 @@ from typing import Any, Literal
 import httpx
 from cryptography import x509
 
+from iotref.device import stdlib_compat
 from iotref.device.auth import Authenticator
 from iotref.device.certificate_store import (
     CERTIFICATE_FILE,
@@ -585,7 +586,7 @@ class BlockingOnboarding:
             pass
         else:
             raise RuntimeError("BlockingOnboarding cannot run inside an event loop; use Onboarding")
-        self._runner = asyncio.Runner()
+        self._runner = stdlib_compat.Runner()
         self._onboarding: Onboarding = self._runner.run(_make(env, kwargs))
 
     @property

@@ -31,7 +31,7 @@ import os
 import shlex
 import stat
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -167,7 +167,7 @@ def check_store(
     """Inspect ``store`` locally. ``expected`` is the environment in use: a store of another
     environment is a problem, whose next step names ``selector`` and ``store_option`` (see
     :func:`environment_mismatch`). Never raises for a broken store; reports it."""
-    now = now or datetime.now(UTC)
+    now = now or datetime.now(timezone.utc)
     report = StoreReport(path=store.path)
     if not store.path.exists() or store.is_empty():
         report.add(

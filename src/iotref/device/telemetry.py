@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -50,8 +49,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+from iotref.device import stdlib_compat
 from iotref.device.messages import to_json
 from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
+from iotref.device.stdlib_compat import StrEnum
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class PermissionFlag:
 # --------------------------------------------------------------------------- results
 
 
-class SendStatus(enum.StrEnum):
+class SendStatus(StrEnum):
     """What :meth:`Telemetry.send` did with a valid message."""
 
     QUEUED = "queued"
@@ -259,7 +260,7 @@ class _Wakeup:
 async def _wait_event(event: _Wakeup, seconds: float) -> None:
     """Wait until ``event`` is set or ``seconds`` passed."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
+        async with stdlib_compat.timeout(seconds):
             await event.wait()
 
 

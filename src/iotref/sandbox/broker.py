@@ -308,7 +308,7 @@ class Broker:
                     asyncio.open_connection(host, port, ssl=context, server_hostname="localhost"),
                     timeout=2,
                 )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, asyncio.TimeoutError) as exc:
                 last_error = f"{host}:{port}: {exc}"
                 await asyncio.sleep(0.05)
                 continue
@@ -336,7 +336,7 @@ class Broker:
             proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             log.warning(
                 "mosquitto (pid %d) did not stop in %.0fs; killing it", proc.pid, STOP_TIMEOUT
             )

@@ -696,7 +696,7 @@ class Receiver(threading.Thread):
                         log.warning("ingestion: the receiving process ended unexpectedly")
                     ended = True
                     break
-                ended = self._handle(item, records)
+                ended = self._handle_item(item, records)
                 if ended or len(records) >= WRITE_BATCH_LIMIT or not conn.poll(0):
                     break
             if records:
@@ -704,7 +704,7 @@ class Receiver(threading.Thread):
             if ended:
                 return
 
-    def _handle(self, item: tuple[Any, ...], records: list[Record]) -> bool:
+    def _handle_item(self, item: tuple[Any, ...], records: list[Record]) -> bool:
         """Handle one item from the receiving process; True once it has stopped."""
         kind = item[0]
         if kind == "messages":

@@ -499,7 +499,7 @@ def verification_page_fragment() -> Fragment:
 @cache
 def zaikio_description() -> dict[str, Any]:
     """Zaikio's published description of the directory API (v1), as shipped."""
-    text = resources.files(__package__).joinpath("openapi_data", ZAIKIO_DESCRIPTION).read_text()
+    text = (resources.files(__package__) / "openapi_data" / ZAIKIO_DESCRIPTION).read_text()
     document: dict[str, Any] = json.loads(text)
     return document
 
