@@ -28,13 +28,14 @@ from urllib.parse import urlsplit
 
 import click
 import httpx
+from cryptography import x509
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from iotref._version import __version__
 from iotref.cli.onboarding_commands import _environment_options, _expected_errors, _qr_text
-from iotref.device.certificate_store import CertificateStore, default_store_path
+from iotref.device.certificate_store import ROOT_CA_FILE, CertificateStore, default_store_path
 from iotref.device.client import AsyncClient
 from iotref.device.device_flow import DeviceAuthorization
 from iotref.device.directory_client import MachineSpec
@@ -69,6 +70,8 @@ class SandboxInfo:
     mqtt_port: int
     admin_token: str
     env_file: Path
+    #: The server root CA the sandbox's broker presents (``ca_file`` in sandbox.json).
+    ca_file: Path | None
     started_here: bool
     pid: int | None
 
@@ -206,6 +209,7 @@ def _info(data_dir: Path, info: dict[str, Any], *, started_here: bool) -> Sandbo
         mqtt_port=int(info["mqtt_port"]),
         admin_token=str(info["admin_token"]),
         env_file=Path(str(info["env_file"])),
+        ca_file=Path(str(info["ca_file"])) if info.get("ca_file") else None,
         started_here=started_here,
         pid=int(info["pid"]) if info.get("pid") else None,
     )
@@ -346,12 +350,19 @@ def _set_aside_other_sandboxes_store(opts: DemoOptions, display: Display) -> Non
         progress = store.read_progress()
     except StoreError:
         return  # reported by the checks that follow
-    if progress is None or progress.environment.matches(opts.env.identity):
+    if progress is None:
         return
     recorded = progress.environment
     host = urlsplit(recorded.directory_host).hostname or ""
     if recorded.name != opts.env.name or not is_loopback_host(host):
         return  # not a sandbox's store
+    if not recorded.matches(opts.env.identity):
+        difference = recorded.difference(opts.env.identity)
+    elif recorded.sandbox_id is None and _other_root_ca(store, opts.sandbox.ca_file):
+        # Made before sandboxes had ids: its root CA tells that another sandbox made it.
+        difference = f"a sandbox at {recorded.directory_host} with another root CA"
+    else:
+        return
     label = recorded.sandbox_id or time.strftime("%Y%m%d-%H%M%S")
     target = opts.store.with_name(f"{opts.store.name}.sandbox-{label}")
     suffix = 1
@@ -362,14 +373,27 @@ def _set_aside_other_sandboxes_store(opts: DemoOptions, display: Display) -> Non
         opts.store.rename(target)
     except OSError as exc:
         raise DemoError(
-            f"the store {opts.store} belongs to {recorded.difference(opts.env.identity)}, "
-            f"and moving it aside failed: {exc.strerror or exc}",
+            f"the store {opts.store} belongs to {difference}, and moving it aside failed: "
+            f"{exc.strerror or exc}",
             next_step=f"move {opts.store} away yourself, or pass --store with a new folder",
         ) from None
     display.note(
-        f"the store {_relative(opts.store)} belongs to {recorded.difference(opts.env.identity)}; "
+        f"the store {_relative(opts.store)} belongs to {difference}; "
         f"moved it to {_relative(target)}"
     )
+
+
+def _other_root_ca(store: CertificateStore, sandbox_ca: Path | None) -> bool:
+    """Whether the store's root CA is not the sandbox's (False when either is unreadable:
+    the checks that follow report a broken store)."""
+    if sandbox_ca is None:
+        return False
+    try:
+        ours = x509.load_pem_x509_certificate(store.file(ROOT_CA_FILE).read_bytes())
+        theirs = x509.load_pem_x509_certificate(sandbox_ca.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return ours != theirs
 
 
 def _relative(path: Path) -> str:
