@@ -54,6 +54,7 @@ from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
+from iotref.device.store_checks import environment_mismatch
 from iotref.device.telemetry import SendStatus
 
 Kind = Literal["offset", "digital", "mixed"]
@@ -87,13 +88,20 @@ def load_identity(
     identity = certificate_store.load()
     if check_environment:
         progress = certificate_store.read_progress()
-        if progress is not None and progress.environment != env.identity:
-            raise StoreError(
-                f"the store {path} belongs to environment {progress.environment}, not {env}",
-                f"use --env {progress.environment.name} (or its --env-file), or pass --store "
-                "with a folder for this environment",
-                path=path,
+        mismatch = (
+            None
+            if progress is None
+            else environment_mismatch(
+                path,
+                progress,
+                env.identity,
+                selector=env.cli_selector,
+                store_option=store,
+                command="run",
             )
+        )
+        if mismatch is not None:
+            raise StoreError(mismatch.reason, mismatch.next_step, path=path)
     return identity
 
 
