@@ -2,6 +2,13 @@
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+# make demo HTTP_PORT=8790 MQTT_PORT=8893: the sandbox's ports (default 8780 and 8883, or
+# free ones when those are in use).
+HTTP_PORT ?=
+MQTT_PORT ?=
+DEMO_ARGS ?=
+DEMO_OPTIONS = $(strip $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) \
+  $(if $(MQTT_PORT),--mqtt-port $(MQTT_PORT)) $(DEMO_ARGS))
 # The Pythons whose unit tests `make test` also runs, where found (empty: none).
 PYTHONS ?= 3.10 3.11 3.12 3.13
 
@@ -22,7 +29,7 @@ setup-browser:
 	@scripts/setup.sh --browser
 
 demo: setup
-	.venv/bin/iotref demo
+	.venv/bin/iotref demo $(DEMO_OPTIONS)
 
 test: setup-browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -406,7 +406,7 @@ BROKEN = {
     "root_ca_unparsable": ("root_ca_unparsable", "not a PEM certificate"),
     "insecure_permissions": ("insecure_permissions", "readable by others"),
     "certificate_expiring": ("certificate_expiring", "threshold 400"),
-    "wrong_environment": ("wrong_environment", "belongs to environment local"),
+    "wrong_environment": ("wrong_environment", "(the endpoint differs)"),
     "unknown_environment": ("unknown_environment", "no record of its environment"),
 }
 

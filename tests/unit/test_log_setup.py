@@ -105,6 +105,7 @@ def test_log_file_gets_everything_private_and_appended(tmp_path: Path) -> None:
 
 def test_configure_and_close_leave_no_handler_behind(tmp_path: Path) -> None:
     root = logging.getLogger()
+    log_setup.close()  # what an earlier in-process command may have left
     before = list(root.handlers)
     log_setup.configure(verbose=0, log_file=tmp_path / "x.log")
     assert len(root.handlers) == len(before) + 2

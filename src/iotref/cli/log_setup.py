@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MASK = "[redacted]"
@@ -44,6 +46,21 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 class _State:
@@ -80,7 +97,7 @@ def configure(*, verbose: int = 0, quiet: bool = False, log_file: Path | None = 
     """Install the stderr handler (and the log file's) on the root logger."""
     close()
     root = logging.getLogger()
-    console = logging.StreamHandler()
+    console = _Stderr()
     console.setLevel(console_level(verbose, quiet))
     console.setFormatter(RedactingFormatter(FORMAT))
     root.addHandler(console)

@@ -22,14 +22,10 @@ from urllib.parse import urlsplit
 
 import click
 
+from iotref.cli.local_sandbox import resolve_cli_environment
 from iotref.cli.output import is_quiet, progress, result, verbosity
 from iotref.device.directory_client import MACHINE_KINDS, MachineSpec
-from iotref.device.environment import (
-    BUILTIN_ENVIRONMENTS,
-    Environment,
-    is_loopback_host,
-    resolve_environment,
-)
+from iotref.device.environment import BUILTIN_ENVIRONMENTS, Environment, is_loopback_host
 from iotref.device.errors import ConfigurationError, IotrefError
 from iotref.device.keys import DEFAULT_KEY_TYPE, KeyType
 from iotref.device.next_steps import NextStep, Selection, shell_word
@@ -109,7 +105,7 @@ def _store_option(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def _env(env_name: str | None, env_file: Path | None) -> Environment:
-    return resolve_environment(env_name, env_file)
+    return resolve_cli_environment(env_name, env_file)
 
 
 def _demo_account(env: Environment) -> tuple[str, str] | None:
@@ -457,8 +453,8 @@ def _print_report(
         return
     click.echo(f"environment  {env}")
     click.echo(f"store        {report.path}")
-    if report.environment is not None and report.environment != env.identity:
-        click.echo(f"  belongs to {report.environment}")
+    if report.environment is not None and not report.environment.matches(env.identity):
+        click.echo(f"  belongs to {report.environment.difference(env.identity)}")
     props = report.properties
     if props is not None:
         click.echo(f"client id    {props.client_id}")

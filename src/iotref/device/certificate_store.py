@@ -144,6 +144,9 @@ class Progress:
 
     environment: EnvironmentIdentity
     state: ProgressState = ProgressState.STARTED
+    #: Where the environment came from when provisioning started: ``built-in`` or the
+    #: environment file's absolute path (for a hint that names it).
+    environment_source: str | None = None
     machine: MachineSpec | None = None
     machine_id: str | None = None
     site_id: str | None = None
@@ -163,6 +166,7 @@ class Progress:
         return {
             "format": PROGRESS_FORMAT,
             "environment": self.environment.as_dict(),
+            "environment_source": self.environment_source,
             "state": self.state.value,
             "machine": None if self.machine is None else self.machine.as_dict(),
             "machine_id": self.machine_id,
@@ -196,6 +200,7 @@ class Progress:
         return cls(
             environment=EnvironmentIdentity.from_dict(data["environment"]),
             state=ProgressState(data["state"]),
+            environment_source=opt("environment_source"),
             machine=spec,
             machine_id=opt("machine_id"),
             site_id=opt("site_id"),

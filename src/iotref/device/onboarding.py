@@ -79,6 +79,7 @@ from iotref.device.store_checks import (
     DEFAULT_EXPIRY_THRESHOLD_DAYS,
     StoreReport,
     check_store,
+    environment_mismatch,
     issuer_fingerprint,
 )
 from iotref.device.token_store import TokenStore
@@ -168,8 +169,9 @@ class Onboarding:
         on_step: StepCallback | None = None,
     ) -> None:
         self.env = env
-        #: The environment and ``store_path`` as given (None: the default), for next steps
-        #: that run as printed.
+        #: ``store_path`` as given (None: the default), and with the environment the
+        #: selection that next steps carry, so that they run as printed.
+        self.store_option = store_path
         self.selection = Selection.of(env, store_path)
         self.store = CertificateStore(
             store_path or default_store_path(env.name), selection=self.selection
@@ -253,7 +255,11 @@ class Onboarding:
         if self.store.file(STAGING_DIR).exists():
             with contextlib.suppress(StoreError), self.store.lock():
                 self.store.recover()
-        return check_store(self.store, expected=self.env.identity, threshold_days=threshold_days)
+        return check_store(
+            self.store,
+            expected=self.env.identity,
+            threshold_days=threshold_days,
+        )
 
     # -- provisioning -------------------------------------------------------------------------
 
@@ -292,13 +298,12 @@ class Onboarding:
                     path=self.store.path,
                 )
             return None
-        if progress.environment != self.env.identity:
+        mismatch = environment_mismatch(
+            self.store.path, progress, self.env.identity, selection=self.selection, command="run"
+        )
+        if mismatch is not None:
             raise StoreError(
-                f"the store {self.store.path} belongs to environment "
-                f"{progress.environment}, not {self.env}",
-                f"use --env {progress.environment.name} (or its --env-file), or pass --store "
-                "with a folder for this environment",
-                path=self.store.path,
+                mismatch.reason, mismatch.hint or mismatch.next_step, path=self.store.path
             )
         return progress
 
@@ -338,6 +343,7 @@ class Onboarding:
                 )
             progress = Progress(
                 environment=self.env.identity,
+                environment_source=_source_of(self.env),
                 machine=options.machine,
                 organization_id=bearer_org,
             )
@@ -537,6 +543,13 @@ class Onboarding:
         self.store.write_progress(progress)
         self._step(STEP_OWNERSHIP, message)
         return progress
+
+
+def _source_of(env: Environment) -> str:
+    """``built-in``, or the environment file's absolute path."""
+    if env.source == "built-in":
+        return env.source
+    return str(Path(env.source).resolve())
 
 
 def _organization_of(tokens: TokenSet) -> str | None:

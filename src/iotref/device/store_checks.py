@@ -27,6 +27,7 @@ checked:
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -47,10 +48,16 @@ from iotref.device.certificate_store import (
     Progress,
     ProgressState,
 )
-from iotref.device.environment import EnvironmentIdentity
-from iotref.device.errors import StoreError
+from iotref.device.environment import EnvironmentIdentity, load_environment_file
+from iotref.device.errors import ConfigurationError, StoreError
 from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
-from iotref.device.next_steps import NextStep, Selection, provision_new_machine, run
+from iotref.device.next_steps import (
+    NextStep,
+    Selection,
+    provision_new_machine,
+    run,
+    shell_word,
+)
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
@@ -171,7 +178,9 @@ def check_store(
     now: datetime | None = None,
 ) -> StoreReport:
     """Inspect ``store`` locally. ``expected`` is the environment in use: a store of another
-    environment is a problem. Never raises for a broken store; reports it."""
+    environment is a problem (see :func:`environment_mismatch`). Next steps carry the
+    store's :attr:`~CertificateStore.selection`. Never raises for a broken store; reports
+    it."""
     now = now or datetime.now(timezone.utc)
     report = StoreReport(path=store.path, selection=store.selection)
     if not store.path.exists() or store.is_empty():
@@ -211,7 +220,9 @@ def check_store(
 
 
 def _check_environment(
-    store: CertificateStore, report: StoreReport, expected: EnvironmentIdentity | None
+    store: CertificateStore,
+    report: StoreReport,
+    expected: EnvironmentIdentity | None,
 ) -> None:
     try:
         report.progress = store.read_progress()
@@ -232,13 +243,74 @@ def _check_environment(
                 ),
             )
         return
-    if expected is not None and progress.environment != expected:
-        report.add(
-            "wrong_environment",
-            f"the store belongs to environment {progress.environment}, not {expected}",
-            f"use --env {progress.environment.name} (or its --env-file), or pass --store "
-            "with a folder for this environment",
+    if expected is not None:
+        problem = environment_mismatch(
+            store.path, progress, expected, selection=store.selection, command="status"
         )
+        if problem is not None:
+            report.problems.append(problem)
+
+
+def _shown(path: Path) -> str:
+    """``path`` for a message: relative to the working directory when inside it."""
+    text = str(path)
+    if path.is_absolute():
+        with_cwd = os.path.relpath(path)
+        if not with_cwd.startswith(".."):
+            text = with_cwd
+    return text
+
+
+def _own_selection(progress: Progress) -> tuple[str, ...] | None:
+    """The option that selects the environment a store was made for, if it still does."""
+    recorded, source = progress.environment, progress.environment_source
+    if source == "built-in":
+        return ("--env", recorded.name)
+    if not source:
+        return None
+    try:
+        env = load_environment_file(Path(source))
+    except ConfigurationError:
+        return None
+    if not env.identity.matches(recorded):
+        return None  # the file now describes something else (e.g. a restarted sandbox)
+    return ("--env-file", _shown(Path(source)))
+
+
+def environment_mismatch(
+    store_path: Path,
+    progress: Progress,
+    current: EnvironmentIdentity,
+    *,
+    selection: Selection | None = None,
+    command: str = "run",
+) -> StoreProblem | None:
+    """``wrong_environment`` if the store was made for another environment than
+    ``current``: the reason says what differs (environment, endpoint or sandbox); the next
+    step is ``iotref COMMAND`` with the store's own environment, or provisioning for this
+    one, with ``selection`` (the person's ``--env``/``--env-file`` and ``--store``)."""
+    recorded = progress.environment
+    if recorded.matches(current):
+        return None
+    store = _shown(store_path)
+    mv = f"mv {shell_word(store)} {shell_word(store + '.old')}".replace("{", "{{")
+    move = f"move it away ('{mv.replace('}', '}}')}') and run {{}}"
+    reason = f"the store {store} belongs to {recorded.difference(current)}"
+    if (recorded.name, recorded.directory_host) == (current.name, current.directory_host):
+        text = f"its certificate is not valid with the sandbox there now: {move}"
+    else:
+        own = _own_selection(progress)
+        use = (
+            f"run '{Selection(own, Path(store)).command(command)}'"
+            if own
+            else f"select {recorded} with its own --env or --env-file"
+        )
+        text = (
+            f"{use.replace('{', '{{').replace('}', '}}')} to use it with the environment it "
+            f"was made for, or {move} for this one"
+        )
+    hint = NextStep(text, (("provision",),), selection)
+    return StoreProblem("wrong_environment", reason, hint.render(), hint)
 
 
 def _check_properties(store: CertificateStore, report: StoreReport) -> None:

@@ -264,6 +264,10 @@ async def _wait_event(event: _Wakeup, seconds: float) -> None:
             await event.wait()
 
 
+def _always() -> bool:
+    return True
+
+
 def _read_records(outbox: Outbox, after_seq: int, limit: int) -> list[_Pending]:
     """``Outbox.read_pending`` for an outbox that overrides ``read_batch``."""
     return [(r.seq, r.topic, r.payload) for r in outbox.read_batch(after_seq, limit)]
@@ -450,27 +454,34 @@ class Telemetry:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self, max_wait: float | None = None, *, drain: bool = False) -> bool:
+    async def close(
+        self, max_wait: float | None = None, *, drain: bool | Callable[[], bool] = False
+    ) -> bool:
         """Stop accepting messages and stop the drainer; return True if nothing was left
-        unacknowledged in flight (or, with ``drain=True``, in the outbox).
+        unacknowledged in flight (or, when draining, in the outbox).
 
         Waits at most ``max_wait`` seconds (default: ``close_timeout``) for the PUBACKs of
         the messages in flight; with ``drain=True`` keeps publishing until the outbox is
-        empty or the time is up. Whatever is not acknowledged stays in the outbox for the
-        next run.
+        empty or the time is up, whenever connected and permitted meanwhile (a connection
+        that comes back during the close is used). ``drain`` may be a function instead:
+        draining then also ends as soon as it returns False (nothing more can be sent).
+        Whatever is not acknowledged stays in the outbox for the next run.
         """
         timeout = self._close_timeout if max_wait is None else max_wait
         if self._closing and self._task is None:
             return not self._in_flight
         self._closing = True
-        self._draining = drain
+        self._draining = bool(drain)
+        worth_it: Callable[[], bool] = drain if callable(drain) else _always
         deadline = time.monotonic() + timeout
         done = True
         if self._task is not None:
             self._kick()
             if drain:
                 # Polling the depth keeps the hot path free of close-only bookkeeping.
-                while self._outbox.depth > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+                while (  # noqa: ASYNC110
+                    self._outbox.depth > 0 and time.monotonic() < deadline and worth_it()
+                ):
                     await asyncio.sleep(0.02)
                 done = self._outbox.depth == 0
             self._draining = False

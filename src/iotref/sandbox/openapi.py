@@ -189,6 +189,11 @@ def health_fragment() -> Fragment:
                                 "properties": {
                                     "status": {"type": "string", "enum": ["ok"]},
                                     "version": {"type": "string"},
+                                    "sandbox_id": {
+                                        "type": "string",
+                                        "description": "This sandbox's id, as in its "
+                                        "env.local (SANDBOX_ID); new with each data dir.",
+                                    },
                                 },
                                 "additionalProperties": False,
                             },
