@@ -148,7 +148,7 @@ def test_every_hint_runs_as_printed_on_the_same_environment_and_store(setup: Set
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert "revoked" in revoke.stdout
-    refused = one_line_error(setup.run("run", *setup.options, "--duration", "2"))
+    refused = one_line_error(setup.run("run", *setup.options, "--duration", "30"))
     assert "revoked" in refused
     renew_revoked = hint_of(refused, "provision")
     assert renew_revoked == ["provision", *setup.options, "--renew"]

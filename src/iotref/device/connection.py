@@ -908,6 +908,7 @@ class Connection:
         "_raw_publish",
         "_reconnect_due",
         "_reconnect_timer",
+        "_refused",
         "_schedule",
         "_session_present",
         "_started",
@@ -962,6 +963,8 @@ class Connection:
         self._diagnosis: asyncio.TimerHandle | None = None
         self._takeover_reason: str | None = None
         self._takeover_lock = threading.Lock()
+        # Set when the broker refused the certificate as revoked: no attempt can succeed.
+        self._refused: ConnectionFailed | None = None
         # Whether awscrt reported the client stopped (set on the loop, by _on_stopped),
         # and the future stop() waits on for that: made only by stop(), which spares
         # every connection a threading.Event (a Condition with a deque: ~1.1 kB).
@@ -995,6 +998,12 @@ class Connection:
     @property
     def taken_over(self) -> bool:
         return self._state is ConnectionState.TAKEN_OVER
+
+    @property
+    def refused(self) -> ConnectionFailed | None:
+        """Why the platform refuses this identity for good (its certificate is revoked),
+        found while starting offline; the connection then stopped trying."""
+        return self._refused
 
     @property
     def stats(self) -> ConnectionStats:
@@ -1726,6 +1735,19 @@ class Connection:
 
     def _on_diagnosis(self, found: ConnectionFailed) -> None:
         if self._ever_connected or self._stopping or self._state.terminal:
+            return
+        if found.revoked:
+            # A revoked certificate is never accepted again: stop trying, and say so to
+            # whoever sends next (the caller shows it with its own next step).
+            log.warning(
+                "connection: client id %s: %s; stopping",
+                self.settings.client_id,
+                found.reason,
+            )
+            self._refused = found
+            self._counters.last_error = found.reason
+            self._attempt.last_failure = found
+            self._spawn(self.stop())
             return
         if found.kind in ("tls", "config"):
             log.error(
