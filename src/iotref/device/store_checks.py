@@ -1,4 +1,6 @@
-"""Checks of a certificate store, without the network: what ``iotref status`` reports.
+"""Checks of a certificate store, without the network: what ``iotref status`` reports
+about the store itself (the platform's view of the certificate is
+:mod:`iotref.device.revocation`).
 
 Each problem comes with a code, the reason and a next step. Checked: the environment the
 store belongs to; that every file is there and parses; ``properties.json`` has exactly the
