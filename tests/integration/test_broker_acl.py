@@ -281,6 +281,20 @@ def test_revoke_command(sandbox_factory: SandboxFactory) -> None:
         probe.client.loop_stop()
         other.close()
     assert refused(sb.mqtt_port, _ca(sb), victim.cert_path, victim.key_path) is not None
+    # what operations.md shows: the operator reads the plugin with mosquitto_ctrl
+    ctrl = subprocess.run(
+        [
+            "mosquitto_ctrl",
+            *("-h", "localhost", "-p", str(sb.info["platform_mqtt_port"])),
+            *("--cafile", _ca(sb), "--cert", sb.info["operator_cert"]),
+            *("--key", sb.info["operator_key"], "dynsec", "getClient", victim.client_id),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ctrl.returncode == 0, ctrl.stderr
+    assert "Disabled: true" in ctrl.stdout
     again = _revoke_cli(sb.data_dir, victim.client_id)
     assert again.returncode == 0
     assert "already" in again.stdout

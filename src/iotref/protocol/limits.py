@@ -37,12 +37,14 @@ MAX_SUBSCRIPTIONS_PER_CONNECTION: Final = 50
 source). AWS IoT Core may refuse more and close the connection."""
 
 MAX_TOPIC_FILTERS_PER_SUBSCRIBE: Final = 8
-"""Topic filters in one SUBSCRIBE packet (quota "Maximum subscriptions per subscribe
-request"; same source)."""
+"""Topic filters in one SUBSCRIBE packet (same source; "Maximum subscriptions per subscribe
+request" in the Developer Guide's former "AWS IoT Limits" page)."""
 
 MIN_KEEPALIVE_SECONDS: Final = 30
 MAX_KEEPALIVE_SECONDS: Final = 1200
-"""The keep-alive range AWS IoT Core honours (quota "Keep-alive period"; same source):
+"""The keep-alive range AWS IoT Core honours (same source; the rules are spelled out in the
+AWS IoT Developer Guide's former "AWS IoT Limits" page, "Connection inactivity (keep-alive
+interval)", https://github.com/awsdocs/aws-iot-docs/blob/master/doc_source/limits-iot.md):
 a client asking for 0 or for more than 1200 s gets 1200 s (MQTT 5: the Server Keep Alive
 of the CONNACK says so); one asking for 1..29 s is treated as if it asked for 30 s."""
 
