@@ -25,6 +25,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 from starlette.routing import BaseRoute
@@ -129,6 +130,7 @@ class Broker:
         self._policy_requests = 0
         self._policy_applied = 0
         self._unusable: set[str] = set()
+        ctx.events.subscribe("ingestion_subscribed", self.save_database)
 
     # --- files -------------------------------------------------------------------------
 
@@ -167,6 +169,18 @@ class Broker:
         if self._proc is None or self._proc.returncode is not None:
             return None
         return self._proc.pid
+
+    def save_database(self, **_: Any) -> None:
+        """Have Mosquitto write its persistence database now (SIGUSR1): the platform's
+        persistent sessions just made survive a crash of the broker from then on."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        log.info("mosquitto (pid %d) asked to save its database", pid)
 
     @property
     def listens_on_ipv6(self) -> bool:
@@ -410,7 +424,7 @@ class Broker:
                     asyncio.open_connection(host, port, ssl=context, server_hostname="localhost"),
                     timeout=2,
                 )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, asyncio.TimeoutError) as exc:
                 last_error = f"{host}:{port}: {exc}"
                 await asyncio.sleep(0.05)
                 continue
@@ -438,7 +452,7 @@ class Broker:
             proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             log.warning(
                 "mosquitto (pid %d) did not stop in %.0fs; killing it", proc.pid, STOP_TIMEOUT
             )

@@ -250,7 +250,7 @@ class ControlSession:
         await self.client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
         try:
             responses = await asyncio.wait_for(self._responses(tag), COMMAND_TIMEOUT)
-        except asyncio.TimeoutError:  # noqa: UP041 (on Python 3.10 not the builtin one)
+        except asyncio.TimeoutError:  # on Python 3.10 not the builtin TimeoutError
             raise DynsecError(
                 f"no answer from the dynamic-security plugin in {COMMAND_TIMEOUT:.0f} s"
             ) from None
