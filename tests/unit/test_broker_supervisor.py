@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from iotref.sandbox import dynamic_security as dynsec
 from iotref.sandbox.broker import Broker, BrokerError
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from iotref.sandbox.certificate_authority import CertificateAuthorities
@@ -38,11 +39,15 @@ T = TypeVar("T")
 class Harness:
     """A broker on its own event loop thread, driven from a sync test."""
 
-    def __init__(self, data_dir: Path, binary: str = "mosquitto") -> None:
+    def __init__(
+        self, data_dir: Path, binary: str = "mosquitto", dynsec_plugin: str | None = None
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        settings = SandboxSettings(data_dir=data_dir, mosquitto_binary=binary)
+        settings = SandboxSettings(
+            data_dir=data_dir, mosquitto_binary=binary, dynsec_plugin=dynsec_plugin
+        )
         self.ctx = SandboxContext.open(settings)
         self.ctx.mqtt_port = _free_port()
         self.ctx.platform_mqtt_port = _free_port()
@@ -245,6 +250,33 @@ def test_a_disabled_identity_has_no_rights_while_its_certificate_still_passes(
         assert operator.received_on(_telemetry(a), within=0.3) == []
 
 
+def test_revoking_an_identity_the_plugin_already_knows(harness: Harness) -> None:
+    """An operator made a client of that name with mosquitto_ctrl before: revoking still
+    gives it the revoked role and disconnects it."""
+    a = harness.device()
+
+    async def make_client() -> None:
+        async with harness.broker._control().session() as session:
+            await session.call([{"command": "createClient", "username": a.client_id}])
+
+    async def roles_of(client_id: str) -> tuple[list[str], bool]:
+        async with harness.broker._control().session() as session:
+            (found,) = await session.call([{"command": "getClient", "username": client_id}])
+        client = found["data"]["client"]
+        return [r["rolename"] for r in client["roles"]], bool(client.get("disabled"))
+
+    harness.run(make_client())
+    probe = harness.device_probe(a)
+    try:
+        harness.revoke(a)
+        assert probe.disconnected.wait(1.0)
+    finally:
+        probe.client.loop_stop()
+    assert harness.run(roles_of(a.client_id)) == ([dynsec.REVOKED_ROLE], True)
+    port, ca = harness.ctx.mqtt_port, harness.cas.ca_bundle_path
+    assert refused(port, ca, a.cert_path, a.key_path) is not None
+
+
 def test_policies_and_revocations_survive_a_broker_restart(harness: Harness) -> None:
     revoked, kept = harness.device(), harness.device()
     harness.revoke(revoked)
@@ -322,6 +354,15 @@ def test_missing_binary_is_one_clear_error(tmp_path: Path) -> None:
     h = Harness(tmp_path / "sb", binary="no-such-mosquitto")
     try:
         with pytest.raises(BrokerError, match="no-such-mosquitto"):
+            h.run(h.broker.start())
+    finally:
+        h.close()
+
+
+def test_missing_plugin_is_one_clear_error(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "sb", dynsec_plugin=str(tmp_path / "no-such-plugin.so"))
+    try:
+        with pytest.raises(BrokerError, match="dynamic-security plugin.*no-such-plugin.so"):
             h.run(h.broker.start())
     finally:
         h.close()
