@@ -150,60 +150,58 @@ def _earlier(stats: ClientStats) -> str:
     return f" (+{stats.carried_over} from earlier runs)" if stats.carried_over else ""
 
 
-def status_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
-    """One status line: the connection, the permission, then the outbox's counts, which
-    add up (accepted + earlier runs' = acked + queued + evicted), then what was refused."""
-    permission = "yes" if stats.permission else "no"
+StatusPart = tuple[str, str]
+"""A piece of the status line and its colour on a terminal (``""``: none)."""
+
+
+def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
+    """The status line, built once for :func:`status_text` (plain, periodic lines and
+    systemd's STATUS=) and :func:`status_renderable` (the live line on a terminal): the
+    connection, the permission, then the outbox's counts, which add up (accepted + earlier
+    runs' = acked + queued + evicted), then what was not accepted."""
+    if stats.connected:
+        state: StatusPart = ("connected", "green")
+    elif stats.state is ConnectionState.STOPPED:
+        state = (stats.connection_status, "")
+    else:
+        taken_over = stats.state is ConnectionState.TAKEN_OVER
+        state = (stats.connection_status, "red" if taken_over else "yellow")
     queued = f"queued {stats.queued}"
     if stats.held:
         queued += f" (held {stats.held})"
-    parts = [
-        f"{elapsed:6.1f}s",
-        stats.connection_status,
-        f"permission {permission}",
-        f"accepted {stats.accepted}{_earlier(stats)}",
-        f"acked {stats.acked}",
-        queued,
+    parts: list[StatusPart] = [
+        state,
+        ("permission yes", "green") if stats.permission else ("permission no", "red"),
+        (f"accepted {stats.accepted}{_earlier(stats)}", ""),
+        (f"acked {stats.acked}", ""),
+        (queued, "yellow" if stats.held else ""),
     ]
     if stats.dropped_overflow:
-        parts.append(f"evicted {stats.dropped_overflow}")
+        parts.append((f"evicted {stats.dropped_overflow}", "red"))
     if stats.dropped_no_permission:
-        parts.append(f"dropped (no permission) {stats.dropped_no_permission}")
-    parts.append(f"invalid {counters.invalid}")
+        parts.append((f"dropped (no permission) {stats.dropped_no_permission}", ""))
+    parts.append((f"invalid {counters.invalid}", "red" if counters.invalid else ""))
     if counters.refused_full:
-        parts.append(f"refused (outbox full) {counters.refused_full}")
-    return " | ".join(parts)
+        parts.append((f"refused (outbox full) {counters.refused_full}", "red"))
+    return parts
+
+
+def status_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
+    """One plain status line: the time since the start, then :func:`status_parts`."""
+    return " | ".join([f"{elapsed:6.1f}s", *(text for text, _ in status_parts(stats, counters))])
 
 
 def status_renderable(stats: ClientStats, counters: RunCounters, elapsed: float) -> Any:
-    """:func:`status_text` for the terminal: colours, and short enough for 80 columns."""
+    """:func:`status_parts` for the terminal, in colour, cut to the terminal's width."""
     from rich.text import Text
 
-    if stats.connected:
-        state = ("● connected", "green")
-    else:
-        colour = "yellow" if not stats.state.terminal else "red"
-        state = (f"● {stats.connection_status}", colour)
-    permission = ("yes", "green") if stats.permission else ("no", "red")
-    parts: list[Any] = [
-        state,
-        "  permission ",
-        permission,
-        f"  accepted {stats.accepted}{_earlier(stats)}  acked {stats.acked}  queued {stats.queued}",
-    ]
-    if stats.held:
-        parts.append((f" (held {stats.held})", "yellow"))
-    if stats.dropped_overflow:
-        parts.append((f"  evicted {stats.dropped_overflow}", "red"))
-    if stats.dropped_no_permission:
-        parts.append(f"  dropped {stats.dropped_no_permission}")
-    parts.append(("  invalid ", ""))
-    parts.append((str(counters.invalid), "red" if counters.invalid else ""))
-    if counters.refused_full:
-        parts.append((f"  outbox full {counters.refused_full}", "red"))
+    pieces: list[Any] = []
+    for n, (text, style) in enumerate(status_parts(stats, counters)):
+        pieces.append(("● " if n == 0 else "  ", style if n == 0 else ""))
+        pieces.append((text, style))
     if elapsed >= 0:
-        parts.append((f"  {elapsed:.0f}s", "dim"))
-    return Text.assemble(*parts, no_wrap=True, overflow="ellipsis")
+        pieces.append((f"  {elapsed:.0f}s", "dim"))
+    return Text.assemble(*pieces, no_wrap=True, overflow="ellipsis")
 
 
 def summary_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
@@ -626,7 +624,7 @@ async def run_sender(
                 stop.set()
                 stats = client.stats()
                 service.stopping(
-                    f"stopping: sending the {stats.queued} queued message(s), at most "
+                    f"stopping: {stats.queued} message(s) in the outbox, sending for at most "
                     f"{options.close_timeout:g} s"
                 )
                 with contextlib.suppress(asyncio.CancelledError):
