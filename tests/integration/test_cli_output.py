@@ -101,6 +101,18 @@ def test_status_json_quiet_and_the_crl(sandbox: SandboxProcess, tmp_path: Path) 
     assert quiet_provision.stdout.startswith("The certificate store is complete")
     assert "reusing the store" not in quiet_provision.stdout  # a progress line
 
+    # --quiet run: the summary alone, no intro, no status lines
+    loud = iotref("run", *options, "--duration", "2", cwd=tmp_path, home=home)
+    assert loud.returncode == 0, loud.stderr
+    quiet_run = iotref("-q", "run", *options, "--duration", "2", cwd=tmp_path, home=home)
+    assert quiet_run.returncode == 0, quiet_run.stderr
+    summary = [line for line in loud.stdout.splitlines() if line.strip()][-1]
+    assert quiet_run.stdout.splitlines() == [
+        line for line in quiet_run.stdout.splitlines() if line.startswith(summary.split()[0])
+    ]
+    assert len(quiet_run.stdout.splitlines()) == 1
+    assert "Running sender" in loud.stdout and "Running sender" not in quiet_run.stdout
+
     with sandbox.http() as http:
         revoked = http.post(
             f"/admin/things/{properties['client_id']}/revoke",
@@ -127,7 +139,8 @@ def test_a_failure_is_said_once_by_default(sandbox: SandboxProcess, tmp_path: Pa
     properties = json.loads((store / PROPERTIES_FILE).read_text())
     properties["mqtt_port"] = 9  # nothing listens there
     (store / PROPERTIES_FILE).write_text(json.dumps(properties))
-    options = ["--env-file", sandbox.info["env_file"], "--store", str(store), "--duration", "1"]
+    options = ["--env-file", sandbox.info["env_file"], "--store", str(store), "--duration", "3",
+               "--status-every", "0.5"]  # fmt: skip
     quiet_logs = iotref("run", *options, cwd=tmp_path, home=home, timeout=120)
     assert "unreachable" in quiet_logs.stdout + quiet_logs.stderr
     assert "WARNING" not in quiet_logs.stderr

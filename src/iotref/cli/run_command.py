@@ -56,6 +56,7 @@ from iotref.cli.onboarding_commands import (
     _expected_errors,
     _store_option,
 )
+from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import AsyncClient, ClientStats, InvalidMessageError, OutboxFullError
@@ -277,10 +278,12 @@ def summary_record(
 
 
 class Display:
-    """The live status line on a terminal, periodic plain lines otherwise."""
+    """The live status line on a terminal, periodic plain lines otherwise; nothing with
+    ``iotref --quiet`` (``shown`` false)."""
 
-    def __init__(self, live: bool, every_s: float, out: TextIO) -> None:
-        self.live_mode = live
+    def __init__(self, live: bool, every_s: float, out: TextIO, shown: bool = True) -> None:
+        self.live_mode = live and shown
+        self.shown = shown
         self.every_s = every_s
         self.out = out
         self._live: Any = None
@@ -312,6 +315,8 @@ class Display:
     ) -> None:
         if self._live is not None:
             self._live.update(status_renderable(stats, counters, elapsed))
+            return
+        if not self.shown:
             return
         text = status_text(stats, counters, elapsed)
         now = time.monotonic()
@@ -572,18 +577,20 @@ async def run_sender(
         presses = make_presses(identity, options)
         began = time.monotonic()
         props = identity.properties
-        out.write(
-            f"Running sender {props.client_id} ({client.settings.where()}), "
-            + (
-                "reading JSON lines from stdin"
-                if options.from_stdin
-                else f"{options.assets} simulated press(es), every {options.interval:g} s"
+        quiet = is_quiet()
+        if not quiet:
+            out.write(
+                f"Running sender {props.client_id} ({client.settings.where()}), "
+                + (
+                    "reading JSON lines from stdin"
+                    if options.from_stdin
+                    else f"{options.assets} simulated press(es), every {options.interval:g} s"
+                )
+                + f", policy {client.options.policy}. Stop with Ctrl-C.\n"
             )
-            + f", policy {client.options.policy}. Stop with Ctrl-C.\n"
-        )
-        out.flush()
+            out.flush()
         service.ready(status_text(client.stats(), counters, 0.0))
-        with Display(out.isatty(), options.status_every, out) as display:
+        with Display(out.isatty(), options.status_every, out, shown=not quiet) as display:
             if options.from_stdin:
                 feeder = read_stdin(client, presses[0][0], options.version, counters, stop)
             else:
