@@ -12,7 +12,11 @@ exit code is 0.
 stdin lines: a complete message (it has ``headerversion``) is sent as it is; any other
 JSON object is taken as a Status payload (``--payload-version``) of the first asset.
 A line that is not JSON, not an object, or not valid against the schemas gets one line on
-stderr, is counted as invalid, and the run goes on.
+stderr, is counted as invalid, and the run goes on; so does a message over the platform's
+payload limit (counted as too large, its size named). Messages the platform refuses for
+good after they were queued are counted on the status line ("refused") and kept in the
+outbox's refused table. A damaged outbox found at start is reported in one line on stderr
+(see :mod:`iotref.device.outbox_integrity`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ from iotref.cli.onboarding_commands import (
     _store_option,
 )
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
-from iotref.device.client import AsyncClient, ClientStats, InvalidMessageError, OutboxFullError
+from iotref.device.client import (
+    AsyncClient,
+    ClientStats,
+    InvalidMessageError,
+    MessageTooLargeError,
+    OutboxFullError,
+)
 from iotref.device.connection import ConnectionState
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
@@ -98,6 +108,7 @@ class RunCounters:
 
     lines: int = 0
     invalid: int = 0
+    too_large: int = 0
     refused_full: int = 0
     dropped: int = 0
 
@@ -118,6 +129,10 @@ def status_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> st
         parts.append(f"held {stats.held}")
     parts.append(f"dropped {stats.dropped_no_permission + stats.dropped_overflow}")
     parts.append(f"invalid {counters.invalid}")
+    if counters.too_large:
+        parts.append(f"too large {counters.too_large}")
+    if stats.refused:
+        parts.append(f"refused by platform {stats.refused}")
     if counters.refused_full:
         parts.append(f"refused (outbox full) {counters.refused_full}")
     return " | ".join(parts)
@@ -144,6 +159,10 @@ def status_renderable(stats: ClientStats, counters: RunCounters, elapsed: float)
     parts.append(f"  dropped {dropped}")
     parts.append(("  invalid ", ""))
     parts.append((str(counters.invalid), "red" if counters.invalid else ""))
+    if counters.too_large:
+        parts.append((f"  too large {counters.too_large}", "red"))
+    if stats.refused:
+        parts.append((f"  refused {stats.refused}", "red"))
     if counters.refused_full:
         parts.append((f"  outbox full {counters.refused_full}", "red"))
     if elapsed >= 0:
@@ -153,10 +172,15 @@ def status_renderable(stats: ClientStats, counters: RunCounters, elapsed: float)
 
 def summary_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
     kept = f"{stats.queued} kept in the outbox for the next run" if stats.queued else "outbox empty"
+    refused = ""
+    if counters.too_large:
+        refused += f", too large {counters.too_large}"
+    if stats.refused:
+        refused += f", refused by the platform {stats.refused} (kept in the outbox's refused table)"
     return (
         f"Stopped after {elapsed:.1f} s: sent {stats.accepted}, acked {stats.acked}, "
         f"dropped {stats.dropped_no_permission + stats.dropped_overflow}, "
-        f"invalid {counters.invalid}; {kept}."
+        f"invalid {counters.invalid}{refused}; {kept}."
     )
 
 
@@ -256,6 +280,10 @@ async def _send(client: AsyncClient, counters: RunCounters, sending: Any, where:
     except InvalidMessageError as exc:
         counters.invalid += 1
         error_line(f"iotref: {where}{exc.reason}")
+        return
+    except MessageTooLargeError as exc:
+        counters.too_large += 1
+        error_line(f"iotref: {where}{exc.reason}; not queued")
         return
     except OutboxFullError as exc:
         counters.refused_full += 1
@@ -415,6 +443,8 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
         return 0
     stopped.cancel()
     starting.result()  # raises the start's error
+    if client.outbox_recovery is not None:
+        error_line(f"iotref: warning: {client.outbox_recovery.summary()}")
 
     presses = make_presses(identity, options)
     began = time.monotonic()

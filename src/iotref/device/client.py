@@ -70,9 +70,11 @@ from iotref.device.outbox import (
     OutboxLocked,
     OverflowPolicy,
 )
+from iotref.device.outbox_integrity import OutboxRecovery
 from iotref.device.shadow import DesiredHandler, ShadowSync
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,
+    MessageTooLarge,
     PermissionPolicy,
     SendResult,
     SendStatus,
@@ -95,6 +97,7 @@ __all__ = [
     "ClientOptionsArgs",
     "ClientStats",
     "InvalidMessageError",
+    "MessageTooLargeError",
     "OutboxBusy",
     "OutboxFullError",
     "RawPayload",
@@ -147,6 +150,20 @@ class InvalidMessageError(SendRefused, ValueError):
             f"invalid message: {first}" + (f" (and {more} more)" if more > 0 else ""),
             "fix the message; nothing was queued",
         )
+
+
+class MessageTooLargeError(SendRefused, ValueError):
+    """The encoded message is over the platform's payload limit (``size`` and ``limit``
+    in bytes); it was not queued."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"message too large: {size:,} bytes encoded, over the platform's limit of "
+            f"{limit:,} bytes",
+            "send less in one message (split it); nothing was queued",
+        )
+        self.size = size
+        self.limit = limit
 
 
 class OutboxFullError(SendRefused):
@@ -301,6 +318,13 @@ class ClientStats:
     connects: int
     disconnects: int
     last_error: str | None
+    rejected_too_large: int = 0
+    """``send()`` calls refused because the message is over the platform's payload limit."""
+    refused: int = 0
+    """Messages the platform refused for good (e.g. PUBACK 0x87), moved out of the queue
+    into the outbox's ``refused`` table, this run."""
+    refused_kept: int = 0
+    """Messages kept in the outbox's ``refused`` table (earlier runs included)."""
 
 
 # --------------------------------------------------------------------------- raw payloads
@@ -479,6 +503,12 @@ class AsyncClient:
         return self._shadow is not None and self._shadow.send_telemetry_allowed
 
     @property
+    def outbox_recovery(self) -> OutboxRecovery | None:
+        """What was found and done when the outbox was damaged at start (see
+        :mod:`iotref.device.outbox_integrity`); None when it was sound."""
+        return None if self._outbox is None else self._outbox.recovery
+
+    @property
     def started(self) -> bool:
         return self._started and not self._closed
 
@@ -526,12 +556,21 @@ class AsyncClient:
                 f"the outbox {self.outbox_path} is in use by another sender",
                 "make sure only one process runs with this machine's identity",
             ) from None
-        except (OutboxError, sqlite3.Error, OSError) as exc:
+        except OSError as exc:
+            self._closed = True
+            raise ClientError(
+                f"cannot open the outbox {self.outbox_path}: {exc.strerror or exc}",
+                f"check that {self.outbox_path.parent} is writable by this user",
+            ) from None
+        except (OutboxError, sqlite3.Error) as exc:
             self._closed = True
             raise ClientError(
                 f"cannot open the outbox {self.outbox_path}: {exc}",
-                "check that the certificate store folder is writable",
+                "move the outbox files aside (nothing is deleted automatically) and start "
+                "again; see docs/operations.md, 'Outbox integrity'",
             ) from None
+        if self._outbox.recovery is not None:
+            log.warning("client %s: %s", self.client_id, self._outbox.recovery.summary())
         try:
             connection = Connection(self.settings)
             self._connection = connection
@@ -653,7 +692,8 @@ class AsyncClient:
 
         Returns when the message is committed to the outbox (``status == "queued"``), or
         discarded by ``policy="drop"`` (``"dropped_no_permission"``). Raises
-        :class:`InvalidMessageError`, :class:`OutboxFullError`, :class:`ClientClosed`.
+        :class:`InvalidMessageError`, :class:`MessageTooLargeError` (over the platform's
+        128 KB per message), :class:`OutboxFullError`, :class:`ClientClosed`.
         ``payload`` may be a plain dict (a Status payload of ``payloadversion``, default 2).
         """
         message = build_message(
@@ -668,6 +708,8 @@ class AsyncClient:
             return await telemetry.send(dict(message))
         except InvalidMessage as exc:
             raise InvalidMessageError(exc.issues) from None
+        except MessageTooLarge as exc:
+            raise MessageTooLargeError(exc.size, exc.limit) from None
         except OutboxFull as exc:
             raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
         except TelemetryClosed:
@@ -681,6 +723,8 @@ class AsyncClient:
             return await telemetry.send_many([dict(m) for m in messages])
         except InvalidMessage as exc:
             raise InvalidMessageError(exc.issues) from None
+        except MessageTooLarge as exc:
+            raise MessageTooLargeError(exc.size, exc.limit) from None
         except OutboxFull as exc:
             raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
         except TelemetryClosed:
@@ -771,6 +815,9 @@ class AsyncClient:
                 connects=conn_stats.connects if conn_stats else 0,
                 disconnects=conn_stats.disconnects if conn_stats else 0,
                 last_error=t.last_error or (conn_stats.last_error if conn_stats else None),
+                rejected_too_large=t.rejected_too_large,
+                refused=t.refused,
+                refused_kept=t.refused_kept,
             )
         depth = 0
         if self._outbox is not None and not self._outbox.closed:
@@ -1050,6 +1097,11 @@ class Client:
     @property
     def permission(self) -> bool:
         return self.async_client.permission
+
+    @property
+    def outbox_recovery(self) -> OutboxRecovery | None:
+        """See :attr:`AsyncClient.outbox_recovery`."""
+        return self.async_client.outbox_recovery
 
     @property
     def shadow(self) -> BlockingShadow:

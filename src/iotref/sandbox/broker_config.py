@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import SHADOW_OPERATIONS, SHADOW_RESPONSE_SUFFIXES
 from iotref.sandbox.certificate_authority import OPERATOR_IDENTITY, PLATFORM_IDENTITY
 
@@ -17,7 +18,10 @@ TELEMETRY_TOPIC = "connectprint/telemetry"
 """The telemetry topic prefix: devices publish to ``{TELEMETRY_TOPIC}/{org_id}/{client_id}``."""
 
 PRIVILEGED_IDENTITIES = (PLATFORM_IDENTITY, OPERATOR_IDENTITY)
-MAX_PACKET_SIZE = 128 * 1024 + 4096  # AWS IoT Core: 128 KB payload, plus headers and topic
+MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + 4096
+"""Mosquitto's ``max_packet_size``: the platform's payload limit plus room for the fixed and
+variable headers and the topic. Advertised in CONNACK, so MQTT 5 clients refuse a larger
+publish themselves; a larger packet is refused with a disconnect."""
 PLATFORM_MAX_CONNECTIONS = 256
 PERSISTENT_CLIENT_EXPIRATION = "1h"  # AWS IoT Core's default persistent session expiry
 MAX_QUEUED_MESSAGES = 100_000
