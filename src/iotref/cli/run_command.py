@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -55,6 +56,7 @@ from iotref.device.connection import ConnectionState
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
+from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.telemetry import SendStatus
 
@@ -432,6 +434,10 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
 
+    # A damaged outbox is said once, below, in the command's own words.
+    logging.getLogger("iotref.device.outbox").addFilter(
+        lambda record: not getattr(record, RECOVERY_LOG_ATTRIBUTE, False)
+    )
     starting = asyncio.ensure_future(client.start())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)

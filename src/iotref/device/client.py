@@ -569,8 +569,7 @@ class AsyncClient:
                 "move the outbox files aside (nothing is deleted automatically) and start "
                 "again; see docs/operations.md, 'Outbox integrity'",
             ) from None
-        if self._outbox.recovery is not None:
-            log.warning("client %s: %s", self.client_id, self._outbox.recovery.summary())
+
         try:
             connection = Connection(self.settings)
             self._connection = connection

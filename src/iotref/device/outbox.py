@@ -100,6 +100,9 @@ DEFAULT_MAX_MESSAGES: Final = 100_000
 DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_ACK_BATCH: Final = 256
 DEFAULT_MAX_REFUSED: Final = 10_000
+RECOVERY_LOG_ATTRIBUTE: Final = "iotref_outbox_recovery"
+"""Set on the log record of a recovery (see :attr:`Outbox.recovery`), for a program that
+says it in its own words to leave that record out."""
 OUTBOX_FILE_NAME: Final = "outbox.sqlite3"
 _SCHEMA_VERSION: Final = 1
 _RATE_WINDOW_S: Final = 10.0
@@ -449,7 +452,7 @@ class Outbox:
             write_report(recovery, report_path(base))
         except OSError as exc:
             log.warning("cannot write the recovery report next to %s: %s", base, exc)
-        log.warning("%s", recovery.summary())
+        log.warning("%s", recovery.summary(), extra={RECOVERY_LOG_ATTRIBUTE: True})
         self.recovery = recovery
         return db
 
