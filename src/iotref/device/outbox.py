@@ -408,9 +408,11 @@ class Outbox:
                 f"{self.path} is damaged ({damage.detail}) and cannot be set aside: "
                 f"{exc.strerror or exc}"
             ) from exc
-        self._marker = self._lock_marker()
-        if old_marker is not None:
-            old_marker.close()
+        try:
+            self._marker = self._lock_marker()
+        finally:
+            if old_marker is not None:
+                old_marker.close()  # the damaged copy's marker, renamed with it
         salvage = salvage_rows(base, _SCHEMA)
         db = self._open()
         try:
