@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from iotref.device.outbox import Outbox, OutboxLocked
-from iotref.device.outbox_integrity import inspect_outbox, read_reports
+from iotref.device.outbox_integrity import inspect_outbox
+from iotref.device.outbox_salvage import read_reports
 
 QUEUED = 300
 FIRST_RUN = 150

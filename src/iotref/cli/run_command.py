@@ -16,7 +16,7 @@ stderr, is counted as invalid, and the run goes on; so does a message over the p
 payload limit (counted as too large, its size named). Messages the platform refuses for
 good after they were queued are counted on the status line ("refused") and kept in the
 outbox's refused table. A damaged outbox found at start is reported in one line on stderr
-(see :mod:`iotref.device.outbox_integrity`).
+(see :mod:`iotref.device.outbox_integrity` and :mod:`iotref.device.outbox_salvage`).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ from iotref.device.outbox import (
     OutboxLocked,
     OverflowPolicy,
 )
-from iotref.device.outbox_integrity import OutboxRecovery
+from iotref.device.outbox_salvage import OutboxRecovery
 from iotref.device.shadow import DesiredHandler, ShadowSync
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,

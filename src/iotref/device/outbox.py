@@ -82,9 +82,11 @@ from iotref.device.outbox_integrity import (
     WAL_SUFFIX,
     Inspection,
     Marker,
-    OutboxRecovery,
     inspect_outbox,
     marker_path,
+)
+from iotref.device.outbox_salvage import (
+    OutboxRecovery,
     report_path,
     salvage_rows,
     set_aside,

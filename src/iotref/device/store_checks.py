@@ -62,8 +62,8 @@ from iotref.device.outbox_integrity import (
     SHM_SUFFIX,
     WAL_SUFFIX,
     inspect_outbox,
-    read_reports,
 )
+from iotref.device.outbox_salvage import read_reports
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
