@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this checkout: system packages, then the virtual environment from uv.lock.
 #   scripts/setup.sh            Mosquitto and the Python environment
-#   scripts/setup.sh --browser  also Chromium, for the browser tests
+#   scripts/setup.sh --browser  also Chromium and the pinned Mermaid (npm ci into
+#                               tests/mermaid/node_modules), for the browser tests
 # As root, missing system packages are installed with apt-get; otherwise the exact
 # command is printed and the script stops with a non-zero exit.
 set -euo pipefail
@@ -17,10 +18,10 @@ for arg in "$@"; do
 done
 
 if ! command -v python3 >/dev/null 2>&1; then
-  echo "setup: python3 is missing; install Python 3.11 or newer" >&2; exit 1
+  echo "setup: python3 is missing; install Python 3.10 or newer" >&2; exit 1
 fi
-if ! python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
-  echo "setup: Python 3.11 or newer is needed, found $(python3 --version 2>&1)" >&2; exit 1
+if ! python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+  echo "setup: Python 3.10 or newer is needed, found $(python3 --version 2>&1)" >&2; exit 1
 fi
 
 packages=()
@@ -28,6 +29,7 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || packages+=
 command -v mosquitto_sub >/dev/null 2>&1 || packages+=(mosquitto-clients)
 if [ "$want_browser" = 1 ]; then
   [ -x /usr/bin/chromium ] || packages+=(chromium)
+  command -v npm >/dev/null 2>&1 || packages+=(npm)
 fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
 
@@ -53,3 +55,13 @@ if [ ! -x .tools/bin/uv ] || [ "$(.tools/bin/uv --version 2>/dev/null | cut -d' 
 fi
 UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=.venv \
   .tools/bin/uv sync --frozen --all-extras --quiet --python "$(command -v python3)"
+
+# The docs test renders every Mermaid diagram with the exact version in package-lock.json;
+# npm ci runs again only when the lock file changed since the last install.
+if [ "$want_browser" = 1 ]; then
+  stamp=tests/mermaid/node_modules/.installed-package-lock.json
+  if ! cmp -s tests/mermaid/package-lock.json "$stamp"; then
+    (cd tests/mermaid && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
+    cp tests/mermaid/package-lock.json "$stamp"
+  fi
+fi

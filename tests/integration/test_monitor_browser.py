@@ -10,10 +10,17 @@ Screenshots of each step go to ``test-artifacts/monitor/``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import itertools
 import json
+import signal
+import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,13 @@ import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
+from iotref.device.environment import load_environment_file
+from iotref.device.onboarding import BlockingOnboarding
+from iotref.device.token_store import TokenStore
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from tests.integration.test_client import client_id_of, provision_store
+from tests.integration.test_run_command import iotref, machine_of
+from tests.support.browser import chromium
 from tests.support.device_keys import DeviceFiles
 from tests.support.mqtt_probe import device_probe
 from tests.support.sandbox_process import SandboxProcess
@@ -29,39 +42,23 @@ from tests.support.tokens import provision_device
 
 pytestmark = pytest.mark.integration
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "monitor"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Chromium is not installed at /usr/bin/chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with playwright_api.sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
+    with chromium() as instance:
+        yield instance
 
 
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
+@contextmanager
+def browser_tab(browser: Any, width: int, height: int) -> Iterator[Any]:
+    """A page in its own context; fails if the page's script threw."""
     # The page's CSP forbids eval; Playwright's wait_for_function needs it for its own
     # predicates, so the test context bypasses CSP (the page's code never evals).
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
+    context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
     errors: list[str] = []
     tab = context.new_page()
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -70,6 +67,12 @@ def page(browser: Any) -> Iterator[Any]:
     finally:
         context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    with browser_tab(browser, 1400, 1000) as tab:
+        yield tab
 
 
 def shot(page: Any, name: str) -> None:
@@ -319,3 +322,207 @@ def test_switching_send_telemetry_stops_and_resumes_a_running_sender(
     finally:
         sender.stop()
     assert sender.error is None, sender.error
+
+
+# --------------------------------------------------------------------------- real presses
+
+VIEWPORTS = [(1280, 800), (1440, 900)]
+KEY_CONTROLS = {
+    "device counts": "#device-counts",
+    "machine chart": "#chart-speed",
+    "chart metric buttons": "#metric",
+    "asset legend": "#asset-legend",
+    "sendTelemetryData switch": "label.switch",
+    "invalid-only filter": "label:has(#invalid-only)",
+    "pause": "#pause",
+    "clear": "#clear",
+}
+FIT = """(controls) => {
+  const width = window.innerWidth;
+  const outside = [];
+  for (const [name, selector] of Object.entries(controls)) {
+    const node = document.querySelector(selector);
+    const r = node ? node.getBoundingClientRect() : null;
+    if (!r || r.width === 0) outside.push(`${name}: not shown`);
+    else if (r.left < 0 || r.right > width) outside.push(`${name}: ${r.left}..${r.right}`);
+  }
+  const stream = document.getElementById("stream");
+  const edge = stream.getBoundingClientRect().right + 0.5;
+  for (const part of stream.querySelectorAll(".line > *, .summary > *")) {
+    const r = part.getBoundingClientRect();
+    if (r.right > edge) outside.push(`stream ${part.className}: right ${r.right} > ${edge}`);
+  }
+  if (stream.scrollWidth > stream.clientWidth) outside.push("stream scrolls sideways");
+  return {scrollWidth: document.scrollingElement.scrollWidth, width, outside};
+}"""
+SERIES = """() => Array.from(document.querySelectorAll("#chart-speed g.series"), (g) => ({
+  asset: g.dataset.asset,
+  runs: Number(g.dataset.runs),
+  points: Number(g.dataset.points),
+  moves: (g.querySelector("path.line").getAttribute("d").match(/M/g) || []).length,
+}))"""
+
+
+@pytest.fixture
+def store(sandbox: SandboxProcess, tmp_path: Path) -> Path:
+    """A complete certificate store for a new machine. Made on a thread of its own: the
+    blocking onboarding refuses to run inside Playwright's event loop."""
+
+    def make() -> Path:
+        env = load_environment_file(Path(sandbox.info["env_file"]))
+        tokens = TokenStore(tmp_path / "tokens")
+        with BlockingOnboarding(env, token_store=tokens) as onboarding:
+            onboarding.login()
+        return provision_store(env, tokens, tmp_path / "store")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(make).result(timeout=120)
+
+
+def run_presses(store_path: Path, assets: int, *args: str) -> subprocess.Popen[str]:
+    """``iotref run`` with simulated presses: a reading every 0.2 s from each asset."""
+    return iotref(
+        "run", "--store", str(store_path), "--assets", str(assets), "--interval", "0.2",
+        "--speedup", "20", "--status-every", "1", *args,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str], *, terminate: bool = False) -> None:
+    if terminate and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "outbox empty" in out.splitlines()[-1], out
+
+
+def select_device(page: Any, sandbox: SandboxProcess, client_id: str) -> None:
+    open_monitor(page, sandbox)
+    row = page.locator(f'#devices tr[data-client-id="{client_id}"]')
+    row.wait_for(timeout=10_000)
+    row.click()
+    page.wait_for_selector("#device-panel:not([hidden])")
+
+
+def stored_runs(sandbox: SandboxProcess, client_id: str) -> dict[str, int]:
+    """Per asset, the runs of readings the platform stored (telemetry.db): a new run after
+    a silence longer than five of the asset's usual intervals and at least 2 s."""
+    db = sandbox.data_dir / "telemetry.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(
+            "SELECT assetid, received_at FROM telemetry_messages WHERE client_id = ? AND "
+            "speed IS NOT NULL ORDER BY id",
+            (client_id,),
+        ).fetchall()
+    times: dict[str, list[float]] = {}
+    for asset, at in rows:
+        times.setdefault(asset, []).append(at)
+    runs = {}
+    for asset, ts in times.items():
+        ts.sort()
+        steps = sorted(b - a for a, b in itertools.pairwise(ts) if b > a)
+        gap = max(5 * steps[len(steps) // 2], 2.0) if steps else 2.0
+        runs[asset] = 1 + sum(1 for a, b in itertools.pairwise(ts) if b - a > gap)
+    return runs
+
+
+def stored_points(sandbox: SandboxProcess, client_id: str) -> dict[str, int]:
+    db = sandbox.data_dir / "telemetry.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(
+            "SELECT assetid, COUNT(*) FROM telemetry_messages WHERE client_id = ? AND "
+            "speed IS NOT NULL GROUP BY assetid",
+            (client_id,),
+        ).fetchall()
+    return dict(rows)
+
+
+def test_the_page_fits_with_the_asset_ids_iotref_run_produces(
+    browser: Any,
+    sandbox: SandboxProcess,
+    store: Path,
+) -> None:
+    client_id = client_id_of(store)
+    presses = [f"{machine_of(store)}-press-{i}" for i in (1, 2, 3)]
+    proc = run_presses(store, 3, "--duration", "120")
+    try:
+        for width, height in VIEWPORTS:
+            with browser_tab(browser, width, height) as tab:
+                select_device(tab, sandbox, client_id)
+                tab.wait_for_function(
+                    "new Set(Array.from(document.querySelectorAll('#stream .asset'),"
+                    " (a) => a.title)).size >= 3 &&"
+                    " document.querySelectorAll('#chart-speed g.series').length === 3",
+                    timeout=20_000,
+                )
+                shot(tab, f"09-three-presses-{width}x{height}")
+                fit = tab.evaluate(FIT, KEY_CONTROLS)
+                assert fit["scrollWidth"] <= width, fit
+                assert fit["outside"] == [], fit
+                # Long ids are shortened on the page; the full id is the chip's title.
+                chips = tab.eval_on_selector_all(
+                    "#stream .asset", "(els) => els.map((e) => [e.title, e.textContent])"
+                )
+                assert {title for title, _ in chips} == set(presses)
+                for title, text in chips:
+                    assert text == "…" + title[title.index("press-") :], (title, text)
+                legend = tab.eval_on_selector_all(
+                    "#asset-legend .asset", "(els) => els.map((e) => e.title)"
+                )
+                assert legend == presses
+    finally:
+        finish(proc, terminate=True)
+
+
+def test_machine_chart_draws_one_line_per_asset_and_leaves_gaps_open(
+    browser: Any,
+    sandbox: SandboxProcess,
+    store: Path,
+) -> None:
+    client_id = client_id_of(store)
+    press = [f"{machine_of(store)}-press-{i}" for i in (1, 2, 3)]
+    finish(run_presses(store, 3, "--duration", "3"))
+    with browser_tab(browser, 1440, 900) as tab:
+        select_device(tab, sandbox, client_id)
+        tab.wait_for_function("document.querySelectorAll('#chart-speed g.series').length === 3")
+        first = {s["asset"]: s for s in tab.evaluate(SERIES)}
+        assert sorted(first) == press
+        time.sleep(4)  # silence: a gap of several seconds at 5 readings per second
+        finish(run_presses(store, 2, "--duration", "3"))  # presses 1 and 2 only, seen live
+        expected_points = stored_points(sandbox, client_id)
+        tab.wait_for_function(
+            "(want) => Array.from(document.querySelectorAll('#chart-speed g.series'))"
+            ".every((g) => Number(g.dataset.points) === want[g.dataset.asset])",
+            arg=expected_points,
+            timeout=15_000,
+        )
+        shot(tab, "10-chart-per-asset-with-gap")
+        runs = stored_runs(sandbox, client_id)
+        assert runs[press[0]] >= 2 and runs[press[1]] >= 2, runs  # the pause is a gap
+        assert runs[press[2]] < runs[press[0]], runs  # press 3 was silent in the 2nd run
+        for view in ("live", "reloaded"):
+            if view == "reloaded":  # the same from the API's series on a fresh load
+                select_device(tab, sandbox, client_id)
+                tab.wait_for_function(
+                    "document.querySelectorAll('#chart-speed g.series').length === 3"
+                )
+            series = {s["asset"]: s for s in tab.evaluate(SERIES)}
+            assert sorted(series) == press, series
+            for asset, s in series.items():
+                # One subpath per run: no straight line bridges a gap.
+                assert s["runs"] == s["moves"] == runs[asset], (view, asset, s, runs)
+                assert s["points"] == expected_points[asset], (view, asset, s)
+        legend = tab.eval_on_selector_all(
+            "#asset-legend .asset", "(els) => els.map((e) => e.title)"
+        )
+        assert legend == press
+        # Another metric: the same assets, each on the same scale.
+        tab.locator("#metric button[data-metric='totalproductioncounter']").click()
+        assert tab.locator("#metric button[aria-pressed='true']").inner_text() == "total counter"
+        assert "total counter" in tab.locator("#machine-hint").inner_text()
+        assert sorted(s["asset"] for s in tab.evaluate(SERIES)) == press
+        shot(tab, "11-chart-total-counter")

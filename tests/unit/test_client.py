@@ -286,5 +286,17 @@ def test_status_and_summary_lines() -> None:
         1,
     )
     assert "disconnected" in held and "permission no" in held and "held 5" in held
+    waiting = status_text(
+        stats(
+            connected=False,
+            state=ConnectionState.DISCONNECTED,
+            waiting_for_platform=True,
+            connection_error="localhost:1 is unreachable (AWS_IO_SOCKET_CONNECTION_REFUSED)",
+        ),
+        counters,
+        1,
+    )
+    assert "waiting for the platform (localhost:1 is unreachable" in waiting, waiting
     summary = summary_text(stats(), counters, 12.0)
-    assert summary.startswith("Stopped after 12.0 s") and "1 kept in the outbox" in summary
+    assert summary.startswith("Stopped after 12.0 s")
+    assert "1 left in the outbox: the next run sends them" in summary, summary

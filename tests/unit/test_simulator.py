@@ -180,6 +180,39 @@ def test_long_steps_behave_like_short_ones() -> None:
     )
 
 
+@pytest.mark.parametrize("kind", list(PressKind))
+@pytest.mark.parametrize("seed", [0, 7, 42])
+def test_a_press_started_in_production_prints_from_the_first_status(
+    kind: PressKind, seed: int
+) -> None:
+    sim = PressSimulator(kind, seed=seed, start_phase=Phase.PRODUCTION)
+    first = sim.status()
+    assert sim.phase is Phase.PRODUCTION
+    assert first.speed is not None
+    low, high = profile_for(kind).speed_range
+    assert low <= first.speed <= high
+    assert first.event is not None and first.event.eventid == "JobStarted"
+    job = sim.job_id
+    sim.step(10)
+    assert sim.job_id == job
+    assert sim.job_good > 0  # sheets printed in ten seconds
+    assert sim.status().productioncounter == sim.job_good
+    # Then the usual cycle: the job ends with a wash-up and the press idles.
+    phases = [p for p, _ in trace(sim, 3600)]
+    assert Phase.WASHUP in phases and Phase.IDLE in phases and sim.jobs_completed >= 1
+    for (a, _), (b, _) in itertools.pairwise(trace(sim, 600)):
+        assert a == b or (a, b) in ALLOWED
+
+
+def test_with_profile_keeps_the_start_phase() -> None:
+    sim = PressSimulator("offset", seed=3, start_phase=Phase.PRODUCTION)
+    stopping = sim.with_profile(stop_every_s=5.0)
+    assert stopping.phase is Phase.PRODUCTION and stopping.speed > 0
+    assert stopping.profile.stop_every_s == 5.0
+    stops = [e for e in stopping.run(60) if e.kind == "stop"]
+    assert stops, "a press that stops every 5 s did not stop in a minute"
+
+
 def test_bad_arguments() -> None:
     sim = PressSimulator()
     with pytest.raises(ValueError, match="version 3"):
@@ -190,3 +223,5 @@ def test_bad_arguments() -> None:
         PressSimulator("flexo")
     with pytest.raises(ValueError, match="total_impressions_start"):
         PressSimulator(total_impressions_start=-1)
+    with pytest.raises(ValueError, match="start_phase"):
+        PressSimulator(start_phase=Phase.WASHUP)

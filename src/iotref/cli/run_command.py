@@ -5,9 +5,16 @@ certificate store (``--store``, or the one of ``--env``/``--env-file``, with the
 helpers as ``iotref provision``), feeding it with simulated presses
 (:mod:`iotref.device.simulator`) or with JSON lines read from stdin, the live status line
 (rich on a terminal, periodic plain lines otherwise), and a clean stop on Ctrl-C, SIGTERM,
-``--duration`` or the end of stdin: in-flight messages get a bounded time to be
-acknowledged, the rest stays in the outbox for the next run, a summary is printed and the
-exit code is 0.
+``--duration`` or the end of stdin: the outbox gets up to ``--close-timeout`` seconds to
+drain (reconnecting meanwhile if the platform is out of reach), the rest stays in the
+outbox for the next run, a summary is printed and the exit code is 0. One signal is
+enough; a second one exits at once.
+
+The platform need not be reachable at the start: the run starts offline, queues what it
+is fed and says "waiting for the platform" with the reason until it connects
+(``--fail-fast`` exits with an error instead). Another process running with this
+machine's identity (a copied store) ends the run with exit code 1 and a line that says
+so.
 
 stdin lines: a complete message (it has ``headerversion``) is sent as it is; any other
 JSON object is taken as a Status payload (``--payload-version``) of the first asset.
@@ -31,7 +38,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -44,6 +51,7 @@ from iotref.cli.onboarding_commands import (
     _expected_errors,
     _store_option,
 )
+from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import (
     AsyncClient,
@@ -52,12 +60,13 @@ from iotref.device.client import (
     MessageTooLargeError,
     OutboxFullError,
 )
-from iotref.device.connection import ConnectionState
+from iotref.device.connection import ConnectionState, ConnectionTakenOver
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
+from iotref.device.store_checks import environment_mismatch
 from iotref.device.telemetry import SendStatus
 
 Kind = Literal["offset", "digital", "mixed"]
@@ -91,13 +100,20 @@ def load_identity(
     identity = certificate_store.load()
     if check_environment:
         progress = certificate_store.read_progress()
-        if progress is not None and progress.environment != env.identity:
-            raise StoreError(
-                f"the store {path} belongs to environment {progress.environment}, not {env}",
-                f"use --env {progress.environment.name} (or its --env-file), or pass --store "
-                "with a folder for this environment",
-                path=path,
+        mismatch = (
+            None
+            if progress is None
+            else environment_mismatch(
+                path,
+                progress,
+                env.identity,
+                selector=env.cli_selector,
+                store_option=store,
+                command="run",
             )
+        )
+        if mismatch is not None:
+            raise StoreError(mismatch.reason, mismatch.next_step, path=path)
     return identity
 
 
@@ -113,11 +129,13 @@ class RunCounters:
     too_large: int = 0
     refused_full: int = 0
     dropped: int = 0
+    refused_taken_over: int = 0
+    """Not accepted because another process took this identity over (the run stops)."""
 
 
 def status_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
     """One status line: connected, permission, sent, acked, queued, dropped, invalid."""
-    state = "connected" if stats.connected else stats.state.value
+    state = stats.connection_status
     permission = "yes" if stats.permission else "no"
     parts = [
         f"{elapsed:6.1f}s",
@@ -147,7 +165,8 @@ def status_renderable(stats: ClientStats, counters: RunCounters, elapsed: float)
     if stats.connected:
         state = ("● connected", "green")
     else:
-        state = (f"● {stats.state.value}", "yellow" if not stats.state.terminal else "red")
+        colour = "yellow" if not stats.state.terminal else "red"
+        state = (f"● {stats.connection_status}", colour)
     permission = ("yes", "green") if stats.permission else ("no", "red")
     dropped = stats.dropped_no_permission + stats.dropped_overflow
     parts: list[Any] = [
@@ -173,7 +192,11 @@ def status_renderable(stats: ClientStats, counters: RunCounters, elapsed: float)
 
 
 def summary_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
-    kept = f"{stats.queued} kept in the outbox for the next run" if stats.queued else "outbox empty"
+    kept = (
+        f"{stats.queued} left in the outbox: the next run sends them"
+        if stats.queued
+        else "outbox empty"
+    )
     refused = ""
     if counters.too_large:
         refused += f", too large {counters.too_large}"
@@ -272,7 +295,7 @@ async def simulate(
             next_at = loop.time()  # fell behind: do not try to catch up in a burst
             delay = 0
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
+            async with stdlib_compat.timeout(delay):
                 await stop.wait()
 
 
@@ -291,6 +314,9 @@ async def _send(client: AsyncClient, counters: RunCounters, sending: Any, where:
         counters.refused_full += 1
         if counters.refused_full == 1 or counters.refused_full % 1000 == 0:
             error_line(f"iotref: {where}{exc.one_line()}")
+        return
+    except ConnectionTakenOver:
+        counters.refused_taken_over += 1  # the run is stopping: see run_sender
         return
     if result.status is SendStatus.DROPPED_NO_PERMISSION:
         counters.dropped += 1
@@ -388,13 +414,14 @@ class RunOptions:
     speedup: float
     status_every: float
     close_timeout: float
+    fail_fast: bool = False
 
 
 def make_presses(
     identity: DeviceIdentity, options: RunOptions
 ) -> list[tuple[Asset, PressSimulator]]:
     machine = identity.properties.machine_id or identity.properties.client_id
-    start = datetime.now(UTC)
+    start = datetime.now(timezone.utc)
     presses = []
     for i in range(options.assets):
         if options.kind == "mixed":
@@ -438,7 +465,9 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
     logging.getLogger("iotref.device.outbox").addFilter(
         lambda record: not getattr(record, RECOVERY_LOG_ATTRIBUTE, False)
     )
-    starting = asyncio.ensure_future(client.start())
+    # Without --fail-fast the run starts at once, connected or not: it queues what it is
+    # fed and connects when it can.
+    starting = asyncio.ensure_future(client.start(wait=options.fail_fast))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -494,7 +523,7 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
                 if feeding.done():
                     break
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.25):
+                    async with stdlib_compat.timeout(0.25):
                         await stop.wait()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
@@ -505,10 +534,12 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
             if not feeding.done():
                 feeding.cancel()
     click.echo(summary_text(final, counters, time.monotonic() - began))
-    if taken_over:
+    if taken_over or final.state is ConnectionState.TAKEN_OVER:
         error_line(
-            f"iotref: another connection took over client id {props.client_id}; "
-            "make sure only one process runs with this machine's identity"
+            f"iotref: stopped: another process is connected with this machine's identity "
+            f"(client id {props.client_id}) and keeps taking its MQTT session over "
+            f"({final.connection_error or 'taken over'}); run only one sender per "
+            "certificate store (a copied store is the usual cause)"
         )
         return 1
     return 0
@@ -585,7 +616,14 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
     type=click.FloatRange(min=0),
     default=10.0,
     show_default=True,
-    help="On stop, seconds to wait for acknowledgements; the rest stays queued.",
+    help="On stop, at most this many seconds to send what is queued (reconnecting if "
+    "need be); the rest stays in the outbox for the next run.",
+)
+@click.option(
+    "--fail-fast",
+    is_flag=True,
+    help="Exit with an error when the platform cannot be reached at the start, instead of "
+    "starting offline and connecting when it can.",
 )
 @_expected_errors
 def run(
@@ -603,6 +641,7 @@ def run(
     speedup: float,
     status_every: float,
     close_timeout: float,
+    fail_fast: bool,
 ) -> int:
     """Run this machine's sender: simulated presses (or stdin) until stopped."""
     env = _env(env_name, env_file)
@@ -622,7 +661,14 @@ def run(
         speedup=speedup,
         status_every=status_every,
         close_timeout=close_timeout,
+        fail_fast=fail_fast,
     )
     sender = Sender(SenderType.SYSTEM, "iotref run", __version__)
-    client = AsyncClient(identity, sender=sender, policy=policy, close_timeout_s=close_timeout)
+    client = AsyncClient(
+        identity,
+        sender=sender,
+        policy=policy,
+        close_timeout_s=close_timeout,
+        fail_fast=fail_fast,
+    )
     return asyncio.run(run_sender(client, identity, options))

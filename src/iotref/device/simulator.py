@@ -2,9 +2,10 @@
 
 Owns the behaviour of one press (sheetfed offset or digital) over simulated time: its
 phases (idle -> make-ready -> production -> wash-up -> idle, with occasional stops during
-production), its speed (ramped, never jumping, except an emergency stop), its counters and
-the ``generic.signal``/``Status`` payloads (v2, and v1 on request) built from them with the
-typed builders of :mod:`iotref.device.messages`.
+production; a press starts idle or already printing a job), its speed (ramped, never
+jumping, except an emergency stop), its counters and the ``generic.signal``/``Status``
+payloads (v2, and v1 on request) built from them with the typed builders of
+:mod:`iotref.device.messages`.
 
 Pure: no I/O, no clock and no global random state. Time only moves when :meth:`step` is
 called, randomness comes from a :class:`random.Random` seeded by the caller, so the same
@@ -15,11 +16,10 @@ counters start at zero with each job.
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Final, Literal
 
 from iotref.device.messages import (
@@ -36,6 +36,7 @@ from iotref.device.messages import (
     StatusV1,
     StatusV2,
 )
+from iotref.device.stdlib_compat import StrEnum
 
 __all__ = [
     "DEFAULT_START",
@@ -49,16 +50,16 @@ __all__ = [
     "profile_for",
 ]
 
-DEFAULT_START: Final = datetime(2026, 1, 1, 6, 0, tzinfo=UTC)
+DEFAULT_START: Final = datetime(2026, 1, 1, 6, 0, tzinfo=timezone.utc)
 """Simulated time at which a press starts when no ``start`` is given."""
 
 
-class PressKind(enum.StrEnum):
+class PressKind(StrEnum):
     OFFSET = "offset"
     DIGITAL = "digital"
 
 
-class Phase(enum.StrEnum):
+class Phase(StrEnum):
     """Where the press is. The usual cycle is ``IDLE -> MAKEREADY -> PRODUCTION -> WASHUP
     -> IDLE``; ``PRODUCTION`` may be interrupted by ``STOPPED`` and resumes after it."""
 
@@ -174,13 +175,16 @@ class PressSimulator:
     """One simulated press. ``step(seconds)`` moves it on; ``status()`` describes it.
 
     ``seed`` makes it deterministic; ``start`` is its simulated clock's start;
-    ``total_impressions`` the life counter it starts with (a press is rarely new).
+    ``total_impressions`` the life counter it starts with (a press is rarely new);
+    ``start_phase`` where it is at ``start``: ``IDLE`` (waiting for its first job) or
+    ``PRODUCTION`` (a job made ready and printing at the job's speed).
     """
 
     kind: PressKind | str = PressKind.OFFSET
     seed: int = 0
     start: datetime = DEFAULT_START
     total_impressions_start: int | None = None
+    start_phase: Phase = Phase.IDLE
     profile: PressProfile = field(init=False)
     now: datetime = field(init=False)
     phase: Phase = field(init=False, default=Phase.IDLE)
@@ -211,7 +215,19 @@ class PressSimulator:
             if self.total_impressions_start < 0:
                 raise ValueError("total_impressions_start must be >= 0")
             self._impressions = self.total_impressions_start
+        self.start_phase = Phase(self.start_phase)
+        if self.start_phase not in (Phase.IDLE, Phase.PRODUCTION):
+            raise ValueError(f"start_phase must be idle or production, not {self.start_phase}")
+        self._begin()
+
+    def _begin(self) -> None:
+        """Set up the first phase (after the profile is final)."""
         self._phase_left = self._draw(self.profile.idle_s)
+        if self.start_phase is Phase.PRODUCTION:
+            self._start_job([])  # its JobStarted event is still reported with the first status
+            self._enter(Phase.PRODUCTION, [], "production started")
+            assert self._job is not None
+            self.speed = self._job.target_speed
 
     # ------------------------------------------------------------------ views
 
@@ -500,9 +516,10 @@ class PressSimulator:
         raise ValueError(f"Status payload version {version} is not 1 or 2")
 
     def with_profile(self, **changes: object) -> PressSimulator:
-        """A fresh simulator (same kind, seed and start) whose profile has ``changes``,
-        e.g. ``stop_every_s=10`` for a press that stops a lot."""
+        """A fresh simulator (same kind, seed, start and start phase) whose profile has
+        ``changes``, e.g. ``stop_every_s=10`` for a press that stops a lot."""
         sim = PressSimulator(self.kind, self.seed, self.start, self.total_impressions_start)
         sim.profile = replace(sim.profile, **changes)  # type: ignore[arg-type]
-        sim._phase_left = sim._draw(sim.profile.idle_s)
+        sim.start_phase = self.start_phase
+        sim._begin()
         return sim

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -59,9 +58,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+from iotref.device import stdlib_compat
 from iotref.device.messages import to_json
 from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
 from iotref.device.publish_refusals import permanent_refusal
+from iotref.device.stdlib_compat import StrEnum
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class PermissionFlag:
 # --------------------------------------------------------------------------- results
 
 
-class SendStatus(enum.StrEnum):
+class SendStatus(StrEnum):
     """What :meth:`Telemetry.send` did with a valid message."""
 
     QUEUED = "queued"
@@ -288,8 +289,12 @@ class _Wakeup:
 async def _wait_event(event: _Wakeup, seconds: float) -> None:
     """Wait until ``event`` is set or ``seconds`` passed."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
+        async with stdlib_compat.timeout(seconds):
             await event.wait()
+
+
+def _always() -> bool:
+    return True
 
 
 def _read_records(outbox: Outbox, after_seq: int, limit: int) -> list[_Pending]:
@@ -485,27 +490,34 @@ class Telemetry:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self, max_wait: float | None = None, *, drain: bool = False) -> bool:
+    async def close(
+        self, max_wait: float | None = None, *, drain: bool | Callable[[], bool] = False
+    ) -> bool:
         """Stop accepting messages and stop the drainer; return True if nothing was left
-        unacknowledged in flight (or, with ``drain=True``, in the outbox).
+        unacknowledged in flight (or, when draining, in the outbox).
 
         Waits at most ``max_wait`` seconds (default: ``close_timeout``) for the PUBACKs of
         the messages in flight; with ``drain=True`` keeps publishing until the outbox is
-        empty or the time is up. Whatever is not acknowledged stays in the outbox for the
-        next run.
+        empty or the time is up, whenever connected and permitted meanwhile (a connection
+        that comes back during the close is used). ``drain`` may be a function instead:
+        draining then also ends as soon as it returns False (nothing more can be sent).
+        Whatever is not acknowledged stays in the outbox for the next run.
         """
         timeout = self._close_timeout if max_wait is None else max_wait
         if self._closing and self._task is None:
             return not self._in_flight
         self._closing = True
-        self._draining = drain
+        self._draining = bool(drain)
+        worth_it: Callable[[], bool] = drain if callable(drain) else _always
         deadline = time.monotonic() + timeout
         done = True
         if self._task is not None:
             self._kick()
             if drain:
                 # Polling the depth keeps the hot path free of close-only bookkeeping.
-                while self._outbox.depth > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+                while (  # noqa: ASYNC110
+                    self._outbox.depth > 0 and time.monotonic() < deadline and worth_it()
+                ):
                     await asyncio.sleep(0.02)
                 done = self._outbox.depth == 0
             self._draining = False

@@ -15,7 +15,8 @@ Routes (all under ``/monitor``):
   (``sendTelemetryData`` desired/reported), totals, the overall message rate and pending
   device-flow approvals.
 * ``GET /monitor/api/devices/{clientId}`` one device: counters, thing, shadow, rate and
-  speed/counter series, latest messages; ``.../messages?limit=&before=&invalid=1``.
+  speed/counter series (each reading with its ``assetid``), latest messages;
+  ``.../messages?limit=&before=&invalid=1``.
 * ``GET /monitor/api/messages/{id}`` one stored message with its JSON body.
 * ``POST /monitor/api/devices/{clientId}/send-telemetry`` ``{"enabled": bool}``;
   ``POST .../shadow`` ``{"desired": {...}, "version": n?}`` (merged into desired, through
@@ -76,6 +77,9 @@ CSRF_HEADER = "x-csrf-token"
 ONLINE_WINDOW_SECONDS = 30.0
 RATE_SECONDS = 120
 DEVICE_RATE_SECONDS = 300
+SERIES_POINTS = 900
+"""Speed/counter readings a device's page starts with (all its assets together; the page
+keeps as many as new ones arrive)."""
 STATS_INTERVAL = 1.0
 SSE_BATCH = 200
 MAX_LIMIT = 500
@@ -114,7 +118,7 @@ _REFUSED_PAGE = """<!doctype html>
 
 
 def _asset_text(name: str) -> str:
-    return resources.files("iotref.sandbox").joinpath("monitor_assets", name).read_text("utf-8")
+    return (resources.files("iotref.sandbox") / "monitor_assets" / name).read_text("utf-8")
 
 
 def _api_error(status: int, error: str, description: str) -> ApiError:
@@ -389,7 +393,7 @@ class Monitor:
         body = self._device_json(counters, thing, now)
         body["shadow"] = self._shadow_json(client_id) if thing is not None else None
         body["rate"] = store.rates(client_id, DEVICE_RATE_SECONDS, now)
-        body["series"] = store.series(client_id)
+        body["series"] = store.series(client_id, limit=SERIES_POINTS)
         body["messages"] = store.messages(client_id, limit=50)
         return JSONResponse(body)
 
@@ -841,6 +845,7 @@ def _monitor_schemas() -> dict[str, Any]:
                                 {
                                     "id": {"type": "integer", "minimum": 1},
                                     "t": {"type": "number"},
+                                    "assetid": text,
                                     "speed": number,
                                     "productioncounter": number,
                                     "totalproductioncounter": number,

@@ -625,10 +625,12 @@ class TelemetryStore:
         return out
 
     def series(self, client_id: str, limit: int = 300) -> list[dict[str, Any]]:
-        """The device's latest speed and counter readings, oldest first."""
+        """The device's latest speed and counter readings (any of its assets), oldest
+        first, each with the asset it belongs to."""
         with self._read_lock:
             rows = self._read.execute(
-                "SELECT id, received_at, speed, productioncounter, totalproductioncounter "
+                "SELECT id, received_at, assetid, speed, productioncounter, "
+                "totalproductioncounter "
                 "FROM telemetry_messages WHERE client_id = ? AND (speed IS NOT NULL OR "
                 "productioncounter IS NOT NULL OR totalproductioncounter IS NOT NULL) "
                 "ORDER BY id DESC LIMIT ?",
@@ -638,6 +640,7 @@ class TelemetryStore:
             {
                 "id": row["id"],
                 "t": row["received_at"],
+                "assetid": row["assetid"],
                 "speed": row["speed"],
                 "productioncounter": row["productioncounter"],
                 "totalproductioncounter": row["totalproductioncounter"],

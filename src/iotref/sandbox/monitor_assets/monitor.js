@@ -6,7 +6,7 @@
 (function () {
   const CSRF = document.querySelector('meta[name="csrf-token"]').getAttribute("content");
   const MAX_STREAM = 300;
-  const MAX_POINTS = 300;
+  const MAX_POINTS = 900; /* speed/counter readings kept for the machine chart */
 
   const state = {
     devices: new Map(),
@@ -15,8 +15,11 @@
     paused: false,
     invalidOnly: false,
     totalRate: [],
+    totalRateLoaded: false,
     deviceRate: [],
     series: [],
+    assets: new Map(),
+    metric: "speed",
     shadow: null,
     editorDirty: false,
     onlineWindow: 30,
@@ -101,6 +104,16 @@
   /* ---------------------------------------------------------------- charts (SVG) */
 
   const SVGNS = "http://www.w3.org/2000/svg";
+  const PALETTE_SIZE = 8; /* colours .asset-c0 ... .asset-c7 in monitor.css */
+  /* A gap in an asset's line: no reading for longer than GAP_INTERVALS of its usual
+   * interval between readings, and never less than MIN_GAP_S (arrival jitter is no gap). */
+  const GAP_INTERVALS = 5;
+  const MIN_GAP_S = 2;
+  const METRICS = {
+    speed: { hint: "speed, sheets/h, per asset" },
+    productioncounter: { hint: "job counter (productioncounter), per asset" },
+    totalproductioncounter: { hint: "total counter, increase within each run of readings, per asset", change: true },
+  };
 
   function svgEl(tag, attrs, text) {
     const node = document.createElementNS(SVGNS, tag);
@@ -109,8 +122,8 @@
     return node;
   }
 
-  /* lines: [{points: [[x, y]...], className, area?}] drawn on shared x and per-chart y. */
-  function drawChart(svg, lines, opts) {
+  /* Clears the chart and draws its grid, axes and labels; returns the x and y scales. */
+  function chartFrame(svg, x0, x1, y0, y1, opts) {
     const vb = svg.viewBox.baseVal;
     const W = vb.width;
     const H = vb.height;
@@ -119,47 +132,112 @@
     const top = 8;
     const bottom = 18;
     while (svg.firstChild) svg.removeChild(svg.firstChild);
-    const all = lines.flatMap((l) => l.points);
-    if (!all.length) {
-      svg.appendChild(svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, opts.emptyText || "no data yet"));
-      return;
-    }
-    const xs = all.map((p) => p[0]);
-    let x0 = opts.xMin !== undefined ? opts.xMin : Math.min(...xs);
-    let x1 = opts.xMax !== undefined ? opts.xMax : Math.max(...xs);
     if (x1 <= x0) x1 = x0 + 1;
-    const scales = lines.map((l) => {
-      const ys = l.points.map((p) => p[1]);
-      let y0 = l.zero ? 0 : Math.min(...ys);
-      let y1 = Math.max(...ys, l.zero ? 1 : -Infinity);
-      if (y1 <= y0) { y1 = y0 + 1; }
-      return [y0, y1];
-    });
-    const sx = (x) => left + ((x - x0) / (x1 - x0)) * (W - left - right);
-    const mk = (s) => (y) => top + (1 - (y - s[0]) / (s[1] - s[0])) * (H - top - bottom);
+    if (y1 <= y0) y1 = y0 + 1;
     for (let i = 0; i <= 2; i++) {
       const y = top + (i / 2) * (H - top - bottom);
       svg.appendChild(svgEl("line", { x1: left, x2: W - right, y1: y, y2: y, class: "grid" }));
     }
     svg.appendChild(svgEl("line", { x1: left, x2: left, y1: top, y2: H - bottom, class: "axis" }));
     svg.appendChild(svgEl("line", { x1: left, x2: W - right, y1: H - bottom, y2: H - bottom, class: "axis" }));
-    const main = scales[0];
-    svg.appendChild(svgEl("text", { x: left - 4, y: top + 8, "text-anchor": "end" }, fmtCompact(main[1])));
-    svg.appendChild(svgEl("text", { x: left - 4, y: H - bottom, "text-anchor": "end" }, fmtCompact(main[0])));
+    svg.appendChild(svgEl("text", { x: left - 4, y: top + 8, "text-anchor": "end" }, fmtCompact(y1)));
+    svg.appendChild(svgEl("text", { x: left - 4, y: H - bottom, "text-anchor": "end" }, fmtCompact(y0)));
     svg.appendChild(svgEl("text", { x: left, y: H - 4 }, opts.xLabelLeft || ""));
     svg.appendChild(svgEl("text", { x: W - right, y: H - 4, "text-anchor": "end" }, opts.xLabelRight || ""));
-    lines.forEach((line, index) => {
-      if (!line.points.length) return;
-      const sy = mk(scales[index]);
-      const d = line.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
-      if (line.area) {
-        const first = line.points[0];
-        const last = line.points[line.points.length - 1];
-        const area = `${d}L${sx(last[0]).toFixed(1)},${H - bottom}L${sx(first[0]).toFixed(1)},${H - bottom}Z`;
-        svg.appendChild(svgEl("path", { d: area, class: `${line.className}-area` }));
-      }
-      svg.appendChild(svgEl("path", { d, class: line.className }));
+    return {
+      sx: (x) => left + ((x - x0) / (x1 - x0)) * (W - left - right),
+      sy: (y) => top + (1 - (y - y0) / (y1 - y0)) * (H - top - bottom),
+      floor: H - bottom,
+    };
+  }
+
+  function chartEmpty(svg, text) {
+    const vb = svg.viewBox.baseVal;
+    while (svg.firstChild) svg.removeChild(svg.firstChild);
+    svg.appendChild(svgEl("text", { x: vb.width / 2, y: vb.height / 2, "text-anchor": "middle" }, text));
+  }
+
+  function pathOf(points, f) {
+    return points.map((p, i) => `${i ? "L" : "M"}${f.sx(p[0]).toFixed(1)},${f.sy(p[1]).toFixed(1)}`).join("");
+  }
+
+  /* A message-rate chart: one line with its area, from zero. */
+  function drawRate(svg, points, opts) {
+    if (!points.length) { chartEmpty(svg, opts.emptyText); return; }
+    const xs = points.map((p) => p[0]);
+    const f = chartFrame(svg, Math.min(...xs), Math.max(...xs), 0, Math.max(1, ...points.map((p) => p[1])), opts);
+    const d = pathOf(points, f);
+    const first = points[0];
+    const last = points[points.length - 1];
+    svg.appendChild(svgEl("path", { d: `${d}L${f.sx(last[0]).toFixed(1)},${f.floor}L${f.sx(first[0]).toFixed(1)},${f.floor}Z`, class: "rate-area" }));
+    svg.appendChild(svgEl("path", { d, class: "rate" }));
+  }
+
+  /* An asset's readings split where it was silent (see GAP_INTERVALS), oldest first. */
+  function runsOf(points) {
+    const steps = [];
+    for (let i = 1; i < points.length; i++) {
+      const step = points[i][0] - points[i - 1][0];
+      if (step > 0) steps.push(step);
+    }
+    steps.sort((a, b) => a - b);
+    const usual = steps.length ? steps[Math.floor(steps.length / 2)] : 0;
+    const gap = Math.max(GAP_INTERVALS * usual, MIN_GAP_S);
+    const runs = [];
+    let run = [];
+    points.forEach((p, i) => {
+      if (i && p[0] - points[i - 1][0] > gap) { runs.push(run); run = []; }
+      run.push(p);
     });
+    if (run.length) runs.push(run);
+    return runs;
+  }
+
+  /* The machine chart: one line per asset for the chosen metric, on one scale. */
+  function drawMachine(svg, series, metric) {
+    const spec = METRICS[metric];
+    const byAsset = new Map();
+    for (const p of series) {
+      const v = p[metric];
+      if (v === null || v === undefined) continue;
+      const key = p.assetid || "";
+      if (!byAsset.has(key)) byAsset.set(key, []);
+      byAsset.get(key).push([p.t, v]);
+    }
+    const lines = [];
+    for (const [asset, points] of byAsset) {
+      points.sort((a, b) => a[0] - b[0]);
+      const runs = runsOf(points);
+      if (spec.change) {
+        /* A life counter is millions; what it shows is how much it went up. */
+        for (const run of runs) {
+          const base = run[0][1];
+          for (const p of run) p[1] -= base;
+        }
+      }
+      lines.push({ asset, runs, count: points.length });
+    }
+    lines.sort((a, b) => a.asset.localeCompare(b.asset));
+    renderLegend(lines.map((l) => l.asset));
+    if (!lines.length) { chartEmpty(svg, "no speed or counters yet"); return; }
+    const all = lines.flatMap((l) => l.runs.flat());
+    const xs = all.map((p) => p[0]);
+    const x0 = Math.min(...xs);
+    const x1 = Math.max(...xs);
+    const f = chartFrame(svg, x0, x1, Math.min(0, ...all.map((p) => p[1])), Math.max(...all.map((p) => p[1])), {
+      xLabelLeft: fmtTime(x0).slice(0, 8), xLabelRight: fmtTime(x1).slice(0, 8),
+    });
+    for (const line of lines) {
+      const info = assetInfo(line.asset);
+      const group = svgEl("g", { class: `series asset-c${info.color}`, "data-asset": line.asset, "data-runs": line.runs.length, "data-points": line.count });
+      group.appendChild(svgEl("title", null, line.asset || "(no asset id)"));
+      const d = line.runs.map((run) => pathOf(run, f)).join("");
+      group.appendChild(svgEl("path", { d, class: "line" }));
+      for (const run of line.runs) {
+        if (run.length === 1) group.appendChild(svgEl("circle", { cx: f.sx(run[0][0]).toFixed(1), cy: f.sy(run[0][1]).toFixed(1), r: 2, class: "dot" }));
+      }
+      svg.appendChild(group);
+    }
   }
 
   function fmtCompact(n) {
@@ -172,28 +250,84 @@
   }
 
   function drawTotalRate() {
-    const pts = state.totalRate.slice(-120);
-    drawChart($("chart-total-rate"), [{ points: pts, className: "rate", area: true, zero: true }], {
+    drawRate($("chart-total-rate"), state.totalRate.slice(-120), {
       xLabelLeft: "2 min ago", xLabelRight: "now", emptyText: "no telemetry yet",
     });
   }
 
   function drawDeviceCharts() {
-    drawChart($("chart-rate"), [{ points: state.deviceRate.slice(-300), className: "rate", area: true, zero: true }], {
+    drawRate($("chart-rate"), state.deviceRate.slice(-300), {
       xLabelLeft: "5 min ago", xLabelRight: "now", emptyText: "no messages yet",
     });
-    const s = state.series.slice(-MAX_POINTS);
-    const pick = (key) => s.filter((p) => p[key] !== null && p[key] !== undefined).map((p) => [p.t, p[key]]);
-    const first = s.length ? s[0].t : 0;
-    const last = s.length ? s[s.length - 1].t : 0;
-    drawChart($("chart-speed"), [
-      { points: pick("speed"), className: "speed", zero: true },
-      { points: pick("productioncounter"), className: "count" },
-      { points: pick("totalproductioncounter"), className: "total" },
-    ], {
-      xMin: first, xMax: last, xLabelLeft: first ? fmtTime(first) : "", xLabelRight: last ? fmtTime(last) : "",
-      emptyText: "no speed or counters yet",
-    });
+    drawMachine($("chart-speed"), state.series, state.metric);
+  }
+
+  /* ---------------------------------------------------------------- assets */
+
+  /* Each asset of the selected device keeps its colour while the device is shown; its
+   * label drops the prefix all the device's asset ids share (the full id is the title). */
+  function assetInfo(id) {
+    const key = id || "";
+    if (!state.assets.has(key)) {
+      state.assets.set(key, { color: state.assets.size % PALETTE_SIZE, label: "" });
+      relabelAssets();
+    }
+    return state.assets.get(key);
+  }
+
+  function relabelAssets() {
+    const ids = Array.from(state.assets.keys()).filter(Boolean);
+    const cut = sharedPrefix(ids);
+    for (const [id, info] of state.assets) {
+      info.label = !id ? "(no asset id)" : cut ? `…${middle(id.slice(cut), 28)}` : middle(id, 32);
+    }
+    for (const chip of document.querySelectorAll("#device-panel .asset[data-asset]")) {
+      const info = state.assets.get(chip.dataset.asset);
+      if (info) chip.textContent = info.label;
+    }
+  }
+
+  /* Length of the prefix (ending at a separator) that every id has, if worth cutting. */
+  function sharedPrefix(ids) {
+    if (ids.length < 2) return 0;
+    let n = Math.min(...ids.map((id) => id.length));
+    for (const id of ids) {
+      let i = 0;
+      while (i < n && id[i] === ids[0][i]) i++;
+      n = i;
+    }
+    const separator = /[-_.:/ ]/;
+    while (n > 0 && !separator.test(ids[0][n - 1])) n--;
+    if (ids.some((id) => id.length === n)) return 0;
+    /* Keep the shared word before a short distinct tail: "…press-1", not "…1". */
+    if (Math.min(...ids.map((id) => id.length - n)) < 4) {
+      n--;
+      while (n > 0 && !separator.test(ids[0][n - 1])) n--;
+    }
+    return n >= 8 ? n : 0;
+  }
+
+  function middle(text, max) {
+    if (text.length <= max) return text;
+    const head = Math.ceil((max - 1) / 2);
+    return `${text.slice(0, head)}…${text.slice(text.length - (max - 1 - head))}`;
+  }
+
+  function assetChip(id) {
+    const info = assetInfo(id);
+    return el("span", { className: `asset asset-c${info.color}`, title: id || "no asset id", "data-asset": id || "", text: info.label });
+  }
+
+  function renderLegend(ids) {
+    $("asset-legend").replaceChildren(...ids.map((id) => el("li", null, assetChip(id))));
+  }
+
+  function selectMetric(metric) {
+    if (!METRICS[metric]) return;
+    state.metric = metric;
+    for (const b of $("metric").querySelectorAll("button")) b.setAttribute("aria-pressed", String(b.dataset.metric === metric));
+    $("machine-hint").textContent = METRICS[metric].hint;
+    if (state.selected) drawMachine($("chart-speed"), state.series, metric);
   }
 
   /* ---------------------------------------------------------------- devices */
@@ -263,8 +397,11 @@
       renderDevices();
       renderPending(s.pending_authorizations || []);
       setTotals(s.totals);
-      if (!state.totalRate.length) {
-        state.totalRate = s.rate.map(([sec, n]) => [sec, n]);
+      if (!state.totalRateLoaded) {
+        /* Seconds the live stream already reported (it may open first) come after. */
+        const last = s.rate.length ? s.rate[s.rate.length - 1][0] : -Infinity;
+        state.totalRate = s.rate.map(([sec, n]) => [sec, n]).concat(state.totalRate.filter((p) => p[0] > last));
+        state.totalRateLoaded = true;
         drawTotalRate();
       }
       const ing = s.ingestion || {};
@@ -336,6 +473,8 @@
   async function selectDevice(clientId) {
     state.selected = clientId;
     state.editorDirty = false;
+    state.series = [];
+    state.assets = new Map();
     $("no-selection").hidden = true;
     $("device-panel").hidden = false;
     $("stream").replaceChildren();
@@ -349,6 +488,8 @@
       renderShadow(d.shadow);
       state.deviceRate = d.rate.map(([sec, n]) => [sec, n]);
       state.series = d.series;
+      const known = new Set([...d.series, ...d.messages].map((m) => m.assetid).filter(Boolean));
+      Array.from(known).sort().forEach(assetInfo);
       drawDeviceCharts();
       const messages = d.messages.slice().reverse();
       for (const m of messages) addMessage(Object.assign({ duplicate: false }, m, { t: m.received_at }), true);
@@ -371,16 +512,37 @@
 
   /* ---------------------------------------------------------------- live stream */
 
-  function summaryText(m) {
+  function kindText(m) {
+    if (!m.eventtype) return null;
+    const version = m.payloadversion === null || m.payloadversion === undefined ? "?" : m.payloadversion;
+    return `${m.eventtype}/${m.eventsubtype || "?"} v${version}`;
+  }
+
+  function valuesText(m) {
     const parts = [];
-    if (m.eventtype) parts.push(`${m.eventtype}/${m.eventsubtype || "?"} v${m.payloadversion === null || m.payloadversion === undefined ? "?" : m.payloadversion}`);
-    if (m.assetid) parts.push(`asset ${m.assetid}`);
     if (m.status) parts.push(m.status);
     if (m.speed !== null && m.speed !== undefined) parts.push(`speed ${fmtNumber(m.speed)}`);
     if (m.productioncounter !== null && m.productioncounter !== undefined) parts.push(`count ${fmtNumber(m.productioncounter)}`);
     if (m.totalproductioncounter !== null && m.totalproductioncounter !== undefined) parts.push(`total ${fmtNumber(m.totalproductioncounter)}`);
-    if (!parts.length) parts.push(m.valid ? "message" : "unreadable message");
-    return parts.join(" · ");
+    return parts.length ? parts.join(" · ") : null;
+  }
+
+  /* One row: time, mark, then what it is, the asset and its values (these wrap on a
+   * narrow page; a long asset id is shortened, its full id is the chip's title). */
+  function messageLine(m) {
+    const kind = kindText(m);
+    const values = valuesText(m);
+    const summary = el("span", { className: "summary" },
+      m.duplicate ? el("span", { className: "flag", text: "duplicate" }) : null,
+      kind ? el("span", { className: "kind", text: kind }) : null,
+      m.assetid ? assetChip(m.assetid) : null,
+      values ? el("span", { className: "values", text: values }) : null,
+      !kind && !m.assetid && !values ? el("span", { text: m.valid ? "message" : "unreadable message" }) : null);
+    return el("div", { className: "line", title: "click for the JSON" },
+      el("span", { className: "time", text: fmtTime(m.t) }),
+      el("span", { className: "mark", text: m.valid ? "✓" : "✗", "aria-label": m.valid ? "valid" : "invalid" }),
+      summary,
+      el("span", { className: "uuid", title: m.sendereventuuid || "", text: short(m.sendereventuuid || "") }));
   }
 
   function addMessage(m, initial) {
@@ -389,11 +551,7 @@
     if (m.duplicate) classes.push("duplicate");
     if (m.topic_problem) classes.push("topic-problem");
     const li = el("li", { className: classes.join(" "), "data-id": m.id });
-    const line = el("div", { className: "line", title: "click for the JSON" },
-      el("span", { className: "time", text: fmtTime(m.t) }),
-      el("span", { className: "mark", text: m.valid ? "✓" : "✗", "aria-label": m.valid ? "valid" : "invalid" }),
-      el("span", { className: "summary", text: (m.duplicate ? "duplicate · " : "") + summaryText(m) }),
-      el("span", { className: "uuid", text: short(m.sendereventuuid || "") }));
+    const line = messageLine(m);
     li.appendChild(line);
     const problems = (m.errors || []).map((e) => el("li", null, el("span", { className: "path", text: e.path }), el("span", { className: "reason", text: e.reason })));
     if (m.topic_problem) problems.push(el("li", null, el("span", { className: "path", text: "topic" }), el("span", { className: "reason", text: m.topic_problem })));
@@ -404,7 +562,7 @@
     while (list.childElementCount > MAX_STREAM) list.removeChild(list.lastChild);
     $("stream-empty").hidden = true;
     if (!initial && (m.speed !== null || m.productioncounter !== null || m.totalproductioncounter !== null) && !m.duplicate) {
-      state.series.push({ t: m.t, speed: m.speed, productioncounter: m.productioncounter, totalproductioncounter: m.totalproductioncounter });
+      state.series.push({ t: m.t, assetid: m.assetid, speed: m.speed, productioncounter: m.productioncounter, totalproductioncounter: m.totalproductioncounter });
       if (state.series.length > MAX_POINTS) state.series.splice(0, state.series.length - MAX_POINTS);
     }
   }
@@ -589,6 +747,8 @@
 
   function init() {
     $("send-telemetry").addEventListener("change", (ev) => sendTelemetry(ev.target.checked));
+    for (const b of $("metric").querySelectorAll("button")) b.addEventListener("click", () => selectMetric(b.dataset.metric));
+    selectMetric(state.metric);
     $("desired-editor").addEventListener("input", onEditorInput);
     $("desired-save").addEventListener("click", saveDesired);
     $("desired-reset").addEventListener("click", () => {
