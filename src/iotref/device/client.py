@@ -350,7 +350,15 @@ def _options(options: ClientOptions | None, overrides: Mapping[str, Any]) -> Cli
 @dataclass(frozen=True)
 class ClientStats:
     """A snapshot of one client. Counters count since the client started; ``queued``,
-    ``held`` and ``oldest_age_s`` describe the outbox now (earlier runs included)."""
+    ``held`` and ``oldest_age_s`` describe the outbox now (earlier runs included).
+
+    The outbox's counts add up: ``carried_over + accepted == acked + queued +
+    dropped_overflow + refused`` (messages left by earlier runs and taken in by this one
+    are either delivered, still in the outbox, evicted by ``overflow="drop_oldest"``, or
+    refused for good by the platform and moved to the outbox's ``refused`` table).
+
+    After :meth:`AsyncClient.close` the state is ``STOPPED`` (``TAKEN_OVER`` if another
+    process took the session over), ``connected`` and ``waiting_for_platform`` are false."""
 
     state: ConnectionState
     connected: bool
@@ -359,22 +367,26 @@ class ClientStats:
     policy: PermissionPolicy
     shadow_synced: bool
     accepted: int
-    """Messages taken into the outbox by ``send()``."""
+    """Messages this client took into the outbox (``send()`` returned ``queued``)."""
     dropped_no_permission: int
     """Valid messages discarded because of ``policy="drop"``."""
     published: int
     """Publishes, re-publications included."""
     republished: int
     acked: int
-    """PUBACKs received."""
+    """Messages delivered: acknowledged by the platform (PUBACK) and so removed from the
+    outbox, each counted once (messages of earlier runs included; see ``pubacks``)."""
     queued: int
-    """Messages in the outbox, not yet acknowledged."""
+    """Messages in the outbox, not yet acknowledged (earlier runs' included)."""
     held: int
     """Of ``queued``, held back for want of permission (``queued`` while not permitted)."""
     in_flight: int
     dropped_overflow: int
+    """Messages evicted from the outbox to make room (``overflow="drop_oldest"``)."""
     rejected_full: int
+    """``send()`` calls refused because the outbox was full (``overflow="reject_new"``)."""
     rejected_invalid: int
+    """``send()`` calls refused because the message is not valid against the schemas."""
     oldest_age_s: float | None
     ack_rate: float
     """Acknowledged messages per second, last ten seconds."""
@@ -386,6 +398,11 @@ class ClientStats:
     queued); ``connection_error`` says why."""
     connection_error: str | None = None
     """Why the last connection attempt failed or the last connection ended."""
+    carried_over: int = 0
+    """Messages in the outbox when the client started: left by earlier runs."""
+    pubacks: int = 0
+    """PUBACKs received; a message published again after a reconnect may be acknowledged
+    twice, so this can exceed ``acked``."""
     rejected_too_large: int = 0
     """``send()`` calls refused because the message is over the platform's payload limit."""
     refused: int = 0
@@ -530,6 +547,7 @@ class AsyncClient:
         self._started = False
         self._closed = False
         self._final: ClientStats | None = None
+        self._carried_over = 0
 
     @classmethod
     def from_store(
@@ -657,7 +675,7 @@ class AsyncClient:
                 "move the outbox files aside (nothing is deleted automatically) and start "
                 "again; see docs/operations.md, 'Outbox integrity'",
             ) from None
-
+        self._carried_over = self._outbox.depth
         try:
             connection = Connection(self.settings)
             self._connection = connection
@@ -691,7 +709,7 @@ class AsyncClient:
             await telemetry.start()
         except BaseException:
             with contextlib.suppress(Exception):
-                await self._shutdown(0.0, drain=False)
+                self._final = await self._shutdown(0.0, drain=False)
             self._closed = True
             raise
         depth = self._outbox.depth
@@ -734,7 +752,7 @@ class AsyncClient:
             return self._final
         if not self._started or self._closed:
             self._closed = True
-            self._final = self._snapshot()
+            self._final = self._snapshot(final=True)
             return self._final
         wait = self.options.close_timeout_s if timeout is None else max(0.0, timeout)
         final = await self._shutdown(wait, drain=self.options.drain_on_close)
@@ -769,7 +787,6 @@ class AsyncClient:
                 await self._telemetry.close(wait, drain=self._can_still_send if drain else False)
             except Exception:
                 log.exception("closing the publisher failed")
-        final = self._snapshot()
         # Unsubscribing and disconnecting get what is left of the time, and at least a
         # moment each (CLOSE_GRACE_S in all) to say goodbye to a broker that answers.
         for sync in [*self._named.values(), self._shadow]:
@@ -780,6 +797,9 @@ class AsyncClient:
         if self._connection is not None:
             left = max(_STOP_CONNECTION_MIN_S, deadline - loop.time())
             await _bounded(self._connection.stop(left), left + 0.5, "stopping the connection")
+        # Taken once the connection is stopped (a PUBACK that came meanwhile is counted)
+        # and before the outbox closes (its counts are read from it).
+        final = self._snapshot(final=True)
         if self._outbox is not None:
             try:
                 self._outbox.close()
@@ -918,14 +938,19 @@ class AsyncClient:
             return self._final
         return self._snapshot()
 
-    def _snapshot(self) -> ClientStats:
+    def _snapshot(self, *, final: bool = False) -> ClientStats:
+        """The stats now; ``final``: of a client that is stopping for good (its state is
+        ``STOPPED`` unless it was taken over, whatever the connection's last state)."""
         conn = self._connection
         tel = self._telemetry
         state = conn.state if conn is not None else ConnectionState.STOPPED
+        if final and state is not ConnectionState.TAKEN_OVER:
+            state = ConnectionState.STOPPED
         conn_stats = conn.stats if conn is not None else None
         permission = self.permission
         waiting = (
-            conn is not None
+            not final
+            and conn is not None
             and self._started
             and not self._closed
             and not conn.connected
@@ -944,7 +969,7 @@ class AsyncClient:
                 dropped_no_permission=t.dropped_no_permission,
                 published=t.published,
                 republished=t.republished,
-                acked=t.acked,
+                acked=t.delivered,
                 queued=t.depth,
                 held=0 if permission else t.depth,
                 in_flight=t.in_flight,
@@ -958,6 +983,8 @@ class AsyncClient:
                 last_error=t.last_error or connection_error,
                 waiting_for_platform=waiting,
                 connection_error=connection_error,
+                carried_over=self._carried_over,
+                pubacks=t.acked,
                 rejected_too_large=t.rejected_too_large,
                 refused=t.refused,
                 refused_kept=t.refused_kept,
@@ -989,6 +1016,7 @@ class AsyncClient:
             last_error=connection_error,
             waiting_for_platform=waiting,
             connection_error=connection_error,
+            carried_over=self._carried_over,
         )
 
 

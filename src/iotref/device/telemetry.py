@@ -223,6 +223,8 @@ class TelemetryStats:
     republished: int
     acked: int
     """PUBACKs received (a message re-published twice may be acked twice)."""
+    delivered: int
+    """Messages acknowledged and removed from the outbox, each counted once."""
     failed: int
     """Publishes that failed (connection loss, error reason code)."""
     dropped_no_permission: int
@@ -709,6 +711,7 @@ class Telemetry:
             published=self._published,
             republished=self._republished,
             acked=self._acked,
+            delivered=o.acked,
             failed=self._failed,
             dropped_no_permission=self._dropped_no_permission,
             rejected_invalid=self._rejected_invalid,
