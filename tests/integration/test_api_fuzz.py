@@ -9,6 +9,9 @@ documented, the body matches its schema and documented headers match theirs. A s
 walks the success answers that random inputs cannot reach (a real CSR, a real device code,
 a real machine) through the same checks.
 
+Every answer is tallied by status class; ``make reliability`` reports the tally
+(requests sent, 5xx answers) in ``docs/reliability.md``.
+
 Bounded for ``make test``: ``IOTREF_FUZZ_EXAMPLES`` examples per operation in the fuzzing
 phase (default 50), deterministic generation, seed ``IOTREF_FUZZ_SEED``. A longer run:
 ``IOTREF_FUZZ_EXAMPLES=1000 .venv/bin/pytest tests/integration/test_api_fuzz.py``.
@@ -26,6 +29,7 @@ import re
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +60,7 @@ from iotref.sandbox.openapi import (
 )
 from iotref.sandbox.runner import Sandbox
 from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
+from tests.reliability.harness import record
 from tests.support.device_keys import make_csr, make_key
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import DEVICE_CODE_GRANT, get_token
@@ -98,6 +103,33 @@ schema = schemathesis.openapi.from_dict(
         }
     ),
 ).exclude(path_regex=r"/stream$")  # Server-sent event streams never end: not fuzzed.
+
+
+TALLY: Counter[str] = Counter()
+"""Answers received by this module's tests, by status class ("2xx" .. "5xx")."""
+
+
+def _tally(response: requests.Response, *_: Any, **__: Any) -> requests.Response:
+    TALLY[f"{response.status_code // 100}xx"] += 1
+    return response
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_figures() -> Iterator[None]:
+    """Record the tally for ``make reliability`` once the module's tests ran."""
+    TALLY.clear()
+    yield
+    record(
+        "api_fuzz",
+        {
+            "operations": len(described_operations(DESCRIPTION)),
+            "examples_per_operation": EXAMPLES,
+            "seed": SEED,
+            "requests": sum(TALLY.values()),
+            "by_class": dict(sorted(TALLY.items())),
+            "server_errors": TALLY["5xx"],
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -147,6 +179,7 @@ def _monitor_login(sandbox: SandboxProcess) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def http_session() -> Iterator[requests.Session]:
     with requests.Session() as session:
+        session.hooks["response"].append(_tally)
         yield session
 
 
@@ -182,6 +215,7 @@ def test_api(
         # The monitor's cookie (with the CSRF token, which GETs ignore), in a session of its
         # own so that the cookie does not stick to the other calls.
         with requests.Session() as cookie_session:
+            cookie_session.hooks["response"].append(_tally)
             case.call_and_validate(
                 base_url=base_url,
                 session=cookie_session,
@@ -504,6 +538,7 @@ def _post_hostile(
         headers["Authorization"] = f"Bearer {credentials.organization}"
     with sandbox.http() as http:
         answer = http.post(path, content=body, headers=headers)
+        TALLY[f"{answer.status_code // 100}xx"] += 1
         try:
             parsed = answer.json()
         except ValueError:

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iotref.protocol import shadow_document as sd
+from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import SHADOW_RESPONSE_SUFFIXES, shadow_prefix
 from tests.support import mqtt_probe
 from tests.support.sandbox_process import SandboxProcess
@@ -43,7 +44,7 @@ NAMED = "fuzz"
 SHADOWS = (None, NAMED)
 # The broker refuses MQTT packets over 128 KB + 4 KB (and drops the client, as AWS IoT Core
 # does); payloads over the service's 128 KB limit stay under that.
-OVERSIZE = sd.MAX_PAYLOAD_BYTES + 1024
+OVERSIZE = MAX_PAYLOAD_BYTES + 1024
 JsonValue = Any
 
 
@@ -187,7 +188,7 @@ def huge(draw: st.DrawFn) -> Request:
     token = draw(tokens)
     kind = draw(st.sampled_from(["payload", "section"]))
     if kind == "payload":
-        size = draw(st.integers(sd.MAX_PAYLOAD_BYTES + 1, OVERSIZE))
+        size = draw(st.integers(MAX_PAYLOAD_BYTES + 1, OVERSIZE))
         operation = draw(st.sampled_from(["update", "get"]))
         doc = {"state": {"reported": {"blob": "x" * size}}, "clientToken": token}
         return Request(
@@ -435,7 +436,7 @@ def test_every_class_is_answered_as_documented(device: Device) -> None:
         ),
         Request(
             "update",
-            b"x" * (sd.MAX_PAYLOAD_BYTES + 1),
+            b"x" * (MAX_PAYLOAD_BYTES + 1),
             Expected(413, sd.MSG_TOO_LARGE),
             "over 128 KB",
         ),

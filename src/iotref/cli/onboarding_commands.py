@@ -322,6 +322,8 @@ def _print_report(env: Environment, report: StoreReport, login_line: str) -> Non
         click.echo(f"  key        {report.key or cert.key}")
     if report.chain:
         click.echo(f"  chain      {report.chain}")
+    if report.outbox is not None:
+        click.echo(f"outbox       {report.outbox}")
     click.echo(f"login        {login_line}")
     if report.problems:
         click.echo(f"{len(report.problems)} problem(s):")

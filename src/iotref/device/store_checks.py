@@ -4,7 +4,9 @@ Each problem comes with a code, the reason and a next step. Checked: the environ
 store belongs to; that every file is there and parses; ``properties.json`` has exactly the
 contract's keys; the certificate belongs to the private key; validity and the expiry
 threshold; the key's and folder's permissions; and what can honestly be said about who
-signed the certificate.
+signed the certificate; and the outbox kept in the store: whether it is sound (read only,
+the same checks as at start, see :mod:`iotref.device.outbox_integrity`), how many messages
+are queued and refused, and every damaged outbox that was set aside and not yet removed.
 
 On the signature (a deliberate decision): ``amazonRootCA1.pem`` is the *server* root CA
 (it lets the device verify the broker). Device certificates are signed by a separate
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import sqlite3
 import stat
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -52,6 +56,16 @@ from iotref.device.certificate_store import (
 from iotref.device.environment import EnvironmentIdentity, load_environment_file
 from iotref.device.errors import ConfigurationError, StoreError
 from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
+from iotref.device.outbox import OUTBOX_FILE_NAME
+from iotref.device.outbox_integrity import (
+    DAMAGED_INFIX,
+    MARKER_SUFFIX,
+    REPORT_SUFFIX,
+    SHM_SUFFIX,
+    WAL_SUFFIX,
+    inspect_outbox,
+)
+from iotref.device.outbox_salvage import read_reports
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
@@ -94,6 +108,8 @@ class StoreReport:
     missing: list[str] = field(default_factory=list)
     problems: list[StoreProblem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    outbox: str | None = None
+    """The outbox in one line (queued, refused, in use), or None when there is none."""
 
     @property
     def ok(self) -> bool:
@@ -201,7 +217,58 @@ def check_store(
     key = _check_key(store, report)
     _check_certificate(store, report, key, root, now, threshold_days)
     _check_permissions(store, report)
+    _check_outbox(store.path / OUTBOX_FILE_NAME, report)
     return report
+
+
+def _check_outbox(path: Path, report: StoreReport) -> None:
+    """The outbox's state and its damaged copies (see the module docstring)."""
+    keep_next = "check the storage (disk, SD card) for faults; once inspected, remove the copy"
+    reported: set[Path] = set()
+    for recovery in read_reports(path):
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(recovery.at))
+        files = [*recovery.kept_as]
+        if files:
+            files.append(files[0].with_name(files[0].name + REPORT_SUFFIX))
+        reported.update(recovery.kept_as)
+        report.add(
+            "outbox_damaged",
+            f"on {when} {recovery.summary()}",
+            f"{keep_next}: rm {' '.join(str(f) for f in files)}",
+        )
+    for kept in sorted(path.parent.glob(f"{path.name}{DAMAGED_INFIX}*")):
+        if kept in reported or kept.name.endswith(
+            (WAL_SUFFIX, SHM_SUFFIX, MARKER_SUFFIX, REPORT_SUFFIX)
+        ):
+            continue
+        report.add(
+            "outbox_damaged",
+            f"a damaged outbox was set aside as {kept} (its recovery was interrupted)",
+            f"{keep_next}: rm {kept}*",
+        )
+    if not path.exists():
+        return
+    try:
+        found = inspect_outbox(path)
+    except sqlite3.OperationalError:
+        report.outbox = "in use by a running sender"
+        return
+    except OSError as exc:
+        report.add(
+            "outbox_unreadable",
+            f"cannot read the outbox {path}: {exc.strerror or exc}",
+            "check the folder's owner and permissions",
+        )
+        return
+    if found.damage is not None:
+        report.add(
+            "outbox_damaged",
+            f"the outbox is damaged: {found.damage.detail}",
+            "the next 'iotref run' sets it aside and recovers every readable message",
+        )
+        report.outbox = "damaged"
+        return
+    report.outbox = f"{found.depth} message(s) queued, {found.refused} refused by the platform"
 
 
 def _check_environment(

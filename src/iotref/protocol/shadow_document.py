@@ -18,13 +18,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from iotref.protocol.limits import MAX_PAYLOAD_BYTES
+
 JsonObject = dict[str, Any]
 
 SECTIONS = ("desired", "reported")
 MAX_SECTION_BYTES = 8 * 1024
 """Each of ``desired`` and ``reported`` (metadata excluded), as compact UTF-8 JSON."""
-MAX_PAYLOAD_BYTES = 128 * 1024
-"""A request larger than an MQTT message may be is refused before it is parsed."""
+# MAX_PAYLOAD_BYTES (iotref.protocol.limits): a request larger than an MQTT message may be
+# is refused before it is parsed.
 MAX_DEPTH = 6
 """Levels of nesting inside ``desired`` or ``reported``."""
 MAX_CLIENT_TOKEN_BYTES = 64

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from iotref.protocol import shadow_document as sd
+from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.sandbox import aws_sigv4
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class ShadowRest:
         retain_text = request.query_params.get("retain", "false").lower()
         if retain_text not in ("true", "false"):
             raise RestError(400, "Invalid retain value; supported values are true and false")
-        if len(body) > sd.MAX_PAYLOAD_BYTES:
+        if len(body) > MAX_PAYLOAD_BYTES:
             raise RestError(413, sd.MSG_TOO_LARGE)
         sent = await self.service.publish(topic, body, int(qos_text), retain_text == "true")
         if not sent:
