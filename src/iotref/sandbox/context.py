@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from iotref.sandbox.database import Database
+from iotref.sandbox.limits import SandboxLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class SandboxSettings:
     telemetry_max_messages: int = 1_000_000  # stored telemetry messages kept; 0: no limit
     telemetry_max_age: int = 7 * 24 * 3600  # seconds a stored message is kept; 0: no limit
     mosquitto_binary: str = "mosquitto"
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    """AWS IoT Core's per-device limits the sandbox applies (``sandbox up`` options)."""
 
 
 @dataclass(frozen=True)
