@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from iotref.cli.sandbox_limit_options import limit_options, limits_from
 from iotref.sandbox.context import (
     DEFAULT_DATA_DIR,
     DEFAULT_HTTP_PORT,
@@ -95,6 +96,7 @@ def sandbox() -> None:
     show_default=True,
     help="Seconds a stored telemetry message is kept (by receive time); 0: no limit.",
 )
+@limit_options
 def up(
     data_dir: Path,
     http_port: int,
@@ -106,6 +108,7 @@ def up(
     poll_interval: int,
     telemetry_max_messages: int,
     telemetry_max_age: int,
+    **limits: int,
 ) -> int:
     """Start the sandbox and run until Ctrl-C or SIGTERM."""
     settings = SandboxSettings(
@@ -119,6 +122,7 @@ def up(
         poll_interval=poll_interval,
         telemetry_max_messages=telemetry_max_messages,
         telemetry_max_age=telemetry_max_age,
+        limits=limits_from(limits),
     )
     code = run_sandbox(settings)
     if code:
