@@ -1071,7 +1071,11 @@ def shadow_state_schemas(max_depth: int = sd.MAX_DEPTH) -> dict[str, Any]:
 
 
 def _shadow_schemas() -> dict[str, Any]:
-    section = {"allOf": [schema_ref("ShadowState1")], "nullable": True}
+    # (nullable next to a $ref is ignored by OpenAPI 3.0 tools: null spelled out)
+    section = {
+        "anyOf": [schema_ref("ShadowState1"), {"type": "object", "nullable": True, "enum": [None]}],
+        "description": "null removes the section.",
+    }
     timestamp = {"type": "integer", "description": "Epoch seconds."}
     client_token = {"type": "string", "maxLength": 64}
     return {
