@@ -134,3 +134,12 @@ def test_count_by_client_counts_checked_topics_only() -> None:
 
     records = [record("a", None), record("a", None), record("b", None), record("c", "wrong org")]
     assert count_by_client(records) == {"a": [2, 2 * (5 + 10)], "b": [1, 15]}
+
+
+def test_the_open_second_counts_toward_peak_and_seconds_over() -> None:
+    meter = QuotaMeter(100, 0)
+    meter.add("dev", 500, 500, T0 + 0.1)
+    quota = meter.snapshot("dev", T0 + 0.2)  # still in that second
+    assert (quota["rate"], quota["peak_rate"], quota["seconds_over"]) == (0, 500, 1)
+    meter.add("dev", 1, 1, T0 + 1.1)  # closes it: counted once
+    assert meter.snapshot("dev", T0 + 1.2)["seconds_over"] == 1

@@ -187,20 +187,20 @@ class QuotaMeter:
                 "throttled_bytes": 0,
             }
         last = int(now) - 1
-        # The last complete second: the open one if it has ended, else the one before.
+        # The rate is the last complete second's: the open one if it has ended, else the
+        # one before. The open second counts toward the peak and the seconds over as far
+        # as it got (its count only grows).
         if entry.second <= last:
-            rate, bytes_rate = (
-                (entry.second_messages, entry.second_bytes) if entry.second == last else (0, 0)
-            )
-            closed_over = self._over(entry.second_messages, entry.second_bytes)
-            peak = max(entry.peak_messages, entry.second_messages)
-            peak_bytes = max(entry.peak_bytes, entry.second_bytes)
+            ended = entry.second == last
+            rate = entry.second_messages if ended else 0
+            bytes_rate = entry.second_bytes if ended else 0
         else:
             in_prev = entry.prev_second == last
             rate = entry.prev_messages if in_prev else 0
             bytes_rate = entry.prev_bytes if in_prev else 0
-            closed_over = False
-            peak, peak_bytes = entry.peak_messages, entry.peak_bytes
+        open_over = self._over(entry.second_messages, entry.second_bytes)
+        peak = max(entry.peak_messages, entry.second_messages)
+        peak_bytes = max(entry.peak_bytes, entry.second_bytes)
         return {
             **limits,
             "messages": entry.messages,
@@ -209,7 +209,7 @@ class QuotaMeter:
             "bytes_rate": bytes_rate,
             "peak_rate": peak,
             "peak_bytes_rate": peak_bytes,
-            "seconds_over": entry.seconds_over + int(closed_over),
+            "seconds_over": entry.seconds_over + int(open_over),
             "throttled": entry.throttled,
             "throttled_bytes": entry.throttled_bytes,
         }
