@@ -43,6 +43,7 @@ from cryptography.x509.oid import NameOID
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure, percentile
+from iotref.device import stdlib_compat
 from iotref.device.connection import Connection, ConnectionSettings, IncomingMessage
 from iotref.device.shadow import SHADOW_QOS, ShadowSync
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
@@ -169,7 +170,7 @@ async def _measure(ctx: BenchContext) -> dict[str, list[float]]:
                 await rest.call("POST", url, {"state": {"desired": {"seq": i}}})
                 await sync.wait_for("seq", i, timeout=10)
                 applied = time.perf_counter()
-                async with asyncio.timeout(10):
+                async with stdlib_compat.timeout(10):
                     while (await stored.get()) != i:
                         pass
                 while True:

@@ -11,7 +11,7 @@ import importlib
 import statistics
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from bench.harness import BenchContext, Figure
@@ -83,7 +83,7 @@ def _payloads_v2(n: int) -> list[Payload]:
 def _messages(payloads: list[Payload]) -> list[dict[str, Any]]:
     sender = Sender(SenderType.PRESS, "bench-gateway", "1.0.0", siteid="site-1")
     asset = Asset("asset-1", "SN-0001", AssetType.SHEETFED_PRESS, assetname="Press 1")
-    start = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    start = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
     return [
         build_message(sender, asset, p, now=start + timedelta(milliseconds=i))
         for i, p in enumerate(payloads)

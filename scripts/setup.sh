@@ -18,10 +18,10 @@ for arg in "$@"; do
 done
 
 if ! command -v python3 >/dev/null 2>&1; then
-  echo "setup: python3 is missing; install Python 3.11 or newer" >&2; exit 1
+  echo "setup: python3 is missing; install Python 3.10 or newer" >&2; exit 1
 fi
-if ! python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
-  echo "setup: Python 3.11 or newer is needed, found $(python3 --version 2>&1)" >&2; exit 1
+if ! python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+  echo "setup: Python 3.10 or newer is needed, found $(python3 --version 2>&1)" >&2; exit 1
 fi
 
 packages=()

@@ -210,10 +210,15 @@ def test_async_client_end_to_end(store: Path, subscriber: Subscriber) -> None:
             assert await client.wait_drained(20)
             stats = client.stats()
             assert stats.state is ConnectionState.CONNECTED and stats.permission
-            assert stats.accepted == count and stats.acked >= count and stats.queued == 0
+            assert stats.accepted == count and stats.acked == count and stats.queued == 0
+            assert stats.pubacks >= stats.acked
             topic = client.topic
         final = client.stats()
-        assert final.queued == 0 and final.accepted == count
+        assert final.queued == 0 and final.accepted == count and final.acked == count
+        # After close the state says so (it said CONNECTED, connected=True before).
+        assert final.state is ConnectionState.STOPPED
+        assert not final.connected and not final.waiting_for_platform
+        assert final.connection_status == "stopped"
         check_arrived(subscriber, topic, "async-press", set(range(count)))
         assert all(m["siteid"] for _, m in subscriber.of("async-press"))
 
@@ -251,6 +256,7 @@ def test_blocking_client_end_to_end(
         assert client.wait_drained(20)
         stats = client.stats()
         assert stats.accepted == threads * per_thread and stats.queued == 0
+        assert stats.acked == threads * per_thread and stats.connected
 
         client.shadow.set_reported("mode", "production")
         client.shadow.flush(10)
@@ -261,6 +267,9 @@ def test_blocking_client_end_to_end(
         named = shadow_document(sandbox, thing, "config")
         assert named["state"]["reported"]["firmware"] == "1.2.3"
         topic = client.topic
+    final = client.stats()
+    assert final.state is ConnectionState.STOPPED and not final.connected
+    assert final.acked == threads * per_thread
     for k in range(threads):
         check_arrived(subscriber, topic, f"blocking-press-{k}", set(range(per_thread)))
     assert outbox_depth(store) == 0
@@ -302,6 +311,9 @@ def test_permission_off_holds_messages_on_releases_them(
             final = await client.close()
             assert time.monotonic() - began < 5
             assert final.queued == 10 and final.held == 10
+            assert final.state is ConnectionState.STOPPED and not final.connected
+            # The counts add up: 60 accepted = 50 delivered + 10 left in the outbox.
+            assert (final.carried_over, final.accepted, final.acked) == (0, 60, 50)
             return client.topic
 
     topic = asyncio.run(main())
@@ -313,6 +325,8 @@ def test_permission_off_holds_messages_on_releases_them(
     set_permission(sandbox, thing, True)
     with Client.from_store(store, sender=SENDER) as client:
         assert client.wait_drained(20)
+        stats = client.stats()
+        assert (stats.carried_over, stats.accepted, stats.acked, stats.queued) == (10, 0, 10, 0)
     check_arrived(subscriber, topic, "held-press", set(range(60)))
     assert outbox_depth(store) == 0
 

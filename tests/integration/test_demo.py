@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shlex
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
+from iotref.protocol.environment_file import parse_env_file
 from tests.conftest import SandboxFactory
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -26,13 +33,26 @@ def _free_port() -> int:
         return port
 
 
-def _demo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _environ(cwd: Path, home: Path | None = None) -> dict[str, str]:
+    """The environment of a command run in ``cwd``: tokens in ``cwd/home``, or, with
+    ``home``, in ``home/.config/iotref`` as for a user whose HOME that is."""
     env = {**os.environ, "IOTREF_HOME": str(cwd / "home")}
-    env.pop("IOTREF_ENV", None)
-    env.pop("IOTREF_ENV_FILE", None)
+    for var in ("IOTREF_ENV", "IOTREF_ENV_FILE", "XDG_CONFIG_HOME"):
+        env.pop(var, None)
+    if home is not None:
+        del env["IOTREF_HOME"]
+        env["HOME"] = str(home)
+    return env
+
+
+def _demo(cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return _iotref(cwd, "demo", *args, home=home)
+
+
+def _iotref(cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", "demo", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=180,
+        [sys.executable, "-m", "iotref.cli.main", *args],
+        cwd=cwd, env=_environ(cwd, home), capture_output=True, text=True, timeout=180,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -126,7 +146,7 @@ def _expire_certificate(store: Path, data_dir: Path) -> None:
         (data_dir / "ca" / "device-ca.key").read_bytes(), None
     )
     old = x509.load_pem_x509_certificate((store / "deviceCert.pem").read_bytes())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(old.subject)
@@ -160,17 +180,189 @@ def test_errors_a_newcomer_meets_are_one_clear_line(
     assert "expired" in lines[0]
     assert "iotref provision --renew" in lines[0]
 
-    # A store from another environment (another sandbox, other ports): refused, one line.
+    # A store from another sandbox (another data dir, other ports): given with --store, it
+    # is refused in one line that says what differs; the demo's own store is moved aside.
     left_running.stop()
+    other_dir = ["--data-dir", str(tmp_path / "other-sandbox")]
     ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
-    other = _demo(
-        tmp_path, "--data-dir", str(tmp_path / "other-sandbox"), *ports, "--duration", "3",
+    given = _demo(
+        tmp_path, *other_dir, *ports, "--store", "certificate_store/local", "--duration", "3",
         "--stop-sandbox",
     )  # fmt: skip
-    assert other.returncode == 1
-    lines = [line for line in other.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, other.stderr
-    assert "belongs to environment" in lines[0]
-    assert "--store" in lines[0]
-    assert "Traceback" not in other.stdout + other.stderr
+    assert given.returncode == 1
+    lines = [line for line in given.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, given.stderr
+    assert (
+        f"the store certificate_store/local belongs to local at {left_running.http_url}, "
+        "not local at http://127.0.0.1:" in lines[0]
+    )
+    assert "(the endpoint differs)" in lines[0]
+    assert "--store certificate_store/local'" in lines[0]
+    assert "Traceback" not in given.stdout + given.stderr
+    own = _demo(tmp_path, *other_dir, *ports, "--duration", "3", "--no-switch", "--stop-sandbox")
+    assert own.returncode == 0, own.stdout + own.stderr
+    set_aside = f"certificate_store/local.sandbox-{left_running.info['sandbox_id']}"
+    assert f"moved it to {set_aside}" in own.stdout
+    assert (tmp_path / set_aside / "deviceCert.pem").is_file()  # kept, not deleted
+    assert "provisioned: machine" in own.stdout
     assert not _sandboxes_under(tmp_path / "other-sandbox")
+
+
+def _sandbox_id(checkout: Path) -> str:
+    return parse_env_file((checkout / ".sandbox" / "env.local").read_text())["SANDBOX_ID"]
+
+
+def test_two_fresh_checkouts_on_the_same_ports_both_run_the_demo(tmp_path: Path) -> None:
+    """A user runs the demo in one checkout, then in a second one, then again in the first
+    after removing its .sandbox: three sandboxes on the same address, one HOME whose saved
+    login the first one left. Each sandbox is told apart by its id. (Empty folders stand for
+    the checkouts: what the demo keeps there is .sandbox and certificate_store; it runs with
+    this checkout's .venv instead of building one per checkout.)"""
+    home = tmp_path / "home"
+    first, second = tmp_path / "checkout-1", tmp_path / "checkout-2"
+    first.mkdir()
+    second.mkdir()
+    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    story = ["--duration", "3", "--no-switch", "--stop-sandbox"]
+    token_dir = home / ".config" / "iotref" / "tokens"
+
+    one = _demo(first, *ports, *story, home=home)
+    assert one.returncode == 0, one.stdout + one.stderr
+    [token_file] = token_dir.glob("*.json")
+    assert json.loads(token_file.read_text())["environment"]["sandbox_id"] == _sandbox_id(first)
+
+    two = _demo(second, *ports, *story, home=home)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert _sandbox_id(second) != _sandbox_id(first)
+    assert "reusing the saved login" not in two.stdout  # the first sandbox's login is not used
+    assert "device flow approved by the sandbox" in two.stdout
+    assert "provisioned: machine" in two.stdout
+    assert list(token_dir.glob("*.json")) == [token_file]  # replaced: one login per address
+    assert json.loads(token_file.read_text())["environment"]["sandbox_id"] == _sandbox_id(second)
+
+    # The first checkout without its .sandbox: its store belongs to a sandbox that is gone.
+    # And the saved login is made to look like one from before sandbox ids (no id to
+    # compare), so that the demo only learns it is stale when the sandbox refuses it.
+    first_id = _sandbox_id(first)
+    shutil.rmtree(first / ".sandbox")
+    data = json.loads(token_file.read_text())
+    del data["environment"]["sandbox_id"]
+    token_file.write_text(json.dumps(data))
+    three = _demo(first, *ports, *story, home=home)
+    assert three.returncode == 0, three.stdout + three.stderr
+    out = three.stdout
+    assert f"moved it to certificate_store/local.sandbox-{first_id}" in out
+    assert "reusing the saved login" in out
+    notes = [line for line in out.splitlines() if "no longer valid" in line]
+    assert len(notes) == 1 and "logging in again" in notes[0], out
+    assert "device flow approved by the sandbox" in out
+    assert re.search(r"✓ provision  (provisioned|resumed): machine", out), out
+    assert "demo finished" in out
+    assert not _sandboxes_under(tmp_path)
+
+
+def _hold(port: int) -> socket.socket | None:
+    """A socket listening on ``port``, or None if something else listens there already."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen(1)
+    return sock
+
+
+def test_the_demo_takes_free_ports_when_the_defaults_are_in_use(tmp_path: Path) -> None:
+    # Held only while this one demo runs (if free: a developer's sandbox may hold them).
+    held = [_hold(port) for port in (8780, 8883)]
+    try:
+        result = _demo(tmp_path, "--duration", "3", "--no-switch", "--stop-sandbox")
+    finally:
+        for sock in held:
+            if sock is not None:
+                sock.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.search(
+        r"✓ sandbox  started at http://127\.0\.0\.1:(\d+), MQTT port (\d+) \(data in "
+        r"\.sandbox; ports 8780 and 8883 are in use, so it took free ones\)",
+        result.stdout,
+    )
+    assert found is not None, result.stdout
+    http_port, mqtt_port = int(found.group(1)), int(found.group(2))
+    assert {http_port, mqtt_port}.isdisjoint({8780, 8883})
+    env = parse_env_file((tmp_path / ".sandbox" / "env.local").read_text())
+    assert env["base_url"] == f"http://127.0.0.1:{http_port}"
+    assert "demo finished" in result.stdout
+
+
+def test_make_demo_passes_the_ports_asked_for() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def dry_run(*variables: str) -> list[str]:
+        done = subprocess.run(
+            ["make", "-n", "demo", *variables], cwd=ROOT, capture_output=True, text=True,
+            timeout=30, check=True,
+        )  # fmt: skip
+        return [line.strip() for line in done.stdout.splitlines()]
+
+    assert ".venv/bin/iotref demo --http-port 8790 --mqtt-port 8893" in dry_run(
+        "HTTP_PORT=8790", "MQTT_PORT=8893"
+    )
+    assert ".venv/bin/iotref demo --mqtt-port 8893" in dry_run("MQTT_PORT=8893")
+    assert ".venv/bin/iotref demo" in dry_run()
+
+
+def test_run_with_a_store_of_another_sandbox_says_what_differs_and_what_to_do(
+    tmp_path: Path, sandbox_factory: SandboxFactory
+) -> None:
+    made_with = sandbox_factory("--auto-approve", "--poll-interval", "1")
+    elsewhere = sandbox_factory("--auto-approve", "--poll-interval", "1")
+    made_env = str(Path(made_with.info["env_file"]).relative_to(tmp_path))
+    store = "plant-store"
+    login = _iotref(tmp_path, "login", "--env-file", made_env, "--no-qr")
+    assert login.returncode == 0, login.stderr
+    provision = _iotref(
+        tmp_path, "provision", "--env-file", made_env, "--store", store, "--name", "Press",
+        "--manufacturer", "iotref tests", "--serial-number", f"SN-{uuid.uuid4().hex[:10]}",
+    )  # fmt: skip
+    assert provision.returncode == 0, provision.stderr
+
+    # Another endpoint: what differs, and the command that uses the store as it is.
+    other_env = str(Path(elsewhere.info["env_file"]).relative_to(tmp_path))
+    refused = _iotref(tmp_path, "run", "--env-file", other_env, "--store", store)
+    assert refused.returncode == 1
+    [line] = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert line.startswith(
+        f"iotref: the store {store} belongs to local at {made_with.http_url}, not local at "
+        f"{elsewhere.http_url} (the endpoint differs)"
+    ), line
+    printed = re.findall(r"'(iotref [^']+)'", line)
+    assert printed == [
+        f"iotref run --env-file {made_env} --store {store}",
+        f"iotref provision --env-file {other_env} --store {store}",
+    ], line
+    # As printed, plus a duration so that it ends.
+    ran = _iotref(tmp_path, *shlex.split(printed[0])[1:], "--duration", "2")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert re.search(r"sent [1-9]", ran.stdout), ran.stdout
+
+    # Another sandbox on the same address (a new data dir): the certificate is of no use.
+    address = ["--http-port", made_with.http_url.rsplit(":", 1)[1],
+               "--mqtt-port", str(made_with.mqtt_port)]  # fmt: skip
+    made_with.stop()
+    successor = sandbox_factory("--auto-approve", "--poll-interval", "1", *address)
+    successor_env = str(Path(successor.info["env_file"]).relative_to(tmp_path))
+    refused = _iotref(tmp_path, "run", "--env-file", successor_env, "--store", store)
+    assert refused.returncode == 1
+    [line] = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert (
+        f"belongs to the sandbox {made_with.info['sandbox_id']} at {made_with.http_url}, not "
+        f"the one there now, {successor.info['sandbox_id']} (another sandbox" in line
+    ), line
+    assert (
+        f"move it away ('mv {store} {store}.old') and run 'iotref provision --env-file "
+        f"{successor_env} --store {store}'" in line
+    ), line

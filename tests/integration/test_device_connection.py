@@ -78,7 +78,7 @@ def telemetry_topic(dev: DeviceFiles) -> str:
 def self_signed(directory: Path, name: str, *, ca: bool) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

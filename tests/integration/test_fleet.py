@@ -253,7 +253,7 @@ def test_bulk_route_needs_the_admin_token_and_good_csrs(sandbox: SandboxProcess)
 def _foreign_ca(path: Path) -> Path:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the sandbox's CA")])
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

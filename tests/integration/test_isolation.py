@@ -153,7 +153,7 @@ def _expired_device(sandbox: SandboxProcess, directory: Path, client_id: str) ->
     ca_cert = x509.load_pem_x509_certificate(cas.device_ca_path.read_bytes())
     ca_key = serialization.load_pem_private_key(cas.device_ca_key_path.read_bytes(), None)
     key = make_key()
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, client_id)]))

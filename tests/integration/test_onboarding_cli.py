@@ -340,7 +340,7 @@ def _self_signed(key_pem: bytes) -> bytes:
 
     key = load_private_key(key_pem)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")])
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(1)
@@ -406,7 +406,7 @@ BROKEN = {
     "root_ca_unparsable": ("root_ca_unparsable", "not a PEM certificate"),
     "insecure_permissions": ("insecure_permissions", "readable by others"),
     "certificate_expiring": ("certificate_expiring", "threshold 400"),
-    "wrong_environment": ("wrong_environment", "belongs to environment local"),
+    "wrong_environment": ("wrong_environment", "(the endpoint differs)"),
     "unknown_environment": ("unknown_environment", "no record of its environment"),
 }
 

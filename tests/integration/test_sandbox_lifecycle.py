@@ -149,3 +149,28 @@ def test_admin_token_is_kept_across_restarts(sandbox_factory: SandboxFactory) ->
     first.stop()
     second = sandbox_factory(data_dir=first.data_dir)
     assert second.admin_token == token
+
+
+def test_a_sandbox_has_an_identity_of_its_own(sandbox_factory: SandboxFactory) -> None:
+    """sandbox.json, env.local and /healthz carry one id; a restart keeps it, a new data dir
+    on the same ports is another sandbox with another id."""
+    from iotref.cli.local_sandbox import sandbox_id_at
+
+    first = sandbox_factory()
+    sandbox_id = str(first.info["sandbox_id"])
+    env = parse_env_file(Path(first.info["env_file"]).read_text())
+    assert env["SANDBOX_ID"] == sandbox_id
+    assert httpx.get(f"{first.http_url}/healthz", timeout=5).json()["sandbox_id"] == sandbox_id
+    assert sandbox_id_at(first.http_url) == sandbox_id
+    ports = ["--http-port", str(first.info["http_url"].rsplit(":", 1)[1]),
+             "--mqtt-port", str(first.mqtt_port)]  # fmt: skip
+    first.stop()
+    assert sandbox_id_at(first.http_url) is None  # nothing answers there now
+
+    again = sandbox_factory(*ports, data_dir=first.data_dir)
+    assert again.info["sandbox_id"] == sandbox_id
+    again.stop()
+    other = sandbox_factory(*ports)
+    assert other.http_url == first.http_url
+    assert other.info["sandbox_id"] != sandbox_id
+    assert sandbox_id_at(other.http_url) == other.info["sandbox_id"]

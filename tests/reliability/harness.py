@@ -146,9 +146,17 @@ class Platform:
 
     def restart(self, *, same_ports: bool) -> None:
         """Stop the sandbox (SIGTERM) and start it again on the same data dir."""
-        old = self.process.info
+        self.come_back(self.go_down(), same_ports=same_ports)
+
+    def go_down(self) -> dict[str, Any]:
+        """Stop the whole sandbox (SIGTERM); returns what :meth:`come_back` needs."""
+        old = dict(self.process.info)
         code = self.process.stop()
         assert code == 0, f"sandbox exited with {code}:\n{self.process.output()}"
+        return old
+
+    def come_back(self, old: dict[str, Any], *, same_ports: bool) -> None:
+        """Start the sandbox again on its data dir (and the ports of ``old``)."""
         args = list(SANDBOX_ARGS)
         if same_ports:
             http_port = int(str(old["http_url"]).rsplit(":", 1)[1])

@@ -44,7 +44,7 @@ def issue_server_cert(
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     names: list[x509.GeneralName] = [x509.DNSName(host)]
     with contextlib.suppress(ValueError):
         names = [x509.IPAddress(ipaddress.ip_address(host))]

@@ -168,7 +168,7 @@ def test_revocation_and_crls(cas: CertificateAuthorities) -> None:
     for crl in crls:
         assert len(crl) == 0
         assert crl.next_update_utc is not None
-        assert crl.next_update_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=300)
+        assert crl.next_update_utc > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=300)
     cert = cas.sign_device_csr(load_device_csr(make_csr(make_key())), new_client_id())
     cas.revoke(cert.serial_number)
     cas.revoke(cert.serial_number)
@@ -193,7 +193,7 @@ def test_thing_registry(tmp_path: Path) -> None:
     client_id = new_client_id()
     assert is_client_id(client_id)
     assert not is_client_id("iotref-../#")
-    not_after = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    not_after = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
     thing = registry.register(
         client_id=client_id,
         org_id="o",

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -36,11 +36,11 @@ from iotref.device.environment import EnvironmentIdentity, load_environment
 from iotref.device.errors import StoreError
 from iotref.device.keys import KeyType, generate_private_key, private_key_pem
 from iotref.device.onboarding import Onboarding
-from iotref.device.store_checks import check_store, issuer_fingerprint
+from iotref.device.store_checks import check_store, environment_mismatch, issuer_fingerprint
 from iotref.device.token_store import TokenStore
 
 IDENTITY = EnvironmentIdentity("local", "http://127.0.0.1:8780")
-NOW = dt.datetime(2030, 6, 1, tzinfo=dt.UTC)
+NOW = dt.datetime(2030, 6, 1, tzinfo=dt.timezone.utc)
 PROPS = DeviceProperties(
     mqtt_endpoint="localhost",
     mqtt_port=8883,
@@ -65,7 +65,7 @@ def _cert(
     *,
     ca: bool = False,
     days: int = 365,
-    start: dt.datetime = dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+    start: dt.datetime = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc),
 ) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -359,14 +359,14 @@ def test_certificate_issued_by_the_root_is_verified_against_it(tmp_path: Path, p
 def test_expiry(tmp_path: Path, pki: Pki) -> None:
     store = _make_store(tmp_path, pki)  # valid 2030-01-01 .. 2031-01-01
     assert _codes(store) == []
-    near = dt.datetime(2030, 12, 20, tzinfo=dt.UTC)
+    near = dt.datetime(2030, 12, 20, tzinfo=dt.timezone.utc)
     report = check_store(store, expected=IDENTITY, now=near)
     assert [p.code for p in report.problems] == ["certificate_expiring"]
     assert "in 12 days" in report.problems[0].reason
     assert check_store(store, expected=IDENTITY, now=near, threshold_days=5).ok
-    late = dt.datetime(2031, 2, 1, tzinfo=dt.UTC)
+    late = dt.datetime(2031, 2, 1, tzinfo=dt.timezone.utc)
     assert [p.code for p in check_store(store, now=late).problems] == ["certificate_expired"]
-    early = dt.datetime(2029, 12, 1, tzinfo=dt.UTC)
+    early = dt.datetime(2029, 12, 1, tzinfo=dt.timezone.utc)
     assert "certificate_not_yet_valid" in [p.code for p in check_store(store, now=early).problems]
 
 
@@ -376,6 +376,76 @@ def test_store_of_another_environment(tmp_path: Path, pki: Pki) -> None:
     report = check_store(store, expected=other, now=NOW)
     assert [p.code for p in report.problems] == ["wrong_environment"]
     assert "127.0.0.1:8780" in report.problems[0].reason
+
+
+def _recorded(store: CertificateStore, identity: EnvironmentIdentity, source: str) -> Progress:
+    progress = store.read_progress()
+    assert progress is not None
+    progress = replace(progress, environment=identity, environment_source=source)
+    store.write_progress(progress)
+    assert store.read_progress() == progress  # both fields survive the round trip
+    return progress
+
+
+def test_a_store_of_another_endpoint_says_which_and_how_to_use_it(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = _make_store(tmp_path, pki)
+    old_env = tmp_path / "old-sandbox" / "env.local"
+    old_env.parent.mkdir()
+    old_env.write_text(
+        "base_url=http://127.0.0.1:46281\nDIRECTORY_HOST=http://127.0.0.1:46281\n"
+        "DIRECTORY_OAUTH_CLIENT_ID=abc\nSCOPE=x\nSANDBOX_ID=aaaa0001\n"
+    )
+    made_with = EnvironmentIdentity("local", "http://127.0.0.1:46281", "aaaa0001")
+    progress = _recorded(store, made_with, str(old_env))
+    now_used = EnvironmentIdentity("local", "http://127.0.0.1:8780", "bbbb0002")
+    problem = environment_mismatch(
+        store.path, progress, now_used, selector="--env local",
+        store_option=Path("certificate_store/local"), command="run",
+    )  # fmt: skip
+    assert problem is not None and problem.code == "wrong_environment"
+    assert problem.reason == (
+        "the store certificate_store/local belongs to local at http://127.0.0.1:46281, "
+        "not local at http://127.0.0.1:8780 (the endpoint differs)"
+    )
+    assert problem.next_step == (
+        "run 'iotref run --env-file old-sandbox/env.local --store certificate_store/local' "
+        "to use it with the environment it was made for, or move it away "
+        "('mv certificate_store/local certificate_store/local.old') and run "
+        "'iotref provision --env local --store certificate_store/local' for this one"
+    )
+    # The file that was used now describes another sandbox: it is not suggested.
+    old_env.write_text(old_env.read_text().replace("aaaa0001", "cccc0003"))
+    problem = environment_mismatch(store.path, progress, now_used, selector="--env local")
+    assert problem is not None
+    assert problem.next_step.startswith(
+        "select local (http://127.0.0.1:46281) with its own --env or --env-file"
+    )
+    assert "'iotref provision --env local' for this one" in problem.next_step
+
+
+def test_a_store_of_an_earlier_sandbox_at_the_same_address(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = _make_store(tmp_path, pki)
+    made_with = EnvironmentIdentity("local", "http://127.0.0.1:8780", "aaaa0001")
+    _recorded(store, made_with, str(tmp_path / ".sandbox" / "env.local"))
+    now_used = EnvironmentIdentity("local", "http://127.0.0.1:8780", "bbbb0002")
+    report = check_store(store, expected=now_used, now=NOW, selector="--env local")
+    assert [p.code for p in report.problems] == ["wrong_environment"]
+    problem = report.problems[0]
+    assert "another sandbox" in problem.reason
+    assert "aaaa0001" in problem.reason and "bbbb0002" in problem.reason
+    assert problem.next_step == (
+        "its certificate is not valid with the sandbox there now: move it away "
+        "('mv certificate_store/local certificate_store/local.old') and run "
+        "'iotref provision --env local'"
+    )
+    # While no sandbox answers on the address, its id is unknown: nothing to report.
+    assert check_store(store, expected=IDENTITY, now=NOW).ok
 
 
 def test_store_without_a_record_of_its_environment(tmp_path: Path, pki: Pki) -> None:

@@ -13,7 +13,16 @@ import pytest
 from click.testing import CliRunner
 
 from iotref.cli.main import cli
-from iotref.cli.run_command import RunCounters, status_text, summary_text
+from iotref.cli.run_command import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    RunCounters,
+    exit_code_of,
+    status_renderable,
+    status_text,
+    summary_text,
+)
 from iotref.device.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
@@ -273,18 +282,64 @@ def test_status_and_summary_lines() -> None:
     for part in (
         "connected",
         "permission yes",
-        "sent 10",
+        "accepted 10",
         "acked 9",
         "queued 1",
-        "dropped 3",
+        "evicted 2",
+        "dropped (no permission) 1",
         "invalid 4",
     ):
         assert part in line, line
+    assert "sent" not in line and "held" not in line, line
     held = status_text(
         stats(permission=False, held=5, connected=False, state=ConnectionState.DISCONNECTED),
         counters,
         1,
     )
-    assert "disconnected" in held and "permission no" in held and "held 5" in held
+    assert "disconnected" in held and "permission no" in held and "queued 1 (held 5)" in held
+    waiting = status_text(
+        stats(
+            connected=False,
+            state=ConnectionState.DISCONNECTED,
+            waiting_for_platform=True,
+            connection_error="localhost:1 is unreachable (AWS_IO_SOCKET_CONNECTION_REFUSED)",
+        ),
+        counters,
+        1,
+    )
+    assert "waiting for the platform (localhost:1 is unreachable" in waiting, waiting
     summary = summary_text(stats(), counters, 12.0)
-    assert summary.startswith("Stopped after 12.0 s") and "1 kept in the outbox" in summary
+    assert summary.startswith("Stopped after 12.0 s: accepted 10, acked 9, "), summary
+    assert "1 left in the outbox: the next run sends them" in summary, summary
+    assert "invalid 4" in summary and "evicted (outbox full) 2" in summary, summary
+
+
+def test_status_line_counts_add_up_with_earlier_runs() -> None:
+    # 5 left by an earlier run + 10 accepted now = 12 acked + 3 still queued
+    earlier = stats(carried_over=5, accepted=10, acked=12, queued=3, dropped_overflow=0)
+    assert earlier.carried_over + earlier.accepted == (
+        earlier.acked + earlier.queued + earlier.dropped_overflow
+    )
+    line = status_text(earlier, RunCounters(), 1.0)
+    assert "accepted 10 (+5 from earlier runs) | acked 12 | queued 3" in line, line
+    summary = summary_text(earlier, RunCounters(), 1.0)
+    assert "accepted 10 (+5 from earlier runs), acked 12, 3 left in the outbox" in summary
+
+
+def test_a_stopped_client_is_shown_stopped() -> None:
+    final = stats(state=ConnectionState.STOPPED, connected=False, queued=0)
+    line = status_text(final, RunCounters(), 5.0)
+    assert "| stopped |" in line and "connected" not in line, line
+    renderable = status_renderable(final, RunCounters(), 5.0)
+    assert "stopped" in renderable.plain and "connected" not in renderable.plain
+
+
+def test_exit_codes_say_what_was_refused() -> None:
+    final = stats(state=ConnectionState.STOPPED, connected=False)
+    assert exit_code_of(final, RunCounters()) == EXIT_OK == 0
+    assert exit_code_of(final, RunCounters(dropped=3)) == EXIT_OK  # --policy drop: chosen
+    assert exit_code_of(final, RunCounters(invalid=1)) == EXIT_REFUSED == 3
+    assert exit_code_of(final, RunCounters(refused_full=1)) == EXIT_REFUSED
+    taken = stats(state=ConnectionState.TAKEN_OVER, connected=False)
+    assert exit_code_of(taken, RunCounters(invalid=1)) == EXIT_FAILED == 1
+    assert exit_code_of(final, RunCounters(refused_taken_over=1)) == EXIT_FAILED

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from iotref.device.stdlib_compat import fromisoformat
 from iotref.protocol.environment_file import DEFAULT_SCOPE
 from iotref.sandbox.device_authorization import (
     DEVICE_CODE_GRANT,
@@ -182,7 +182,7 @@ def test_approved_code_gives_tokens_once(harness: Harness, clock: FakeClock) -> 
     assert body["scope"] == DEFAULT_SCOPE
     assert body["audiences"] == ["directory", "prinect"]
     assert body["bearer"] == {"id": SECOND_ORGANIZATION_ID, "type": "Organization"}
-    expires = datetime.fromisoformat(body["expires_in"])
+    expires = fromisoformat(body["expires_in"])
     assert expires.timestamp() == pytest.approx(clock.now + 3600, abs=0.01)
     assert body["expires_in"].endswith("Z")
     clock.advance(5)
@@ -291,7 +291,7 @@ def test_refresh_rotates_and_rejects_reuse(harness: Harness, clock: FakeClock) -
     assert second["refresh_token"] != first["refresh_token"]
     assert second["bearer"] == first["bearer"]
     assert second["scope"] == first["scope"]
-    assert datetime.fromisoformat(second["expires_in"]).timestamp() == pytest.approx(
+    assert fromisoformat(second["expires_in"]).timestamp() == pytest.approx(
         clock.now + 3600, abs=0.01
     )
     assert harness.directory.authenticate(f"Bearer {second['access_token']}") is not None
@@ -387,8 +387,8 @@ def test_pending_authorizations(harness: Harness, clock: FakeClock) -> None:
     assert listed[0]["verification_uri_complete"].endswith(
         f"/oauth/device?user_code={first['user_code']}"
     )
-    assert datetime.fromisoformat(listed[0]["expires_at"]).timestamp() == pytest.approx(
-        datetime.fromisoformat(listed[0]["created_at"]).timestamp() + 600
+    assert fromisoformat(listed[0]["expires_at"]).timestamp() == pytest.approx(
+        fromisoformat(listed[0]["created_at"]).timestamp() + 600
     )
 
 

@@ -14,6 +14,7 @@ from iotref.device.environment import (
     load_environment,
     load_environment_file,
     resolve_environment,
+    with_sandbox_id,
 )
 from iotref.device.errors import ConfigurationError
 from iotref.protocol.environment_file import DEFAULT_SCOPE
@@ -155,3 +156,58 @@ def test_identity_ties_name_and_directory_host(tmp_path: Path) -> None:
     assert a.name == b.name
     assert a.identity != b.identity
     assert EnvironmentIdentity.from_dict(a.identity.as_dict()) == a.identity
+
+
+def test_a_sandbox_environment_file_carries_the_sandbox_id(tmp_path: Path) -> None:
+    env = load_environment_file(_write_env(tmp_path / "env.local", SANDBOX_ID="0a1b2c3d4e5f6071"))
+    assert env.sandbox_id == "0a1b2c3d4e5f6071"
+    assert env.identity == EnvironmentIdentity(
+        "local", "https://dir.example.com", "0a1b2c3d4e5f6071"
+    )
+    assert EnvironmentIdentity.from_dict(env.identity.as_dict()) == env.identity
+    assert env.identity.as_dict()["sandbox_id"] == "0a1b2c3d4e5f6071"
+    # Files without the key (test, live, hand-written ones) have no sandbox id.
+    assert load_environment("test").sandbox_id is None
+    assert "sandbox_id" not in load_environment("test").identity.as_dict()
+    with pytest.raises(ConfigurationError, match="SANDBOX_ID .* is not usable"):
+        load_environment_file(_write_env(tmp_path / "env.bad", SANDBOX_ID="has spaces in it"))
+
+
+def test_another_sandbox_at_the_same_address_is_another_environment() -> None:
+    old = EnvironmentIdentity("local", "http://127.0.0.1:8780", "aaaa")
+    new = EnvironmentIdentity("local", "http://127.0.0.1:8780", "bbbb")
+    unknown = EnvironmentIdentity("local", "http://127.0.0.1:8780")
+    assert old.matches(old)
+    assert not old.matches(new) and not new.matches(old)
+    # An id that is not known (--env local while no sandbox answers) is not compared.
+    assert old.matches(unknown) and unknown.matches(new)
+    assert not old.matches(EnvironmentIdentity("local", "http://127.0.0.1:9", "aaaa"))
+
+    assert old.difference(old) == ""
+    assert old.difference(new) == (
+        "the sandbox aaaa at http://127.0.0.1:8780, not the one there now, bbbb "
+        "(another sandbox: a new data dir on the same address)"
+    )
+    moved = EnvironmentIdentity("local", "http://127.0.0.1:46281", "aaaa")
+    assert moved.difference(old) == (
+        "local at http://127.0.0.1:46281, not local at http://127.0.0.1:8780 (the endpoint differs)"
+    )
+    test = EnvironmentIdentity("test", "https://directory.sandbox.zaikio.com")
+    assert test.difference(old) == (
+        "environment test (https://directory.sandbox.zaikio.com), not local "
+        "(http://127.0.0.1:8780) (another environment)"
+    )
+
+
+def test_with_sandbox_id_ties_an_environment_to_one_sandbox() -> None:
+    local = load_environment("local")
+    tied = with_sandbox_id(local, "c0ffee00c0ffee00")
+    assert tied.sandbox_id == "c0ffee00c0ffee00"
+    assert tied.identity.sandbox_id == "c0ffee00c0ffee00"
+    assert (tied.base_url, tied.directory_host, tied.source) == (
+        local.base_url,
+        local.directory_host,
+        "built-in",
+    )
+    assert with_sandbox_id(local, None) is local
+    assert with_sandbox_id(local, "not an id!") is local

@@ -32,6 +32,7 @@ from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox import ingestion
 from iotref.sandbox.ingestion import (
     RECEIVE_MAXIMUM,
+    SESSION_EXPIRY_SECONDS,
     Inbox,
     Receiver,
     ReceiverSettings,
@@ -151,9 +152,11 @@ def test_client_options_for_the_platform_listener() -> None:
     connect = options.connect_options
     assert connect.client_id == "ingest-0"
     assert connect.receive_maximum == RECEIVE_MAXIMUM == 200
-    assert connect.session_expiry_interval_sec == 0
+    # A persistent session, rejoined on every connect: the broker queues for it while
+    # the ingestion is away (a broker restart, a restart of the receiving process).
+    assert connect.session_expiry_interval_sec == SESSION_EXPIRY_SECONDS == 3600
     assert connect.keep_alive_interval_sec == 30
-    assert options.session_behavior == mqtt5.ClientSessionBehaviorType.CLEAN
+    assert options.session_behavior == mqtt5.ClientSessionBehaviorType.REJOIN_ALWAYS
     assert (
         options.extended_validation_and_flow_control_options
         == mqtt5.ExtendedValidationAndFlowControlOptions.NONE
@@ -190,7 +193,10 @@ def test_forwarder_sends_the_inbox_in_batches_then_ends() -> None:
 
 
 def test_receiver_checks_forwarded_messages_and_tracks_subscriptions() -> None:
-    receiver = Receiver(settings(2), builder(), lambda batch: None)
+    announced: list[bool] = []
+    receiver = Receiver(
+        settings(2), builder(), lambda batch: None, on_subscribed=lambda: announced.append(True)
+    )
     records = receiver._received(12.5, [(TOPIC, message()), (TOPIC, b"{oops")])
     assert [r.valid for r in records] == [True, False]
     assert {r.received_at for r in records} == {12.5}
@@ -199,8 +205,11 @@ def test_receiver_checks_forwarded_messages_and_tracks_subscriptions() -> None:
     assert not receiver.subscribed.is_set()  # one of two connections
     receiver._state(1, True, logging.INFO, "subscribed")
     assert receiver.subscribed.is_set()
+    assert announced == [True]  # once all are subscribed (the broker saves its sessions)
     receiver._state(0, False, logging.WARNING, "lost the broker connection")
     assert not receiver.subscribed.is_set()
+    receiver._state(0, True, logging.INFO, "subscribed")
+    assert announced == [True, True]
 
 
 def test_receiver_stores_what_has_arrived_meanwhile_as_one_batch() -> None:

@@ -79,7 +79,7 @@ def test_key_matches_certificate() -> None:
     key = generate_private_key(KeyType.EC256)
     other = generate_private_key(KeyType.EC256)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

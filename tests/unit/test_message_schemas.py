@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,9 @@ def test_catalog_lists_the_packaged_schemas() -> None:
     ],
 )
 def test_packaged_schemas_are_verbatim_copies(relative: str) -> None:
-    packaged = resources.files("iotref.protocol").joinpath("schemas", *relative.split("/"))
+    packaged = resources.files("iotref.protocol") / "schemas"
+    for part in relative.split("/"):
+        packaged = packaged / part
     data = packaged.read_bytes()
     json.loads(data)
     source = PLATFORM_SCHEMAS / relative
@@ -626,7 +629,11 @@ def test_strict_refuses_what_the_contract_forbids(
     [
         (b"", "Expecting value"),
         (b"{", "Expecting property name"),
-        ('{"a": 1,}', "Expecting property name"),
+        # Python's json module says what it found; from 3.13 on it names a trailing comma.
+        (
+            '{"a": 1,}',
+            "Illegal trailing comma" if sys.version_info >= (3, 13) else "Expecting property name",
+        ),
         (b'{"a": NaN}', "NaN is not valid JSON"),
         (b'{"a": -Infinity}', "-Infinity is not valid JSON"),
         (b'{"a": "\xff"}', "not UTF-8"),

@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -38,10 +38,11 @@ from iotref.device.messages import (
     format_timestamp_ms,
     to_json,
 )
+from iotref.device.stdlib_compat import fromisoformat
 from iotref.protocol.message_schemas import MessageValidator, header_schema, payload_schema
 
 MILLIS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
-T0 = datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=UTC)
+T0 = datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=timezone.utc)
 
 
 @pytest.fixture(scope="module")
@@ -379,12 +380,12 @@ def test_timestamp_formatting() -> None:
 
 
 def test_timestamps_have_milliseconds_and_default_to_now() -> None:
-    before = datetime.now(UTC) - timedelta(milliseconds=1)
+    before = datetime.now(timezone.utc) - timedelta(milliseconds=1)
     message = build_message(sender(), asset(), StatusV1())
-    after = datetime.now(UTC) + timedelta(milliseconds=1)
+    after = datetime.now(timezone.utc) + timedelta(milliseconds=1)
     for key in ("sendertimestamp", "assettimestamp"):
         assert MILLIS.match(message[key])
-        stamp = datetime.fromisoformat(message[key])
+        stamp = fromisoformat(message[key])
         assert before <= stamp <= after
 
 
@@ -441,7 +442,7 @@ def test_monotonic_across_threads() -> None:
         got = per_thread.setdefault(n, [])
         for _ in range(300):
             stamp = build_message(s, a, StatusV1(), now=T0)["assettimestamp"]
-            got.append(epoch_ms(datetime.fromisoformat(stamp)))
+            got.append(epoch_ms(fromisoformat(stamp)))
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
     for t in threads:
@@ -636,7 +637,7 @@ def test_to_json_still_refuses_nan_and_infinity(bad: float) -> None:
 
 def test_to_json_still_refuses_what_json_cannot_carry() -> None:
     with pytest.raises(TypeError):
-        to_json({"when": datetime(2026, 1, 1, tzinfo=UTC)})
+        to_json({"when": datetime(2026, 1, 1, tzinfo=timezone.utc)})
     with pytest.raises(TypeError):
         to_json({"raw": b"bytes"})
     with pytest.raises(TypeError):

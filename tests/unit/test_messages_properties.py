@@ -8,7 +8,7 @@ import copy
 import itertools
 import json
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -36,6 +36,7 @@ from iotref.device.messages import (
     epoch_ms,
     to_json,
 )
+from iotref.device.stdlib_compat import fromisoformat
 from iotref.protocol.message_schemas import MessageValidator, format_path
 
 VALIDATOR = MessageValidator(strict=True)
@@ -47,7 +48,7 @@ opt_numbers = st.none() | numbers
 moments = st.datetimes(
     min_value=datetime(1971, 1, 1),
     max_value=datetime(9000, 1, 1),
-    timezones=st.just(UTC),
+    timezones=st.just(timezone.utc),
 )
 
 
@@ -349,11 +350,7 @@ def test_assettimestamp_strictly_increases_whatever_the_clock_does(
 ) -> None:
     sender, asset = Sender("press", "gw", "1"), Asset("a", "s", "Cutter")
     stamps = [
-        epoch_ms(
-            datetime.fromisoformat(
-                build_message(sender, asset, StatusV1(), now=t)["assettimestamp"]
-            )
-        )
+        epoch_ms(fromisoformat(build_message(sender, asset, StatusV1(), now=t)["assettimestamp"]))
         for t in clock
     ]
     assert all(a < b for a, b in itertools.pairwise(stamps))
@@ -369,5 +366,5 @@ def test_sender_and_asset_timestamps_round_trip(now: datetime) -> None:
     message = build_message(
         Sender("press", "gw", "1"), Asset("a", "s", "Cutter"), StatusV1(), now=now
     )
-    parsed = datetime.fromisoformat(message["sendertimestamp"])
+    parsed = fromisoformat(message["sendertimestamp"])
     assert timedelta(0) <= now - parsed < timedelta(milliseconds=1)

@@ -82,7 +82,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[TestClient, FakeShadows, TelemetrySt
         site_id="site-1",
         certificate_pem="-----BEGIN CERTIFICATE-----\n",
         serial=1,
-        not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+        not_after=dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc),
     )
     store = TelemetryStore(tmp_path / "telemetry.db")
     shadows = FakeShadows(db)

@@ -335,7 +335,7 @@ def test_monitor_answers_with_telemetry_conform(tmp_path: Path) -> None:
                 site_id="site",
                 certificate_pem="-----BEGIN CERTIFICATE-----\n",
                 serial=serial,
-                not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+                not_after=dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc),
             )
         written = store.write_batch(
             [

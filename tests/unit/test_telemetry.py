@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from iotref.device import stdlib_compat
 from iotref.device import telemetry as telemetry_module
 from iotref.device.messages import (
     Asset,
@@ -873,7 +874,7 @@ def test_the_drainers_wakeup_is_an_event_for_one_waiter() -> None:
         await waiter
         wake.clear()
         with pytest.raises(TimeoutError):  # the drainer's timed waits cancel the wait
-            async with asyncio.timeout(0):
+            async with stdlib_compat.timeout(0):
                 await wake.wait()
         waiter = asyncio.ensure_future(wake.wait())  # and it can wait again
         await asyncio.sleep(0)

@@ -15,7 +15,7 @@ import pytest
 
 from iotref.device.auth import Authenticator
 from iotref.device.device_flow import Bearer, DeviceFlowClient, TokenSet
-from iotref.device.environment import Environment, load_environment
+from iotref.device.environment import Environment, load_environment, with_sandbox_id
 from iotref.device.errors import LoginRequired, StoreError
 from iotref.device.http_client import create_http_client
 from iotref.device.token_store import TokenStore, default_config_dir
@@ -86,6 +86,32 @@ def test_a_file_of_another_environment_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(StoreError, match="another environment"):
         store.load(ENV)
+
+
+def test_a_login_with_one_sandbox_is_not_handed_out_for_another_at_the_same_address(
+    tmp_path: Path,
+) -> None:
+    store = TokenStore(tmp_path)
+    local = load_environment("local")
+    first, second = with_sandbox_id(local, "aaaa0001"), with_sandbox_id(local, "bbbb0002")
+    path = store.save(first, _tokens("a"))
+    assert json.loads(path.read_text())["environment"]["sandbox_id"] == "aaaa0001"
+    assert store.load(first) == _tokens("a")
+    assert store.load(second) is None  # the new sandbox never issued these tokens
+    assert store.load(local) == _tokens("a")  # sandbox not known (none answers): not compared
+    # One file per address: the login with the new sandbox replaces the old one's.
+    assert store.save(second, _tokens("b")) == path
+    assert store.load(second) == _tokens("b")
+    assert store.load(first) is None
+    assert [p.name for p in tmp_path.glob("*.json")] == [path.name]
+
+
+def test_a_file_from_before_sandbox_ids_is_used(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path)
+    local = load_environment("local")
+    path = store.save(local, _tokens("a"))
+    assert "sandbox_id" not in json.loads(path.read_text())["environment"]
+    assert store.load(with_sandbox_id(local, "aaaa0001")) == _tokens("a")
 
 
 def test_damaged_file(tmp_path: Path) -> None:

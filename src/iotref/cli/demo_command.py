@@ -24,21 +24,28 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import httpx
+from cryptography import x509
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from iotref._version import __version__
 from iotref.cli.onboarding_commands import _environment_options, _expected_errors, _qr_text
-from iotref.device.certificate_store import default_store_path
+from iotref.device.certificate_store import ROOT_CA_FILE, CertificateStore, default_store_path
 from iotref.device.client import AsyncClient
 from iotref.device.device_flow import DeviceAuthorization
 from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment, load_environment_file, resolve_environment
-from iotref.device.errors import IotrefError
+from iotref.device.environment import (
+    Environment,
+    is_loopback_host,
+    load_environment_file,
+    resolve_environment,
+)
+from iotref.device.errors import IotrefError, LoginRequired, StoreError
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.onboarding import Onboarding, ProvisionOptions
 from iotref.device.simulator import Phase, PressSimulator
@@ -60,8 +67,11 @@ class DemoError(IotrefError):
 class SandboxInfo:
     data_dir: Path
     http_url: str
+    mqtt_port: int
     admin_token: str
     env_file: Path
+    #: The server root CA the sandbox's broker presents (``ca_file`` in sandbox.json).
+    ca_file: Path | None
     started_here: bool
     pid: int | None
 
@@ -101,13 +111,43 @@ def _running_sandbox(data_dir: Path) -> dict[str, Any] | None:
     return running.info if running.pid is not None else None
 
 
-def _start_sandbox(data_dir: Path, http_port: int, mqtt_port: int) -> SandboxInfo:
-    for port, option in ((http_port, "--http-port"), (mqtt_port, "--mqtt-port")):
-        if port and not _port_free(port):
+@dataclass(frozen=True)
+class PortChoice:
+    """The ports a sandbox the demo starts listens on (0: any free port), and the default
+    ports that were busy, so that free ones are used instead."""
+
+    http: int
+    mqtt: int
+    busy_defaults: tuple[int, ...] = ()
+
+
+def choose_ports(http_port: int | None, mqtt_port: int | None) -> PortChoice:
+    """Ports asked for are used as they are (one in use is an error); where none was asked
+    for, the default if it is free, else any free port."""
+    chosen: list[int] = []
+    busy: list[int] = []
+    for asked, default, option in (
+        (http_port, DEFAULT_HTTP_PORT, "--http-port"),
+        (mqtt_port, DEFAULT_MQTT_PORT, "--mqtt-port"),
+    ):
+        if asked is None:
+            free = _port_free(default)
+            chosen.append(default if free else 0)
+            if not free:
+                busy.append(default)
+        elif asked and not _port_free(asked):
             raise DemoError(
-                f"port {port} is in use by another program",
-                next_step=f"stop it, or run the demo with {option} N (another free port)",
+                f"port {asked} is in use by another program",
+                next_step=f"stop it, or run the demo with {option} N (another free port; "
+                "0 or no option: a free one)",
             )
+        else:
+            chosen.append(asked)
+    return PortChoice(chosen[0], chosen[1], tuple(busy))
+
+
+def _start_sandbox(data_dir: Path, ports: PortChoice) -> SandboxInfo:
+    http_port, mqtt_port = ports.http, ports.mqtt
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -166,8 +206,10 @@ def _info(data_dir: Path, info: dict[str, Any], *, started_here: bool) -> Sandbo
     return SandboxInfo(
         data_dir=data_dir,
         http_url=str(info["http_url"]),
+        mqtt_port=int(info["mqtt_port"]),
         admin_token=str(info["admin_token"]),
         env_file=Path(str(info["env_file"])),
+        ca_file=Path(str(info["ca_file"])) if info.get("ca_file") else None,
         started_here=started_here,
         pid=int(info["pid"]) if info.get("pid") else None,
     )
@@ -236,6 +278,10 @@ class Display:
         else:
             self.live.update(self._render())
 
+    def note(self, text: str) -> None:
+        """One line about something the demo handled by itself."""
+        self.console.print(f"[yellow]![/] {text}", highlight=False)
+
     def start_live(self) -> None:
         if self.console.is_terminal:
             self.live = Live(self._render(), console=self.console, refresh_per_second=8)
@@ -285,9 +331,76 @@ class DemoOptions:
     env: Environment
     sandbox: SandboxInfo | None
     store: Path
+    #: ``--store`` as given (None: the default store of the environment).
+    store_option: Path | None
     duration: float
     interval: float
     switch: bool
+
+
+def _set_aside_other_sandboxes_store(opts: DemoOptions, display: Display) -> None:
+    """The default store of the local environment made with another sandbox (an earlier
+    data dir, or other ports) is of no use with this one: move it aside, keeping it, so
+    that the demo provisions anew. A store given with ``--store`` is left alone (a
+    mismatch is then refused with the reason and what to do)."""
+    if opts.sandbox is None or opts.store_option is not None:
+        return
+    store = CertificateStore(opts.store)
+    try:
+        progress = store.read_progress()
+    except StoreError:
+        return  # reported by the checks that follow
+    if progress is None:
+        return
+    recorded = progress.environment
+    host = urlsplit(recorded.directory_host).hostname or ""
+    if recorded.name != opts.env.name or not is_loopback_host(host):
+        return  # not a sandbox's store
+    if not recorded.matches(opts.env.identity):
+        difference = recorded.difference(opts.env.identity)
+    elif recorded.sandbox_id is None and _other_root_ca(store, opts.sandbox.ca_file):
+        # Made before sandboxes had ids: its root CA tells that another sandbox made it.
+        difference = f"a sandbox at {recorded.directory_host} with another root CA"
+    else:
+        return
+    label = recorded.sandbox_id or time.strftime("%Y%m%d-%H%M%S")
+    target = opts.store.with_name(f"{opts.store.name}.sandbox-{label}")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = opts.store.with_name(f"{opts.store.name}.sandbox-{label}-{suffix}")
+    try:
+        opts.store.rename(target)
+    except OSError as exc:
+        raise DemoError(
+            f"the store {opts.store} belongs to {difference}, and moving it aside failed: "
+            f"{exc.strerror or exc}",
+            next_step=f"move {opts.store} away yourself, or pass --store with a new folder",
+        ) from None
+    display.note(
+        f"the store {_relative(opts.store)} belongs to {difference}; "
+        f"moved it to {_relative(target)}"
+    )
+
+
+def _other_root_ca(store: CertificateStore, sandbox_ca: Path | None) -> bool:
+    """Whether the store's root CA is not the sandbox's (False when either is unreadable:
+    the checks that follow report a broken store)."""
+    if sandbox_ca is None:
+        return False
+    try:
+        ours = x509.load_pem_x509_certificate(store.file(ROOT_CA_FILE).read_bytes())
+        theirs = x509.load_pem_x509_certificate(sandbox_ca.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return ours != theirs
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 async def _login_and_provision(opts: DemoOptions, display: Display) -> Path:
@@ -302,21 +415,25 @@ async def _login_and_provision(opts: DemoOptions, display: Display) -> Path:
         if qr:
             display.console.print(qr, end="", highlight=False)
 
-    async with Onboarding(opts.env, store_path=opts.store) as onboarding:
+    async def login(onboarding: Onboarding) -> None:
+        await onboarding.login(show)
+        how = (
+            "approved by the sandbox" if opts.sandbox and opts.sandbox.started_here else "approved"
+        )
+        display.step("login", f"device flow {how}; tokens saved (never shown)")
+
+    _set_aside_other_sandboxes_store(opts, display)
+    async with Onboarding(opts.env, store_path=opts.store_option) as onboarding:
         status = onboarding.login_status()
         report = onboarding.check()
+        reused_login = False
         if report.ok and not report.missing and report.properties is not None:
             display.step("login", "not needed: the certificate store is complete")
         elif status.logged_in:
+            reused_login = True
             display.step("login", f"reusing the saved login ({status.token_path.name})")
         else:
-            await onboarding.login(show)
-            how = (
-                "approved by the sandbox"
-                if opts.sandbox and opts.sandbox.started_here
-                else "approved"
-            )
-            display.step("login", f"device flow {how}; tokens saved (never shown)")
+            await login(onboarding)
         machine = MachineSpec(
             name="iotref demo press",
             manufacturer="iotref demo",
@@ -325,7 +442,18 @@ async def _login_and_provision(opts: DemoOptions, display: Display) -> Path:
         )
         # A store with progress (complete, or interrupted) knows its machine already.
         known = onboarding.store.read_progress() is not None
-        result = await onboarding.provision(ProvisionOptions(machine=None if known else machine))
+        options = ProvisionOptions(machine=None if known else machine)
+        try:
+            result = await onboarding.provision(options)
+        except LoginRequired as exc:
+            if not reused_login:
+                raise
+            # The saved login no longer works (refresh token expired, revoked or spent, or
+            # made with a sandbox this one replaced): drop it and log in again.
+            onboarding.logout()
+            display.note(f"{exc.reason}: deleted it, logging in again")
+            await login(onboarding)
+            result = await onboarding.provision(options)
     if result.outcome == "reused":
         display.step(
             "provision",
@@ -484,16 +612,16 @@ def _summary(opts: DemoOptions, findings: dict[str, Any], console: Console) -> b
 @click.option(
     "--http-port",
     type=click.IntRange(0, 65535),
-    default=DEFAULT_HTTP_PORT,
-    show_default=True,
-    help="HTTP port for a sandbox the demo starts.",
+    default=None,
+    help=f"HTTP port for a sandbox the demo starts [default: {DEFAULT_HTTP_PORT}, or a free "
+    "one if it is in use; 0: a free one].",
 )
 @click.option(
     "--mqtt-port",
     type=click.IntRange(0, 65535),
-    default=DEFAULT_MQTT_PORT,
-    show_default=True,
-    help="MQTT port for a sandbox the demo starts.",
+    default=None,
+    help=f"MQTT port for a sandbox the demo starts [default: {DEFAULT_MQTT_PORT}, or a free "
+    "one if it is in use; 0: a free one].",
 )
 @click.option(
     "--store",
@@ -526,8 +654,8 @@ def demo(
     env_name: str | None,
     env_file: Path | None,
     data_dir: Path,
-    http_port: int,
-    mqtt_port: int,
+    http_port: int | None,
+    mqtt_port: int | None,
     store: Path | None,
     duration: float,
     interval: float,
@@ -548,9 +676,23 @@ def demo(
                 f"using the sandbox already running at {sandbox.http_url} (pid {sandbox.pid})",
             )
         else:
-            sandbox = _start_sandbox(data_dir, http_port, mqtt_port)
-            display.step("sandbox", f"started at {sandbox.http_url} (data in {data_dir})")
-        env = load_environment_file(sandbox.env_file, name="local")
+            ports = choose_ports(http_port, mqtt_port)
+            sandbox = _start_sandbox(data_dir, ports)
+            busy = ""
+            if ports.busy_defaults:
+                taken = " and ".join(str(port) for port in ports.busy_defaults)
+                several = len(ports.busy_defaults) > 1
+                busy = (
+                    f"; ports {taken} are in use, so it took free ones"
+                    if several
+                    else f"; port {taken} is in use, so it took a free one"
+                )
+            display.step(
+                "sandbox",
+                f"started at {sandbox.http_url}, MQTT port {sandbox.mqtt_port} "
+                f"(data in {data_dir}{busy})",
+            )
+        env = load_environment_file(Path(_relative(sandbox.env_file)), name="local")
     else:
         env = resolve_environment(env_name, env_file)
         display.step("environment", str(env))
@@ -558,6 +700,7 @@ def demo(
         env=env,
         sandbox=sandbox,
         store=store or default_store_path(env.name),
+        store_option=store,
         duration=duration,
         interval=interval,
         switch=not no_switch,
@@ -578,7 +721,9 @@ def demo(
             else:
                 console.print(
                     f"The sandbox keeps running for the monitor; stop it with "
-                    f"'iotref sandbox stop --data-dir {data_dir}'."
+                    f"'iotref sandbox stop --data-dir {data_dir}'. Use it with "
+                    f"--env-file {data_dir / 'env.local'}, e.g. "
+                    f"'iotref run --env-file {data_dir / 'env.local'}'."
                 )
     if not ok:
         raise SystemExit(1)

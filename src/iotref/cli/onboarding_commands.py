@@ -12,23 +12,27 @@ import io
 import json
 import sys
 import time
-import tomllib
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
 import segno
 
-from iotref.device.certificate_store import default_store_path
+from iotref.cli.local_sandbox import resolve_cli_environment
 from iotref.device.device_flow import DeviceAuthorization, PollEvent
 from iotref.device.directory_client import MACHINE_KINDS, MachineSpec
-from iotref.device.environment import BUILTIN_ENVIRONMENTS, Environment, resolve_environment
+from iotref.device.environment import BUILTIN_ENVIRONMENTS, Environment
 from iotref.device.errors import ConfigurationError, IotrefError
 from iotref.device.keys import DEFAULT_KEY_TYPE, KeyType
 from iotref.device.onboarding import Onboarding, ProvisionOptions, ProvisionResult
 from iotref.device.store_checks import DEFAULT_EXPIRY_THRESHOLD_DAYS, StoreReport
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -75,7 +79,7 @@ def _store_option(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def _env(env_name: str | None, env_file: Path | None) -> Environment:
-    return resolve_environment(env_name, env_file)
+    return resolve_cli_environment(env_name, env_file)
 
 
 def _format_left(seconds: float) -> str:
@@ -268,13 +272,12 @@ def provision(
         renew=renew,
         machine_id=machine_id,
     )
-    store_path = store or default_store_path(env.name)
 
     def step(_: str, message: str) -> None:
         click.echo(f"  {message}")
 
     async def run() -> ProvisionResult:
-        async with Onboarding(env, store_path=store_path, on_step=step) as onboarding:
+        async with Onboarding(env, store_path=store, on_step=step) as onboarding:
             return await onboarding.provision(options)
 
     result = asyncio.run(run())
@@ -297,8 +300,8 @@ def provision(
 def _print_report(env: Environment, report: StoreReport, login_line: str) -> None:
     click.echo(f"environment  {env}")
     click.echo(f"store        {report.path}")
-    if report.environment is not None and report.environment != env.identity:
-        click.echo(f"  belongs to {report.environment}")
+    if report.environment is not None and not report.environment.matches(env.identity):
+        click.echo(f"  belongs to {report.environment.difference(env.identity)}")
     props = report.properties
     if props is not None:
         click.echo(f"client id    {props.client_id}")
@@ -312,7 +315,7 @@ def _print_report(env: Environment, report: StoreReport, login_line: str) -> Non
         click.echo(f"machine      {report.progress.machine_id} (provisioning not finished)")
     cert = report.certificate
     if cert is not None:
-        days = cert.days_left(datetime.now(UTC))
+        days = cert.days_left(datetime.now(timezone.utc))
         click.echo(f"certificate  {cert.subject}")
         click.echo(f"  issuer     {cert.issuer}")
         click.echo(f"  expires    {cert.not_after:%Y-%m-%d %H:%M} UTC ({days:.0f} days)")
@@ -350,7 +353,7 @@ def status(
 ) -> None:
     """Show this device's identity and check its certificate store (no network)."""
     env = _env(env_name, env_file)
-    onboarding = Onboarding(env, store_path=store or default_store_path(env.name))
+    onboarding = Onboarding(env, store_path=store)
     try:
         report = onboarding.check(expiry_threshold_days)
         login_state = onboarding.login_status()

@@ -4,10 +4,27 @@ Owns the command line around :class:`iotref.device.client.AsyncClient`: finding 
 certificate store (``--store``, or the one of ``--env``/``--env-file``, with the same
 helpers as ``iotref provision``), feeding it with simulated presses
 (:mod:`iotref.device.simulator`) or with JSON lines read from stdin, the live status line
-(rich on a terminal, periodic plain lines otherwise), and a clean stop on Ctrl-C, SIGTERM,
-``--duration`` or the end of stdin: in-flight messages get a bounded time to be
-acknowledged, the rest stays in the outbox for the next run, a summary is printed and the
-exit code is 0.
+(rich on a terminal, periodic plain lines otherwise; on stderr with ``--json``), and a
+clean stop on Ctrl-C, SIGTERM, ``--duration`` or the end of stdin: the outbox gets up to
+``--close-timeout`` seconds to drain (reconnecting meanwhile if the platform is out of
+reach), the rest stays in the outbox for the next run, and a summary says what was
+accepted into the outbox, acknowledged by the platform and left in the outbox (``--json``:
+also as one JSON object on stdout). One signal is enough; a second one exits at once.
+
+Exit status: 0 when everything fed was accepted, 3 when some input was refused (an
+invalid line or message, the outbox full), 1 on an error or when another process runs with
+this machine's identity (a copied store: the run stops with a line that says so), 2 for a
+wrong command line.
+
+The platform need not be reachable at the start: the run starts offline, queues what it
+is fed and says "waiting for the platform" with the reason until it connects
+(``--fail-fast`` exits with an error instead). ``--port`` and ``--alpn`` reach the broker
+on another port, e.g. AWS IoT Core's 443 with ALPN ``x-amzn-mqtt-ca``.
+
+As a systemd ``Type=notify`` service (``NOTIFY_SOCKET`` set) it says READY=1 once the
+outbox is open and the client started (connected or not), renews STATUS= with the status
+line, says STOPPING=1 when it stops, and with ``WatchdogSec=`` sends WATCHDOG=1 at half
+the interval for as long as its event loop runs (:mod:`iotref.device.systemd_notify`).
 
 stdin lines: a complete message (it has ``headerversion``) is sent as it is; any other
 JSON object is taken as a Status payload (``--payload-version``) of the first asset.
@@ -26,9 +43,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Final, Literal, TextIO
 
 import click
 
@@ -39,13 +56,16 @@ from iotref.cli.onboarding_commands import (
     _expected_errors,
     _store_option,
 )
+from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import AsyncClient, ClientStats, InvalidMessageError, OutboxFullError
-from iotref.device.connection import ConnectionState
+from iotref.device.connection import ConnectionState, ConnectionTakenOver
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
+from iotref.device.store_checks import environment_mismatch
+from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import SendStatus
 
 Kind = Literal["offset", "digital", "mixed"]
@@ -79,17 +99,34 @@ def load_identity(
     identity = certificate_store.load()
     if check_environment:
         progress = certificate_store.read_progress()
-        if progress is not None and progress.environment != env.identity:
-            raise StoreError(
-                f"the store {path} belongs to environment {progress.environment}, not {env}",
-                f"use --env {progress.environment.name} (or its --env-file), or pass --store "
-                "with a folder for this environment",
-                path=path,
+        mismatch = (
+            None
+            if progress is None
+            else environment_mismatch(
+                path,
+                progress,
+                env.identity,
+                selector=env.cli_selector,
+                store_option=store,
+                command="run",
             )
+        )
+        if mismatch is not None:
+            raise StoreError(mismatch.reason, mismatch.next_step, path=path)
     return identity
 
 
 # --------------------------------------------------------------------------- counters
+
+EXIT_OK: Final = 0
+"""Everything fed to the run was accepted into the outbox (or dropped by ``--policy drop``)."""
+EXIT_FAILED: Final = 1
+"""An error (one line on stderr), or the identity was taken over by another process."""
+EXIT_USAGE: Final = 2
+"""The command line is wrong (click's usage error)."""
+EXIT_REFUSED: Final = 3
+"""The run went to its end, but some input was refused: an invalid line or message, or
+the outbox full."""
 
 
 @dataclass
@@ -100,64 +137,147 @@ class RunCounters:
     invalid: int = 0
     refused_full: int = 0
     dropped: int = 0
+    refused_taken_over: int = 0
+    """Not accepted because another process took this identity over (the run stops)."""
+
+    @property
+    def refused(self) -> int:
+        """Input that was not taken into the outbox, for whatever reason."""
+        return self.invalid + self.refused_full + self.refused_taken_over
+
+
+def _earlier(stats: ClientStats) -> str:
+    return f" (+{stats.carried_over} from earlier runs)" if stats.carried_over else ""
+
+
+StatusPart = tuple[str, str]
+"""A piece of the status line and its colour on a terminal (``""``: none)."""
+
+
+def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
+    """The status line, built once for :func:`status_text` (plain, periodic lines and
+    systemd's STATUS=) and :func:`status_renderable` (the live line on a terminal): the
+    connection, the permission, then the outbox's counts, which add up (accepted + earlier
+    runs' = acked + queued + evicted), then what was not accepted."""
+    if stats.connected:
+        state: StatusPart = ("connected", "green")
+    elif stats.state is ConnectionState.STOPPED:
+        state = (stats.connection_status, "")
+    else:
+        taken_over = stats.state is ConnectionState.TAKEN_OVER
+        state = (stats.connection_status, "red" if taken_over else "yellow")
+    queued = f"queued {stats.queued}"
+    if stats.held:
+        queued += f" (held {stats.held})"
+    parts: list[StatusPart] = [
+        state,
+        ("permission yes", "green") if stats.permission else ("permission no", "red"),
+        (f"accepted {stats.accepted}{_earlier(stats)}", ""),
+        (f"acked {stats.acked}", ""),
+        (queued, "yellow" if stats.held else ""),
+    ]
+    if stats.dropped_overflow:
+        parts.append((f"evicted {stats.dropped_overflow}", "red"))
+    if stats.dropped_no_permission:
+        parts.append((f"dropped (no permission) {stats.dropped_no_permission}", ""))
+    parts.append((f"invalid {counters.invalid}", "red" if counters.invalid else ""))
+    if counters.refused_full:
+        parts.append((f"refused (outbox full) {counters.refused_full}", "red"))
+    return parts
 
 
 def status_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
-    """One status line: connected, permission, sent, acked, queued, dropped, invalid."""
-    state = "connected" if stats.connected else stats.state.value
-    permission = "yes" if stats.permission else "no"
-    parts = [
-        f"{elapsed:6.1f}s",
-        state,
-        f"permission {permission}",
-        f"sent {stats.accepted}",
-        f"acked {stats.acked}",
-        f"queued {stats.queued}",
-    ]
-    if stats.held:
-        parts.append(f"held {stats.held}")
-    parts.append(f"dropped {stats.dropped_no_permission + stats.dropped_overflow}")
-    parts.append(f"invalid {counters.invalid}")
-    if counters.refused_full:
-        parts.append(f"refused (outbox full) {counters.refused_full}")
-    return " | ".join(parts)
+    """One plain status line: the time since the start, then :func:`status_parts`."""
+    return " | ".join([f"{elapsed:6.1f}s", *(text for text, _ in status_parts(stats, counters))])
 
 
 def status_renderable(stats: ClientStats, counters: RunCounters, elapsed: float) -> Any:
-    """The status line for the terminal: colours, and short enough for 80 columns."""
+    """:func:`status_parts` for the terminal, in colour, cut to the terminal's width."""
     from rich.text import Text
 
-    if stats.connected:
-        state = ("● connected", "green")
-    else:
-        state = (f"● {stats.state.value}", "yellow" if not stats.state.terminal else "red")
-    permission = ("yes", "green") if stats.permission else ("no", "red")
-    dropped = stats.dropped_no_permission + stats.dropped_overflow
-    parts: list[Any] = [
-        state,
-        "  permission ",
-        permission,
-        f"  sent {stats.accepted}  acked {stats.acked}  queued {stats.queued}",
-    ]
-    if stats.held:
-        parts.append((f" (held {stats.held})", "yellow"))
-    parts.append(f"  dropped {dropped}")
-    parts.append(("  invalid ", ""))
-    parts.append((str(counters.invalid), "red" if counters.invalid else ""))
-    if counters.refused_full:
-        parts.append((f"  outbox full {counters.refused_full}", "red"))
+    pieces: list[Any] = []
+    for n, (text, style) in enumerate(status_parts(stats, counters)):
+        pieces.append(("● " if n == 0 else "  ", style if n == 0 else ""))
+        pieces.append((text, style))
     if elapsed >= 0:
-        parts.append((f"  {elapsed:.0f}s", "dim"))
-    return Text.assemble(*parts, no_wrap=True, overflow="ellipsis")
+        pieces.append((f"  {elapsed:.0f}s", "dim"))
+    return Text.assemble(*pieces, no_wrap=True, overflow="ellipsis")
 
 
 def summary_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> str:
-    kept = f"{stats.queued} kept in the outbox for the next run" if stats.queued else "outbox empty"
-    return (
-        f"Stopped after {elapsed:.1f} s: sent {stats.accepted}, acked {stats.acked}, "
-        f"dropped {stats.dropped_no_permission + stats.dropped_overflow}, "
-        f"invalid {counters.invalid}; {kept}."
+    """The last line: what was accepted into the outbox, delivered (acked), left in it,
+    and what was refused."""
+    kept = (
+        f"{stats.queued} left in the outbox: the next run sends them"
+        if stats.queued
+        else "outbox empty"
     )
+    notes = [f"invalid {counters.invalid}"]
+    if counters.refused_full:
+        notes.append(f"refused (outbox full) {counters.refused_full}")
+    if counters.refused_taken_over:
+        notes.append(f"refused (taken over) {counters.refused_taken_over}")
+    if stats.dropped_no_permission:
+        notes.append(f"dropped (no permission) {stats.dropped_no_permission}")
+    if stats.dropped_overflow:
+        notes.append(f"evicted (outbox full) {stats.dropped_overflow}")
+    return (
+        f"Stopped after {elapsed:.1f} s: accepted {stats.accepted}{_earlier(stats)}, "
+        f"acked {stats.acked}, {kept}; {', '.join(notes)}."
+    )
+
+
+def exit_code_of(stats: ClientStats, counters: RunCounters) -> int:
+    """:data:`EXIT_FAILED` when taken over, :data:`EXIT_REFUSED` when input was refused,
+    else :data:`EXIT_OK`."""
+    if stats.state is ConnectionState.TAKEN_OVER or counters.refused_taken_over:
+        return EXIT_FAILED
+    if counters.refused:
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def summary_record(
+    stats: ClientStats,
+    counters: RunCounters,
+    elapsed: float,
+    *,
+    client: AsyncClient,
+    from_stdin: bool,
+    exit_code: int,
+) -> dict[str, Any]:
+    """The run's summary as one JSON object (``--json``; fields in docs/operations.md)."""
+    outcome = {EXIT_OK: "ok", EXIT_FAILED: "taken_over", EXIT_REFUSED: "input_refused"}
+    return {
+        "exit_code": exit_code,
+        "outcome": outcome.get(exit_code, "failed"),
+        "elapsed_s": round(elapsed, 3),
+        "client_id": client.client_id,
+        "endpoint": f"{client.settings.endpoint}:{client.settings.port}",
+        "alpn": client.settings.alpn,
+        "state": stats.state.value,
+        "permission": stats.permission,
+        "policy": stats.policy,
+        "messages": {
+            "carried_over": stats.carried_over,
+            "accepted": stats.accepted,
+            "acked": stats.acked,
+            "left_in_outbox": stats.queued,
+            "held": stats.held,
+            "evicted": stats.dropped_overflow,
+            "dropped_no_permission": stats.dropped_no_permission,
+        },
+        "refused": {
+            "total": counters.refused,
+            "invalid": counters.invalid,
+            "outbox_full": counters.refused_full,
+            "taken_over": counters.refused_taken_over,
+        },
+        "stdin_lines": counters.lines if from_stdin else None,
+        "connects": stats.connects,
+        "disconnects": stats.disconnects,
+        "last_error": stats.last_error,
+    }
 
 
 # --------------------------------------------------------------------------- display
@@ -183,6 +303,7 @@ class Display:
                 console=Console(file=self.out),
                 refresh_per_second=4,
                 transient=False,
+                redirect_stdout=self.out is sys.stdout,
                 redirect_stderr=sys.stderr.isatty(),
             )
             self._live.__enter__()
@@ -246,7 +367,7 @@ async def simulate(
             next_at = loop.time()  # fell behind: do not try to catch up in a burst
             delay = 0
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
+            async with stdlib_compat.timeout(delay):
                 await stop.wait()
 
 
@@ -261,6 +382,9 @@ async def _send(client: AsyncClient, counters: RunCounters, sending: Any, where:
         counters.refused_full += 1
         if counters.refused_full == 1 or counters.refused_full % 1000 == 0:
             error_line(f"iotref: {where}{exc.one_line()}")
+        return
+    except ConnectionTakenOver:
+        counters.refused_taken_over += 1  # the run is stopping: see run_sender
         return
     if result.status is SendStatus.DROPPED_NO_PERMISSION:
         counters.dropped += 1
@@ -358,13 +482,15 @@ class RunOptions:
     speedup: float
     status_every: float
     close_timeout: float
+    fail_fast: bool = False
+    json_output: bool = False
 
 
 def make_presses(
     identity: DeviceIdentity, options: RunOptions
 ) -> list[tuple[Asset, PressSimulator]]:
     machine = identity.properties.machine_id or identity.properties.client_id
-    start = datetime.now(UTC)
+    start = datetime.now(timezone.utc)
     presses = []
     for i in range(options.assets):
         if options.kind == "mixed":
@@ -384,10 +510,37 @@ def make_presses(
     return presses
 
 
-async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: RunOptions) -> int:
+STATUS_NOTIFY_EVERY_S: Final = 1.0
+"""How often a service's status text (``STATUS=``) is renewed."""
+_TICK_S: Final = 0.25
+
+
+async def feed_watchdog(notifier: SystemdNotifier) -> None:
+    """``WATCHDOG=1`` every half of ``WATCHDOG_USEC``, for as long as this event loop runs
+    its tasks (a blocked or starved loop stops it, and systemd restarts the service)."""
+    interval = notifier.watchdog_interval_s
+    if interval is None:
+        return
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def run_sender(
+    client: AsyncClient,
+    identity: DeviceIdentity,
+    options: RunOptions,
+    notifier: SystemdNotifier | None = None,
+) -> int:
+    """Start ``client``, feed it until stopped, close it, print the summary; the exit
+    code (see :func:`exit_code_of`). ``notifier`` tells systemd about it (readiness,
+    status, stopping, watchdog)."""
     counters = RunCounters()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    service = notifier or SystemdNotifier(None)
+    # With --json, stdout carries the one JSON object; everything for people goes to stderr.
+    out = sys.stderr if options.json_output else sys.stdout
     signals = 0
 
     def on_signal() -> None:
@@ -404,78 +557,127 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
 
-    starting = asyncio.ensure_future(client.start())
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
-        error_line("iotref: stopped before the connection was up; nothing was sent")
-        return 0
-    stopped.cancel()
-    starting.result()  # raises the start's error
-
-    presses = make_presses(identity, options)
+    watchdog = asyncio.ensure_future(feed_watchdog(service))
     began = time.monotonic()
-    live = sys.stdout.isatty()
-    props = identity.properties
-    click.echo(
-        f"Running sender {props.client_id} ({client.settings.where()}), "
-        + (
-            "reading JSON lines from stdin"
-            if options.from_stdin
-            else f"{options.assets} simulated press(es), every {options.interval:g} s"
-        )
-        + f", policy {client.options.policy}. Stop with Ctrl-C."
-    )
-    with Display(live, options.status_every, sys.stdout) as display:
-        if options.from_stdin:
-            feeder = read_stdin(client, presses[0][0], options.version, counters, stop)
-        else:
-            feeder = simulate(
-                client,
-                presses,
-                options.interval,
-                options.speedup,
-                options.version,
-                counters,
-                display,
-                stop,
-            )
-        feeding = asyncio.ensure_future(feeder)
-        if options.duration is not None:
-            loop.call_later(options.duration, stop.set)
-        taken_over = False
-        try:
-            while not stop.is_set():
-                stats = client.stats()
-                display.update(stats, counters, time.monotonic() - began)
-                if stats.state is ConnectionState.TAKEN_OVER:
-                    taken_over = True
-                    stop.set()
-                    break
-                if feeding.done():
-                    break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.25):
-                        await stop.wait()
-            stop.set()
+    try:
+        # Without --fail-fast the run starts at once, connected or not: it queues what it
+        # is fed and connects when it can.
+        starting = asyncio.ensure_future(client.start(wait=options.fail_fast))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await feeding
-            final = await client.close(options.close_timeout)
-            display.update(final, counters, time.monotonic() - began, force=True)
-        finally:
-            if not feeding.done():
-                feeding.cancel()
-    click.echo(summary_text(final, counters, time.monotonic() - began))
-    if taken_over:
-        error_line(
-            f"iotref: another connection took over client id {props.client_id}; "
-            "make sure only one process runs with this machine's identity"
+                await starting
+            service.stopping("stopped before the connection was up")
+            error_line("iotref: stopped before the connection was up; nothing was sent")
+            final = await client.close(0)
+            return _finish(final, counters, time.monotonic() - began, client, options, out)
+        stopped.cancel()
+        starting.result()  # raises the start's error
+
+        presses = make_presses(identity, options)
+        began = time.monotonic()
+        props = identity.properties
+        out.write(
+            f"Running sender {props.client_id} ({client.settings.where()}), "
+            + (
+                "reading JSON lines from stdin"
+                if options.from_stdin
+                else f"{options.assets} simulated press(es), every {options.interval:g} s"
+            )
+            + f", policy {client.options.policy}. Stop with Ctrl-C.\n"
         )
-        return 1
-    return 0
+        out.flush()
+        service.ready(status_text(client.stats(), counters, 0.0))
+        with Display(out.isatty(), options.status_every, out) as display:
+            if options.from_stdin:
+                feeder = read_stdin(client, presses[0][0], options.version, counters, stop)
+            else:
+                feeder = simulate(
+                    client,
+                    presses,
+                    options.interval,
+                    options.speedup,
+                    options.version,
+                    counters,
+                    display,
+                    stop,
+                )
+            feeding = asyncio.ensure_future(feeder)
+            if options.duration is not None:
+                loop.call_later(options.duration, stop.set)
+            status_at = loop.time()
+            try:
+                while not stop.is_set():
+                    stats = client.stats()
+                    elapsed = time.monotonic() - began
+                    display.update(stats, counters, elapsed)
+                    if loop.time() >= status_at:
+                        service.status(status_text(stats, counters, elapsed))
+                        status_at = loop.time() + STATUS_NOTIFY_EVERY_S
+                    if stats.state is ConnectionState.TAKEN_OVER or feeding.done():
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        async with stdlib_compat.timeout(_TICK_S):
+                            await stop.wait()
+                stop.set()
+                stats = client.stats()
+                service.stopping(
+                    f"stopping: {stats.queued} message(s) in the outbox, sending for at most "
+                    f"{options.close_timeout:g} s"
+                )
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeding
+                final = await client.close(options.close_timeout)
+                display.update(final, counters, time.monotonic() - began, force=True)
+            finally:
+                if not feeding.done():
+                    feeding.cancel()
+        return _finish(final, counters, time.monotonic() - began, client, options, out)
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+
+
+def _finish(
+    final: ClientStats,
+    counters: RunCounters,
+    elapsed: float,
+    client: AsyncClient,
+    options: RunOptions,
+    out: TextIO,
+) -> int:
+    """Print the summary (and with ``--json`` the JSON object); the exit code."""
+    code = exit_code_of(final, counters)
+    summary = summary_text(final, counters, elapsed)
+    out.write(summary + "\n")
+    out.flush()
+    if code == EXIT_FAILED:
+        error_line(
+            f"iotref: stopped: another process is connected with this machine's identity "
+            f"(client id {client.client_id}) and keeps taking its MQTT session over "
+            f"({final.connection_error or 'taken over'}); run only one sender per "
+            "certificate store (a copied store is the usual cause)"
+        )
+    elif code == EXIT_REFUSED:
+        error_line(
+            f"iotref: {counters.refused} message(s) of the input were refused "
+            "(see the lines above); the rest was accepted"
+        )
+    if options.json_output:
+        record = summary_record(
+            final,
+            counters,
+            elapsed,
+            client=client,
+            from_stdin=options.from_stdin,
+            exit_code=code,
+        )
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+    return code
 
 
 @click.command()
@@ -542,14 +744,40 @@ async def run_sender(client: AsyncClient, identity: DeviceIdentity, options: Run
     type=click.FloatRange(min=0.1),
     default=5.0,
     show_default=True,
-    help="Seconds between status lines when stdout is not a terminal.",
+    help="Seconds between status lines when they do not go to a terminal.",
 )
 @click.option(
     "--close-timeout",
     type=click.FloatRange(min=0),
     default=10.0,
     show_default=True,
-    help="On stop, seconds to wait for acknowledgements; the rest stays queued.",
+    help="On stop, at most this many seconds to send what is queued (reconnecting if "
+    "need be); the rest stays in the outbox for the next run.",
+)
+@click.option(
+    "--fail-fast",
+    is_flag=True,
+    help="Exit with an error when the platform cannot be reached at the start, instead of "
+    "starting offline and connecting when it can.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="MQTT port instead of the store's (e.g. 443 with --alpn where only HTTPS is let out).",
+)
+@click.option(
+    "--alpn",
+    is_flag=True,
+    help="Offer ALPN x-amzn-mqtt-ca in the TLS handshake, as AWS IoT Core needs for MQTT "
+    "on port 443.",
+)
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help="At the end, print the summary as one JSON object on stdout; the status lines "
+    "go to stderr.",
 )
 @_expected_errors
 def run(
@@ -567,8 +795,16 @@ def run(
     speedup: float,
     status_every: float,
     close_timeout: float,
+    fail_fast: bool,
+    port: int | None,
+    alpn: bool,
+    json_output: bool,
 ) -> int:
-    """Run this machine's sender: simulated presses (or stdin) until stopped."""
+    """Run this machine's sender: simulated presses (or stdin) until stopped.
+
+    Exit status: 0 everything fed was accepted, 1 an error or the identity taken over by
+    another process, 2 a wrong command line, 3 some input refused (invalid, or the outbox
+    full). Under systemd (Type=notify) it says when it is ready and feeds the watchdog."""
     env = _env(env_name, env_file)
     identity = load_identity(
         env,
@@ -586,7 +822,21 @@ def run(
         speedup=speedup,
         status_every=status_every,
         close_timeout=close_timeout,
+        fail_fast=fail_fast,
+        json_output=json_output,
     )
     sender = Sender(SenderType.SYSTEM, "iotref run", __version__)
-    client = AsyncClient(identity, sender=sender, policy=policy, close_timeout_s=close_timeout)
-    return asyncio.run(run_sender(client, identity, options))
+    client = AsyncClient(
+        identity,
+        sender=sender,
+        policy=policy,
+        close_timeout_s=close_timeout,
+        fail_fast=fail_fast,
+        port=port,
+        alpn=alpn,
+    )
+    notifier = SystemdNotifier.from_environment()
+    try:
+        return asyncio.run(run_sender(client, identity, options, notifier))
+    finally:
+        notifier.close()

@@ -14,13 +14,12 @@ runs on one store.
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from iotref.device.files import (
     write_atomic,
     write_file_synced,
 )
+from iotref.device.stdlib_compat import StrEnum
 
 ROOT_CA_FILE = "amazonRootCA1.pem"
 PRIVATE_KEY_FILE = "devicePrivateKey.pem"
@@ -118,7 +118,7 @@ class DeviceProperties:
         return cls(**{key: data[key] for key in PROPERTIES_KEYS})
 
 
-class ProgressState(enum.StrEnum):
+class ProgressState(StrEnum):
     """How far provisioning got, in order."""
 
     STARTED = "started"
@@ -134,7 +134,7 @@ class ProgressState(enum.StrEnum):
 
 
 def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -143,6 +143,9 @@ class Progress:
 
     environment: EnvironmentIdentity
     state: ProgressState = ProgressState.STARTED
+    #: Where the environment came from when provisioning started: ``built-in`` or the
+    #: environment file's absolute path (for a hint that names it).
+    environment_source: str | None = None
     machine: MachineSpec | None = None
     machine_id: str | None = None
     site_id: str | None = None
@@ -162,6 +165,7 @@ class Progress:
         return {
             "format": PROGRESS_FORMAT,
             "environment": self.environment.as_dict(),
+            "environment_source": self.environment_source,
             "state": self.state.value,
             "machine": None if self.machine is None else self.machine.as_dict(),
             "machine_id": self.machine_id,
@@ -195,6 +199,7 @@ class Progress:
         return cls(
             environment=EnvironmentIdentity.from_dict(data["environment"]),
             state=ProgressState(data["state"]),
+            environment_source=opt("environment_source"),
             machine=spec,
             machine_id=opt("machine_id"),
             site_id=opt("site_id"),

@@ -10,12 +10,22 @@ one MQTT connection), from a certificate store (contract section 5):
    :mod:`iotref.device.shadow`), whose ``sendTelemetryData`` is the permission to send,
 4. the permission-gated publisher draining the outbox (:mod:`iotref.device.telemetry`).
 
+Starting needs no platform: when it cannot be reached, the client starts anyway ("waiting
+for the platform", with the last reason, in :meth:`AsyncClient.stats`), accepts and queues
+messages, and connects, syncs the shadow and publishes when it can (``fail_fast=True``
+makes an unreachable platform an error of :meth:`AsyncClient.start` instead).
+
 Sending builds the message (:func:`iotref.device.messages.build_message`), validates it
 against the platform schemas and commits it to the outbox before returning; publishing
-happens in the background. Closing waits a bounded time for what is in flight (and, when
-allowed to publish, for the outbox to drain); whatever is not acknowledged by then stays
-in the outbox and is published by the next run. Nothing accepted is thrown away, unless
-the caller chose ``overflow="drop_oldest"`` or ``policy="drop"``.
+happens in the background. Closing is bounded by the close timeout: until then it keeps
+publishing until the outbox is empty (reconnecting on the way if the connection is down),
+then disconnects; whatever is not acknowledged by then stays in the outbox and is
+published by the next run. Nothing accepted is thrown away, unless the caller chose
+``overflow="drop_oldest"`` or ``policy="drop"``.
+
+Another process running with the same identity (a copied store) takes the MQTT session
+over again and again; the connection notices and stops, and the client's ``send()`` then
+raises :class:`~iotref.device.connection.ConnectionTakenOver`.
 
 :class:`Client` runs an :class:`AsyncClient` on an event loop in a private daemon thread
 and offers the same methods, blocking and thread-safe, for scripts.
@@ -47,7 +57,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Final, TypedDict, TypeVar, Unpack
+from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
 from iotref._version import __version__
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
@@ -56,6 +66,7 @@ from iotref.device.connection import (
     ConnectionEvent,
     ConnectionSettings,
     ConnectionState,
+    ConnectionTakenOver,
 )
 from iotref.device.errors import IotrefError
 from iotref.device.messages import Asset, Payload, Sender, SenderType, build_message
@@ -71,6 +82,7 @@ from iotref.device.outbox import (
     OverflowPolicy,
 )
 from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,
     PermissionPolicy,
@@ -111,6 +123,49 @@ T = TypeVar("T")
 DEFAULT_SENDER: Final = Sender(SenderType.SYSTEM, "iotref", __version__)
 """The sender used when none is given: an iotref gateway."""
 _POLL_S: Final = 0.02
+_STOP_SHADOW_MIN_S: Final = 0.25
+_STOP_CONNECTION_MIN_S: Final = 1.0
+CLOSE_GRACE_S: Final = 2.0
+"""The most a close may take beyond its timeout: unsubscribing and disconnecting."""
+
+
+async def _bounded(step: Coroutine[Any, Any, Any], max_wait_s: float, what: str) -> None:
+    """Run ``step`` for at most ``max_wait_s`` seconds (then cancel it); log its error."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=max_wait_s)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        log.warning("%s took more than %.1f s; left behind", what, max_wait_s)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", what, exc_info=task.exception())
+
+
+async def _first_outcome(connection: Connection, max_wait_s: float) -> None:
+    """Until the first attempt of a starting connection succeeded or failed (at most
+    ``max_wait_s`` seconds)."""
+    if connection.connected or connection.stats.failures or connection.state.terminal:
+        return
+    stream = connection.events()
+
+    async def first() -> None:
+        async for event in stream:
+            if event.state is not ConnectionState.CONNECTING:
+                return
+
+    waiting = asyncio.ensure_future(first())
+    try:
+        await asyncio.wait({waiting}, timeout=max_wait_s)
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 # --------------------------------------------------------------------------- errors
@@ -192,17 +247,24 @@ class ClientOptions:
     max_backoff_s: float = 30.0
     """Reconnect backoff: largest delay."""
     connect_timeout_s: float = 10.0
-    """How long entering the client waits for the first connection."""
+    """How long starting the client waits for the first connection (and one attempt may
+    take); without one by then the client starts offline (see ``fail_fast``)."""
+    fail_fast: bool = False
+    """``True``: starting raises :class:`~iotref.device.connection.ConnectionFailed` when
+    the platform cannot be reached within ``connect_timeout_s`` (at once for errors that
+    retrying cannot fix: certificate refused, not authorized). ``False`` (default): the
+    client starts offline, queues what is sent, and connects when it can."""
     keepalive_s: int = 30
     shadow_timeout_s: float = 10.0
     """How long entering the client waits for the first shadow sync (it goes on in the
     background after that; until then the permission is unknown, i.e. not granted)."""
     close_timeout_s: float = 10.0
-    """How long closing waits for PUBACKs (and, with ``drain_on_close``, for the outbox to
-    drain); the rest stays in the outbox for the next run."""
+    """The longest a close takes: it waits for PUBACKs (and, with ``drain_on_close``, for
+    the outbox to drain) until then; the rest stays in the outbox for the next run."""
     drain_on_close: bool = True
     """On close, keep publishing until the outbox is empty (within ``close_timeout_s``),
-    when connected and permitted."""
+    reconnecting on the way if the connection is down; it stops early only when nothing
+    more can be sent (the permission known to be withdrawn, the session taken over)."""
     window: int = DEFAULT_WINDOW
     """Most messages in flight (published, not yet acknowledged)."""
     strict_validation: bool = False
@@ -250,6 +312,7 @@ class ClientOptionsArgs(TypedDict, total=False):
     min_backoff_s: float
     max_backoff_s: float
     connect_timeout_s: float
+    fail_fast: bool
     keepalive_s: int
     shadow_timeout_s: float
     close_timeout_s: float
@@ -270,7 +333,14 @@ def _options(options: ClientOptions | None, overrides: Mapping[str, Any]) -> Cli
 @dataclass(frozen=True)
 class ClientStats:
     """A snapshot of one client. Counters count since the client started; ``queued``,
-    ``held`` and ``oldest_age_s`` describe the outbox now (earlier runs included)."""
+    ``held`` and ``oldest_age_s`` describe the outbox now (earlier runs included).
+
+    The outbox's counts add up: ``carried_over + accepted == acked + queued +
+    dropped_overflow`` (messages left by earlier runs and taken in by this one are either
+    delivered, still in the outbox, or evicted by ``overflow="drop_oldest"``).
+
+    After :meth:`AsyncClient.close` the state is ``STOPPED`` (``TAKEN_OVER`` if another
+    process took the session over), ``connected`` and ``waiting_for_platform`` are false."""
 
     state: ConnectionState
     connected: bool
@@ -279,28 +349,52 @@ class ClientStats:
     policy: PermissionPolicy
     shadow_synced: bool
     accepted: int
-    """Messages taken into the outbox by ``send()``."""
+    """Messages this client took into the outbox (``send()`` returned ``queued``)."""
     dropped_no_permission: int
     """Valid messages discarded because of ``policy="drop"``."""
     published: int
     """Publishes, re-publications included."""
     republished: int
     acked: int
-    """PUBACKs received."""
+    """Messages delivered: acknowledged by the platform (PUBACK) and so removed from the
+    outbox, each counted once (messages of earlier runs included; see ``pubacks``)."""
     queued: int
-    """Messages in the outbox, not yet acknowledged."""
+    """Messages in the outbox, not yet acknowledged (earlier runs' included)."""
     held: int
     """Of ``queued``, held back for want of permission (``queued`` while not permitted)."""
     in_flight: int
     dropped_overflow: int
+    """Messages evicted from the outbox to make room (``overflow="drop_oldest"``)."""
     rejected_full: int
+    """``send()`` calls refused because the outbox was full (``overflow="reject_new"``)."""
     rejected_invalid: int
+    """``send()`` calls refused because the message is not valid against the schemas."""
     oldest_age_s: float | None
     ack_rate: float
     """Acknowledged messages per second, last ten seconds."""
     connects: int
     disconnects: int
     last_error: str | None
+    waiting_for_platform: bool = False
+    """Started but not connected: the platform is out of reach for now (messages are
+    queued); ``connection_error`` says why."""
+    connection_error: str | None = None
+    """Why the last connection attempt failed or the last connection ended."""
+    carried_over: int = 0
+    """Messages in the outbox when the client started: left by earlier runs."""
+    pubacks: int = 0
+    """PUBACKs received; a message published again after a reconnect may be acknowledged
+    twice, so this can exceed ``acked``."""
+
+    @property
+    def connection_status(self) -> str:
+        """``"connected"``, ``"waiting for the platform (<reason>)"``, ``"taken_over"``..."""
+        if self.connected:
+            return "connected"
+        if self.waiting_for_platform:
+            reason = f" ({self.connection_error})" if self.connection_error else ""
+            return f"waiting for the platform{reason}"
+        return self.state.value
 
 
 # --------------------------------------------------------------------------- raw payloads
@@ -414,6 +508,7 @@ class AsyncClient:
             "max_backoff_s": o.max_backoff_s,
             "connect_timeout_s": o.connect_timeout_s,
             "keepalive_s": o.keepalive_s,
+            "fail_fast": True,  # errors retrying cannot fix end a waiting start at once
         }
         if o.port is not None:
             conn_overrides["port"] = o.port
@@ -427,6 +522,7 @@ class AsyncClient:
         self._started = False
         self._closed = False
         self._final: ClientStats | None = None
+        self._carried_over = 0
 
     @classmethod
     def from_store(
@@ -504,9 +600,18 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def start(self) -> None:
-        """Open the outbox, connect, sync the shadow and start publishing. Raises
-        :class:`OutboxBusy`, :class:`~iotref.device.connection.ConnectionFailed`,
+    async def start(self, *, wait: bool = True) -> None:
+        """Open the outbox, start connecting, syncing the shadow and publishing.
+
+        With ``wait`` (and a reachable platform) it returns connected and synced: it
+        waits up to ``connect_timeout_s`` for the first connection (less when the first
+        attempt fails) and up to ``shadow_timeout_s`` for the first sync. Without the
+        platform it starts offline (see ``fail_fast``). ``wait=False`` returns as soon as
+        the outbox is open and the first attempt is under way.
+
+        Raises :class:`OutboxBusy`, :class:`ClientError` (outbox unusable),
+        :class:`~iotref.device.connection.ConnectionFailed` (``kind="config"``: unusable
+        certificate files; with ``fail_fast``, any failure to connect),
         :class:`~iotref.device.shadow.ShadowRejected`; nothing is left running then."""
         if self._started:
             raise ClientClosed("a client can be started only once", "make a new client")
@@ -532,10 +637,16 @@ class AsyncClient:
                 f"cannot open the outbox {self.outbox_path}: {exc}",
                 "check that the certificate store folder is writable",
             ) from None
+        self._carried_over = self._outbox.depth
         try:
             connection = Connection(self.settings)
             self._connection = connection
-            await connection.start()
+            if o.fail_fast:
+                await connection.start()
+            else:
+                await connection.start(wait=False)
+                if wait:
+                    await _first_outcome(connection, o.connect_timeout_s)
             shadow = ShadowSync(
                 connection,
                 self.client_id,
@@ -543,7 +654,9 @@ class AsyncClient:
                 first_sync_timeout_s=o.shadow_timeout_s,
             )
             self._shadow = shadow
-            await shadow.start()
+            # Offline, the first sync happens on connect; until then the permission is
+            # unknown, i.e. not granted.
+            await shadow.start(wait=wait and connection.connected)
             telemetry = Telemetry(
                 connection,
                 self._outbox,
@@ -558,44 +671,58 @@ class AsyncClient:
             await telemetry.start()
         except BaseException:
             with contextlib.suppress(Exception):
-                await self._shutdown(0.0, drain=False)
+                self._final = await self._shutdown(0.0, drain=False)
             self._closed = True
             raise
         depth = self._outbox.depth
-        log.info(
-            "client %s started: %s, permission %s, %d message(s) waiting in %s",
-            self.client_id,
-            self.settings.where(),
-            "granted" if self.permission else "not granted",
-            depth,
-            self.outbox_path,
-        )
+        if connection.connected:
+            log.info(
+                "client %s started: %s, permission %s, %d message(s) waiting in %s",
+                self.client_id,
+                self.settings.where(),
+                "granted" if self.permission else "not granted",
+                depth,
+                self.outbox_path,
+            )
+        elif not wait:
+            log.info(
+                "client %s started, connecting to %s; %d message(s) waiting in %s",
+                self.client_id,
+                self.settings.where(),
+                depth,
+                self.outbox_path,
+            )
+        else:
+            reason = connection.stats.last_error
+            log.warning(
+                "client %s started offline, waiting for the platform at %s%s; "
+                "%d message(s) waiting in %s",
+                self.client_id,
+                self.settings.where(),
+                f" ({reason})" if reason else "",
+                depth,
+                self.outbox_path,
+            )
 
-    async def close(self, timeout: float | None = None) -> ClientStats:  # noqa: ASYNC109
-        """Stop: wait up to ``timeout`` (default ``close_timeout_s``) for in-flight acks
-        (and for the outbox to drain, see ``drain_on_close``), then disconnect. What is
-        not acknowledged stays in the outbox for the next run. Returns the final stats.
-        Idempotent."""
+    async def close(self, timeout: float | None = None) -> ClientStats:
+        """Stop within ``timeout`` seconds (default ``close_timeout_s``; the disconnect may
+        take up to :data:`CLOSE_GRACE_S` more): wait for in-flight acks and, with
+        ``drain_on_close``, keep publishing until the outbox is empty, reconnecting on the
+        way if the connection is down; then disconnect. What is not acknowledged stays in
+        the outbox for the next run. Returns the final stats. Idempotent."""
         if self._final is not None:
             return self._final
         if not self._started or self._closed:
             self._closed = True
-            self._final = self._snapshot()
+            self._final = self._snapshot(final=True)
             return self._final
-        wait = self.options.close_timeout_s if timeout is None else timeout
-        telemetry = self._telemetry
-        drain = (
-            self.options.drain_on_close
-            and telemetry is not None
-            and telemetry.permission
-            and self.connected
-        )
-        final = await self._shutdown(wait, drain=drain)
+        wait = self.options.close_timeout_s if timeout is None else max(0.0, timeout)
+        final = await self._shutdown(wait, drain=self.options.drain_on_close)
         self._closed = True
         self._final = final
         if final.queued:
             log.info(
-                "client %s closed; %d message(s) kept in %s for the next run",
+                "client %s closed; %d message(s) left in %s: the next run sends them",
                 self.client_id,
                 final.queued,
                 self.outbox_path,
@@ -604,25 +731,37 @@ class AsyncClient:
             log.info("client %s closed; the outbox is empty", self.client_id)
         return final
 
+    def _can_still_send(self) -> bool:
+        """Whether draining on close may still get somewhere: not when the connection
+        ended for good, nor when connected and synced without the permission to send."""
+        connection = self._connection
+        if connection is None or connection.state.terminal:
+            return False
+        shadow = self._shadow
+        known_refusal = shadow is not None and shadow.synced and not self.permission
+        return not (connection.connected and known_refusal)
+
     async def _shutdown(self, wait: float, *, drain: bool) -> ClientStats:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
         if self._telemetry is not None:
             try:
-                await self._telemetry.close(wait, drain=drain)
+                await self._telemetry.close(wait, drain=self._can_still_send if drain else False)
             except Exception:
                 log.exception("closing the publisher failed")
-        final = self._snapshot()
+        # Unsubscribing and disconnecting get what is left of the time, and at least a
+        # moment each (CLOSE_GRACE_S in all) to say goodbye to a broker that answers.
         for sync in [*self._named.values(), self._shadow]:
             if sync is not None:
-                try:
-                    await sync.stop()
-                except Exception:
-                    log.exception("stopping a shadow sync failed")
+                left = max(_STOP_SHADOW_MIN_S, deadline - loop.time())
+                await _bounded(sync.stop(), left, "stopping a shadow sync")
         self._named.clear()
         if self._connection is not None:
-            try:
-                await self._connection.stop()
-            except Exception:
-                log.exception("stopping the connection failed")
+            left = max(_STOP_CONNECTION_MIN_S, deadline - loop.time())
+            await _bounded(self._connection.stop(left), left + 0.5, "stopping the connection")
+        # Taken once the connection is stopped (a PUBACK that came meanwhile is counted)
+        # and before the outbox closes (its counts are read from it).
+        final = self._snapshot(final=True)
         if self._outbox is not None:
             try:
                 self._outbox.close()
@@ -652,8 +791,11 @@ class AsyncClient:
         ``sendereventuuid``, monotonic ``assettimestamp``), validate it and queue it.
 
         Returns when the message is committed to the outbox (``status == "queued"``), or
-        discarded by ``policy="drop"`` (``"dropped_no_permission"``). Raises
-        :class:`InvalidMessageError`, :class:`OutboxFullError`, :class:`ClientClosed`.
+        discarded by ``policy="drop"`` (``"dropped_no_permission"``); the platform need not
+        be reachable. Raises :class:`InvalidMessageError`, :class:`OutboxFullError`,
+        :class:`ClientClosed`, and
+        :class:`~iotref.device.connection.ConnectionTakenOver` once another process took
+        this identity's session over (nothing is queued then).
         ``payload`` may be a plain dict (a Status payload of ``payloadversion``, default 2).
         """
         message = build_message(
@@ -664,6 +806,7 @@ class AsyncClient:
     async def send_message(self, message: Mapping[str, Any]) -> SendResult:
         """Validate and queue a complete message (header and payload) as it is."""
         telemetry = self._running(self._telemetry)
+        self._raise_if_taken_over()
         try:
             return await telemetry.send(dict(message))
         except InvalidMessage as exc:
@@ -677,6 +820,7 @@ class AsyncClient:
         """Validate and queue several complete messages in one transaction; one invalid
         message refuses them all."""
         telemetry = self._running(self._telemetry)
+        self._raise_if_taken_over()
         try:
             return await telemetry.send_many([dict(m) for m in messages])
         except InvalidMessage as exc:
@@ -686,9 +830,19 @@ class AsyncClient:
         except TelemetryClosed:
             raise ClientClosed("the client is closed") from None
 
+    def _raise_if_taken_over(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.taken_over:
+            raise ConnectionTakenOver(
+                f"client id {self.client_id!r} is in use by another connection: "
+                f"{connection.stats.last_error or 'taken over'}",
+                "make sure only one process runs with this machine's identity "
+                "(a copied certificate store is the usual cause)",
+            )
+
     # ------------------------------------------------------------------ waiting
 
-    async def wait_drained(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    async def wait_drained(self, timeout: float | None = None) -> bool:
         """Wait until every queued message was acknowledged; False after ``timeout``."""
         outbox = self._running(self._outbox)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -701,7 +855,7 @@ class AsyncClient:
     async def wait_permission(
         self,
         allowed: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> bool:
         """Wait until ``sendTelemetryData`` is ``allowed``; False after ``timeout``."""
         self._running(self._shadow)
@@ -741,12 +895,25 @@ class AsyncClient:
             return self._final
         return self._snapshot()
 
-    def _snapshot(self) -> ClientStats:
+    def _snapshot(self, *, final: bool = False) -> ClientStats:
+        """The stats now; ``final``: of a client that is stopping for good (its state is
+        ``STOPPED`` unless it was taken over, whatever the connection's last state)."""
         conn = self._connection
         tel = self._telemetry
         state = conn.state if conn is not None else ConnectionState.STOPPED
+        if final and state is not ConnectionState.TAKEN_OVER:
+            state = ConnectionState.STOPPED
         conn_stats = conn.stats if conn is not None else None
         permission = self.permission
+        waiting = (
+            not final
+            and conn is not None
+            and self._started
+            and not self._closed
+            and not conn.connected
+            and not state.terminal
+        )
+        connection_error = conn_stats.last_error if conn_stats else None
         if tel is not None and self._outbox is not None and not self._outbox.closed:
             t = tel.stats()
             return ClientStats(
@@ -759,7 +926,7 @@ class AsyncClient:
                 dropped_no_permission=t.dropped_no_permission,
                 published=t.published,
                 republished=t.republished,
-                acked=t.acked,
+                acked=t.delivered,
                 queued=t.depth,
                 held=0 if permission else t.depth,
                 in_flight=t.in_flight,
@@ -770,7 +937,11 @@ class AsyncClient:
                 ack_rate=t.ack_rate,
                 connects=conn_stats.connects if conn_stats else 0,
                 disconnects=conn_stats.disconnects if conn_stats else 0,
-                last_error=t.last_error or (conn_stats.last_error if conn_stats else None),
+                last_error=t.last_error or connection_error,
+                waiting_for_platform=waiting,
+                connection_error=connection_error,
+                carried_over=self._carried_over,
+                pubacks=t.acked,
             )
         depth = 0
         if self._outbox is not None and not self._outbox.closed:
@@ -796,7 +967,10 @@ class AsyncClient:
             ack_rate=0.0,
             connects=conn_stats.connects if conn_stats else 0,
             disconnects=conn_stats.disconnects if conn_stats else 0,
-            last_error=conn_stats.last_error if conn_stats else None,
+            last_error=connection_error,
+            waiting_for_platform=waiting,
+            connection_error=connection_error,
+            carried_over=self._carried_over,
         )
 
 
@@ -993,16 +1167,16 @@ class Client:
     ) -> None:
         self.close()
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
         """Start the thread, connect, sync the shadow, start publishing (see
-        :meth:`AsyncClient.start`)."""
+        :meth:`AsyncClient.start`; without the platform it starts offline)."""
         with self._lock:
             if self._runner is not None:
                 raise ClientClosed("a client can be started only once", "make a new client")
             runner = _LoopThread(f"iotref-client-{self.async_client.client_id}")
             self._runner = runner
         try:
-            runner.call(self.async_client.start())
+            runner.call(self.async_client.start(wait=wait))
         except BaseException:
             runner.stop()
             raise

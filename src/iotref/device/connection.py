@@ -3,19 +3,31 @@ client.
 
 Owns: connection settings (and reading them from a certificate store, contract section 5);
 mutual TLS (TLS 1.2 minimum, the broker's host name verified, optional ALPN
-``x-amzn-mqtt-ca`` for AWS IoT Core on port 443); keepalive; automatic reconnect with
-capped exponential backoff and full jitter (awscrt's reconnect loop, configured with the
-policy of :mod:`iotref.device.backoff`); a persistent session; resubscribing after a
-reconnect that lost the session; observable, logged connection state; publishing with
-PUBACK futures; dispatching incoming messages to handlers on the asyncio loop; and
-detecting that another process with the same identity took the session over, after which
-the connection stops with :class:`ConnectionTakenOver` instead of fighting.
+``x-amzn-mqtt-ca`` for AWS IoT Core on port 443); keepalive; automatic reconnect on the
+schedule of :mod:`iotref.device.reconnect` (capped exponential backoff with full jitter,
+from the minimum again after every successful connect, at most one attempt per second);
+a persistent session; resubscribing after a reconnect that lost the session; observable,
+logged connection state; publishing with PUBACK futures; dispatching incoming messages
+to handlers on the asyncio loop; and detecting that another process with the same
+identity took the session over, after which the connection stops with
+:class:`ConnectionTakenOver` instead of fighting.
+
+Reconnecting: awscrt's own reconnect loop cannot be given this schedule (awscrt 0.38's
+Python binding hands ``min_connected_time_to_reset_reconnect_delay_ms`` to the C client as
+its minimum reconnect delay, and the C client's "connected long enough to reset the
+backoff" time stays at 30 s whatever is asked; docs/operations.md). So the connection
+drives it: when a connection is lost or an attempt fails, the awscrt client is stopped at
+once (before its own reconnect timer fires) and started again when the schedule says. The
+client rejoins the persistent session on every start (``REJOIN_ALWAYS``); what a stop
+fails (QoS 1 publishes not yet acknowledged, subscriptions in flight) is failed to its
+caller: the outbox publishes it again, subscriptions are made again on connect.
 
 Threading: awscrt calls back on its own event-loop threads. Those callbacks only copy what
 they need and hand it to the asyncio loop (one ``call_soon_threadsafe`` per batch); they
 never block and never run application code. The one exception is stopping the awscrt
-client when a takeover is detected, which is a non-blocking request, made right there so
-that the reconnect loop cannot take the session back in the meantime.
+client when a connection ends (lost, failed, taken over), which is a non-blocking request,
+made right there so that awscrt's reconnect loop cannot start an attempt of its own in the
+meantime.
 
 Logging (logger ``iotref.connection``): every state change, with the endpoint, port and
 client id, never key material.
@@ -47,7 +59,9 @@ from typing import Any
 from awscrt import exceptions as crt_exceptions
 from awscrt import io, mqtt5
 
+from iotref.device import stdlib_compat
 from iotref.device.errors import IotrefError, StoreError
+from iotref.device.reconnect import ReconnectSchedule
 from iotref.device.thread_state import keep_thread_state
 
 log = logging.getLogger("iotref.connection")
@@ -56,9 +70,12 @@ ALPN_PROTOCOL = "x-amzn-mqtt-ca"
 """ALPN protocol name with which AWS IoT Core accepts MQTT with client certificates on 443."""
 MAX_FILTERS_PER_SUBSCRIBE = 8
 """AWS IoT Core accepts at most 8 topic filters in one SUBSCRIBE."""
-STABLE_CONNECTION_MS = 30_000
-"""A connection that lasted this long resets the reconnect backoff."""
 STOP_TIMEOUT_S = 5.0
+"""Longest wait for awscrt to report the client stopped, on :meth:`Connection.stop`."""
+UNSUBSCRIBE_TIMEOUT_S = 5.0
+"""Longest wait for an UNSUBACK."""
+DIAGNOSE_AFTER_S = 1.0
+"""Without a connection this long after an offline start, probe TLS in the background."""
 EVENT_QUEUE_LIMIT = 1000
 
 STORE_PROPERTIES = "properties.json"
@@ -517,7 +534,15 @@ def _error_name(exc: BaseException | None) -> str | None:
 
 
 def build_client_options(settings: ConnectionSettings) -> mqtt5.ClientOptions:
-    """awscrt client options for ``settings`` (without TLS context and callbacks)."""
+    """awscrt client options for ``settings`` (without TLS context and callbacks), with
+    awscrt's own reconnect loop: delays from ``min_backoff_s`` to ``max_backoff_s`` with
+    full jitter, reset to the minimum only by a connection that lasted 30 s (awscrt's
+    fixed default, see :func:`supervised_client_options` for what :class:`Connection`
+    uses instead).
+
+    ``min_connected_time_to_reset_reconnect_delay_ms`` is left out on purpose: awscrt
+    0.38's Python binding takes it as the minimum reconnect delay (and ignores
+    ``min_reconnect_delay_ms`` then)."""
     connect = mqtt5.ConnectPacket(
         client_id=settings.client_id,
         keep_alive_interval_sec=settings.keepalive_s,
@@ -537,12 +562,27 @@ def build_client_options(settings: ConnectionSettings) -> mqtt5.ClientOptions:
         retry_jitter_mode=io.ExponentialBackoffJitterMode.FULL,
         min_reconnect_delay_ms=max(1, round(settings.min_backoff_s * 1000)),
         max_reconnect_delay_ms=max(1, round(settings.max_backoff_s * 1000)),
-        min_connected_time_to_reset_reconnect_delay_ms=STABLE_CONNECTION_MS,
         ping_timeout_ms=max(1, round(settings.ping_timeout_s * 1000)),
         connack_timeout_ms=max(1, round(settings.connect_timeout_s * 1000)),
         socket_options=_socket_options(settings),
         disable_metrics=True,
     )
+
+
+def supervised_client_options(settings: ConnectionSettings) -> mqtt5.ClientOptions:
+    """The options :class:`Connection` gives awscrt: those of :func:`build_client_options`,
+    but rejoining the persistent session on every start (the connection stops and starts
+    the client to reconnect on its own schedule), and awscrt's reconnect loop only as a
+    fallback: a fixed delay of ``max_backoff_s`` (the connection stops the client long
+    before that)."""
+    options = build_client_options(settings)
+    if settings.session_expiry_s > 0:
+        options.session_behavior = mqtt5.ClientSessionBehaviorType.REJOIN_ALWAYS
+    fallback_ms = max(1, round(settings.max_backoff_s * 1000))
+    options.retry_jitter_mode = io.ExponentialBackoffJitterMode.NONE
+    options.min_reconnect_delay_ms = fallback_ms
+    options.max_reconnect_delay_ms = fallback_ms
+    return options
 
 
 def _socket_options(settings: ConnectionSettings) -> io.SocketOptions:
@@ -833,6 +873,7 @@ class Connection:
         "_connected_callbacks",
         "_counters",
         "_detector",
+        "_diagnosis",
         "_ever_connected",
         "_loop",
         "_next_callback_key",
@@ -840,6 +881,9 @@ class Connection:
         "_pending",
         "_pending_callbacks",
         "_raw_publish",
+        "_reconnect_due",
+        "_reconnect_timer",
+        "_schedule",
         "_session_present",
         "_started",
         "_state",
@@ -885,6 +929,12 @@ class Connection:
         self._detector = TakeoverDetector(
             settings.takeover_limit, settings.takeover_window_s, settings.takeover_uptime_s
         )
+        self._schedule = ReconnectSchedule(settings.min_backoff_s, settings.max_backoff_s)
+        # The pending restart of the awscrt client (a loop timer), and whether its time
+        # came before awscrt reported the client stopped (then it starts on that report).
+        self._reconnect_timer: asyncio.TimerHandle | None = None
+        self._reconnect_due = False
+        self._diagnosis: asyncio.TimerHandle | None = None
         self._takeover_reason: str | None = None
         self._takeover_lock = threading.Lock()
         # Whether awscrt reported the client stopped (set on the loop, by _on_stopped),
@@ -949,13 +999,18 @@ class Connection:
     ) -> None:
         await self.stop()
 
-    async def start(self) -> None:
-        """Start connecting and wait for the first CONNECTED.
+    async def start(self, *, wait: bool = True) -> None:
+        """Start connecting; with ``wait``, wait for the first CONNECTED.
 
-        Raises :class:`ConnectionFailed` (with the last attempt's reason) when not
-        connected within ``connect_timeout_s`` (or at once on a fatal error with
-        ``fail_fast``), :class:`ConnectionTakenOver` if taken over meanwhile. The
+        With ``wait``: raises :class:`ConnectionFailed` (with the last attempt's reason)
+        when not connected within ``connect_timeout_s`` (or at once on a fatal error with
+        ``fail_fast``), :class:`ConnectionTakenOver` if taken over meanwhile; the
         connection is stopped when this raises.
+
+        Without ``wait`` (an offline start): returns once the first attempt is under way
+        and keeps trying on the reconnect schedule, however long the platform stays out
+        of reach; :attr:`stats` ``last_error`` says why it is not connected. Raises only
+        :class:`ConnectionFailed` of kind ``"config"`` (unusable certificate files).
         """
         if self._started:
             raise RuntimeError("a Connection can be started only once")
@@ -970,7 +1025,7 @@ class Connection:
             self._counters.last_error = exc.reason
             self._set_state(ConnectionState.STOPPED, exc.reason)
             raise
-        options = build_client_options(self.settings)
+        options = supervised_client_options(self.settings)
         options.tls_ctx = tls
         options.on_publish_callback_fn = self._crt_publish
         options.on_lifecycle_event_attempting_connect_fn = self._crt_attempting
@@ -987,12 +1042,16 @@ class Connection:
             self.settings.where(),
         )
         self._set_state(ConnectionState.CONNECTING)
+        self._schedule.attempt_started()
         self._client.start()
+        if not wait:
+            self._diagnosis = self._loop.call_later(DIAGNOSE_AFTER_S, self._diagnose)
+            return
         waiter = self._loop.create_future()
         self._attempt.waiters.append(waiter)
         timeout = self.settings.connect_timeout_s
         try:
-            async with asyncio.timeout(timeout):
+            async with stdlib_compat.timeout(timeout):
                 if self.settings.fail_fast:
                     # awscrt (s2n) reports TLS failures only after a "blinding" delay of
                     # 10-30 s; a quick TLS probe tells at once what is wrong.
@@ -1023,26 +1082,40 @@ class Connection:
             await self.stop()
             raise
 
-    async def stop(self) -> None:
-        """Disconnect (DISCONNECT normal), stop reconnecting, fail what is pending."""
+    async def stop(self, max_wait_s: float | None = None) -> None:
+        """Disconnect (DISCONNECT normal), stop reconnecting, fail what is pending. Waits
+        at most ``max_wait_s`` seconds (default :data:`STOP_TIMEOUT_S`) for awscrt to report
+        the client stopped; it finishes on its own after that."""
         client = self._client
         self._stopping = True
+        self._cancel_reconnect()
         if client is not None and not self._client_stopped:
             client.stop()
             # A connection that never came up may be stuck in s2n's TLS blinding delay;
             # awscrt finishes that on its own, nobody needs to wait for it.
             wait_s = STOP_TIMEOUT_S if self._ever_connected else 0.5
+            if max_wait_s is not None:
+                wait_s = min(wait_s, max(0.0, max_wait_s))
             waiter = self._stop_waiter
             if waiter is None:
                 waiter = self._stop_waiter = asyncio.get_running_loop().create_future()
             done, _ = await asyncio.wait([waiter], timeout=wait_s)
             stopped = bool(done)
             if not stopped and self._ever_connected:
-                log.warning("connection: awscrt did not report stopped in %s s", STOP_TIMEOUT_S)
+                log.warning("connection: awscrt did not report stopped in %g s", wait_s)
         self._finish(ConnectionClosed("the connection was stopped"))
         if self._state is not ConnectionState.TAKEN_OVER:
             self._set_state(ConnectionState.STOPPED, "stopped")
         self._client = None
+
+    def _cancel_reconnect(self) -> None:
+        timer, self._reconnect_timer = self._reconnect_timer, None
+        if timer is not None:
+            timer.cancel()
+        self._reconnect_due = False
+        diagnosis, self._diagnosis = self._diagnosis, None
+        if diagnosis is not None:
+            diagnosis.cancel()
 
     def _finish(self, error: MqttError) -> None:
         """Fail pending operations and waiters, close workers (on the loop)."""
@@ -1067,7 +1140,7 @@ class Connection:
         for task in list(self._tasks):
             task.cancel()
 
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def wait_connected(self, timeout: float | None = None) -> None:
         """Return once connected. Raises :class:`TimeoutError` after ``timeout`` seconds,
         :class:`ConnectionTakenOver` / :class:`ConnectionClosed` if the connection ended."""
         self._raise_if_ended()
@@ -1077,7 +1150,7 @@ class Connection:
         waiter = self._loop.create_future()
         self._attempt.waiters.append(waiter)
         try:
-            async with asyncio.timeout(timeout):
+            async with stdlib_compat.timeout(timeout):
                 await waiter
         finally:
             if waiter in self._attempt.waiters:
@@ -1280,9 +1353,9 @@ class Connection:
 
     async def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
         """Add ``handler`` for messages matching ``topic_filter``; SUBSCRIBE if the filter is
-        new (waits for the SUBACK when started; before :meth:`start` the subscription is
-        made on connect). Synchronous handlers run inline on the loop; ``async`` handlers
-        run one message at a time, in order, per filter. Raises :class:`SubscribeFailed`."""
+        new (waits for the SUBACK when connected; otherwise the subscription is made on
+        connect). Synchronous handlers run inline on the loop; ``async`` handlers run one
+        message at a time, in order, per filter. Raises :class:`SubscribeFailed`."""
         sub = self._subs.get(topic_filter)
         if sub is not None and sub.acked:
             sub.add(handler)
@@ -1291,11 +1364,13 @@ class Connection:
             sub = _Subscription(topic_filter, qos)
             self._subs[topic_filter] = sub
         sub.add(handler)
-        if self._client is None:
+        if self._client is None or self._state.terminal:
             if self._started:
                 self._subs.pop(topic_filter, None)
                 raise SubscribeFailed("cannot subscribe: the connection is stopped")
             return
+        if not self.connected:
+            return  # made by _after_connect
         try:
             await self._send_subscribe([sub])
         except BaseException:
@@ -1304,8 +1379,18 @@ class Connection:
                 self._subs.pop(topic_filter, None)
             raise
 
-    async def unsubscribe(self, topic_filter: str, handler: MessageHandler | None = None) -> None:
-        """Remove ``handler`` (all handlers if ``None``); UNSUBSCRIBE once none is left."""
+    async def unsubscribe(
+        self,
+        topic_filter: str,
+        handler: MessageHandler | None = None,
+        *,
+        max_wait_s: float = UNSUBSCRIBE_TIMEOUT_S,
+    ) -> None:
+        """Remove ``handler`` (all handlers if ``None``); UNSUBSCRIBE once none is left.
+
+        Waits at most ``max_wait_s`` seconds for the UNSUBACK, and not at all while not
+        connected (then the subscription stays in the broker's session, and what still
+        arrives on it finds no handler)."""
         sub = self._subs.get(topic_filter)
         if sub is None:
             return
@@ -1315,12 +1400,25 @@ class Connection:
                 return
         self._subs.pop(topic_filter, None)
         sub.close()
-        if self._client is not None and not self._state.terminal:
+        if self._client is None or not self.connected or max_wait_s <= 0:
+            return
+        try:
             crt_future = self._client.unsubscribe(mqtt5.UnsubscribePacket([topic_filter]))
-            try:
-                await asyncio.wrap_future(crt_future)
-            except Exception as exc:
-                log.warning("unsubscribe %s failed: %s", topic_filter, _error_name(exc))
+        except Exception as exc:
+            log.warning("unsubscribe %s failed: %s", topic_filter, _error_name(exc))
+            return
+        unsuback = asyncio.wrap_future(crt_future)
+        try:
+            done, _ = await asyncio.wait({unsuback}, timeout=max_wait_s)
+        finally:
+            if not unsuback.done():
+                unsuback.cancel()  # also when this wait is cancelled: nobody awaits it then
+        if not done:
+            log.warning("unsubscribe %s: no UNSUBACK within %g s", topic_filter, max_wait_s)
+        elif unsuback.exception() is not None:
+            log.warning(
+                "unsubscribe %s failed: %s", topic_filter, _error_name(unsuback.exception())
+            )
 
     async def _send_subscribe(self, subs: list[_Subscription]) -> None:
         client = self._client
@@ -1374,6 +1472,7 @@ class Connection:
         self._post(self._on_success, present)
 
     def _crt_failure(self, data: mqtt5.LifecycleConnectFailureData) -> None:
+        self._hold_client()
         connack = data.connack_packet
         code = getattr(connack, "reason_code", None)
         self._post(
@@ -1388,11 +1487,8 @@ class Connection:
         takeover = self._detector.disconnected(error_name, reason_code)
         if takeover is not None:
             with self._takeover_lock:
-                first = self._takeover_reason is None
                 self._takeover_reason = self._takeover_reason or takeover
-            client = self._client
-            if first and client is not None:
-                client.stop()  # non-blocking; stops the reconnect loop right away
+        self._hold_client()
         label = error_name
         if packet is not None and code is not None:
             label = f"DISCONNECT {getattr(code, 'name', code)} (0x{reason_code:02X})"
@@ -1402,6 +1498,14 @@ class Connection:
 
     def _crt_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
         self._post(self._on_stopped)
+
+    def _hold_client(self) -> None:
+        """Stop the awscrt client (non-blocking), on an awscrt thread, right when a
+        connection ended or an attempt failed: awscrt's reconnect loop must not start an
+        attempt of its own; the schedule starts the next one (:meth:`_schedule_reconnect`)."""
+        client = self._client
+        if client is not None:
+            client.stop()
 
     # ------------------------------------------------------------------ loop side
 
@@ -1423,6 +1527,7 @@ class Connection:
         self._counters.connects += 1
         self._session_present = session_present
         self._ever_connected = True
+        self._schedule.connected()
         self._set_state(ConnectionState.CONNECTED, session_present=session_present)
         for waiter in self._attempt.waiters:
             if not waiter.done():
@@ -1431,8 +1536,10 @@ class Connection:
         self._spawn(self._after_connect(session_present))
 
     async def _after_connect(self, session_present: bool) -> None:
-        if not session_present:
-            subs = list(self._subs.values())
+        # A resumed session keeps the subscriptions it had; those made meanwhile (or before
+        # the first connect, which may resume a session of an earlier run) are made now.
+        subs = [s for s in self._subs.values() if not (session_present and s.acked)]
+        if subs:
             for s in subs:
                 s.acked = False
             for i in range(0, len(subs), MAX_FILTERS_PER_SUBSCRIBE):
@@ -1467,6 +1574,7 @@ class Connection:
         self._counters.last_error = failure.reason
         self._attempt.last_failure = failure
         self._set_state(ConnectionState.DISCONNECTED, failure.reason)
+        self._schedule_reconnect()
         if (
             self.settings.fail_fast
             and not self._ever_connected
@@ -1510,6 +1618,7 @@ class Connection:
             )
             return
         self._set_state(ConnectionState.DISCONNECTED, reason)
+        self._schedule_reconnect()
 
     def _on_stopped(self) -> None:
         self._client_stopped = True
@@ -1518,6 +1627,77 @@ class Connection:
             waiter.set_result(None)
         if self._takeover_reason is not None and self._state is not ConnectionState.TAKEN_OVER:
             self._set_state(ConnectionState.TAKEN_OVER, self._takeover_reason)
+        if self._reconnect_due:
+            self._restart()
+
+    # ------------------------------------------------------------------ reconnecting
+
+    def _schedule_reconnect(self) -> None:
+        """Plan the next attempt on the schedule (once per lost connection or failed
+        attempt; the awscrt client was stopped by :meth:`_hold_client`)."""
+        if self._stopping or self._state.terminal or self._reconnect_timer is not None:
+            return
+        if self._reconnect_due:
+            return
+        delay = self._schedule.next_delay()
+        log.info(
+            "connection: next attempt for client id %s in %.2f s", self.settings.client_id, delay
+        )
+        loop = self._loop
+        assert loop is not None
+        self._reconnect_timer = loop.call_later(delay, self._reconnect_time)
+
+    def _reconnect_time(self) -> None:
+        self._reconnect_timer = None
+        if self._stopping or self._state.terminal:
+            return
+        self._reconnect_due = True
+        if self._client_stopped:
+            self._restart()
+        # else: awscrt has not reported the client stopped yet; _on_stopped restarts it
+
+    def _restart(self) -> None:
+        self._reconnect_due = False
+        client = self._client
+        if client is None or self._stopping or self._state.terminal:
+            return
+        self._client_stopped = False
+        self._schedule.attempt_started()
+        client.start()
+
+    def _diagnose(self) -> None:
+        """After an offline start without a connection yet: probe TLS on a daemon thread
+        (awscrt reports TLS failures only after s2n's blinding delay of 10-30 s), so that
+        the reason the platform is out of reach is known early."""
+        self._diagnosis = None
+        if self._ever_connected or self._stopping or self._state.terminal:
+            return
+        settings = self.settings
+
+        def probe() -> None:
+            try:
+                found = diagnose_tls(settings, 3.0)
+            except Exception:  # a probe only: never let it take anything down
+                log.debug("connection: TLS probe failed", exc_info=True)
+                return
+            if found is not None:
+                self._post(self._on_diagnosis, found)
+
+        threading.Thread(target=probe, name="iotref-tls-probe", daemon=True).start()
+
+    def _on_diagnosis(self, found: ConnectionFailed) -> None:
+        if self._ever_connected or self._stopping or self._state.terminal:
+            return
+        if found.kind in ("tls", "config"):
+            log.error(
+                "connection: client id %s cannot connect to %s: %s",
+                self.settings.client_id,
+                self.settings.where(),
+                found.one_line(),
+            )
+        if self._attempt.last_failure is None or found.kind in ("tls", "config"):
+            self._counters.last_error = found.reason
+            self._attempt.last_failure = found
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -14,11 +14,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import httpx
 
+from iotref.device import stdlib_compat
 from iotref.device.environment import Environment
 from iotref.device.errors import (
     AuthorizationDenied,
@@ -56,11 +57,11 @@ def parse_expires_in(value: Any, now: float) -> float:
             seconds = float(text)
         except ValueError:
             try:
-                moment = datetime.fromisoformat(text)
+                moment = stdlib_compat.fromisoformat(text)
             except ValueError:
                 raise ValueError("expires_in is neither seconds nor an ISO-8601 time") from None
             if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
+                moment = moment.replace(tzinfo=timezone.utc)
             return moment.timestamp()
     else:
         raise ValueError("expires_in is missing")
@@ -70,7 +71,7 @@ def parse_expires_in(value: Any, now: float) -> float:
 
 
 def iso_utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ device talks to.
 The built-in environments ``local`` (the sandbox on its default port), ``test`` and ``live``
 ship as package data (``environments/env.*``); any other comes from an environment file.
 Plain ``http://`` is accepted only for loopback hosts. An environment's *identity* is its
-name together with its directory host: tokens and certificates are tied to it and never
-used in another environment.
+name, its directory host and, for a sandbox, the sandbox's id (``SANDBOX_ID`` in the file
+the sandbox writes): tokens and certificates are tied to it and never used in another
+environment, nor with another sandbox that later serves the same address.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from iotref.protocol.environment_file import (
     DIRECTORY_HOST,
     DIRECTORY_OAUTH_CLIENT_ID,
     REQUIRED_KEYS,
+    SANDBOX_ID,
     SCOPE,
     EnvironmentFileError,
     parse_env_file,
@@ -37,24 +39,61 @@ ENV_VAR = "IOTREF_ENV"
 ENV_FILE_VAR = "IOTREF_ENV_FILE"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
 @dataclass(frozen=True)
 class EnvironmentIdentity:
-    """What ties tokens and certificates to one environment: its name and directory host."""
+    """What ties tokens and certificates to one environment: its name, its directory host
+    and, for a sandbox, the sandbox's id (``None``: not a sandbox, or not known)."""
 
     name: str
     directory_host: str
+    sandbox_id: str | None = None
 
     def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "directory_host": self.directory_host}
+        data = {"name": self.name, "directory_host": self.directory_host}
+        if self.sandbox_id is not None:
+            data["sandbox_id"] = self.sandbox_id
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EnvironmentIdentity:
         name, host = data.get("name"), data.get("directory_host")
+        sandbox_id = data.get("sandbox_id")
         if not isinstance(name, str) or not isinstance(host, str):
             raise ValueError("environment identity needs name and directory_host")
-        return cls(name, host)
+        if sandbox_id is not None and not isinstance(sandbox_id, str):
+            raise ValueError("sandbox_id must be a string")
+        return cls(name, host, sandbox_id or None)
+
+    def matches(self, other: EnvironmentIdentity) -> bool:
+        """Same name and directory host, and the same sandbox where both ids are known
+        (an id is unknown for ``--env local`` while no sandbox answers on its port)."""
+        if (self.name, self.directory_host) != (other.name, other.directory_host):
+            return False
+        return (
+            self.sandbox_id is None
+            or other.sandbox_id is None
+            or (self.sandbox_id == other.sandbox_id)
+        )
+
+    def difference(self, current: EnvironmentIdentity) -> str:
+        """What sets this (a store's or a login's) environment apart from ``current``, the
+        one in use, as the end of a sentence "... belongs to ..."; empty if they match."""
+        if self.matches(current):
+            return ""
+        if self.name != current.name:
+            return f"environment {self}, not {current} (another environment)"
+        if self.directory_host != current.directory_host:
+            return (
+                f"{self.name} at {self.directory_host}, not {current.name} at "
+                f"{current.directory_host} (the endpoint differs)"
+            )
+        return (
+            f"the sandbox {self.sandbox_id} at {self.directory_host}, not the one there now, "
+            f"{current.sandbox_id} (another sandbox: a new data dir on the same address)"
+        )
 
     def __str__(self) -> str:
         return f"{self.name} ({self.directory_host})"
@@ -70,10 +109,12 @@ class Environment:
     client_id: str
     scope: str
     source: str = "built-in"
+    #: The sandbox's id, from the ``SANDBOX_ID`` of the file it wrote; ``None`` otherwise.
+    sandbox_id: str | None = None
 
     @property
     def identity(self) -> EnvironmentIdentity:
-        return EnvironmentIdentity(self.name, self.directory_host)
+        return EnvironmentIdentity(self.name, self.directory_host, self.sandbox_id)
 
     @property
     def cli_selector(self) -> str:
@@ -99,6 +140,14 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def with_sandbox_id(env: Environment, sandbox_id: str | None) -> Environment:
+    """``env`` tied to the sandbox ``sandbox_id`` (e.g. the one answering at the built-in
+    ``local`` environment's address); ``env`` itself for ``None`` or an unusable id."""
+    if sandbox_id is None or not _SANDBOX_ID_RE.match(sandbox_id):
+        return env
+    return replace(env, sandbox_id=sandbox_id)
 
 
 def check_service_url(url: str, key: str, *, source: str = "") -> str:
@@ -142,6 +191,12 @@ def environment_from_values(
     client_id = values[DIRECTORY_OAUTH_CLIENT_ID].strip()
     if any(c.isspace() for c in client_id):
         raise ConfigurationError(f"{DIRECTORY_OAUTH_CLIENT_ID} in {source} contains spaces")
+    sandbox_id = values.get(SANDBOX_ID, "").strip() or None
+    if sandbox_id is not None and not _SANDBOX_ID_RE.match(sandbox_id):
+        raise ConfigurationError(
+            f"{SANDBOX_ID} in {source} is not usable: {sandbox_id!r}",
+            "use up to 64 letters, digits and '-' (a sandbox writes it; leave it as written)",
+        )
     return Environment(
         name=name,
         base_url=check_service_url(values[BASE_URL], BASE_URL, source=source),
@@ -149,6 +204,7 @@ def environment_from_values(
         client_id=client_id,
         scope=values[SCOPE].strip(),
         source=source,
+        sandbox_id=sandbox_id,
     )
 
 
@@ -159,7 +215,7 @@ def load_environment(name: str) -> Environment:
             f"unknown environment {name!r}",
             f"use one of {', '.join(BUILTIN_ENVIRONMENTS)}, or --env-file PATH",
         )
-    text = resources.files("iotref.device").joinpath("environments", f"env.{name}").read_text()
+    text = (resources.files("iotref.device") / "environments" / f"env.{name}").read_text()
     return environment_from_values(name, parse_env_file(text))
 
 

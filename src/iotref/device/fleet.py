@@ -71,7 +71,6 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -79,6 +78,7 @@ import httpx
 import orjson
 from awscrt import io, mqtt5
 
+from iotref.device import stdlib_compat
 from iotref.device.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
@@ -1296,7 +1296,7 @@ class _WatchState:
                 return
             try:
                 message = orjson.loads(packet.payload or b"")
-                sent = datetime.fromisoformat(message["sendertimestamp"]).timestamp()
+                sent = stdlib_compat.fromisoformat(message["sendertimestamp"]).timestamp()
                 key = _uuid64(message["sendereventuuid"])
             except (ValueError, KeyError, TypeError):
                 self.invalid += 1
@@ -1926,7 +1926,7 @@ class FleetRun:
                 SCHEDULER_TICK_S if not heap else max(0.0, min(SCHEDULER_TICK_S, heap[0][0] - now))
             )
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait if heap else 1.0):
+                async with stdlib_compat.timeout(wait if heap else 1.0):
                     await self._wake.wait()
 
     async def _simulate(

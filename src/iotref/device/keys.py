@@ -7,18 +7,18 @@ sandbox accept: EC P-256 / P-384 and RSA 2048 / 3072.
 
 from __future__ import annotations
 
-import enum
-
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from iotref.device.stdlib_compat import StrEnum
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
-class KeyType(enum.StrEnum):
+class KeyType(StrEnum):
     """``--key-type`` values."""
 
     EC256 = "ec256"

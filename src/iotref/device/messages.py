@@ -20,10 +20,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 import orjson
+
+from iotref.device.stdlib_compat import StrEnum
 
 __all__ = [
     "HEADER_VERSION",
@@ -53,14 +55,14 @@ __all__ = [
 
 HEADER_VERSION: Final = 3
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS: Final = timedelta(milliseconds=1)
 
 
 # --------------------------------------------------------------------------- enums
 
 
-class SenderType(enum.StrEnum):
+class SenderType(StrEnum):
     """``sendertype`` (header v3)."""
 
     PRINECT = "prinect"
@@ -70,7 +72,7 @@ class SenderType(enum.StrEnum):
     POSTPRESS = "postpress"
 
 
-class AssetType(enum.StrEnum):
+class AssetType(StrEnum):
     """``assettype`` (header v3)."""
 
     DIGITAL_PRINTER = "DigitalPrinter"
@@ -95,7 +97,7 @@ class AssetType(enum.StrEnum):
     WORKFLOW = "Workflow"
 
 
-class DeviceStatusV1(enum.StrEnum):
+class DeviceStatusV1(StrEnum):
     """``deviceinfo.status`` in Status v1."""
 
     IDLE = "Idle"
@@ -103,21 +105,21 @@ class DeviceStatusV1(enum.StrEnum):
     RUNNING = "Running"
 
 
-class DeviceStatusDetailsV1(enum.StrEnum):
+class DeviceStatusDetailsV1(StrEnum):
     """``deviceinfo.statusdetails`` in Status v1 (free text in v2)."""
 
     GOOD = "Good"
     WASTE = "Waste"
 
 
-class JobPhaseStatusV1(enum.StrEnum):
+class JobPhaseStatusV1(StrEnum):
     """``jobphase.status`` in Status v1 (note the space)."""
 
     SETUP = "Setup"
     IN_PROGRESS = "In Progress"
 
 
-class DeviceStatusV2(enum.StrEnum):
+class DeviceStatusV2(StrEnum):
     """``deviceinfo.status`` in Status v2. ``NON_PRODUCTIVE`` carries the platform's
     literal spelling ``NonPoductive``."""
 
@@ -128,7 +130,7 @@ class DeviceStatusV2(enum.StrEnum):
     STOPPED = "Stopped"
 
 
-class JobPhaseStatusV2(enum.StrEnum):
+class JobPhaseStatusV2(StrEnum):
     """``jobphase[].status`` in Status v2."""
 
     ABORTED = "Aborted"
@@ -153,7 +155,7 @@ class InvalidField(ValueError):
         super().__init__(f"{field_name}: {problem}")
 
 
-_E = TypeVar("_E", bound=enum.StrEnum)
+_E = TypeVar("_E", bound=StrEnum)
 
 
 def _enum(cls: type[_E], value: object, name: str) -> _E:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import httpx
 from cryptography import x509
 
+from iotref.device import stdlib_compat
 from iotref.device.auth import Authenticator
 from iotref.device.certificate_store import (
     CERTIFICATE_FILE,
@@ -77,6 +78,7 @@ from iotref.device.store_checks import (
     DEFAULT_EXPIRY_THRESHOLD_DAYS,
     StoreReport,
     check_store,
+    environment_mismatch,
     issuer_fingerprint,
 )
 from iotref.device.token_store import TokenStore
@@ -166,6 +168,8 @@ class Onboarding:
         on_step: StepCallback | None = None,
     ) -> None:
         self.env = env
+        #: ``store_path`` as given (None: the default), for hints that name it.
+        self.store_option = store_path
         self.store = CertificateStore(store_path or default_store_path(env.name))
         self.token_store = token_store or TokenStore()
         self._owns_http = http is None
@@ -246,7 +250,13 @@ class Onboarding:
         if self.store.file(STAGING_DIR).exists():
             with contextlib.suppress(StoreError), self.store.lock():
                 self.store.recover()
-        return check_store(self.store, expected=self.env.identity, threshold_days=threshold_days)
+        return check_store(
+            self.store,
+            expected=self.env.identity,
+            threshold_days=threshold_days,
+            selector=self.env.cli_selector,
+            store_option=self.store_option,
+        )
 
     # -- provisioning -------------------------------------------------------------------------
 
@@ -285,14 +295,16 @@ class Onboarding:
                     path=self.store.path,
                 )
             return None
-        if progress.environment != self.env.identity:
-            raise StoreError(
-                f"the store {self.store.path} belongs to environment "
-                f"{progress.environment}, not {self.env}",
-                f"use --env {progress.environment.name} (or its --env-file), or pass --store "
-                "with a folder for this environment",
-                path=self.store.path,
-            )
+        mismatch = environment_mismatch(
+            self.store.path,
+            progress,
+            self.env.identity,
+            selector=self.env.cli_selector,
+            store_option=self.store_option,
+            command="run",
+        )
+        if mismatch is not None:
+            raise StoreError(mismatch.reason, mismatch.next_step, path=self.store.path)
         return progress
 
     def _reuse(self, progress: Progress) -> ProvisionResult:
@@ -329,6 +341,7 @@ class Onboarding:
                 )
             progress = Progress(
                 environment=self.env.identity,
+                environment_source=_source_of(self.env),
                 machine=options.machine,
                 organization_id=bearer_org,
             )
@@ -525,6 +538,13 @@ class Onboarding:
         return progress
 
 
+def _source_of(env: Environment) -> str:
+    """``built-in``, or the environment file's absolute path."""
+    if env.source == "built-in":
+        return env.source
+    return str(Path(env.source).resolve())
+
+
 def _organization_of(tokens: TokenSet) -> str | None:
     if tokens.bearer is not None and tokens.bearer.type == "Organization":
         return tokens.bearer.id
@@ -566,7 +586,7 @@ class BlockingOnboarding:
             pass
         else:
             raise RuntimeError("BlockingOnboarding cannot run inside an event loop; use Onboarding")
-        self._runner = asyncio.Runner()
+        self._runner = stdlib_compat.Runner()
         self._onboarding: Onboarding = self._runner.run(_make(env, kwargs))
 
     @property

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
+from iotref.device import stdlib_compat
 from iotref.device.backoff import Backoff
 from iotref.device.connection import (
     Connection,
@@ -371,7 +372,7 @@ class ShadowClient:
             )
             published.add_done_callback(lambda f: self._on_published(f, token))
             try:
-                async with asyncio.timeout(timeout):
+                async with stdlib_compat.timeout(timeout):
                     return await fut
             except TimeoutError:
                 raise ShadowTimeout(
@@ -577,12 +578,12 @@ class ShadowSync:
         for fut in self._flush_waiters:
             fut.cancel()
 
-    async def wait_synced(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def wait_synced(self, timeout: float | None = None) -> None:
         """Wait for a completed sync since the last (re)connect; raises the sync's error
         if it failed for good, :class:`TimeoutError` after ``timeout``."""
         if self._sync_error is not None:
             raise self._sync_error
-        async with asyncio.timeout(timeout):
+        async with stdlib_compat.timeout(timeout):
             await self._synced.wait()
         if self._sync_error is not None:
             raise self._sync_error
@@ -598,7 +599,7 @@ class ShadowSync:
         merge_into(self._reported, changes)
         self._after_local_change()
 
-    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def flush(self, timeout: float | None = None) -> None:
         """Wait until the shadow's reported section has every local change."""
         if self._report_pending() is False:
             return
@@ -606,7 +607,7 @@ class ShadowSync:
         self._flush_waiters.append(fut)
         self._report_needed.set()
         try:
-            async with asyncio.timeout(timeout):
+            async with stdlib_compat.timeout(timeout):
                 await fut
         finally:
             if fut in self._flush_waiters:
@@ -619,7 +620,7 @@ class ShadowSync:
         *,
         section: str = "reported",
         predicate: Callable[[Any], bool] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> Any:
         """Wait until ``section`` (``"reported"``: applied locally, or ``"desired"``) has
         ``key`` equal to ``value`` (any value if omitted, or matching ``predicate``);
@@ -644,7 +645,7 @@ class ShadowSync:
         waiter = _Waiter(section, key, predicate, fut)
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(timeout):
+            async with stdlib_compat.timeout(timeout):
                 return await fut
         finally:
             if waiter in self._waiters:

@@ -16,11 +16,10 @@ counters start at zero with each job.
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Final, Literal
 
 from iotref.device.messages import (
@@ -37,6 +36,7 @@ from iotref.device.messages import (
     StatusV1,
     StatusV2,
 )
+from iotref.device.stdlib_compat import StrEnum
 
 __all__ = [
     "DEFAULT_START",
@@ -50,16 +50,16 @@ __all__ = [
     "profile_for",
 ]
 
-DEFAULT_START: Final = datetime(2026, 1, 1, 6, 0, tzinfo=UTC)
+DEFAULT_START: Final = datetime(2026, 1, 1, 6, 0, tzinfo=timezone.utc)
 """Simulated time at which a press starts when no ``start`` is given."""
 
 
-class PressKind(enum.StrEnum):
+class PressKind(StrEnum):
     OFFSET = "offset"
     DIGITAL = "digital"
 
 
-class Phase(enum.StrEnum):
+class Phase(StrEnum):
     """Where the press is. The usual cycle is ``IDLE -> MAKEREADY -> PRODUCTION -> WASHUP
     -> IDLE``; ``PRODUCTION`` may be interrupted by ``STOPPED`` and resumes after it."""
 

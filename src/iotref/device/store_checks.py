@@ -27,9 +27,11 @@ checked:
 
 from __future__ import annotations
 
+import os
+import shlex
 import stat
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -47,8 +49,8 @@ from iotref.device.certificate_store import (
     Progress,
     ProgressState,
 )
-from iotref.device.environment import EnvironmentIdentity
-from iotref.device.errors import StoreError
+from iotref.device.environment import EnvironmentIdentity, load_environment_file
+from iotref.device.errors import ConfigurationError, StoreError
 from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
@@ -159,10 +161,13 @@ def check_store(
     expected: EnvironmentIdentity | None = None,
     threshold_days: float = DEFAULT_EXPIRY_THRESHOLD_DAYS,
     now: datetime | None = None,
+    selector: str | None = None,
+    store_option: Path | None = None,
 ) -> StoreReport:
     """Inspect ``store`` locally. ``expected`` is the environment in use: a store of another
-    environment is a problem. Never raises for a broken store; reports it."""
-    now = now or datetime.now(UTC)
+    environment is a problem, whose next step names ``selector`` and ``store_option`` (see
+    :func:`environment_mismatch`). Never raises for a broken store; reports it."""
+    now = now or datetime.now(timezone.utc)
     report = StoreReport(path=store.path)
     if not store.path.exists() or store.is_empty():
         report.add(
@@ -170,7 +175,7 @@ def check_store(
         )
         return report
 
-    _check_environment(store, report, expected)
+    _check_environment(store, report, expected, selector, store_option)
     report.missing = [name for name in STORE_FILES if not store.file(name).is_file()]
     progress = report.progress
     if report.missing:
@@ -200,7 +205,11 @@ def check_store(
 
 
 def _check_environment(
-    store: CertificateStore, report: StoreReport, expected: EnvironmentIdentity | None
+    store: CertificateStore,
+    report: StoreReport,
+    expected: EnvironmentIdentity | None,
+    selector: str | None,
+    store_option: Path | None,
 ) -> None:
     try:
         report.progress = store.read_progress()
@@ -218,13 +227,79 @@ def _check_environment(
                 "store of this environment",
             )
         return
-    if expected is not None and progress.environment != expected:
-        report.add(
-            "wrong_environment",
-            f"the store belongs to environment {progress.environment}, not {expected}",
-            f"use --env {progress.environment.name} (or its --env-file), or pass --store "
-            "with a folder for this environment",
+    if expected is not None:
+        problem = environment_mismatch(
+            store.path, progress, expected, selector=selector, store_option=store_option,
+            command="status",
+        )  # fmt: skip
+        if problem is not None:
+            report.problems.append(problem)
+
+
+def _shown(path: Path) -> str:
+    """``path`` for a message: relative to the working directory when inside it, quoted
+    for the shell when needed."""
+    text = str(path)
+    if path.is_absolute():
+        with_cwd = os.path.relpath(path)
+        if not with_cwd.startswith(".."):
+            text = with_cwd
+    return shlex.quote(text)
+
+
+def _own_selector(progress: Progress) -> str | None:
+    """The option that selects the environment a store was made for, if it still does."""
+    recorded, source = progress.environment, progress.environment_source
+    if source == "built-in":
+        return f"--env {recorded.name}"
+    if not source:
+        return None
+    try:
+        env = load_environment_file(Path(source))
+    except ConfigurationError:
+        return None
+    if not env.identity.matches(recorded):
+        return None  # the file now describes something else (e.g. a restarted sandbox)
+    return f"--env-file {_shown(Path(source))}"
+
+
+def environment_mismatch(
+    store_path: Path,
+    progress: Progress,
+    current: EnvironmentIdentity,
+    *,
+    selector: str | None = None,
+    store_option: Path | None = None,
+    command: str = "run",
+) -> StoreProblem | None:
+    """``wrong_environment`` if the store was made for another environment than
+    ``current``: the reason says what differs (environment, endpoint or sandbox); the next
+    step names commands with the user's options, ``selector`` (``--env NAME`` or
+    ``--env-file PATH`` in use) and ``store_option`` (``--store`` as given, or None):
+    ``iotref COMMAND`` with the store's own environment, or provisioning for this one."""
+    recorded = progress.environment
+    if recorded.matches(current):
+        return None
+    store = _shown(store_path)
+    store_arg = f" --store {_shown(store_option)}" if store_option is not None else ""
+    provision = (
+        f"'iotref provision {selector}{store_arg}'"
+        if selector
+        else ("'iotref provision' with this environment's --env or --env-file")
+    )
+    move = f"move it away ('mv {store} {store}.old') and run {provision}"
+    reason = f"the store {store} belongs to {recorded.difference(current)}"
+    if (recorded.name, recorded.directory_host) == (current.name, current.directory_host):
+        step = f"its certificate is not valid with the sandbox there now: {move}"
+    else:
+        own = _own_selector(progress)
+        use = (
+            f"run 'iotref {command} {own} --store {store}'"
+            if own
+            else f"select {recorded} with its own --env or --env-file"
         )
+        step = f"{use} to use it with the environment it was made for, or {move} for this one"
+    return StoreProblem("wrong_environment", reason, step)
 
 
 def _check_properties(store: CertificateStore, report: StoreReport) -> None:

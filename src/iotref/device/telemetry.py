@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -50,8 +49,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+from iotref.device import stdlib_compat
 from iotref.device.messages import to_json
 from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
+from iotref.device.stdlib_compat import StrEnum
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class PermissionFlag:
 # --------------------------------------------------------------------------- results
 
 
-class SendStatus(enum.StrEnum):
+class SendStatus(StrEnum):
     """What :meth:`Telemetry.send` did with a valid message."""
 
     QUEUED = "queued"
@@ -199,6 +200,8 @@ class TelemetryStats:
     republished: int
     acked: int
     """PUBACKs received (a message re-published twice may be acked twice)."""
+    delivered: int
+    """Messages acknowledged and removed from the outbox, each counted once."""
     failed: int
     """Publishes that failed (connection loss, error reason code)."""
     dropped_no_permission: int
@@ -259,8 +262,12 @@ class _Wakeup:
 async def _wait_event(event: _Wakeup, seconds: float) -> None:
     """Wait until ``event`` is set or ``seconds`` passed."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
+        async with stdlib_compat.timeout(seconds):
             await event.wait()
+
+
+def _always() -> bool:
+    return True
 
 
 def _read_records(outbox: Outbox, after_seq: int, limit: int) -> list[_Pending]:
@@ -449,27 +456,34 @@ class Telemetry:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self, max_wait: float | None = None, *, drain: bool = False) -> bool:
+    async def close(
+        self, max_wait: float | None = None, *, drain: bool | Callable[[], bool] = False
+    ) -> bool:
         """Stop accepting messages and stop the drainer; return True if nothing was left
-        unacknowledged in flight (or, with ``drain=True``, in the outbox).
+        unacknowledged in flight (or, when draining, in the outbox).
 
         Waits at most ``max_wait`` seconds (default: ``close_timeout``) for the PUBACKs of
         the messages in flight; with ``drain=True`` keeps publishing until the outbox is
-        empty or the time is up. Whatever is not acknowledged stays in the outbox for the
-        next run.
+        empty or the time is up, whenever connected and permitted meanwhile (a connection
+        that comes back during the close is used). ``drain`` may be a function instead:
+        draining then also ends as soon as it returns False (nothing more can be sent).
+        Whatever is not acknowledged stays in the outbox for the next run.
         """
         timeout = self._close_timeout if max_wait is None else max_wait
         if self._closing and self._task is None:
             return not self._in_flight
         self._closing = True
-        self._draining = drain
+        self._draining = bool(drain)
+        worth_it: Callable[[], bool] = drain if callable(drain) else _always
         deadline = time.monotonic() + timeout
         done = True
         if self._task is not None:
             self._kick()
             if drain:
                 # Polling the depth keeps the hot path free of close-only bookkeeping.
-                while self._outbox.depth > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+                while (  # noqa: ASYNC110
+                    self._outbox.depth > 0 and time.monotonic() < deadline and worth_it()
+                ):
                     await asyncio.sleep(0.02)
                 done = self._outbox.depth == 0
             self._draining = False
@@ -652,6 +666,7 @@ class Telemetry:
             published=self._published,
             republished=self._republished,
             acked=self._acked,
+            delivered=o.acked,
             failed=self._failed,
             dropped_no_permission=self._dropped_no_permission,
             rejected_invalid=self._rejected_invalid,

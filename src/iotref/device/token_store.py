@@ -3,8 +3,10 @@
 
 Location: ``$IOTREF_HOME/tokens``, else ``$XDG_CONFIG_HOME/iotref/tokens``, else
 ``~/.config/iotref/tokens``. A file is named after the environment's name plus a digest of
-its directory host and client id, and records both: a token is only ever handed out for the
-environment that obtained it.
+its directory host and client id, and records both, and the sandbox's id for a sandbox: a
+token is only ever handed out for the environment that obtained it. At one address there is
+one file; a login with a new sandbox there replaces the old sandbox's tokens, which that
+sandbox's successor does not accept anyway.
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ class TokenStore:
         return self.directory / f"{_key(env)}.json"
 
     def load(self, env: Environment) -> TokenSet | None:
-        """The environment's tokens, or None if there are none. A file that cannot be read
-        or belongs to another environment raises :class:`StoreError`."""
+        """The environment's tokens, or None if there are none, or they were obtained from
+        another sandbox at the same address (ids known and different). A file that cannot
+        be read or belongs to another environment raises :class:`StoreError`."""
         path = self.path_for(env)
         try:
             raw = path.read_bytes()
@@ -94,6 +97,15 @@ class TokenStore:
                     "run 'iotref logout' and log in again",
                     path=path,
                 )
+            saved_sandbox = environment.get("sandbox_id")
+            if saved_sandbox and env.sandbox_id and saved_sandbox != env.sandbox_id:
+                log.info(
+                    "the saved login for %s is from the sandbox %s, not %s: not used",
+                    env,
+                    saved_sandbox,
+                    env.sandbox_id,
+                )
+                return None
             return TokenSet.from_json(data)
         except StoreError:
             raise
@@ -116,6 +128,8 @@ class TokenStore:
             },
             **tokens.to_json(),
         }
+        if env.sandbox_id is not None:
+            data["environment"]["sandbox_id"] = env.sandbox_id
         try:
             ensure_private_dir(self.directory)
             write_atomic(path, json.dumps(data, indent=2).encode() + b"\n", PRIVATE_FILE_MODE)

@@ -7,6 +7,9 @@ DIRECTORY_HOST = "DIRECTORY_HOST"
 DIRECTORY_OAUTH_CLIENT_ID = "DIRECTORY_OAUTH_CLIENT_ID"
 SCOPE = "SCOPE"
 REQUIRED_KEYS = (BASE_URL, DIRECTORY_HOST, DIRECTORY_OAUTH_CLIENT_ID, SCOPE)
+#: iotref's own optional key: the id of the sandbox that wrote the file. A sandbox's data
+#: dir gets a new one, so a new sandbox at the same address is not taken for an old one.
+SANDBOX_ID = "SANDBOX_ID"
 
 DEFAULT_SCOPE = "Org.prinect.onprem.rw,Org.directory.machines.rw,Org.directory.organization.r"
 

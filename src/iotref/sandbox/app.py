@@ -30,12 +30,21 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
-async def _health(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "version": __version__})
+def _health_route(sandbox_id: str | None) -> Route:
+    """``GET /healthz``: running, the version and the sandbox's id (which ``--env local``
+    asks for, to know which sandbox serves the default port)."""
+    body = {"status": "ok", "version": __version__}
+    if sandbox_id:
+        body["sandbox_id"] = sandbox_id
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(body)
+
+    return Route("/healthz", health, methods=["GET"])
 
 
-def build_app(components: Sequence[Component]) -> Starlette:
-    routes: list[BaseRoute] = [Route("/healthz", _health, methods=["GET"])]
+def build_app(components: Sequence[Component], *, sandbox_id: str | None = None) -> Starlette:
+    routes: list[BaseRoute] = [_health_route(sandbox_id)]
     for component in components:
         routes.extend(component.routes())
     routes.append(openapi_route(routes, components))

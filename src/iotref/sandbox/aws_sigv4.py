@@ -117,12 +117,12 @@ def verify(
         raise SignatureError("Missing X-Amz-Date header")
     amz_date = amz_dates[0].strip()
     try:
-        when = dt.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+        when = dt.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
     except ValueError:
         raise SignatureError("X-Amz-Date is not of the form YYYYMMDD'T'HHMMSS'Z'") from None
     if amz_date[:8] != date:
         raise SignatureError("Credential date does not match X-Amz-Date")
-    current = now or dt.datetime.now(dt.UTC)
+    current = now or dt.datetime.now(dt.timezone.utc)
     if abs(current - when) > MAX_CLOCK_SKEW:
         raise SignatureError("Signature expired: the request time is too far from now")
     signed = match["signed"].lower().split(";")

@@ -23,6 +23,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from starlette.routing import BaseRoute
 
@@ -111,6 +112,7 @@ class Broker:
         self.restarts = 0
         self.nofile = nofile_target()
         self._binary = ctx.settings.mosquitto_binary
+        ctx.events.subscribe("ingestion_subscribed", self.save_database)
 
     # --- files -------------------------------------------------------------------------
 
@@ -144,6 +146,18 @@ class Broker:
         if self._proc is None or self._proc.returncode is not None:
             return None
         return self._proc.pid
+
+    def save_database(self, **_: Any) -> None:
+        """Have Mosquitto write its persistence database now (SIGUSR1): the platform's
+        persistent sessions just made survive a crash of the broker from then on."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        log.info("mosquitto (pid %d) asked to save its database", pid)
 
     @property
     def listens_on_ipv6(self) -> bool:
@@ -308,7 +322,7 @@ class Broker:
                     asyncio.open_connection(host, port, ssl=context, server_hostname="localhost"),
                     timeout=2,
                 )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, asyncio.TimeoutError) as exc:
                 last_error = f"{host}:{port}: {exc}"
                 await asyncio.sleep(0.05)
                 continue
@@ -336,7 +350,7 @@ class Broker:
             proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             log.warning(
                 "mosquitto (pid %d) did not stop in %.0fs; killing it", proc.pid, STOP_TIMEOUT
             )

@@ -109,7 +109,7 @@ def check_device_public_key(csr: x509.CertificateSigningRequest) -> None:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -107,6 +107,9 @@ class SandboxContext:
     settings: SandboxSettings
     db: Database
     admin_token: str
+    #: This sandbox's identity, made with its database: a new data dir is a new sandbox,
+    #: even on the same ports. Written into ``env.local`` and served by ``/healthz``.
+    sandbox_id: str = ""
     events: EventHub = field(default_factory=EventHub)
     http_url: str = ""
     mqtt_host: str = MQTT_HOST
@@ -119,20 +122,16 @@ class SandboxContext:
 
     @classmethod
     def open(cls, settings: SandboxSettings) -> SandboxContext:
-        """Open (or create) the data dir's database and admin token."""
+        """Open (or create) the data dir's database, admin token and sandbox id."""
         paths = SandboxPaths(settings.data_dir)
         paths.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(paths.database)
         db.ensure_schema(
             ["CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]
         )
-        row = db.query_one("SELECT value FROM settings WHERE key = 'admin_token'")
-        if row is None:
-            token = secrets.token_urlsafe(32)
-            db.execute("INSERT INTO settings (key, value) VALUES ('admin_token', ?)", (token,))
-        else:
-            token = str(row["value"])
-        return cls(settings=settings, db=db, admin_token=token)
+        token = _setting(db, "admin_token", lambda: secrets.token_urlsafe(32))
+        sandbox_id = _setting(db, "sandbox_id", lambda: secrets.token_hex(8))
+        return cls(settings=settings, db=db, admin_token=token, sandbox_id=sandbox_id)
 
     def check_admin(self, authorization: str | None) -> bool:
         """Whether an ``Authorization: Bearer ...`` header carries the admin token."""
@@ -142,3 +141,13 @@ class SandboxContext:
         return scheme.lower() == "bearer" and secrets.compare_digest(
             value.strip().encode(), self.admin_token.encode()
         )
+
+
+def _setting(db: Database, key: str, make: Callable[[], str]) -> str:
+    """The ``settings`` row ``key``, made with ``make()`` the first time."""
+    row = db.query_one("SELECT value FROM settings WHERE key = ?", (key,))
+    if row is not None:
+        return str(row["value"])
+    value = make()
+    db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
+    return value

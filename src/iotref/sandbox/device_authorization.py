@@ -16,7 +16,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.requests import Request
@@ -87,7 +87,7 @@ def hash_secret(value: str) -> str:
 
 def iso_time(timestamp: float) -> str:
     """ISO-8601 UTC with milliseconds, the way the platform writes times."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

@@ -15,6 +15,17 @@ How it keeps up (20,000+ messages/s on a small machine):
   which the sandbox raises to ``max_queued_messages`` 100,000
   (:data:`iotref.sandbox.broker_config.MAX_QUEUED_MESSAGES`) so a burst is not dropped.
   Fewer than 16 connections were slower again (more queued PUBACKs per connection).
+* Nothing the broker accepted is missed while the ingestion is away: its connections keep
+  persistent sessions (:data:`SESSION_EXPIRY_SECONDS`, client ids stable across restarts
+  of the sandbox) that they rejoin on every connect, so Mosquitto queues telemetry for
+  them meanwhile; and once they have subscribed, Mosquitto is told to save its database
+  (event ``ingestion_subscribed``, see :mod:`iotref.sandbox.broker`), so that a broker
+  that crashes and is restarted still has the sessions before any device reconnects.
+  Mosquitto 2.0 restores a plain subscription with its session, but not a shared one:
+  with several connections (the default), telemetry that a crashed and restarted broker
+  accepts before the ingestion has subscribed again reaches nobody. (AWS IoT Core's rules
+  engine never misses a message the broker took; docs/reliability.md says how the
+  scenarios keep devices out meanwhile.)
 * The clients run in a small child process (:func:`receiver_process_main`) that does
   nothing else: awscrt calls back once per message on its own threads and each callback
   needs Python's GIL, so in the sandbox process, next to the threads that validate and
@@ -87,6 +98,9 @@ from iotref.sandbox.telemetry_store import Record, Retention, TelemetryStore
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "iotref-ingest"
+SESSION_EXPIRY_SECONDS = 3600  # as a device's: the broker queues for a while, not forever
+INGESTION_SUBSCRIBED = "ingestion_subscribed"
+"""Event (``ctx.events``) emitted each time all the ingestion's connections subscribed."""
 DEFAULT_CONNECTIONS = 16  # each adds room for a burst in Mosquitto's per-connection queue
 KEEPALIVE_SECONDS = 30
 RECEIVE_MAXIMUM = 200  # unacknowledged messages per connection (see the module doc)
@@ -380,10 +394,11 @@ def client_options(
         connect_options=mqtt5.ConnectPacket(
             client_id=client_id,
             keep_alive_interval_sec=settings.keepalive,
-            session_expiry_interval_sec=0,
+            session_expiry_interval_sec=SESSION_EXPIRY_SECONDS,
             receive_maximum=settings.receive_maximum,
         ),
-        session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
+        # Rejoin the session on every connect, also the first of a new receiving process.
+        session_behavior=mqtt5.ClientSessionBehaviorType.REJOIN_ALWAYS,
         # Mosquitto, not AWS IoT Core: no IoT Core throughput and size limits client-side.
         extended_validation_and_flow_control_options=(
             mqtt5.ExtendedValidationAndFlowControlOptions.NONE
@@ -620,9 +635,11 @@ class Receiver(threading.Thread):
         builder: RecordBuilder,
         sink: Callable[[list[Record]], None],
         idle: Callable[[], None] | None = None,
+        on_subscribed: Callable[[], None] | None = None,
         meter: QuotaMeter | None = None,
     ) -> None:
         super().__init__(name="ingest-receiver", daemon=True)
+        self.on_subscribed = on_subscribed  # called (on this thread) when all subscribed
         self.settings = settings
         self.builder = builder
         self.sink = sink
@@ -702,7 +719,7 @@ class Receiver(threading.Thread):
                         log.warning("ingestion: the receiving process ended unexpectedly")
                     ended = True
                     break
-                ended = self._handle(item, records)
+                ended = self._handle_item(item, records)
                 if ended or len(records) >= WRITE_BATCH_LIMIT or not conn.poll(0):
                     break
             if records:
@@ -710,7 +727,7 @@ class Receiver(threading.Thread):
             if ended:
                 return
 
-    def _handle(self, item: tuple[Any, ...], records: list[Record]) -> bool:
+    def _handle_item(self, item: tuple[Any, ...], records: list[Record]) -> bool:
         """Handle one item from the receiving process; True once it has stopped."""
         kind = item[0]
         if kind == "messages":
@@ -736,6 +753,11 @@ class Receiver(threading.Thread):
         else:
             self._connections.discard(index)
         if len(self._connections) == len(self.settings.client_ids):
+            if not self.subscribed.is_set() and self.on_subscribed is not None:
+                try:
+                    self.on_subscribed()
+                except Exception:
+                    log.exception("ingestion: the subscribed callback failed")
             self.subscribed.set()
         else:
             self.subscribed.clear()
@@ -840,6 +862,7 @@ class Ingestion:
         self._receivers: list[Receiver] = []
         self._writer: BatchWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._announcing: set[asyncio.Future[None]] = set()
         ctx.events.subscribe("thing_registered", self._on_thing_registered)
 
     @property
@@ -867,15 +890,20 @@ class Ingestion:
             cert_path=str(self.cas.platform_cert_path),
             key_path=str(self.cas.platform_key_path),
             topic_filter=self.topic_filter,
+            # Stable across restarts (the sessions persist), one set per connection count.
             client_ids=tuple(
-                f"iotref-platform-ingest-{os.getpid()}-{index}" for index in range(self.connections)
+                f"iotref-platform-ingest-{self.connections}-{index}"
+                for index in range(self.connections)
             ),
         )
 
     @property
     def topic_filter(self) -> str:
         base = f"{self.telemetry_topic}/#"
-        return f"$share/{SHARE_GROUP}/{base}" if self.connections > 1 else base
+        # A group per connection count: the sessions of another count (an earlier run)
+        # must not take a share of the messages of this one.
+        group = f"{SHARE_GROUP}-{self.connections}"
+        return f"$share/{group}/{base}" if self.connections > 1 else base
 
     @property
     def subscribed(self) -> bool:
@@ -896,6 +924,7 @@ class Ingestion:
             builder,
             self._writer,
             self._writer.housekeeping,
+            on_subscribed=self._announce_subscribed,
             meter=self.meter,
         )
         receiver.start()
@@ -909,6 +938,21 @@ class Ingestion:
             log.warning(
                 "ingestion: not subscribed after %.0f s; still trying", CONNECT_WAIT_SECONDS
             )
+
+    def _announce_subscribed(self) -> None:
+        """From the receiver's thread: tell the other components (the broker saves its
+        database then, see the module docstring)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def emit() -> None:
+            task = asyncio.ensure_future(self.ctx.events.emit(INGESTION_SUBSCRIBED))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(emit)
 
     def _deliver(self, events: list[dict[str, Any]]) -> None:
         loop = self._loop

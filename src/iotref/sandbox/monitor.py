@@ -120,7 +120,7 @@ _REFUSED_PAGE = """<!doctype html>
 
 
 def _asset_text(name: str) -> str:
-    return resources.files("iotref.sandbox").joinpath("monitor_assets", name).read_text("utf-8")
+    return (resources.files("iotref.sandbox") / "monitor_assets" / name).read_text("utf-8")
 
 
 def _api_error(status: int, error: str, description: str) -> ApiError:

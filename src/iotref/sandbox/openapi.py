@@ -192,6 +192,11 @@ def health_fragment() -> Fragment:
                                 "properties": {
                                     "status": {"type": "string", "enum": ["ok"]},
                                     "version": {"type": "string"},
+                                    "sandbox_id": {
+                                        "type": "string",
+                                        "description": "This sandbox's id, as in its "
+                                        "env.local (SANDBOX_ID); new with each data dir.",
+                                    },
                                 },
                                 "additionalProperties": False,
                             },
@@ -513,7 +518,7 @@ def verification_page_fragment() -> Fragment:
 @cache
 def zaikio_description() -> dict[str, Any]:
     """Zaikio's published description of the directory API (v1), as shipped."""
-    text = resources.files(__package__).joinpath("openapi_data", ZAIKIO_DESCRIPTION).read_text()
+    text = (resources.files(__package__) / "openapi_data" / ZAIKIO_DESCRIPTION).read_text()
     document: dict[str, Any] = json.loads(text)
     return document
 

@@ -26,6 +26,7 @@ from iotref.protocol.environment_file import (
     DEFAULT_SCOPE,
     DIRECTORY_HOST,
     DIRECTORY_OAUTH_CLIENT_ID,
+    SANDBOX_ID,
     SCOPE,
     format_env_file,
 )
@@ -208,7 +209,7 @@ class Sandbox:
             for component in self.components:
                 await component.start()
                 started.append(component)
-            app = build_app(self.components)
+            app = build_app(self.components, sandbox_id=ctx.sandbox_id)
             config = uvicorn.Config(
                 app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=3
             )
@@ -266,7 +267,11 @@ class Sandbox:
         shadows = ShadowService(ctx, cas, meter=meter)
         ingestion = Ingestion(ctx, cas, things, meter=meter)
         monitor = Monitor(ctx, ingestion, shadows, directory, things, meter=meter)
-        return [directory, broker, provisioning, bulk_provisioning, shadows, ingestion, monitor]
+        # The ingestion subscribes before the shadow service answers: a device that
+        # boots with the sandbox publishes only once its shadow granted the permission,
+        # and then the ingestion already takes every message (Mosquitto 2.0 does not
+        # restore the ingestion's shared subscription from its database).
+        return [directory, broker, provisioning, bulk_provisioning, ingestion, shadows, monitor]
 
     def _write_files(self, ctx: SandboxContext) -> dict[str, Any]:
         env = {
@@ -274,6 +279,7 @@ class Sandbox:
             DIRECTORY_HOST: ctx.http_url,
             DIRECTORY_OAUTH_CLIENT_ID: self._client_id(),
             SCOPE: DEFAULT_SCOPE,
+            SANDBOX_ID: ctx.sandbox_id,
         }
         _write_atomic(
             self.paths.env_file,
@@ -286,6 +292,7 @@ class Sandbox:
             "pid": os.getpid(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "data_dir": str(self.paths.data_dir.resolve()),
+            "sandbox_id": ctx.sandbox_id,
             "http_url": ctx.http_url,
             "mqtt_host": ctx.mqtt_host,
             "mqtt_port": ctx.mqtt_port,

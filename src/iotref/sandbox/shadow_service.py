@@ -113,7 +113,7 @@ class ShadowService:
         self._runner = asyncio.create_task(self._run(), name="shadow-service-mqtt")
         try:
             await asyncio.wait_for(self._connected.wait(), CONNECT_WAIT_SECONDS)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             log.warning(
                 "shadow service: not connected to the broker after %.0f s; still trying",
                 CONNECT_WAIT_SECONDS,
@@ -191,7 +191,7 @@ class ShadowService:
             if not self._connected.is_set():
                 try:
                     await asyncio.wait_for(self._connected.wait(), PUBLISH_WAIT_SECONDS)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     break
             client = self._client
             if client is None:

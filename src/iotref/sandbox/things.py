@@ -47,7 +47,7 @@ def is_client_id(value: str) -> bool:
 
 
 def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return value.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _parse(value: str) -> dt.datetime:
@@ -134,7 +134,7 @@ class ThingRegistry:
             certificate_pem=certificate_pem,
             serial=serial,
             not_after=not_after,
-            created_at=created_at or dt.datetime.now(dt.UTC).replace(microsecond=0),
+            created_at=created_at or dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
         )
         with self.db.transaction() as conn:
             conn.execute(
@@ -174,7 +174,7 @@ class ThingRegistry:
 
     def mark_revoked(self, client_id: str, when: dt.datetime | None = None) -> Thing | None:
         """Record the revocation (the first time only); ``None`` if there is no such thing."""
-        stamp = _iso(when or dt.datetime.now(dt.UTC))
+        stamp = _iso(when or dt.datetime.now(dt.timezone.utc))
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE things_things SET revoked_at = ? "
