@@ -21,7 +21,7 @@ import pytest
 from bench.bench_ingestion import device_messages
 
 from iotref.device.connection import Connection
-from iotref.protocol import quotas
+from iotref.protocol import limits
 from iotref.sandbox.quota_meter import ARRIVAL_SLACK_SECONDS
 from tests.integration.test_device_connection import settings_for, telemetry_topic
 from tests.support import mqtt_probe
@@ -32,7 +32,7 @@ from tests.support.tokens import provision_device
 pytestmark = pytest.mark.integration
 
 BURST = 1000
-QUOTA = quotas.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
+QUOTA = limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
 
 
 def device_record(sandbox: SandboxProcess, client_id: str) -> dict[str, Any]:
@@ -146,8 +146,8 @@ def test_shadow_requests_count_against_the_connection_and_the_thing(
     assert len(accepted) + len(throttled) == 60
     assert {b["message"] for b in throttled} == {"Too Many Requests"}
     # At most the bucket (20) plus what a few seconds refilled; at least the first ones.
-    assert 1 <= len(accepted) <= quotas.SHADOW_REQUESTS_PER_SECOND_PER_THING + 20 * 5
-    assert len(throttled) >= 60 - quotas.SHADOW_REQUESTS_PER_SECOND_PER_THING - 20 * 5
+    assert 1 <= len(accepted) <= limits.SHADOW_REQUESTS_PER_SECOND_PER_THING + 20 * 5
+    assert len(throttled) >= 60 - limits.SHADOW_REQUESTS_PER_SECOND_PER_THING - 20 * 5
     record = device_record(sandbox, device.client_id)
     assert record["quota"]["messages"] == 60  # on the device's connection
     assert record["quota"]["throttled"] == 0  # 60 requests are within 100 a second
@@ -170,10 +170,10 @@ def test_limits_come_from_sandbox_up_options(sandbox_factory: Any) -> None:
     ).json()
     assert summary["limits"] == {
         "publish_rate": 10,
-        "throughput": quotas.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION,
+        "throughput": limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION,
         "shadow_rate": 2,
-        "shadow_in_flight": quotas.SHADOW_IN_FLIGHT_REQUESTS_PER_THING,
-        "shadow_state_bytes": quotas.SHADOW_STATE_MAX_BYTES,
+        "shadow_in_flight": limits.SHADOW_IN_FLIGHT_REQUESTS_PER_THING,
+        "shadow_state_bytes": limits.SHADOW_STATE_MAX_BYTES,
         "shadow_depth": 3,
     }
     device = provision_device(sandbox)

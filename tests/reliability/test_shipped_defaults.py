@@ -436,7 +436,7 @@ def test_frozen_broker_stop_is_bounded_and_the_next_run_sends_the_rest(
 
 
 def test_revoked_certificate_stop_is_bounded(platform: Platform, store: Path) -> None:
-    """The device's certificate revoked while it runs (the sandbox restarts Mosquitto with
+    """The device's certificate revoked while it runs (the broker disconnects it and reads
     the new CRL; every reconnect fails in TLS), then a run started with the revoked
     certificate: each exits 0 within 12 s, the second one saying why it waits."""
     lines, _ = counted_lines(60, f"revoked-{uuid.uuid4().hex[:6]}")

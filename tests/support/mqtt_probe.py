@@ -46,6 +46,7 @@ class Probe:
         self._cond = threading.Condition()
         self.disconnected = threading.Event()
         self.disconnect_reason: Any = None
+        self.connack_properties: Any = None
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
@@ -140,6 +141,7 @@ def connect(
     host: str = "127.0.0.1",
     client_id: str | None = None,
     clean_start: bool = True,
+    keepalive: int = 30,
     timeout: float = 5,
 ) -> Probe:
     """Connect over TLS with a client certificate; raise :class:`ConnectRefused` if the
@@ -159,6 +161,7 @@ def connect(
 
     def on_connect(c: Any, userdata: Any, flags: Any, code: ReasonCode, props: Any) -> None:
         outcome["code"] = code
+        probe.connack_properties = props
         connected.set()
 
     def on_disconnect(c: Any, userdata: Any, flags: Any, code: Any, props: Any) -> None:
@@ -172,7 +175,7 @@ def connect(
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 0 if clean_start else 3600
     try:
-        client.connect(host, port, keepalive=30, clean_start=clean_start, properties=props)
+        client.connect(host, port, keepalive=keepalive, clean_start=clean_start, properties=props)
     except (OSError, ssl.SSLError) as exc:
         raise ConnectRefused(f"connect failed: {exc}") from exc
     client.loop_start()

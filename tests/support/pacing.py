@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from iotref.protocol.quotas import SHADOW_REQUESTS_PER_SECOND_PER_THING
+from iotref.protocol.limits import SHADOW_REQUESTS_PER_SECOND_PER_THING
 from iotref.protocol.token_bucket import TokenBucket
 
 SHADOW_PACE = SHADOW_REQUESTS_PER_SECOND_PER_THING - 2  # requests a second, with room

@@ -265,6 +265,22 @@ def test_valid_message_becomes_a_valid_record() -> None:
     assert record.body == raw
 
 
+@pytest.mark.parametrize(
+    ("topic", "problem"),
+    [
+        (f"connectprint/telemetry/other-org/{CLIENT}", "organization"),
+        (f"connectprint/telemetry/{ORG}/iotref-stranger", "unknown client id"),
+        (f"connectprint/telemetry/{ORG}", "topic is not"),
+        (f"connectprint/telemetry/{ORG}/{CLIENT}/extra", "topic is not"),
+    ],
+)
+def test_a_message_on_a_wrong_topic_is_never_valid(topic: str, problem: str) -> None:
+    record = builder().build(topic, message(), 1.0)
+    assert problem in (record.topic_problem or "")
+    assert record.errors is None  # the body itself is fine
+    assert not record.valid
+
+
 def test_invalid_json_keeps_the_parser_reason() -> None:
     record = builder().build(TOPIC, b"{not json", 1.0)
     assert not record.valid

@@ -48,11 +48,23 @@ class FakeDirectory:
 
 
 class FakeBroker:
-    def __init__(self) -> None:
-        self.reloads = 0
+    """Records what the broker was asked, and what the registry and the CA held then."""
 
-    async def reload_crl(self) -> None:
-        self.reloads += 1
+    def __init__(self) -> None:
+        self.things: ThingRegistry | None = None
+        self.cas: CertificateAuthorities | None = None
+        self.applied: list[list[str]] = []  # registered client ids at each apply_policies()
+        self.revoked: list[tuple[str, bool, bool]] = []  # (id, marked revoked, in the CRL)
+
+    async def apply_policies(self) -> None:
+        assert self.things is not None
+        self.applied.append([t.client_id for t in self.things.list()])
+
+    async def revoke(self, client_id: str) -> None:
+        assert self.things is not None and self.cas is not None
+        thing = self.things.get(client_id)
+        assert thing is not None
+        self.revoked.append((client_id, thing.revoked, self.cas.is_revoked(thing.serial)))
 
 
 @pytest.fixture
@@ -70,6 +82,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[TestClient, SandboxContext, FakeBrok
         sites={"site-1": FakeSite("org-1"), "site-2": FakeSite("org-2")},
     )
     broker = FakeBroker()
+    broker.things, broker.cas = ThingRegistry(ctx.db), cas
     events: list[Thing] = []
     ctx.events.subscribe("thing_registered", lambda thing: events.append(thing))
     provisioning = Provisioning(ctx, directory, cas, ThingRegistry(ctx.db), cast(Broker, broker))
@@ -83,11 +96,13 @@ def _body(site: str = "site-1") -> dict[str, Any]:
 
 
 def test_success_emits_thing_registered(setup: Any) -> None:
-    client, _ctx, _broker, events = setup
+    client, _ctx, broker, events = setup
     answer = client.post("/v4/provisioning", json=_body(), headers={"Authorization": "Bearer good"})
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert set(body) == {"deviceCert", "clientId", "orgId"}
+    # the broker had the new thing's policy before the device got its certificate
+    assert broker.applied == [[body["clientId"]]]
     assert [t.client_id for t in events] == [body["clientId"]]
     assert events[0].org_id == "org-1"
     assert events[0].site_id == "site-1"
@@ -108,12 +123,13 @@ def test_success_emits_thing_registered(setup: Any) -> None:
 def test_refusals_leave_nothing(
     setup: Any, token: str | None, body: Any, status: int, error: str
 ) -> None:
-    client, ctx, _broker, events = setup
+    client, ctx, broker, events = setup
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     answer = client.post("/v4/provisioning", json=body, headers=headers)
     assert answer.status_code == status, answer.text
     assert answer.json()["error"] == error
     assert events == []
+    assert broker.applied == []
     assert ThingRegistry(ctx.db).count() == 0
 
 
@@ -128,10 +144,11 @@ def test_admin_revoke(setup: Any) -> None:
     assert answer.status_code == 200
     assert answer.json()["revokedAt"]
     assert not answer.json()["alreadyRevoked"]
-    assert broker.reloads == 1
+    # CRL and registry first, then the broker
+    assert broker.revoked == [(client_id, True, True)]
     again = client.post(f"/admin/things/{client_id}/revoke", headers=admin)
     assert again.json()["alreadyRevoked"]
-    assert broker.reloads == 1
+    assert len(broker.revoked) == 1
     listing = client.get("/admin/things", headers=admin).json()["things"]
     assert [t["clientId"] for t in listing] == [client_id]
     assert client.get(f"/admin/things/{client_id}", headers=admin).json()["certificatePem"]

@@ -11,6 +11,12 @@ from pathlib import Path
 import click
 
 from iotref.cli.sandbox_limit_options import limit_options, limits_from
+from iotref.protocol.limits import (
+    DEFAULT_SESSION_EXPIRY_SECONDS,
+    MAX_KEEPALIVE_SECONDS,
+    MAX_PAYLOAD_BYTES,
+    MAX_SESSION_EXPIRY_SECONDS,
+)
 from iotref.sandbox.context import (
     DEFAULT_DATA_DIR,
     DEFAULT_HTTP_PORT,
@@ -96,6 +102,30 @@ def sandbox() -> None:
     show_default=True,
     help="Seconds a stored telemetry message is kept (by receive time); 0: no limit.",
 )
+@click.option(
+    "--max-payload-bytes",
+    type=click.IntRange(1024, 256 * 1024 * 1024),
+    default=MAX_PAYLOAD_BYTES,
+    show_default=True,
+    help="Largest publish payload the broker accepts (AWS IoT Core: 128 KB); a packet over "
+    "this plus 4 KiB of headers is answered with a disconnect.",
+)
+@click.option(
+    "--max-keepalive",
+    type=click.IntRange(10, 65535),
+    default=MAX_KEEPALIVE_SECONDS,
+    show_default=True,
+    help="Keep-alive, seconds, the broker grants an MQTT 5 client asking for more or for 0 "
+    "(AWS IoT Core: 1200).",
+)
+@click.option(
+    "--session-expiry-hours",
+    type=click.IntRange(1, MAX_SESSION_EXPIRY_SECONDS // 3600),
+    default=DEFAULT_SESSION_EXPIRY_SECONDS // 3600,
+    show_default=True,
+    help="Longest time a persistent session outlives its connection (AWS IoT Core: 1 hour "
+    "by default, up to 7 days).",
+)
 @limit_options
 def up(
     data_dir: Path,
@@ -108,6 +138,9 @@ def up(
     poll_interval: int,
     telemetry_max_messages: int,
     telemetry_max_age: int,
+    max_payload_bytes: int,
+    max_keepalive: int,
+    session_expiry_hours: int,
     **limits: int,
 ) -> int:
     """Start the sandbox and run until Ctrl-C or SIGTERM."""
@@ -122,6 +155,9 @@ def up(
         poll_interval=poll_interval,
         telemetry_max_messages=telemetry_max_messages,
         telemetry_max_age=telemetry_max_age,
+        max_payload_bytes=max_payload_bytes,
+        max_keepalive=max_keepalive,
+        session_expiry_hours=session_expiry_hours,
         limits=limits_from(limits),
     )
     code = run_sandbox(settings)
@@ -155,7 +191,7 @@ def status(data_dir: Path, as_json: bool) -> None:
 def revoke(client_id: str, data_dir: Path) -> None:
     """Revoke CLIENT_ID's certificate on the sandbox running on DATA_DIR.
 
-    Mosquitto restarts with the new CRL: the device is dropped now and refused from now on.
+    The device is disconnected now and refused from now on; every other connection stays.
     """
     import httpx
 

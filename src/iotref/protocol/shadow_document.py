@@ -19,20 +19,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from iotref.protocol import quotas
+from iotref.protocol import limits as platform_limits
 
 JsonObject = dict[str, Any]
 
 SECTIONS = ("desired", "reported")
-MAX_STATE_BYTES = quotas.SHADOW_STATE_MAX_BYTES
+MAX_STATE_BYTES = platform_limits.SHADOW_STATE_MAX_BYTES
 """``desired`` and ``reported`` together (metadata excluded), as compact UTF-8 JSON."""
-MAX_PAYLOAD_BYTES = quotas.MESSAGE_PAYLOAD_MAX_BYTES
+MAX_PAYLOAD_BYTES = platform_limits.MAX_PAYLOAD_BYTES
 """A request larger than an MQTT message may be is refused before it is parsed."""
-MAX_DEPTH = quotas.SHADOW_MAX_DEPTH
+MAX_DEPTH = platform_limits.SHADOW_MAX_DEPTH
 """Levels of nesting inside ``desired`` or ``reported``."""
-MAX_CLIENT_TOKEN_BYTES = quotas.SHADOW_CLIENT_TOKEN_MAX_BYTES
-MAX_THING_NAME_BYTES = quotas.THING_NAME_MAX_BYTES
-MAX_SHADOW_NAME_BYTES = quotas.SHADOW_NAME_MAX_BYTES
+MAX_CLIENT_TOKEN_BYTES = platform_limits.SHADOW_CLIENT_TOKEN_MAX_BYTES
+MAX_THING_NAME_BYTES = platform_limits.THING_NAME_MAX_BYTES
+MAX_SHADOW_NAME_BYTES = platform_limits.SHADOW_NAME_MAX_BYTES
 THING_NAME_PATTERN = re.compile(rf"^[a-zA-Z0-9:_-]{{1,{MAX_THING_NAME_BYTES}}}$")
 """Thing names, as in AWS IoT's API reference (ASCII, so bytes and characters agree)."""
 SHADOW_NAME_PATTERN = re.compile(rf"^[$a-zA-Z0-9:_-]{{1,{MAX_SHADOW_NAME_BYTES}}}$")

@@ -1,10 +1,12 @@
 """Mosquitto run and supervised by the sandbox: the MQTT side of the platform.
 
-Owns the broker process: writes ``mosquitto.conf``, the ACL file and the CRL into the
-broker dir, starts Mosquitto, waits until its TLS listeners answer, restarts it (with a
-backoff) when it dies unexpectedly, restarts it on demand (e.g. after a revocation), and
-stops it with the sandbox. Mosquitto gets ``PR_SET_PDEATHSIG`` so it never outlives a
-killed sandbox.
+Owns the broker process: writes ``mosquitto.conf``, the ACL file (every thing's policy),
+the CRL and the dynamic-security plugin's file into the broker dir, starts Mosquitto, waits
+until its TLS listeners answer, restarts it (with a backoff) when it dies unexpectedly, and
+stops it with the sandbox. While it runs, a provisioned or revoked thing's policy takes
+effect through a reload (SIGHUP: the ACL file and the CRL are read again, no connection is
+dropped), and a revoked thing is disconnected through the dynamic-security plugin. Mosquitto
+gets ``PR_SET_PDEATHSIG`` so it never outlives a killed sandbox.
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from starlette.routing import BaseRoute
 
+from iotref.sandbox import dynamic_security as dynsec
 from iotref.sandbox.broker_config import (
     PLATFORM_MAX_CONNECTIONS,
     TELEMETRY_TOPIC,
     BrokerConfig,
+    BrokerLimits,
     Listener,
+    ThingPolicy,
+    is_topic_level,
     render_acl,
     render_config,
 )
@@ -51,6 +58,7 @@ STABLE_AFTER = 30.0  # a run this long resets the backoff
 FD_RESERVE = 512  # descriptors kept for listeners, log, persistence, platform clients
 NOFILE_CAP = 1 << 20  # used when the hard limit is "unlimited"
 _PR_SET_PDEATHSIG = 1
+DYNSEC_PLUGIN_ENV = "IOTREF_DYNSEC_PLUGIN"
 
 
 class BrokerError(SandboxError):
@@ -112,6 +120,16 @@ class Broker:
         self.restarts = 0
         self.nofile = nofile_target()
         self._binary = ctx.settings.mosquitto_binary
+        self._plugin: Path | None = None
+        settings = ctx.settings
+        self.limits = BrokerLimits(
+            max_payload_bytes=settings.max_payload_bytes,
+            max_keepalive=settings.max_keepalive,
+            session_expiry_hours=settings.session_expiry_hours,
+        )
+        self._policy_requests = 0
+        self._policy_applied = 0
+        self._unusable: set[str] = set()
         ctx.events.subscribe("ingestion_subscribed", self.save_database)
 
     # --- files -------------------------------------------------------------------------
@@ -131,6 +149,11 @@ class Broker:
     @property
     def crl_path(self) -> Path:
         return self.broker_dir / "crl.pem"
+
+    @property
+    def dynsec_path(self) -> Path:
+        """The dynamic-security plugin's file (kept by the plugin while Mosquitto runs)."""
+        return self.broker_dir / "dynamic-security.json"
 
     @property
     def log_path(self) -> Path:
@@ -167,12 +190,12 @@ class Broker:
         return []
 
     def write_files(self) -> None:
-        """Write the ACL, the CRL and ``mosquitto.conf`` into the broker dir."""
+        """Write every file Mosquitto reads into the broker dir (Mosquitto not running)."""
         self.broker_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.broker_dir, 0o700)
         self.ctx.paths.log_dir.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(self.acl_path, render_acl(self.telemetry_topic).encode(), 0o600)
-        self._copy_crl()
+        revoked = self._write_policy_files()
+        dynsec.reconcile(self.dynsec_path, revoked)
         device_connections = max(self.nofile - FD_RESERVE - PLATFORM_MAX_CONNECTIONS, 64)
         cas = self.cas
         device_listeners = [LOOPBACK] + ([IPV6_LOOPBACK] if self._ipv6 else [])
@@ -205,8 +228,30 @@ class Broker:
             keyfile=cas.broker_key_path.resolve(),
             listeners=listeners,
             run_as_root=os.geteuid() == 0,
+            dynsec_plugin=self._plugin,
+            dynsec_config=self.dynsec_path.resolve(),
+            limits=self.limits,
         )
         write_file_atomic(self.config_path, render_config(config).encode(), 0o600)
+
+    def _write_policy_files(self) -> list[str]:
+        """Write the ACL file (from the thing registry) and the CRL; the revoked things."""
+        requested = self._policy_requests
+        policies: list[ThingPolicy] = []
+        revoked: list[str] = []
+        for client_id, org_id, is_revoked in self.things.policies():
+            if is_revoked:
+                revoked.append(client_id)
+            elif is_topic_level(client_id) and is_topic_level(org_id):
+                policies.append(ThingPolicy(client_id, org_id))
+            elif client_id not in self._unusable:
+                self._unusable.add(client_id)
+                log.error("thing %r has an id unusable in a topic; it gets no rights", client_id)
+        acl = render_acl(policies, self.telemetry_topic)
+        write_file_atomic(self.acl_path, acl.encode(), 0o600)
+        self._copy_crl()
+        self._policy_applied = max(self._policy_applied, requested)
+        return revoked
 
     def _copy_crl(self) -> None:
         write_file_atomic(self.crl_path, self.cas.crl_path.read_bytes(), 0o644)
@@ -221,6 +266,15 @@ class Broker:
                 "install Mosquitto (e.g. apt-get install mosquitto) or put it on PATH"
             )
         self._binary = binary
+        configured = self.ctx.settings.dynsec_plugin or os.environ.get(DYNSEC_PLUGIN_ENV)
+        plugin = dynsec.find_plugin(configured)
+        if plugin is None:
+            where = configured or f"the usual library folders ({dynsec.PLUGIN_FILE})"
+            raise BrokerError(
+                f"Mosquitto's dynamic-security plugin was not found in {where}; install "
+                f"Mosquitto 2.0 or newer with its plugins, or set {DYNSEC_PLUGIN_ENV} to its path"
+            )
+        self._plugin = plugin
         self._stopping = False
         self._ipv6 = ipv6_loopback_free(self.ctx.mqtt_port)
         if not self._ipv6:
@@ -246,7 +300,8 @@ class Broker:
             await self._terminate()
 
     async def restart(self) -> None:
-        """Stop Mosquitto (it saves its sessions) and start it again with fresh files."""
+        """Stop Mosquitto (it saves its sessions) and start it again with fresh files; every
+        connection is dropped. Policies and revocations do not need this."""
         async with self._lock:
             if self._stopping:
                 return
@@ -259,10 +314,57 @@ class Broker:
                 self._expected_exit = False
         log.info("mosquitto restarted (pid %s)", self.pid)
 
-    async def reload_crl(self) -> None:
-        """Rewrite the CRL and restart Mosquitto: revoked clients are dropped and refused."""
-        self.cas.write_crl()
-        await self.restart()
+    async def apply_policies(self) -> None:
+        """Make the registry's things and revocations the broker's: rewrite the ACL file and
+        the CRL and have Mosquitto read them again (SIGHUP; no connection is dropped).
+        Returns once Mosquitto has; calls made meanwhile share one reload."""
+        self._policy_requests += 1
+        wanted = self._policy_requests
+        async with self._lock:
+            if self._policy_applied >= wanted:
+                return
+            self._write_policy_files()
+            proc = self._proc
+            if self._stopping or proc is None or proc.returncode is not None:
+                return  # the next start reads the files
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+            try:
+                async with self._control().session() as session:
+                    await dynsec.barrier(session)
+            except (dynsec.DynsecError, aiomqtt.MqttError, OSError) as exc:
+                log.warning("mosquitto reloads its policies; not confirmed: %s", exc)
+
+    async def revoke(self, client_id: str) -> None:
+        """Disconnect ``client_id`` now and refuse it from now on (its certificate must be
+        revoked and the thing marked revoked first): a disabled client with no rights in
+        the dynamic-security plugin, no policy in the ACL file, the new CRL read by
+        Mosquitto. Every other connection stays up."""
+        await self._disable(client_id)
+        await self.apply_policies()
+        # A reconnect between the first disable and the reload got in with no rights at
+        # all; the CRL refuses it from now on, this disconnects it.
+        await self._disable(client_id)
+
+    async def _disable(self, client_id: str) -> None:
+        proc = self._proc
+        if self._stopping or proc is None or proc.returncode is not None:
+            return  # the plugin's file is brought in line before the next start
+        try:
+            async with self._control().session() as session:
+                await dynsec.revoke(session, client_id)
+        except (dynsec.DynsecError, aiomqtt.MqttError, OSError) as exc:
+            log.error("disconnecting revoked %s failed: %s", client_id, exc)
+            return
+        log.info("%s disabled in the broker (disconnected)", client_id)
+
+    def _control(self) -> dynsec.DynsecControl:
+        return dynsec.DynsecControl(
+            self.ctx.platform_mqtt_port,
+            self.cas.ca_bundle_path,
+            self.cas.platform_cert_path,
+            self.cas.platform_key_path,
+        )
 
     # --- internals ---------------------------------------------------------------------
 

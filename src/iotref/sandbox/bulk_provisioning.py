@@ -136,6 +136,7 @@ class BulkProvisioning:
                 )
             )
         self.provisioned += len(things)
+        await self.provisioning.broker.apply_policies()
         await self._announce(things)
         log.info(
             "bulk-provisioned %d things for organization %s, site %s", len(things), org_id, site_id

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iotref.protocol.limits import (
+    DEFAULT_SESSION_EXPIRY_SECONDS,
+    MAX_KEEPALIVE_SECONDS,
+    MAX_PAYLOAD_BYTES,
+)
 from iotref.sandbox.database import Database
 from iotref.sandbox.limits import SandboxLimits
 
@@ -40,7 +45,11 @@ class SandboxSettings:
     poll_interval: int = 5
     telemetry_max_messages: int = 1_000_000  # stored telemetry messages kept; 0: no limit
     telemetry_max_age: int = 7 * 24 * 3600  # seconds a stored message is kept; 0: no limit
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES  # broker-enforced platform limits
+    max_keepalive: int = MAX_KEEPALIVE_SECONDS
+    session_expiry_hours: int = DEFAULT_SESSION_EXPIRY_SECONDS // 3600
     mosquitto_binary: str = "mosquitto"
+    dynsec_plugin: str | None = None  # Mosquitto's dynamic-security plugin; None: search
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     """AWS IoT Core's per-device limits the sandbox applies (``sandbox up`` options)."""
 

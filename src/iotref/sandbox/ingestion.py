@@ -48,7 +48,9 @@ How it keeps up (20,000+ messages/s on a small machine):
   :func:`iotref.protocol.message_schemas.parse_json`) and validates each message with
   the platform's schemas (:class:`iotref.protocol.message_schemas.MessageValidator`),
   checks its topic against the thing registry (org id and client id of
-  ``{telemetryTopic}/{orgId}/{clientId}``; a topic that checked out is remembered) and
+  ``{telemetryTopic}/{orgId}/{clientId}``; a topic that checked out is remembered; a
+  message on a topic that does not is stored with its ``topic_problem`` and counted as
+  invalid, whatever its body) and
   stores whatever has arrived meanwhile in ``telemetry.db`` (:mod:`telemetry_store`),
   one transaction per batch (:class:`BatchWriter`, rows inserted with one
   ``executemany``, a 32 MB page cache); duplicates (same ``sendereventuuid``) are
@@ -213,9 +215,11 @@ class RecordBuilder:
         value, parse_issue = parse_json(body)
         issues = [parse_issue] if parse_issue is not None else self.validator.validate(value)
         errors = [{"path": i.path, "reason": i.message} for i in issues] if issues else None
+        # A message on a topic that is not its sender's own is never valid, whatever its body.
+        valid = not issues and problem is None
         if type(value) is not dict:
             return Record(
-                received_at, topic, client_id, org_id, problem, None, not issues, errors,
+                received_at, topic, client_id, org_id, problem, None, valid, errors,
                 None, None, None, None, None, None, None, None, None, body,
             )  # fmt: skip
         # Parsed JSON holds exact types only (no subclasses): ``type(x) is ...`` is enough.
@@ -243,7 +247,7 @@ class RecordBuilder:
             org_id,
             problem,
             uuid if type(uuid) is str else None,
-            not issues,
+            valid,
             errors,
             eventtype if type(eventtype) is str else None,
             eventsubtype if type(eventsubtype) is str else None,

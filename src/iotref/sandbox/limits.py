@@ -1,5 +1,5 @@
 """The AWS IoT Core limits a sandbox applies to devices, with AWS's values as defaults
-(:mod:`iotref.protocol.quotas`); ``iotref sandbox up`` options change them.
+(:mod:`iotref.protocol.limits`); ``iotref sandbox up`` options change them.
 
 Mosquitto cannot throttle a connection, so the per-connection publish rate and throughput
 are measured (:mod:`iotref.sandbox.quota_meter`): what AWS IoT Core would have throttled is
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from iotref.protocol import quotas
+from iotref.protocol import limits
 from iotref.protocol.shadow_document import ShadowLimits
 
 
@@ -20,17 +20,17 @@ from iotref.protocol.shadow_document import ShadowLimits
 class SandboxLimits:
     """Per-device limits; a rate of 0 switches that limit off."""
 
-    publish_rate: int = quotas.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
+    publish_rate: int = limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
     """Publish requests a second per connection (measured)."""
-    throughput: int = quotas.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
+    throughput: int = limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
     """Bytes a second per connection (measured)."""
-    shadow_rate: int = quotas.SHADOW_REQUESTS_PER_SECOND_PER_THING
+    shadow_rate: int = limits.SHADOW_REQUESTS_PER_SECOND_PER_THING
     """Shadow requests a second per thing (enforced: 429)."""
-    shadow_in_flight: int = quotas.SHADOW_IN_FLIGHT_REQUESTS_PER_THING
+    shadow_in_flight: int = limits.SHADOW_IN_FLIGHT_REQUESTS_PER_THING
     """Shadow requests per thing started and not yet answered (enforced: 429)."""
-    shadow_state_bytes: int = quotas.SHADOW_STATE_MAX_BYTES
+    shadow_state_bytes: int = limits.SHADOW_STATE_MAX_BYTES
     """Desired and reported state of one shadow together (enforced: 413)."""
-    shadow_depth: int = quotas.SHADOW_MAX_DEPTH
+    shadow_depth: int = limits.SHADOW_MAX_DEPTH
     """Levels of nesting in desired or reported (enforced: 400)."""
 
     def __post_init__(self) -> None:

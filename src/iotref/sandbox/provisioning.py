@@ -168,6 +168,7 @@ class Provisioning:
             serial=cert.serial_number,
             not_after=cert.not_valid_after_utc,
         )
+        await self.broker.apply_policies()
         log.info("provisioned thing %s for organization %s, site %s", client_id, org_id, site_id)
         await self.ctx.events.emit(THING_REGISTERED, thing=thing)
         return JSONResponse({"deviceCert": cert_pem, "clientId": client_id, "orgId": org_id})
@@ -210,7 +211,8 @@ class Provisioning:
 
     async def admin_revoke(self, request: Request) -> JSONResponse:
         """Revoke the thing's certificate: CRL first, then the registry, then the broker
-        restarts so that the device is dropped now and refused from now on."""
+        disconnects the device and refuses it from now on (no other connection is
+        touched)."""
         self._admin(request)
         client_id = request.path_params["client_id"]
         thing = self.things.get(client_id)
@@ -220,6 +222,6 @@ class Provisioning:
         if not already:
             self.cas.revoke(thing.serial)
             thing = self.things.mark_revoked(client_id) or thing
-            await self.broker.reload_crl()
+            await self.broker.revoke(client_id)
             log.info("revoked thing %s", client_id)
         return JSONResponse({**thing.to_json(), "alreadyRevoked": already})

@@ -158,6 +158,14 @@ class ThingRegistry:
         row = self.db.query_one("SELECT * FROM things_things WHERE client_id = ?", (client_id,))
         return _row_to_thing(row) if row is not None else None
 
+    def policies(self) -> list[tuple[str, str, bool]]:
+        """``(client_id, org_id, revoked)`` of every thing, oldest first: what the broker's
+        policies are made of (no certificates read)."""
+        rows = self.db.query_all(
+            "SELECT client_id, org_id, revoked_at FROM things_things ORDER BY created_at, client_id"
+        )
+        return [(row["client_id"], row["org_id"], row["revoked_at"] is not None) for row in rows]
+
     def list(self, org_id: str | None = None) -> list[Thing]:
         if org_id is None:
             rows = self.db.query_all("SELECT * FROM things_things ORDER BY created_at, client_id")

@@ -1,0 +1,71 @@
+"""AWS IoT Core's limits as the sandbox's broker enforces them, with the shipped defaults:
+the payload size and the keep-alive range (see docs/configuration.md, "Platform limits",
+for those Mosquitto cannot enforce)."""
+
+from __future__ import annotations
+
+import pytest
+
+from iotref.protocol.limits import MAX_KEEPALIVE_SECONDS, MAX_PAYLOAD_BYTES
+from iotref.sandbox.broker_config import PACKET_OVERHEAD_BYTES, TELEMETRY_TOPIC
+from tests.support.mqtt_probe import Probe, connect, device_probe
+from tests.support.sandbox_process import SandboxProcess
+from tests.support.tokens import provision_device
+
+pytestmark = pytest.mark.integration
+
+PACKET_TOO_LARGE = 0x95
+
+
+def watcher(sandbox: SandboxProcess) -> Probe:
+    return connect(
+        int(sandbox.info["platform_mqtt_port"]),
+        sandbox.info["ca_file"],
+        sandbox.info["operator_cert"],
+        sandbox.info["operator_key"],
+    )
+
+
+def test_the_largest_payload_passes_and_a_larger_packet_is_refused(
+    sandbox: SandboxProcess,
+) -> None:
+    device = provision_device(sandbox)
+    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    largest = b"x" * MAX_PAYLOAD_BYTES
+    too_large = b"y" * (MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES + 1)
+    with watcher(sandbox) as operator, device_probe(sandbox, device) as dev:
+        assert operator.subscribe(topic) == [1]
+        props = dev.connack_properties
+        assert props.MaximumPacketSize == MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES
+        assert dev.publish(topic, largest) == 0
+        assert operator.wait_for(topic).payload == largest
+        dev.client.reconnect_delay_set(60, 60)  # stay down once dropped
+        dev.client.publish(topic, too_large, qos=1)
+        assert dev.disconnected.wait(5)
+        assert dev.disconnect_reason.value == PACKET_TOO_LARGE
+        assert operator.received_on(topic, within=0.5) == []
+
+
+@pytest.mark.parametrize(
+    ("asked", "granted"),
+    [
+        (0, MAX_KEEPALIVE_SECONDS),  # "no keep-alive": the platform's default
+        (MAX_KEEPALIVE_SECONDS + 1, MAX_KEEPALIVE_SECONDS),
+        (65535, MAX_KEEPALIVE_SECONDS),
+        (MAX_KEEPALIVE_SECONDS, None),  # within the range: kept, no Server Keep Alive
+        (60, None),
+    ],
+)
+def test_keepalive_above_the_range_is_lowered_in_the_connack(
+    sandbox: SandboxProcess, asked: int, granted: int | None
+) -> None:
+    device = provision_device(sandbox)
+    probe = connect(
+        sandbox.mqtt_port,
+        sandbox.info["ca_file"],
+        device.cert_path,
+        device.key_path,
+        keepalive=asked,
+    )
+    with probe:
+        assert getattr(probe.connack_properties, "ServerKeepAlive", None) == granted
