@@ -82,10 +82,9 @@ shadows": the shadow supports 8 KB of data, only the desired and reported state 
 toward it). Over it: 413 "The payload exceeds the maximum size allowed"."""
 
 SHADOW_MAX_DEPTH: Final = 6
-"""Levels of nesting in desired or reported: the 400 answer's own words, "JSON contains too
-many levels of nesting; maximum is 6" ("Device Shadow error messages"). The quotas table has
-given other figures in its revisions (5, and 8 in the current one, as quoted elsewhere); the
-sandbox keeps the strictest documented one, so a document it takes fits every revision."""
+"""Levels of nesting in desired or reported, in the 400 answer's own words: "JSON contains
+too many levels of nesting; maximum is 6" ("Device Shadow error messages"). Where AWS's
+pages differ on this figure, the strictest one is kept (see docs/configuration.md)."""
 
 SHADOW_REQUESTS_PER_SECOND_PER_THING: Final = 20
 """Shadow requests a second for one thing (General Reference, Device Shadow: 20 requests
