@@ -34,6 +34,7 @@ from iotref.protocol import shadow_document as sd
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import SHADOW_RESPONSE_SUFFIXES, shadow_prefix
 from tests.support import mqtt_probe
+from tests.support.pacing import Pacer
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -194,11 +195,9 @@ def huge(draw: st.DrawFn) -> Request:
         return Request(
             operation, _dump(doc), Expected(413, sd.MSG_TOO_LARGE), f"{operation} over 128 KB"
         )
-    size = draw(st.integers(sd.MAX_SECTION_BYTES, sd.MAX_SECTION_BYTES * 4))
+    size = draw(st.integers(sd.MAX_STATE_BYTES, sd.MAX_STATE_BYTES * 4))
     doc = {"state": {"desired": {"blob": "x" * size}}, "clientToken": token}
-    return Request(
-        "update", _dump(doc), Expected(413, sd.MSG_TOO_LARGE, token), "section over 8 KB"
-    )
+    return Request("update", _dump(doc), Expected(413, sd.MSG_TOO_LARGE, token), "state over 8 KB")
 
 
 @st.composite
@@ -313,6 +312,7 @@ class Device:
             base = shadow_prefix(self.thing, shadow)
             codes = self.probe.subscribe(*(f"{base}/{s}" for s in SHADOW_RESPONSE_SUFFIXES))
             assert all(code <= 2 for code in codes), codes
+        self.pacer = Pacer()  # within the thing's shadow requests a second
 
     def close(self) -> None:
         self.probe.close()
@@ -328,6 +328,7 @@ class Device:
         """
         self._drain()
         base = shadow_prefix(self.thing, shadow)
+        self.pacer.wait()
         assert self.probe.publish(f"{base}/{operation}", payload) < 0x80
         wanted = {
             f"{base}/{operation}/accepted": "accepted",

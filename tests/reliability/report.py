@@ -331,24 +331,24 @@ def oversize_section(results: list[dict[str, Any]]) -> list[str]:
 
 def api_fuzz_section(results: list[dict[str, Any]]) -> list[str]:
     """The HTTP API fuzzing of tests/integration/test_api_fuzz.py: requests and answers."""
-    runs = [r for r in results if r["kind"] == "api_fuzz"]
+    runs = [r for r in results if r["kind"] == "api_fuzz_checks"]
     out = [
         "## HTTP API fuzzing",
         "",
         "Schemathesis against the sandbox's OpenAPI description (every operation, positive "
         "and negative inputs, with valid, missing and wrong credentials), the success "
         "answers random inputs do not reach, and hostile bodies; every answer tallied by "
-        "status class (tests/integration/test_api_fuzz.py).",
+        "status class, every Schemathesis check applied (tests/integration/test_api_fuzz.py).",
         "",
     ]
     if not runs:
         return [*out, "Not run.", ""]
     return out + _table(
         ["operations", "examples per operation (seed)", "requests sent", "2xx", "3xx",
-         "4xx", "5xx"],
+         "4xx", "5xx", "check failures"],
         [[r["operations"], f"{r['examples_per_operation']} ({r['seed']})", r["requests"],
           r["by_class"].get("2xx", 0), r["by_class"].get("3xx", 0),
-          r["by_class"].get("4xx", 0), r["server_errors"]]
+          r["by_class"].get("4xx", 0), r["server_errors"], r["failures"]]
          for r in runs],
     )  # fmt: skip
 

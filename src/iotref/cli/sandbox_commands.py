@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from iotref.cli.sandbox_limit_options import limit_options, limits_from
 from iotref.protocol.limits import (
     DEFAULT_SESSION_EXPIRY_SECONDS,
     MAX_KEEPALIVE_SECONDS,
@@ -125,6 +126,7 @@ def sandbox() -> None:
     help="Longest time a persistent session outlives its connection (AWS IoT Core: 1 hour "
     "by default, up to 7 days).",
 )
+@limit_options
 def up(
     data_dir: Path,
     http_port: int,
@@ -139,6 +141,7 @@ def up(
     max_payload_bytes: int,
     max_keepalive: int,
     session_expiry_hours: int,
+    **limits: int,
 ) -> int:
     """Start the sandbox and run until Ctrl-C or SIGTERM."""
     settings = SandboxSettings(
@@ -155,6 +158,7 @@ def up(
         max_payload_bytes=max_payload_bytes,
         max_keepalive=max_keepalive,
         session_expiry_hours=session_expiry_hours,
+        limits=limits_from(limits),
     )
     code = run_sandbox(settings)
     if code:
