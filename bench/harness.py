@@ -2,8 +2,9 @@
 
 A module ``bench/bench_<name>.py`` defines ``run(ctx: BenchContext) -> list[Figure]``.
 ``ctx.sandbox()`` starts one real sandbox (auto-approve, free ports, temporary data dir)
-shared by every benchmark of the run. Compare against a peer measured in the same run
-and report the ratio: the machine is shared and noisy.
+shared by every benchmark of the run; ``ctx.sandbox(*options)`` with other ``sandbox up``
+options gets one of its own. Compare against a peer measured in the same run and report
+the ratio: the machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -32,19 +33,22 @@ class BenchContext:
     def __init__(self, workdir: Path | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="iotref-bench-")
         self.workdir = workdir or Path(self._tmp.name)
-        self._sandbox: SandboxProcess | None = None
+        self._sandboxes: dict[tuple[str, ...], SandboxProcess] = {}
 
     def sandbox(self, *args: str) -> SandboxProcess:
-        if self._sandbox is None:
-            self._sandbox = SandboxProcess(
-                self.workdir / "sandbox", ["--auto-approve", "--poll-interval", "0", *args]
+        running = self._sandboxes.get(args)
+        if running is None:
+            data_dir = self.workdir / f"sandbox{len(self._sandboxes) or ''}"
+            running = SandboxProcess(
+                data_dir, ["--auto-approve", "--poll-interval", "0", *args]
             ).start()
-        return self._sandbox
+            self._sandboxes[args] = running
+        return running
 
     def close(self) -> None:
-        if self._sandbox is not None:
-            self._sandbox.stop()
-            self._sandbox = None
+        for running in self._sandboxes.values():
+            running.stop()
+        self._sandboxes.clear()
         self._tmp.cleanup()
 
 

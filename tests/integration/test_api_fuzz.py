@@ -4,10 +4,18 @@ Every operation of the description gets positive and negative inputs (Schemathes
 examples, coverage and fuzzing phases); each request is sent once with valid credentials,
 where the operation has security, once more with the monitor's session cookie and CSRF
 token where it takes them, and once as generated (missing, random or wrong credentials).
-The checks: no 5xx, the status code is documented, the content type is
-documented, the body matches its schema and documented headers match theirs. A second test
-walks the success answers that random inputs cannot reach (a real CSR, a real device code,
-a real machine) through the same checks.
+The checks are all of Schemathesis's (``--checks all``): no 5xx, the status code, content
+type, body and headers as documented, schema-valid input accepted and schema-violating
+input refused, undocumented methods answered 405 with a matching ``Allow``, and
+authentication enforced. A schema-valid request may still be refused for what only the
+sandbox can judge and JSON Schema cannot state (see :func:`server_judged`: a CSR that is
+not a CSR, a code or token it never issued, byte lengths of UTF-8); those refusals, and
+only those, pass the positive-data check. A second test walks the success answers that
+random inputs cannot reach (a real CSR, a real device code, a real machine) through the
+same checks.
+
+The figures (requests sent, answers by status class, failures by check) are written to
+``$IOTREF_FUZZ_REPORT`` and recorded for ``make reliability`` (:mod:`tests.support.fuzz_report`).
 
 Bounded for ``make test``: ``IOTREF_FUZZ_EXAMPLES`` examples per operation in the fuzzing
 phase (default 50), deterministic generation, seed ``IOTREF_FUZZ_SEED``. A longer run:
@@ -35,14 +43,12 @@ import pytest
 import requests
 import schemathesis
 from schemathesis import Case
-from schemathesis.checks import (
-    content_type_conformance,
-    not_a_server_error,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.checks import CHECKS as CHECK_REGISTRY
+from schemathesis.checks import load_all_checks
 from schemathesis.config import SchemathesisConfig
+from schemathesis.core.failures import FailureGroup
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.openapi.checks import RejectedPositiveData
 
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
@@ -57,6 +63,7 @@ from iotref.sandbox.openapi import (
 from iotref.sandbox.runner import Sandbox
 from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
 from tests.support.device_keys import make_csr, make_key
+from tests.support.fuzz_report import FuzzTally
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import DEVICE_CODE_GRANT, get_token
 
@@ -64,13 +71,101 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = int(os.environ.get("IOTREF_FUZZ_EXAMPLES", "50"))
 SEED = int(os.environ.get("IOTREF_FUZZ_SEED", "8"))
+
+
+def _judged(response: Any) -> tuple[int, str | None]:
+    """The status and the error's code (the sandbox's ``error`` or AWS's ``message``)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.status_code, None
+    if not isinstance(body, dict):
+        return response.status_code, None
+    error = body.get("error", body.get("message"))
+    return response.status_code, error if isinstance(error, str) else None
+
+
+OAUTH_STATE = {
+    "invalid_grant",
+    "expired_token",
+    "authorization_pending",
+    "slow_down",
+    "access_denied",
+    "invalid_client",
+    "invalid_scope",
+}
+"""Token endpoint errors about the server's state: codes and tokens it issued, its
+registered clients and scopes (RFC 6749 §5.2, RFC 8628 §3.5)."""
+
+
+DIRECTORY_STATE = {"has already been taken", "is not a site of this organization"}
+"""The directory's validation errors about what it holds (Zaikio's ``{"errors": ...}``)."""
+
+
+def _validation_errors(response: Any) -> set[str]:
+    try:
+        body = response.json()
+    except ValueError:
+        return set()
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, dict):
+        return set()
+    return {str(m) for messages in errors.values() if isinstance(messages, list) for m in messages}
+
+
+def server_judged(case: Case, response: Any) -> str | None:
+    """Why a schema-valid request may rightly be refused: a rule about content that JSON
+    Schema cannot state; ``None`` when the refusal is not one of those."""
+    status, error = _judged(response)
+    operation = case.operation.definition.raw.get("operationId", "")
+    body = case.body if isinstance(case.body, dict) else {}
+    oauth = operation in ("accessToken", "accessTokenJson", "authorizeDevice")
+    if oauth and status in (400, 401) and error in OAUTH_STATE:
+        return "the token endpoint's state"
+    errors = _validation_errors(response)
+    if status == 422 and errors and errors <= DIRECTORY_STATE:
+        return "the directory's machines and sites"
+    if operation in ("provision", "bulkProvisionThings") and (status, error) in {
+        (400, "invalid_csr"),
+        (422, "unknown_site"),
+    }:
+        return "a CSR's content or the directory's sites"
+    token = body.get("clientToken")
+    long_token = isinstance(token, str) and len(token.encode()) > 64
+    if (status, error) == (400, "Invalid clientToken") and long_token:
+        return "a client token over 64 bytes of UTF-8"
+    monitor = operation in ("monitorUpdateDesired", "monitorValidateDesired")
+    if status == 413 and (monitor or error == "The payload exceeds the maximum size allowed"):
+        return "a shadow state over 8 KB (compact JSON, after the merge)"
+    if operation == "Publish" and (status, error) == (400, "Invalid topic name"):
+        topic = str((case.path_parameters or {}).get("topic", ""))
+        if len(topic.encode("utf-8", "surrogatepass")) > 256:
+            return "a topic over 256 bytes of UTF-8"
+        if any(ord(c) > 0xFFFF and ord(c) & 0xFFFE == 0xFFFE for c in topic):
+            return "a non-character beyond the first plane in the topic"
+    return None
+
+
+def positive_data_acceptance(ctx: Any, response: Any, case: Case) -> bool | None:
+    """Schemathesis's check of the same name, except for :func:`server_judged` refusals."""
+    try:
+        return _POSITIVE(ctx, response, case)
+    except RejectedPositiveData:
+        if server_judged(case, response) is not None:
+            return None
+        raise
+
+
+load_all_checks()
+_POSITIVE = CHECK_REGISTRY.get_one("positive_data_acceptance")
 CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    response_headers_conformance,
+    positive_data_acceptance if check is _POSITIVE else check for check in CHECK_REGISTRY.get_all()
 ]
+"""Every check Schemathesis has (``--checks all``)."""
+CREDENTIALED_CHECKS = [check for check in CHECKS if check.__name__ != "ignored_auth"]
+"""For requests that carry the test's own valid credentials: whether a schema's auth is
+enforced is checked on the requests as generated."""
+TALLY = FuzzTally([check.__name__ for check in CHECKS])
 ORGANIZATION_SCOPE = "Org.prinect.onprem.rw,Org.directory.machines.rw,Org.directory.organization.r"
 PERSON_SCOPE = "directory.person.r,directory.machines.rw"
 
@@ -146,7 +241,7 @@ def _monitor_login(sandbox: SandboxProcess) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def http_session() -> Iterator[requests.Session]:
-    with requests.Session() as session:
+    with _tallied(requests.Session()) as session:
         yield session
 
 
@@ -161,6 +256,22 @@ def _valid_authorization(case: Case, credentials: Credentials) -> str | None:
     return None
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_figures() -> Iterator[None]:
+    """Write the module's figures once its tests ran (see :mod:`tests.support.fuzz_report`)."""
+    yield
+    TALLY.write(
+        operations=len(described_operations(DESCRIPTION)),
+        examples_per_operation=EXAMPLES,
+        seed=SEED,
+    )
+
+
+def _tallied(session: requests.Session) -> requests.Session:
+    session.hooks["response"].append(TALLY.hook)
+    return session
+
+
 @schema.parametrize()
 def test_api(
     case: Case,
@@ -168,7 +279,25 @@ def test_api(
     credentials: Credentials,
     http_session: requests.Session,
 ) -> None:
-    base_url = fuzz_sandbox.http_url
+    try:
+        _call_all_ways(case, fuzz_sandbox.http_url, credentials, http_session)
+    except FailureGroup as group:
+        TALLY.failed(group, case.operation.label)
+        raise
+
+
+def _credentialed_checks(case: Case, *locations: ParameterLocation) -> list[Any]:
+    """The checks for a call with the test's own credentials: when the case's invalid part
+    is where those credentials go, they replaced it, and the request is no longer invalid."""
+    meta = case.meta
+    if meta is not None and any(meta.is_negative_at(location) for location in locations):
+        return [c for c in CREDENTIALED_CHECKS if c.__name__ != "negative_data_rejection"]
+    return CREDENTIALED_CHECKS
+
+
+def _call_all_ways(
+    case: Case, base_url: str, credentials: Credentials, http_session: requests.Session
+) -> None:
     authorization = _valid_authorization(case, credentials)
     if authorization is not None:
         # (Schemathesis leaves the header out of cases that test missing credentials.)
@@ -176,18 +305,26 @@ def test_api(
             base_url=base_url,
             session=http_session,
             headers={"Authorization": authorization},
-            checks=CHECKS,
+            checks=_credentialed_checks(case, ParameterLocation.HEADER),
         )
     if MONITOR_SESSION in _schemes(case):
         # The monitor's cookie (with the CSRF token, which GETs ignore), in a session of its
-        # own so that the cookie does not stick to the other calls.
-        with requests.Session() as cookie_session:
-            case.call_and_validate(
+        # own so that the cookie does not stick to the other calls; without the generated
+        # Authorization, so that the cookie alone is what lets the request in.
+        cookie_case = case.derive(
+            headers={k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+        )
+        with _tallied(requests.Session()) as cookie_session:
+            cookie_case.call_and_validate(
                 base_url=base_url,
                 session=cookie_session,
-                headers={"X-CSRF-Token": credentials.monitor_csrf},
-                cookies={COOKIE_NAME: credentials.monitor_cookie},
-                checks=CHECKS,
+                headers={
+                    "X-CSRF-Token": credentials.monitor_csrf,
+                    "Cookie": f"{COOKIE_NAME}={credentials.monitor_cookie}",
+                },
+                checks=_credentialed_checks(
+                    case, ParameterLocation.HEADER, ParameterLocation.COOKIE
+                ),
             )
     case.call_and_validate(base_url=base_url, session=http_session, checks=CHECKS)
 
@@ -220,7 +357,7 @@ class Caller:
         headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
         case = schema[path][method].Case(headers=headers or None, **parts)
         response = case.call_and_validate(
-            base_url=self.base_url, session=self.session, checks=CHECKS
+            base_url=self.base_url, session=self.session, checks=CREDENTIALED_CHECKS
         )
         assert response.status_code == status, (method, path, response.text)
         content_type = response.headers.get("content-type", [""])[0]

@@ -182,12 +182,13 @@ async def test_client_token_correlation_and_rejections(sandbox: SandboxProcess) 
     dev = provision_device(sandbox)
     async with Connection(settings_for(sandbox, dev)) as conn:
         client = ShadowClient(conn, dev.client_id)
+        # As many at once as AWS IoT keeps in flight per thing (more are answered 429).
         answers = await asyncio.gather(
-            *(client.update({"reported": {"n": i}}) for i in range(10)), client.get()
+            *(client.update({"reported": {"n": i}}) for i in range(9)), client.get()
         )
         tokens = [a["clientToken"] for a in answers]
-        assert len(set(tokens)) == 11
-        for i, a in enumerate(answers[:10]):
+        assert len(set(tokens)) == 10
+        for i, a in enumerate(answers[:9]):
             assert a["state"] == {"reported": {"n": i}}
         current = await client.get()
         with pytest.raises(ShadowRejected) as conflict:

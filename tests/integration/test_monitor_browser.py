@@ -33,6 +33,8 @@ from iotref.device.onboarding import BlockingOnboarding
 from iotref.device.token_store import TokenStore
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.integration.test_client import client_id_of, provision_store
+from tests.integration.test_quotas import publish as quota_publish
+from tests.integration.test_quotas import wait_received
 from tests.integration.test_run_command import iotref, machine_of
 from tests.support.browser import chromium
 from tests.support.device_keys import DeviceFiles
@@ -157,6 +159,56 @@ def test_messages_appear_live_and_invalid_ones_are_flagged(
     )
     assert '"speed": "fast"' in pre.inner_text()
     shot(page, "04-invalid-flagged")
+
+
+def off_the_page_loop(coroutine: Any) -> Any:
+    """Run a device's coroutine on a thread of its own (Playwright's sync API keeps an
+    event loop running on this one)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result(timeout=60)
+
+
+def test_a_device_over_the_quota_shows_what_aws_would_have_throttled(
+    page: Any, sandbox: SandboxProcess
+) -> None:
+    """A device publishing as fast as the library lets it (no pacing): its card shows the
+    rate against the quota and the publishes AWS IoT Core would have throttled, live, as
+    the device's record counts them; a device under the quota shows none."""
+    fast, slow = provision_device(sandbox), provision_device(sandbox)
+    open_monitor(page, sandbox)
+    page.locator(f'#devices tr[data-client-id="{fast.client_id}"]').click()
+    page.wait_for_selector("#device-quota-throttled")
+    assert page.locator("#device-quota-throttled b").inner_text() == "0"
+    assert page.locator("#device-quota-rate b").inner_text().endswith("/ 100")
+    off_the_page_loop(quota_publish(fast, sandbox, device_messages(600, "fast")))
+    record = wait_received(sandbox, fast.client_id, 600)
+    throttled = record["quota"]["throttled"]
+    assert throttled > 0
+    page.wait_for_function(
+        "(n) => document.querySelector('#device-quota-throttled b').textContent === n",
+        arg=f"{throttled:,}",
+        timeout=10_000,
+    )
+    assert "bad" in (page.locator("#device-quota-throttled").get_attribute("class") or "")
+    row_text = page.locator(f'#devices tr[data-client-id="{fast.client_id}"] .sub').inner_text()
+    assert f"{throttled:,} over quota" in row_text
+    shot(page, "07-over-the-quota")
+
+    page.locator(f'#devices tr[data-client-id="{slow.client_id}"]').click()
+    off_the_page_loop(quota_publish(slow, sandbox, device_messages(30, "slow"), pace_s=1 / 30))
+    wait_received(sandbox, slow.client_id, 30)
+    page.wait_for_function(
+        "(id) => document.querySelector('#device-title').textContent === id",
+        arg=slow.client_id,
+    )
+    # Its figures have arrived (a busiest second above 0), and nothing is over the quota.
+    page.wait_for_function(
+        "!document.querySelector('#device-quota-rate').title.includes('busiest second 0;')",
+        timeout=10_000,
+    )
+    assert page.locator("#device-quota-throttled b").inner_text() == "0"
+    assert "bad" not in (page.locator("#device-quota-throttled").get_attribute("class") or "")
+    shot(page, "08-under-the-quota")
 
 
 class RunningSender(threading.Thread):

@@ -183,7 +183,10 @@ def test_malformed_bodies_and_methods_answer_json(sandbox: SandboxProcess) -> No
         wrong_method = http.get("/v4/provisioning", headers=headers)
         wrong_method_cfg = http.post("/v3/configuration", headers=headers)
         admin_unauth = http.get("/admin/things")
-        revoke_unauth = http.post("/admin/things/x/revoke", headers=headers)
+        revoke_unauth = http.post(
+            "/admin/things/iotref-00000000000000000000/revoke", headers=headers
+        )
+        revoke_malformed = http.post("/admin/things/x/revoke", headers=bearer(sandbox.admin_token))
         revoke_unknown = http.post(
             "/admin/things/iotref-00000000000000000000/revoke",
             headers=bearer(sandbox.admin_token),
@@ -194,6 +197,7 @@ def test_malformed_bodies_and_methods_answer_json(sandbox: SandboxProcess) -> No
     assert admin_unauth.status_code == 401
     assert revoke_unauth.status_code == 401
     assert revoke_unknown.status_code == 404
+    assert revoke_malformed.status_code == 404  # not the form of a client id: no thing
     for answer in (
         not_json,
         wrong_method,

@@ -243,9 +243,16 @@ def test_json_summary_on_stdout_status_on_stderr(store: Path, subscriber: Subscr
         "left_in_outbox": 0,
         "held": 0,
         "evicted": 0,
+        "refused_by_platform": 0,
         "dropped_no_permission": 0,
     }
-    assert record["refused"] == {"total": 1, "invalid": 1, "outbox_full": 0, "taken_over": 0}
+    assert record["refused"] == {
+        "total": 1,
+        "invalid": 1,
+        "too_large": 0,
+        "outbox_full": 0,
+        "taken_over": 0,
+    }
     assert record["stdin_lines"] == 6
     assert record["connects"] >= 1 and isinstance(record["elapsed_s"], float)
     # The people's part went to stderr: the banner, status lines, the summary.

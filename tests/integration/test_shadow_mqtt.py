@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.support import mqtt_probe
+from tests.support.pacing import Pacer
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -60,7 +61,8 @@ def normalize(value: Any) -> Any:
 
 
 class ShadowDevice:
-    """A connected device that sends shadow requests and collects the responses."""
+    """A connected device that sends shadow requests and collects the responses; its
+    requests stay within the per-thing quota (:meth:`send`)."""
 
     def __init__(self, sandbox: SandboxProcess) -> None:
         self.sandbox = sandbox
@@ -68,6 +70,12 @@ class ShadowDevice:
         self.thing = self.files.client_id
         self.probe = self._connect()
         self.subscribed: set[str | None] = set()
+        self.pacer = Pacer()
+
+    def send(self, topic: str, payload: bytes | str, qos: int = 1) -> int:
+        """Publish a shadow request, paced within the thing's requests a second."""
+        self.pacer.wait()
+        return self.probe.publish(topic, payload, qos=qos)
 
     def _connect(self) -> mqtt_probe.Probe:
         return mqtt_probe.connect(
@@ -129,7 +137,7 @@ class ShadowDevice:
         self.drain()
         base = prefix(self.thing, shadow)
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.probe.publish(f"{base}/{op}", raw)
+        self.send(f"{base}/{op}", raw)
         first = self.wait({f"{base}/{op}/accepted", f"{base}/{op}/rejected"}, timeout)
         answers = {first.topic[len(base) + 1 :]: normalize(json.loads(first.payload))}
         if first.topic.endswith("update/accepted"):
@@ -499,7 +507,7 @@ def test_service_survives_garbage(device: ShadowDevice) -> None:
     device.subscribe("garbage")
     for i in range(100):
         payload = os.urandom(i * 37 % 700)
-        device.probe.publish(f"{base}/{('update', 'get', 'delete')[i % 3]}", payload, qos=0)
+        device.send(f"{base}/{('update', 'get', 'delete')[i % 3]}", payload, qos=0)
     got = device.request("update", {"state": {"reported": {"alive": True}}}, "still-alive")
     assert got["update/accepted"]["state"] == {"reported": {"alive": True}}
 
@@ -511,7 +519,7 @@ def test_requests_of_one_shadow_are_processed_in_order(device: ShadowDevice) -> 
     base = prefix(device.thing, shadow)
     count = 60
     for i in range(count):
-        device.probe.publish(
+        device.send(
             f"{base}/update",
             json.dumps({"state": {"reported": {"n": i}}, "clientToken": str(i)}),
             qos=1,
@@ -536,7 +544,7 @@ def test_messages_of_each_update_arrive_in_order(device: ShadowDevice) -> None:
     base = prefix(device.thing, shadow)
     count = 30
     for i in range(count):
-        device.probe.publish(f"{base}/update", json.dumps({"state": {"desired": {"n": i}}}), qos=1)
+        device.send(f"{base}/update", json.dumps({"state": {"desired": {"n": i}}}), qos=1)
     topics = {f"{base}/update/{suffix}" for suffix in ("accepted", "delta", "documents")}
     seen = []
     while len(seen) < 3 * count:

@@ -143,6 +143,15 @@ def test_admin_token_crud_and_mqtt_messages(harness: Harness) -> None:
             "The payload exceeds the maximum size allowed",
         ),
         (
+            # 8 KB for desired and reported together, not each (metadata does not count)
+            json.dumps(
+                {"state": {"desired": {"a": "x" * 4500}, "reported": {"a": "x" * 4500}}}
+            ).encode(),
+            413,
+            "RequestEntityTooLargeException",
+            "The payload exceeds the maximum size allowed",
+        ),
+        (
             json.dumps({"state": {"desired": {"a": 1}}, "version": 7}).encode(),
             409,
             "ConflictException",
@@ -188,6 +197,11 @@ def test_named_shadows_and_listing(harness: Harness) -> None:
     ).json()
     assert rest["results"] == ["zeta"]
     assert "nextToken" not in rest
+    # A token is a position among the names: any shadow name is one, nothing else is.
+    after_m = c.get(url, params={"nextToken": "m"}, headers=harness.admin).json()
+    assert after_m["results"] == ["mid", "zeta"]
+    bad = c.get(url, params={"nextToken": "not/a-name"}, headers=harness.admin)
+    assert (bad.status_code, bad.json()["message"]) == (400, "Invalid nextToken")
     assert c.get(url, params={"pageSize": "0"}, headers=harness.admin).status_code == 400
     assert c.get(url.replace("t3", "nobody"), headers=harness.admin).json()["results"] == []
 

@@ -32,6 +32,7 @@ TEST_PATHS = [
     "tests/integration/test_device_hostile_input.py",
     "tests/integration/test_isolation.py",
     "tests/integration/test_secrets.py",
+    "tests/integration/test_api_fuzz.py",
 ]
 SECURITY_FILES = ("test_isolation", "test_secrets", "test_device_hostile_input")
 
@@ -212,6 +213,10 @@ def render(
          for k, v in fault_rows.items()],
     )  # fmt: skip
 
+    out += damaged_outbox_section(results)
+    out += oversize_section(results)
+    out += api_fuzz_section(results)
+
     hostile = [r for r in results if r["kind"] == "hostile_input"]
     out += ["## Hostile input on the device's shadow topics", ""]
     hostile_outcome = next(
@@ -256,6 +261,96 @@ def render(
         counts[o["outcome"]] += 1
     out += [", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none", ""]
     return "\n".join(out)
+
+
+def damaged_outbox_section(results: list[dict[str, Any]]) -> list[str]:
+    """``iotref run`` on a store whose outbox was damaged (tests/reliability/
+    test_outbox_scenarios.py)."""
+    runs = [
+        r
+        for r in results
+        if r["kind"] == "outbox_scenario" and r.get("scenario") == "damaged outbox"
+    ]
+    out = [
+        "## Damaged outbox",
+        "",
+        "`iotref run --stdin` with the shipped defaults on a provisioned store whose outbox "
+        "held 300 queued messages and was then damaged; 20 new messages fed. Delivered and "
+        "stored are counted by the independent subscriber and in the platform's store, by "
+        "`sendereventuuid`; recovered is what the device said in its one warning line; "
+        "lost = queued - delivered (unreadable from the damaged files).",
+        "",
+    ]
+    if not runs:
+        return [*out, "Not run.", ""]
+    return out + _table(
+        ["damage", "queued", "recovered (said)", "delivered from the queue",
+         "stored from the queue", "lost", "new fed / delivered", "order violations",
+         "duplicates stored", "left in outbox", "damaged files kept", "warning lines",
+         "exit code", "iotref status reports it"],
+        [[r["detail"], r["queued"], r["recovered_said"], r["delivered_from_queue"],
+          r["stored_from_queue"], r["lost"], f"{r['new_fed']} / {r['new_delivered']}",
+          r["order_violations"], r["duplicates_stored"], r["left_in_outbox"], r["kept_files"],
+          r["warning_lines"], r["exit_code"], "yes" if r["status_reports_it"] else "NO"]
+         for r in runs],
+    )  # fmt: skip
+
+
+def oversize_section(results: list[dict[str, Any]]) -> list[str]:
+    """``iotref run --stdin`` with oversize lines and an outbox holding messages the
+    broker refuses for good (tests/reliability/test_outbox_scenarios.py)."""
+    runs = [
+        r
+        for r in results
+        if r["kind"] == "outbox_scenario" and r.get("scenario") == "oversize message"
+    ]
+    out = [
+        "## Oversize and refused messages",
+        "",
+        "`iotref run --stdin` fed 500 messages, every 100th of them 200 KB (over the "
+        "128 KB payload limit); its outbox held 10 messages left by an earlier run, 2 for a "
+        "topic the broker refuses (PUBACK 0x87) and 1 over the limit. Delivered, lost and "
+        "order are counted by the independent subscriber, stored in the platform's store.",
+        "",
+    ]
+    if not runs:
+        return [*out, "Not run.", ""]
+    return out + _table(
+        ["fed", "oversize fed", "refused at send (size named)", "earlier queue",
+         "refused for good, kept", "expected", "delivered", "lost", "stored",
+         "refused ones delivered", "order violations", "duplicates stored",
+         "left in outbox", "exit code"],
+        [[r["fed"], r["oversize_fed"],
+          f"{r['refused_at_send']} ({'yes' if r['sizes_named'] else 'NO'})", r["seeded"],
+          f"{r['refused_by_platform_kept']} ({', '.join(r['refusal_reasons'])})",
+          r["expected"], r["delivered"], r["lost"], r["stored"], r["oversize_delivered"],
+          r["order_violations"], r["duplicates_stored"], r["left_in_outbox"], r["exit_code"]]
+         for r in runs],
+    )  # fmt: skip
+
+
+def api_fuzz_section(results: list[dict[str, Any]]) -> list[str]:
+    """The HTTP API fuzzing of tests/integration/test_api_fuzz.py: requests and answers."""
+    runs = [r for r in results if r["kind"] == "api_fuzz_checks"]
+    out = [
+        "## HTTP API fuzzing",
+        "",
+        "Schemathesis against the sandbox's OpenAPI description (every operation, positive "
+        "and negative inputs, with valid, missing and wrong credentials), the success "
+        "answers random inputs do not reach, and hostile bodies; every answer tallied by "
+        "status class, every Schemathesis check applied (tests/integration/test_api_fuzz.py).",
+        "",
+    ]
+    if not runs:
+        return [*out, "Not run.", ""]
+    return out + _table(
+        ["operations", "examples per operation (seed)", "requests sent", "2xx", "3xx",
+         "4xx", "5xx", "check failures"],
+        [[r["operations"], f"{r['examples_per_operation']} ({r['seed']})", r["requests"],
+          r["by_class"].get("2xx", 0), r["by_class"].get("3xx", 0),
+          r["by_class"].get("4xx", 0), r["server_errors"], r["failures"]]
+         for r in runs],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

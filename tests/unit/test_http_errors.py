@@ -32,6 +32,7 @@ class _Echo:
             Route("/echo", echo, methods=["POST"]),
             Route("/form", form, methods=["POST"]),
             Route("/conflict", teapot, methods=["GET"]),
+            Route("/conflict", teapot, methods=["DELETE"]),
             Route("/boom", boom, methods=["GET"]),
         ]
 
@@ -57,6 +58,14 @@ def test_wrong_method_is_json_405(client: TestClient) -> None:
     response = client.get("/echo")
     assert response.status_code == 405
     assert response.json()["error"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"
+
+
+def test_allow_names_the_methods_of_every_route_at_the_path(client: TestClient) -> None:
+    """Starlette's own 405 names only the first route whose path matches."""
+    response = client.request("OPTIONS", "/conflict")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD, DELETE"
 
 
 @pytest.mark.parametrize("body", [b"{", b"\xff\xfe", b"[1, 2]", b"42"])

@@ -420,3 +420,48 @@ def test_monitor_answers_with_telemetry_conform(tmp_path: Path) -> None:
     finally:
         store.close()
         ctx.db.close()
+
+
+def _nest(levels: int, leaf: Any = 1) -> Any:
+    value = leaf
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"reported": _nest(6)},
+        {"reported": _nest(7)},
+        {"desired": {"a": [1, [2, {"b": None}]]}},
+        {"desired": {"a": [1, None]}},
+        {"desired": {"a": None}, "reported": None},
+        {"desired": {"a": [[[[[1]]]]]}},
+        {"desired": {"a": [[[[[[1]]]]]]}},
+        {"delta": {}},
+        None,
+    ],
+)
+def test_shadow_updates_are_described_as_the_service_takes_them(
+    document: dict[str, Any], state: Any
+) -> None:
+    """The description of an update and the document rules agree (but for the 8 KB,
+    which JSON Schema cannot state)."""
+    from openapi_schema_validator import OAS30Validator
+
+    schema = {"$ref": "#/components/schemas/ShadowUpdate", "components": document["components"]}
+    described = OAS30Validator(schema).is_valid({"state": state})
+    refusal: sd.ShadowError | None = None
+    try:
+        sd.parse_update(json.dumps({"state": state}))
+    except sd.ShadowError as exc:
+        refusal = exc
+    assert refusal is None or refusal.code == 400, refusal
+    assert described == (refusal is None)
+
+
+def test_list_tokens_are_shadow_names(document: dict[str, Any]) -> None:
+    path = document["paths"]["/api/things/shadow/ListNamedShadowsForThing/{thingName}"]
+    (token,) = [p for p in path["get"]["parameters"] if p["name"] == "nextToken"]
+    assert token["schema"]["pattern"] == sd.SHADOW_NAME_PATTERN.pattern

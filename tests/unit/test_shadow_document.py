@@ -445,6 +445,57 @@ def test_merged_section_over_limit_is_413() -> None:
     assert info.value == error(413, "The payload exceeds the maximum size allowed", "z")
 
 
+def test_desired_and_reported_share_the_state_limit() -> None:
+    """8 KB of state in all (desired and reported together), not 8 KB each."""
+    half = {"a": "x" * 4500}
+    with pytest.raises(sd.ShadowError) as at_once:
+        update(None, {"state": {"desired": half, "reported": half}, "clientToken": "b"})
+    assert at_once.value == error(413, "The payload exceeds the maximum size allowed", "b")
+    doc = update(None, {"state": {"desired": half}}).document
+    with pytest.raises(sd.ShadowError) as merged:
+        update(doc, {"state": {"reported": half}})
+    assert merged.value.code == 413
+    assert update(doc, {"state": {"reported": {"a": "x" * 3500}}}).document.version == 2
+
+
+def test_limits_are_parameters() -> None:
+    limits = sd.ShadowLimits(state_max_bytes=40, max_depth=2)
+    with pytest.raises(sd.ShadowError) as deep:
+        sd.parse_update('{"state": {"desired": {"a": {"b": {"c": 1}}}}}', limits)
+    assert deep.value.message == "JSON contains too many levels of nesting; maximum is 2"
+    request = sd.parse_update('{"state": {"desired": {"a": "1234567890"}}}', limits)
+    with pytest.raises(sd.ShadowError) as big:
+        sd.apply_update(
+            sd.apply_update(None, request, T, limits=limits).document,
+            sd.parse_update('{"state": {"reported": {"b": "1234567890"}}}', limits),
+            T,
+            limits=limits,
+        )
+    assert big.value.code == 413
+
+
+@pytest.mark.parametrize(
+    ("thing", "shadow", "field"),
+    [
+        ("t" * 129, None, "thingName"),
+        ("bad name", None, "thingName"),
+        ("ok", "s" * 65, "shadowName"),
+        ("ok", "a/b", "shadowName"),
+        ("ok", "trailing\n", "shadowName"),
+    ],
+)
+def test_names_over_the_limits_are_400(thing: str, shadow: str | None, field: str) -> None:
+    refused = sd.name_error(thing, shadow)
+    assert refused is not None
+    assert refused.code == 400
+    assert f"at '{field}' failed to satisfy constraint" in refused.message
+
+
+def test_names_within_the_limits_pass() -> None:
+    assert sd.name_error("t" * 128, "s" * 64) is None
+    assert sd.name_error("iotref-0123:_-", "$package") is None
+
+
 def test_empty_state_update_bumps_version() -> None:
     doc = update(None, {"state": {"desired": {"a": 1}}}).document
     out = update(doc, {"state": {}})

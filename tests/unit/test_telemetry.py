@@ -890,3 +890,177 @@ def test_a_publisher_has_no_instance_dict_but_can_be_referenced_weakly(tmp_path:
         tel = Telemetry(FakeConnection(), ob, TOPIC)
         assert not hasattr(tel, "__dict__")
         assert weakref.ref(tel)() is tel
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+class Refused(Exception):
+    """A failed publish as the real connection reports it (``reason_code`` from the
+    PUBACK, or awscrt's ``error_name``)."""
+
+    def __init__(
+        self, text: str, *, reason_code: int | None = None, error_name: str | None = None
+    ) -> None:
+        super().__init__(text)
+        self.reason_code = reason_code
+        self.error_name = error_name
+
+
+class RefusingConnection(FakeConnection):
+    """Acknowledges every publish at once, except those whose counter is in ``refuse``:
+    they fail with the given exception, on every attempt (as a broker that refuses a
+    message for good does). ``raise_now`` fails them at the call instead (as awscrt does
+    for an invalid publish)."""
+
+    def __init__(self, refuse: dict[int, Exception], *, raise_now: bool = False) -> None:
+        super().__init__(auto_ack=True)
+        self.refuse = refuse
+        self.raise_now = raise_now
+        self.attempts: list[int] = []
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]:
+        n = counter_of(payload)
+        self.attempts.append(n)
+        if n not in self.refuse:
+            return super().publish_nowait(topic, payload, qos)
+        if self.raise_now:
+            raise self.refuse[n]
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.published.append((topic, payload))
+        asyncio.get_running_loop().call_soon(fut.set_exception, self.refuse[n])
+        return fut
+
+
+class RefusingCallbackConnection(RefusingConnection):
+    def publish_callback(
+        self,
+        topic: str,
+        payload: bytes,
+        callback: Callable[[BaseException | None], None],
+        qos: int = 1,
+    ) -> None:
+        fut = RefusingConnection.publish_nowait(self, topic, payload, qos)
+
+        def done(f: asyncio.Future[None]) -> None:
+            callback(asyncio.CancelledError() if f.cancelled() else f.exception())
+
+        fut.add_done_callback(done)
+
+
+def refusing(connection_kind: str, refuse: dict[int, Exception], **kw: Any) -> RefusingConnection:
+    kind = RefusingCallbackConnection if connection_kind == "callbacks" else RefusingConnection
+    return kind(refuse, **kw)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "raise_now"),
+    [
+        (Refused("PUBACK NOT_AUTHORIZED (0x87)", reason_code=0x87), False),
+        (Refused("PUBACK TOPIC_NAME_INVALID (0x90)", reason_code=0x90), False),
+        (Refused("PUBACK PAYLOAD_FORMAT_INVALID (0x99)", reason_code=0x99), False),
+        (
+            Refused(
+                "failed: AWS_ERROR_MQTT5_PACKET_VALIDATION",
+                error_name=("AWS_ERROR_MQTT5_PACKET_VALIDATION"),
+            ),
+            False,
+        ),
+        (
+            Refused("cannot publish", error_name="AWS_ERROR_MQTT5_PUBLISH_OPTIONS_VALIDATION"),
+            True,
+        ),
+    ],
+    ids=["0x87", "0x90", "0x99", "packet-validation", "refused-at-the-call"],
+)
+def test_a_message_refused_for_good_is_moved_aside_and_the_rest_go_on_in_order(
+    outbox: Outbox, connection_kind: str, refusal: Exception, raise_now: bool
+) -> None:
+    async def main() -> None:
+        conn = refusing(connection_kind, {5: refusal}, raise_now=raise_now)
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            for i in range(10):
+                await tel.send(message(i))
+            await settle(lambda: outbox.depth == 0)
+            stats = tel.stats()
+            assert stats.refused == 1 and stats.refused_kept == 1
+            assert stats.acked == 9 and stats.failed == 0
+            assert "refused for good" in (stats.last_error or "")
+        assert conn.attempts.count(5) == 1  # never retried
+        acked = [n for n in conn.attempts if n != 5]
+        assert acked == [0, 1, 2, 3, 4, 6, 7, 8, 9]  # the ones after it, in order
+        (kept,) = outbox.refused_records()
+        assert counter_of(kept.payload) == 5 and kept.message_id == message_id_of(kept.payload)
+        assert kept.reason.startswith(("the broker refused it", "the MQTT library refused"))
+
+    run(main())
+
+
+def message_id_of(payload: bytes) -> str:
+    return str(json.loads(payload)["sendereventuuid"])
+
+
+@pytest.mark.parametrize("code", [0x80, 0x83, 0x91, 0x97])
+def test_a_transient_refusal_is_retried_not_moved(
+    outbox: Outbox, connection_kind: str, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    monkeypatch.setattr(telemetry_module, "_RETRY_MIN_S", 0.01)
+
+    async def main() -> None:
+        conn = refusing(connection_kind, {2: Refused(f"0x{code:02X}", reason_code=code)})
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            for i in range(4):
+                await tel.send(message(i))
+            await settle(lambda: conn.attempts.count(2) >= 3)
+            assert outbox.depth >= 1 and tel.stats().refused == 0
+            assert outbox.refused_records() == []
+            del conn.refuse[2]  # the broker's trouble is over
+            await settle(lambda: outbox.depth == 0)
+        first = [n for i, n in enumerate(conn.attempts) if n not in conn.attempts[:i]]
+        assert first == [0, 1, 2, 3]
+
+    run(main())
+
+
+def test_send_refuses_a_message_over_the_payload_limit_at_once(outbox: Outbox) -> None:
+    async def main() -> None:
+        conn = FakeConnection(auto_ack=True)
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            big = message(1)
+            big["payload"]["signalstatus"]["deviceinfo"]["statusdetails"] = "x" * 200_000
+            with pytest.raises(telemetry_module.MessageTooLarge) as refused:
+                await tel.send(big)
+            assert refused.value.limit == 128 * 1024
+            assert refused.value.size == len(to_json(big)) > 200_000
+            assert f"{refused.value.size:,} bytes" in str(refused.value)
+            assert "131,072" in str(refused.value)
+            with pytest.raises(telemetry_module.MessageTooLarge):
+                await tel.send_many([message(2), big])
+            assert outbox.depth == 0 and tel.stats().rejected_too_large == 2
+            await tel.send(message(3))
+            await settle(lambda: outbox.depth == 0)
+            assert conn.counters() == [3]
+
+    run(main())
+
+
+def test_a_stored_message_over_the_limit_is_moved_aside_without_publishing(
+    outbox: Outbox,
+) -> None:
+    async def main() -> None:
+        # queued by an earlier version that did not check the size
+        for i in range(3):
+            payload = to_json(message(i))
+            if i == 1:
+                payload += b" " * (128 * 1024)
+            outbox.append(TOPIC, payload)
+        conn = FakeConnection(auto_ack=True)
+        async with Telemetry(conn, outbox, TOPIC) as tel:
+            await tel.start()
+            await settle(lambda: outbox.depth == 0)
+            assert tel.stats().refused == 1
+        assert conn.counters() == [0, 2]
+        (kept,) = outbox.refused_records()
+        assert "over the platform's limit of 131,072" in kept.reason
+
+    run(main())

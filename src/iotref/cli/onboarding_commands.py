@@ -475,6 +475,8 @@ def _print_report(
         click.echo(f"  key        {report.key or cert.key}")
     if report.chain and (report.problems or verbosity() > 0):
         click.echo(f"  chain      {report.chain}")
+    if report.outbox is not None:
+        click.echo(f"outbox       {report.outbox}")
     click.echo(f"platform     {platform_line}")
     click.echo(f"login        {login_line}")
     _print_verdict(report, selection)

@@ -29,7 +29,11 @@ the interval for as long as its event loop runs (:mod:`iotref.device.systemd_not
 stdin lines: a complete message (it has ``headerversion``) is sent as it is; any other
 JSON object is taken as a Status payload (``--payload-version``) of the first asset.
 A line that is not JSON, not an object, or not valid against the schemas gets one line on
-stderr, is counted as invalid, and the run goes on.
+stderr, is counted as invalid, and the run goes on; so does a message over the platform's
+payload limit (counted as too large, its size named). Messages the platform refuses for
+good after they were queued are counted on the status line ("refused") and kept in the
+outbox's refused table. A damaged outbox found at start is reported in one line on stderr
+(see :mod:`iotref.device.outbox_integrity` and :mod:`iotref.device.outbox_salvage`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -59,12 +64,19 @@ from iotref.cli.onboarding_commands import (
 from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
-from iotref.device.client import AsyncClient, ClientStats, InvalidMessageError, OutboxFullError
+from iotref.device.client import (
+    AsyncClient,
+    ClientStats,
+    InvalidMessageError,
+    MessageTooLargeError,
+    OutboxFullError,
+)
 from iotref.device.connection import ConnectionState, ConnectionTakenOver
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.next_steps import Selection, provision_new_machine
+from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
@@ -129,6 +141,7 @@ class RunCounters:
 
     lines: int = 0
     invalid: int = 0
+    too_large: int = 0
     refused_full: int = 0
     dropped: int = 0
     refused_taken_over: int = 0
@@ -137,7 +150,7 @@ class RunCounters:
     @property
     def refused(self) -> int:
         """Input that was not taken into the outbox, for whatever reason."""
-        return self.invalid + self.refused_full + self.refused_taken_over
+        return self.invalid + self.too_large + self.refused_full + self.refused_taken_over
 
 
 def _earlier(stats: ClientStats) -> str:
@@ -152,7 +165,8 @@ def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
     """The status line, built once for :func:`status_text` (plain, periodic lines and
     systemd's STATUS=) and :func:`status_renderable` (the live line on a terminal): the
     connection, the permission, then the outbox's counts, which add up (accepted + earlier
-    runs' = acked + queued + evicted), then what was not accepted."""
+    runs' = acked + queued + evicted + refused by the platform), then what was not
+    accepted."""
     if stats.connected:
         state: StatusPart = ("connected", "green")
     elif stats.state is ConnectionState.STOPPED:
@@ -175,6 +189,10 @@ def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
     if stats.dropped_no_permission:
         parts.append((f"dropped (no permission) {stats.dropped_no_permission}", ""))
     parts.append((f"invalid {counters.invalid}", "red" if counters.invalid else ""))
+    if counters.too_large:
+        parts.append((f"too large {counters.too_large}", "red"))
+    if stats.refused:
+        parts.append((f"refused by platform {stats.refused}", "red"))
     if counters.refused_full:
         parts.append((f"refused (outbox full) {counters.refused_full}", "red"))
     return parts
@@ -207,6 +225,8 @@ def summary_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> s
         else "outbox empty"
     )
     notes = [f"invalid {counters.invalid}"]
+    if counters.too_large:
+        notes.append(f"too large {counters.too_large}")
     if counters.refused_full:
         notes.append(f"refused (outbox full) {counters.refused_full}")
     if counters.refused_taken_over:
@@ -215,6 +235,10 @@ def summary_text(stats: ClientStats, counters: RunCounters, elapsed: float) -> s
         notes.append(f"dropped (no permission) {stats.dropped_no_permission}")
     if stats.dropped_overflow:
         notes.append(f"evicted (outbox full) {stats.dropped_overflow}")
+    if stats.refused:
+        notes.append(
+            f"refused by the platform {stats.refused} (kept in the outbox's refused table)"
+        )
     return (
         f"Stopped after {elapsed:.1f} s: accepted {stats.accepted}{_earlier(stats)}, "
         f"acked {stats.acked}, {kept}; {', '.join(notes)}."
@@ -259,11 +283,13 @@ def summary_record(
             "left_in_outbox": stats.queued,
             "held": stats.held,
             "evicted": stats.dropped_overflow,
+            "refused_by_platform": stats.refused,
             "dropped_no_permission": stats.dropped_no_permission,
         },
         "refused": {
             "total": counters.refused,
             "invalid": counters.invalid,
+            "too_large": counters.too_large,
             "outbox_full": counters.refused_full,
             "taken_over": counters.refused_taken_over,
         },
@@ -375,6 +401,10 @@ async def _send(client: AsyncClient, counters: RunCounters, sending: Any, where:
     except InvalidMessageError as exc:
         counters.invalid += 1
         error_line(f"iotref: {where}{exc.reason}")
+        return
+    except MessageTooLargeError as exc:
+        counters.too_large += 1
+        error_line(f"iotref: {where}{exc.reason}; not queued")
         return
     except OutboxFullError as exc:
         counters.refused_full += 1
@@ -555,6 +585,10 @@ async def run_sender(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
 
+    # A damaged outbox is said once, below, in the command's own words.
+    logging.getLogger("iotref.device.outbox").addFilter(
+        lambda record: not getattr(record, RECOVERY_LOG_ATTRIBUTE, False)
+    )
     watchdog = asyncio.ensure_future(feed_watchdog(service))
     began = time.monotonic()
     try:
@@ -573,6 +607,8 @@ async def run_sender(
             return _finish(final, counters, time.monotonic() - began, client, options, out)
         stopped.cancel()
         starting.result()  # raises the start's error
+        if client.outbox_recovery is not None:
+            error_line(f"iotref: warning: {client.outbox_recovery.summary()}")
 
         presses = make_presses(identity, options)
         began = time.monotonic()

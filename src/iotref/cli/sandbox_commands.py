@@ -12,6 +12,7 @@ import click
 
 from iotref.cli import log_setup
 from iotref.cli.output import result
+from iotref.cli.sandbox_limit_options import limit_options, limits_from
 from iotref.protocol.limits import (
     DEFAULT_SESSION_EXPIRY_SECONDS,
     MAX_KEEPALIVE_SECONDS,
@@ -127,6 +128,7 @@ def sandbox() -> None:
     help="Longest time a persistent session outlives its connection (AWS IoT Core: 1 hour "
     "by default, up to 7 days).",
 )
+@limit_options
 def up(
     data_dir: Path,
     http_port: int,
@@ -141,6 +143,7 @@ def up(
     max_payload_bytes: int,
     max_keepalive: int,
     session_expiry_hours: int,
+    **limits: int,
 ) -> int:
     """Start the sandbox and run until Ctrl-C or SIGTERM."""
     log_setup.as_server()
@@ -158,6 +161,7 @@ def up(
         max_payload_bytes=max_payload_bytes,
         max_keepalive=max_keepalive,
         session_expiry_hours=session_expiry_hours,
+        limits=limits_from(limits),
     )
     code = run_sandbox(settings)
     if code:

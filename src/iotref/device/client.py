@@ -82,10 +82,12 @@ from iotref.device.outbox import (
     OutboxLocked,
     OverflowPolicy,
 )
+from iotref.device.outbox_salvage import OutboxRecovery
 from iotref.device.shadow import DesiredHandler, ShadowSync
 from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,
+    MessageTooLarge,
     PermissionPolicy,
     SendResult,
     SendStatus,
@@ -108,6 +110,7 @@ __all__ = [
     "ClientOptionsArgs",
     "ClientStats",
     "InvalidMessageError",
+    "MessageTooLargeError",
     "OutboxBusy",
     "OutboxFullError",
     "RawPayload",
@@ -203,6 +206,20 @@ class InvalidMessageError(SendRefused, ValueError):
             f"invalid message: {first}" + (f" (and {more} more)" if more > 0 else ""),
             "fix the message; nothing was queued",
         )
+
+
+class MessageTooLargeError(SendRefused, ValueError):
+    """The encoded message is over the platform's payload limit (``size`` and ``limit``
+    in bytes); it was not queued."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"message too large: {size:,} bytes encoded, over the platform's limit of "
+            f"{limit:,} bytes",
+            "send less in one message (split it); nothing was queued",
+        )
+        self.size = size
+        self.limit = limit
 
 
 class OutboxFullError(SendRefused):
@@ -337,8 +354,9 @@ class ClientStats:
     ``held`` and ``oldest_age_s`` describe the outbox now (earlier runs included).
 
     The outbox's counts add up: ``carried_over + accepted == acked + queued +
-    dropped_overflow`` (messages left by earlier runs and taken in by this one are either
-    delivered, still in the outbox, or evicted by ``overflow="drop_oldest"``).
+    dropped_overflow + refused`` (messages left by earlier runs and taken in by this one
+    are either delivered, still in the outbox, evicted by ``overflow="drop_oldest"``, or
+    refused for good by the platform and moved to the outbox's ``refused`` table).
 
     After :meth:`AsyncClient.close` the state is ``STOPPED`` (``TAKEN_OVER`` if another
     process took the session over), ``connected`` and ``waiting_for_platform`` are false."""
@@ -386,6 +404,13 @@ class ClientStats:
     pubacks: int = 0
     """PUBACKs received; a message published again after a reconnect may be acknowledged
     twice, so this can exceed ``acked``."""
+    rejected_too_large: int = 0
+    """``send()`` calls refused because the message is over the platform's payload limit."""
+    refused: int = 0
+    """Messages the platform refused for good (e.g. PUBACK 0x87), moved out of the queue
+    into the outbox's ``refused`` table, this run."""
+    refused_kept: int = 0
+    """Messages kept in the outbox's ``refused`` table (earlier runs included)."""
 
     @property
     def connection_status(self) -> str:
@@ -576,6 +601,12 @@ class AsyncClient:
         return self._shadow is not None and self._shadow.send_telemetry_allowed
 
     @property
+    def outbox_recovery(self) -> OutboxRecovery | None:
+        """What was found and done when the outbox was damaged at start (see
+        :mod:`iotref.device.outbox_integrity`); None when it was sound."""
+        return None if self._outbox is None else self._outbox.recovery
+
+    @property
     def started(self) -> bool:
         return self._started and not self._closed
 
@@ -632,11 +663,18 @@ class AsyncClient:
                 f"the outbox {self.outbox_path} is in use by another sender",
                 "make sure only one process runs with this machine's identity",
             ) from None
-        except (OutboxError, sqlite3.Error, OSError) as exc:
+        except OSError as exc:
+            self._closed = True
+            raise ClientError(
+                f"cannot open the outbox {self.outbox_path}: {exc.strerror or exc}",
+                f"check that {self.outbox_path.parent} is writable by this user",
+            ) from None
+        except (OutboxError, sqlite3.Error) as exc:
             self._closed = True
             raise ClientError(
                 f"cannot open the outbox {self.outbox_path}: {exc}",
-                "check that the certificate store folder is writable",
+                "move the outbox files aside (nothing is deleted automatically) and start "
+                "again; see docs/operations.md, 'Outbox integrity'",
             ) from None
         self._carried_over = self._outbox.depth
         try:
@@ -793,7 +831,8 @@ class AsyncClient:
 
         Returns when the message is committed to the outbox (``status == "queued"``), or
         discarded by ``policy="drop"`` (``"dropped_no_permission"``); the platform need not
-        be reachable. Raises :class:`InvalidMessageError`, :class:`OutboxFullError`,
+        be reachable. Raises :class:`InvalidMessageError`, :class:`MessageTooLargeError`
+        (over the platform's 128 KB per message), :class:`OutboxFullError`,
         :class:`ClientClosed`,
         :class:`~iotref.device.connection.ConnectionTakenOver` once another process took
         this identity's session over, and
@@ -814,6 +853,8 @@ class AsyncClient:
             return await telemetry.send(dict(message))
         except InvalidMessage as exc:
             raise InvalidMessageError(exc.issues) from None
+        except MessageTooLarge as exc:
+            raise MessageTooLargeError(exc.size, exc.limit) from None
         except OutboxFull as exc:
             raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
         except TelemetryClosed:
@@ -828,6 +869,8 @@ class AsyncClient:
             return await telemetry.send_many([dict(m) for m in messages])
         except InvalidMessage as exc:
             raise InvalidMessageError(exc.issues) from None
+        except MessageTooLarge as exc:
+            raise MessageTooLargeError(exc.size, exc.limit) from None
         except OutboxFull as exc:
             raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
         except TelemetryClosed:
@@ -953,6 +996,9 @@ class AsyncClient:
                 connection_error=connection_error,
                 carried_over=self._carried_over,
                 pubacks=t.acked,
+                rejected_too_large=t.rejected_too_large,
+                refused=t.refused,
+                refused_kept=t.refused_kept,
             )
         depth = 0
         if self._outbox is not None and not self._outbox.closed:
@@ -1235,6 +1281,11 @@ class Client:
     @property
     def permission(self) -> bool:
         return self.async_client.permission
+
+    @property
+    def outbox_recovery(self) -> OutboxRecovery | None:
+        """See :attr:`AsyncClient.outbox_recovery`."""
+        return self.async_client.outbox_recovery
 
     @property
     def shadow(self) -> BlockingShadow:

@@ -45,6 +45,7 @@ import importlib
 import inspect
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -145,14 +146,21 @@ class ConnectionClosed(MqttError):
 
 
 class PublishFailed(MqttError):
-    """A publish was not acknowledged: a PUBACK reason code >= 0x80 (``reason_code``) or the
-    connection stopped / was taken over before it completed."""
+    """A publish was not acknowledged: a PUBACK reason code >= 0x80 (``reason_code``), an
+    error of the MQTT library (``error_name``, e.g. ``AWS_ERROR_MQTT5_PACKET_VALIDATION``),
+    or the connection stopped / was taken over before it completed."""
 
     def __init__(
-        self, reason: str, next_step: str | None = None, *, reason_code: int | None = None
+        self,
+        reason: str,
+        next_step: str | None = None,
+        *,
+        reason_code: int | None = None,
+        error_name: str | None = None,
     ) -> None:
         super().__init__(reason, next_step)
         self.reason_code = reason_code
+        self.error_name = error_name
 
 
 class SubscribeFailed(MqttError):
@@ -551,11 +559,20 @@ def _fatal(failure: ConnectionFailed, connack_code: int | None) -> bool:
     return connack_code is not None and connack_code in _FATAL_CONNACK_CODES
 
 
+_CRT_ERROR_NAME = re.compile(r"\((AWS_ERROR_[A-Z0-9_]+)\)")
+
+
 def _error_name(exc: BaseException | None) -> str | None:
+    """awscrt's error name of ``exc`` (an ``AwsCrtError``'s ``name``, or the name in the
+    ``RuntimeError`` that awscrt raises at once, "5143 (AWS_ERROR_...): ..."), else the
+    exception's type."""
     if exc is None:
         return None
     name = getattr(exc, "name", None)
-    return str(name) if name else type(exc).__name__
+    if name:
+        return str(name)
+    found = _CRT_ERROR_NAME.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    return found.group(1) if found else type(exc).__name__
 
 
 def build_client_options(settings: ConnectionSettings) -> mqtt5.ClientOptions:
@@ -1260,7 +1277,8 @@ class Connection:
                 mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS(qos))
             )
         except Exception as exc:
-            fut.set_exception(PublishFailed(f"cannot publish to {topic}: {_error_name(exc)}"))
+            name = _error_name(exc)
+            fut.set_exception(PublishFailed(f"cannot publish to {topic}: {name}", error_name=name))
             return fut
         self._counters.publishes += 1
         self._pending.add(fut)
@@ -1312,7 +1330,8 @@ class Connection:
                     partial(self._crt_published, key, topic, qos),
                 )
             except Exception as exc:
-                raise PublishFailed(f"cannot publish to {topic}: {_error_name(exc)}") from None
+                name = _error_name(exc)
+                raise PublishFailed(f"cannot publish to {topic}: {name}", error_name=name) from None
             self._counters.publishes += 1
             self._next_callback_key = key + 1
             self._pending_callbacks[key] = callback
@@ -1322,7 +1341,8 @@ class Connection:
                 mqtt5.PublishPacket(topic=topic, payload=payload, qos=_QOS[qos])
             )
         except Exception as exc:
-            raise PublishFailed(f"cannot publish to {topic}: {_error_name(exc)}") from None
+            name = _error_name(exc)
+            raise PublishFailed(f"cannot publish to {topic}: {name}", error_name=name) from None
         self._counters.publishes += 1
         key = self._next_callback_key
         self._next_callback_key = key + 1
@@ -1386,7 +1406,8 @@ class Connection:
         """A publish's failure, or None, from its error or PUBACK reason code (counted)."""
         if exc is not None:
             self._counters.publish_failures += 1
-            return PublishFailed(f"publish to {topic} failed: {_error_name(exc)}")
+            name = _error_name(exc)
+            return PublishFailed(f"publish to {topic} failed: {name}", error_name=name)
         if qos == 1:
             if code is not None and int(code) >= 0x80:
                 self._counters.publish_failures += 1

@@ -916,6 +916,7 @@ class MemoryOutbox(Outbox):
         self._closed = False
         self._accepted = 0
         self._acked_count = 0
+        self._refused_count = 0
         self._totals = totals if totals is not None else OutboxTotals()
 
     @property
@@ -965,6 +966,15 @@ class MemoryOutbox(Outbox):
     def flush_acks(self) -> int:
         return 0
 
+    def refuse(self, seq: int, reason: str) -> bool:
+        """A message the platform refused for good leaves the queue (counted; the
+        simulator keeps no table of them)."""
+        if self._rows.pop(seq, None) is None:
+            return False
+        self._refused_count += 1
+        self._totals.depth -= 1
+        return True
+
     @property
     def pending_acks(self) -> int:
         return 0
@@ -985,6 +995,8 @@ class MemoryOutbox(Outbox):
             dropped_overflow=0,
             rejected=0,
             ack_rate=0.0,
+            refused=self._refused_count,
+            refused_kept=0,
         )
 
     @property

@@ -43,14 +43,31 @@ are published once more after restart (at least once; the platform drops duplica
 ``sendereventuuid``). Until their deletion, acked rows are excluded from reads and from
 :meth:`Outbox.stats`.
 
+Messages the platform refuses for good (see :mod:`iotref.device.publish_refusals`) are
+moved by :meth:`Outbox.refuse` into a second table, ``refused``, kept for inspection
+(:meth:`Outbox.refused_records`): at most ``max_refused`` rows, the oldest removed beyond.
+
+Integrity: before opening, the files are checked and a damaged outbox is never replaced
+silently (:mod:`iotref.device.outbox_integrity`): the damaged files are renamed aside,
+every readable message is queued again in a fresh outbox with its own sequence number and
+message id, and :attr:`Outbox.recovery` says what happened (logged as a warning too). A
+sidecar marker ``<outbox>-mark`` records the highest sequence number and the depth after
+every commit (one small write, no flush), so that a truncated database or WAL is told
+from an empty outbox; the highest sequence number ever deleted is kept in the table
+``outbox_meta`` (written with the deletions), so numbering never goes back across runs.
+The files are created with mode 0600.
+
 The database is opened in exclusive locking mode: one process owns an outbox at a time
-(a second one gets :class:`OutboxLocked`), which also spares WAL's shared-memory index.
+(a second one gets :class:`OutboxLocked`; the marker is locked too, with ``flock``, for
+the time of the checks), which also spares WAL's shared-memory index.
 Methods are synchronous and thread-safe (one internal lock); in ``"process"`` mode they are
 cheap enough to call from an asyncio event loop.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -60,12 +77,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from iotref.device.outbox_integrity import (
+    SHM_SUFFIX,
+    WAL_SUFFIX,
+    Inspection,
+    Marker,
+    inspect_outbox,
+    marker_path,
+)
+from iotref.device.outbox_salvage import (
+    OutboxRecovery,
+    report_path,
+    salvage_rows,
+    set_aside,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
 Durability = Literal["process", "power"]
 OverflowPolicy = Literal["reject_new", "drop_oldest"]
 
 DEFAULT_MAX_MESSAGES: Final = 100_000
 DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_ACK_BATCH: Final = 256
+DEFAULT_MAX_REFUSED: Final = 10_000
+RECOVERY_LOG_ATTRIBUTE: Final = "iotref_outbox_recovery"
+"""Set on the log record of a recovery (see :attr:`Outbox.recovery`), for a program that
+says it in its own words to leave that record out."""
 OUTBOX_FILE_NAME: Final = "outbox.sqlite3"
 _SCHEMA_VERSION: Final = 1
 _RATE_WINDOW_S: Final = 10.0
@@ -81,8 +120,12 @@ _READ_RECORDS: Final = (
 )
 _READ_PENDING: Final = "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"
 _DELETE_RANGE: Final = "DELETE FROM outbox WHERE seq BETWEEN ? AND ? RETURNING size"
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS outbox (
+_SET_HIGH: Final = (
+    "INSERT INTO outbox_meta (id, high_seq) VALUES (1, ?)"
+    " ON CONFLICT(id) DO UPDATE SET high_seq = max(high_seq, excluded.high_seq)"
+)
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
@@ -90,8 +133,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     enqueued_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     message_id TEXT
+)""",
+    """CREATE TABLE IF NOT EXISTS refused (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    enqueued_at REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    message_id TEXT,
+    refused_at REAL NOT NULL,
+    reason TEXT NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS outbox_meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    high_seq INTEGER NOT NULL
+)""",
 )
-"""
+"""The tables, in the order a new outbox creates them (their root pages follow it)."""
 
 
 class OutboxError(RuntimeError):
@@ -148,6 +207,20 @@ class AppendResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedRecord:
+    """A message the platform refused for good, kept in the ``refused`` table."""
+
+    seq: int
+    topic: str
+    payload: bytes
+    enqueued_at: float
+    attempts: int
+    message_id: str | None
+    refused_at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStats:
     """A snapshot. Counters (``accepted`` .. ``rejected``) count since this object was
     opened; ``depth``/``bytes``/``oldest_age_s`` describe what is stored now."""
@@ -166,6 +239,10 @@ class OutboxStats:
     rejected: int
     ack_rate: float
     """Acknowledged (removed) messages per second over the last ten seconds."""
+    refused: int = 0
+    """Messages moved to the ``refused`` table since this object was opened."""
+    refused_kept: int = 0
+    """Messages in the ``refused`` table now (earlier runs included)."""
 
 
 def _runs(seqs: Sequence[int]) -> list[tuple[int, int]]:
@@ -218,8 +295,13 @@ class Outbox:
     """A bounded, durable FIFO of messages, removed only when acknowledged.
 
     ``path`` is the database file (e.g. ``store_dir / OUTBOX_FILE_NAME``); its folder must
-    exist. See the module docstring for ``durability`` and ``overflow``.
+    exist. See the module docstring for ``durability``, ``overflow`` and what happens to
+    a damaged outbox (:attr:`recovery`).
     """
+
+    recovery: OutboxRecovery | None = None
+    """Set when the outbox was found damaged at open and rebuilt (see the module
+    docstring); None otherwise."""
 
     def __init__(
         self,
@@ -230,10 +312,11 @@ class Outbox:
         overflow: OverflowPolicy = "reject_new",
         durability: Durability = "process",
         ack_batch: int = DEFAULT_ACK_BATCH,
+        max_refused: int = DEFAULT_MAX_REFUSED,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_messages < 1 or max_bytes < 1:
-            raise ValueError("max_messages and max_bytes must be positive")
+        if max_messages < 1 or max_bytes < 1 or max_refused < 1:
+            raise ValueError("max_messages, max_bytes and max_refused must be positive")
         if overflow not in ("reject_new", "drop_oldest"):
             raise ValueError(f"unknown overflow policy {overflow!r}")
         if durability not in ("process", "power"):
@@ -243,6 +326,7 @@ class Outbox:
         self.max_bytes = max_bytes
         self.overflow: OverflowPolicy = overflow
         self.durability: Durability = durability
+        self.max_refused = max_refused
         self._ack_batch = max(1, ack_batch)
         self._clock = clock
         self._lock = threading.Lock()
@@ -251,18 +335,147 @@ class Outbox:
         self._acked = 0
         self._dropped = 0
         self._rejected = 0
+        self._refused_moved = 0
         self._rate = _RateMeter(clock)
         self._db: sqlite3.Connection | None = None
-        self._db = self._open()
-        row = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
-        self._count: int = int(row[0])
-        self._bytes: int = int(row[1])
-        top = self._db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
-        self._last_seq: int = int(top or 0)
+        self._marker: Marker | None = self._lock_marker()
+        try:
+            inspection = self._inspect()
+            if inspection.damage is not None:
+                self._db = self._salvage(inspection)
+            else:
+                self._db = self._open()
+            db = self._db
+            row = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
+            self._count: int = int(row[0])
+            self._bytes: int = int(row[1])
+            self._refused_kept: int = int(db.execute("SELECT count(*) FROM refused").fetchone()[0])
+            self._last_seq: int = max(inspection.high_seq, self._stored_high(db))
+            self._mark()
+        except BaseException:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if self._marker is not None:
+                self._marker.close()
+                self._marker = None
+            raise
 
     # ------------------------------------------------------------------ setup
 
+    def _lock_marker(self) -> Marker:
+        """Open and lock the marker: the sign that this object owns the outbox."""
+        marker = Marker(marker_path(self.path))
+        if not marker.try_lock():
+            marker.close()
+            raise OutboxLocked(f"{self.path} is in use by another sender")
+        return marker
+
+    def _inspect(self) -> Inspection:
+        try:
+            return inspect_outbox(self.path)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise OutboxLocked(f"{self.path} is in use by another sender") from exc
+            raise
+
+    @staticmethod
+    def _stored_high(db: sqlite3.Connection) -> int:
+        """The highest sequence number the database knows of (queued, refused or
+        deleted)."""
+        row = db.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM outbox), 0),"
+            " coalesce((SELECT max(seq) FROM refused), 0),"
+            " coalesce((SELECT max(high_seq) FROM outbox_meta), 0))"
+        ).fetchone()
+        return int(row[0])
+
+    def _mark(self, *, clean: bool = False) -> None:
+        """Record the state after a commit in the marker (see the module docstring)."""
+        marker = self._marker
+        if marker is not None:
+            marker.write(self._last_seq, self._count, clean=clean)
+
+    def _salvage(self, inspection: Inspection) -> sqlite3.Connection:
+        """Set the damaged files aside, open a fresh outbox and queue in it every message
+        that can be read from them; sets :attr:`recovery`."""
+        damage = inspection.damage
+        assert damage is not None
+        now = self._clock()
+        old_marker = self._marker
+        try:
+            base, moved = set_aside(self.path, now)
+        except OSError as exc:
+            raise OutboxError(
+                f"{self.path} is damaged ({damage.detail}) and cannot be set aside: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        try:
+            self._marker = self._lock_marker()
+        finally:
+            if old_marker is not None:
+                old_marker.close()  # the damaged copy's marker, renamed with it
+        salvage = salvage_rows(base, _SCHEMA)
+        db = self._open()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox"
+                " (seq, topic, payload, size, enqueued_at, attempts, message_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (seq, topic, payload, len(payload) + len(topic.encode()), at, n, mid)
+                    for seq, topic, payload, at, n, mid in salvage.rows
+                ],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO refused (seq, topic, payload, size, enqueued_at,"
+                " attempts, message_id, refused_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (seq, topic, payload, len(payload) + len(topic.encode()), at, n, mid, rt, why)
+                    for seq, topic, payload, at, n, mid, rt, why in salvage.refused
+                ],
+            )
+            db.execute(_SET_HIGH, (inspection.high_seq,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        marker = inspection.marker
+        recovery = OutboxRecovery(
+            kind=damage.kind,
+            detail=damage.detail,
+            expected=marker.depth if marker is not None else None,
+            recovered=len(salvage.rows),
+            recovered_refused=len(salvage.refused),
+            kept_as=moved,
+            at=now,
+            notes=(*inspection.notes, *salvage.notes),
+        )
+        try:
+            write_report(recovery, report_path(base))
+        except OSError as exc:
+            log.warning("cannot write the recovery report next to %s: %s", base, exc)
+        log.warning("%s", recovery.summary(), extra={RECOVERY_LOG_ATTRIBUTE: True})
+        self.recovery = recovery
+        return db
+
+    def _prepare_files(self) -> None:
+        """Create the database file with mode 0600 (SQLite gives its WAL the same mode)
+        and narrow the mode of existing files."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        for suffix in ("", WAL_SUFFIX, SHM_SUFFIX):
+            target = self.path.with_name(self.path.name + suffix)
+            try:
+                mode = target.stat().st_mode & 0o777
+                if mode & 0o077:
+                    target.chmod(mode & 0o700)
+            except FileNotFoundError:
+                continue
+
     def _open(self) -> sqlite3.Connection:
+        self._prepare_files()
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0.2)
         try:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -277,7 +490,8 @@ class Outbox:
             db.execute(f"PRAGMA synchronous={sync}")
             db.execute("PRAGMA temp_store=MEMORY")
             db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at first use
-            db.execute(_SCHEMA)
+            for statement in _SCHEMA:
+                db.execute(statement)
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -307,6 +521,10 @@ class Outbox:
             self._flush_acks_locked()
             self._db.close()
             self._db = None
+            self._mark(clean=True)
+            if self._marker is not None:
+                self._marker.close()
+                self._marker = None
 
     def __enter__(self) -> Outbox:
         return self
@@ -350,6 +568,7 @@ class Outbox:
             self._count += 1
             self._bytes += size
             self._accepted += 1
+            self._mark()
             return AppendResult(seq, dropped)
 
     def append_many(self, entries: Sequence[OutboxEntry]) -> list[AppendResult]:
@@ -386,6 +605,7 @@ class Outbox:
             self._count += len(entries)
             self._bytes += total
             self._accepted += len(entries)
+            self._mark()
             return results
 
     def _append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
@@ -418,6 +638,7 @@ class Outbox:
                 self._count += len(entries)
                 self._bytes += total
                 self._accepted += len(entries)
+                self._mark()
                 return [AppendResult(first + i) for i in range(len(entries))]
         outcomes: list[AppendResult | OutboxFull] = []
         for e in entries:
@@ -477,6 +698,8 @@ class Outbox:
             self._pending_acks.discard(int(seq))
             self._count -= 1
             self._bytes -= int(size)
+        if rows:
+            db.execute(_SET_HIGH, (max(int(seq) for seq, _ in rows),))
         self._dropped += len(rows)
 
     # ------------------------------------------------------------------ reading
@@ -566,10 +789,12 @@ class Outbox:
         try:
             # One statement per run of consecutive seqs (acks mostly come in order, so
             # usually one or a few): each range holds acked rows only.
-            for first, last in _runs(sorted(self._pending_acks)):
+            runs = _runs(sorted(self._pending_acks))
+            for first, last in runs:
                 for (size,) in db.execute(_DELETE_RANGE, (first, last)):
                     removed += 1
                     removed_bytes += size
+            db.execute(_SET_HIGH, (runs[-1][1],))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -579,7 +804,75 @@ class Outbox:
         self._bytes -= removed_bytes
         self._acked += removed
         self._rate.add(removed)
+        self._mark()
         return removed
+
+    # ------------------------------------------------------------------ refusing
+
+    def refuse(self, seq: int, reason: str) -> bool:
+        """Move the message ``seq`` out of the queue into the ``refused`` table, with
+        ``reason`` and the time: the platform refused it for good. Returns False when it
+        is no longer queued (already acknowledged, refused or dropped). Beyond
+        ``max_refused`` kept rows, the oldest are deleted (logged)."""
+        with self._lock:
+            db = self._conn()
+            if seq in self._pending_acks:
+                return False
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                moved = db.execute(
+                    "INSERT INTO refused (seq, topic, payload, size, enqueued_at, attempts,"
+                    " message_id, refused_at, reason) SELECT seq, topic, payload, size,"
+                    " enqueued_at, attempts + 1, message_id, ?, ? FROM outbox WHERE seq = ?",
+                    (self._clock(), reason, seq),
+                ).rowcount
+                size = 0
+                if moved:
+                    (size,) = db.execute(
+                        "DELETE FROM outbox WHERE seq = ? RETURNING size", (seq,)
+                    ).fetchone()
+                    db.execute(_SET_HIGH, (seq,))
+                over = self._refused_kept + moved - self.max_refused
+                if over > 0:
+                    db.execute(
+                        "DELETE FROM refused WHERE seq IN"
+                        " (SELECT seq FROM refused ORDER BY seq LIMIT ?)",
+                        (over,),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if not moved:
+                return False
+            self._count -= 1
+            self._bytes -= int(size)
+            self._refused_moved += 1
+            self._refused_kept += 1
+            if over > 0:
+                self._refused_kept -= over
+                log.warning(
+                    "%s: more than %d refused messages kept; the oldest %d deleted",
+                    self.path,
+                    self.max_refused,
+                    over,
+                )
+            self._mark()
+            return True
+
+    def refused_records(self, limit: int = 100, after_seq: int = 0) -> list[RefusedRecord]:
+        """Up to ``limit`` kept refused messages with ``seq > after_seq``, oldest first."""
+        with self._lock:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT seq, topic, payload, enqueued_at, attempts, message_id, refused_at,"
+                    " reason FROM refused WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after_seq, limit),
+                )
+                .fetchall()
+            )
+            return [RefusedRecord(*row) for row in rows]
 
     # ------------------------------------------------------------------ observing
 
@@ -606,6 +899,8 @@ class Outbox:
                 dropped_overflow=self._dropped,
                 rejected=self._rejected,
                 ack_rate=self._rate.rate(),
+                refused=self._refused_moved,
+                refused_kept=self._refused_kept,
             )
 
     @property

@@ -6,7 +6,9 @@ Each problem comes with a code, the reason and a next step. Checked: the environ
 store belongs to; that every file is there and parses; ``properties.json`` has exactly the
 contract's keys; the certificate belongs to the private key; validity and the expiry
 threshold; the key's and folder's permissions; and what can honestly be said about who
-signed the certificate.
+signed the certificate; and the outbox kept in the store: whether it is sound (read only,
+the same checks as at start, see :mod:`iotref.device.outbox_integrity`), how many messages
+are queued and refused, and every damaged outbox that was set aside and not yet removed.
 
 On the signature (a deliberate decision): ``amazonRootCA1.pem`` is the *server* root CA
 (it lets the device verify the broker). Device certificates are signed by a separate
@@ -30,7 +32,9 @@ checked:
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -59,7 +63,18 @@ from iotref.device.next_steps import (
     provision_new_machine,
     run,
     shell_word,
+    steps,
 )
+from iotref.device.outbox import OUTBOX_FILE_NAME
+from iotref.device.outbox_integrity import (
+    DAMAGED_INFIX,
+    MARKER_SUFFIX,
+    REPORT_SUFFIX,
+    SHM_SUFFIX,
+    WAL_SUFFIX,
+    inspect_outbox,
+)
+from iotref.device.outbox_salvage import read_reports
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
@@ -107,6 +122,8 @@ class StoreReport:
     notes: list[str] = field(default_factory=list)
     #: The options that selected this store, for next steps that run as printed.
     selection: Selection | None = None
+    outbox: str | None = None
+    """The outbox in one line (queued, refused, in use), or None when there is none."""
 
     @property
     def ok(self) -> bool:
@@ -218,7 +235,58 @@ def check_store(
     key = _check_key(store, report)
     _check_certificate(store, report, key, root, now, threshold_days)
     _check_permissions(store, report)
+    _check_outbox(store.path / OUTBOX_FILE_NAME, report)
     return report
+
+
+def _check_outbox(path: Path, report: StoreReport) -> None:
+    """The outbox's state and its damaged copies (see the module docstring)."""
+    keep_next = "check the storage (disk, SD card) for faults; once inspected, remove the copy"
+    reported: set[Path] = set()
+    for recovery in read_reports(path):
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(recovery.at))
+        files = [*recovery.kept_as]
+        if files:
+            files.append(files[0].with_name(files[0].name + REPORT_SUFFIX))
+        reported.update(recovery.kept_as)
+        report.add(
+            "outbox_damaged",
+            f"on {when} {recovery.summary()}",
+            f"{keep_next}: rm {' '.join(str(f) for f in files)}",
+        )
+    for kept in sorted(path.parent.glob(f"{path.name}{DAMAGED_INFIX}*")):
+        if kept in reported or kept.name.endswith(
+            (WAL_SUFFIX, SHM_SUFFIX, MARKER_SUFFIX, REPORT_SUFFIX)
+        ):
+            continue
+        report.add(
+            "outbox_damaged",
+            f"a damaged outbox was set aside as {kept} (its recovery was interrupted)",
+            f"{keep_next}: rm {kept}*",
+        )
+    if not path.exists():
+        return
+    try:
+        found = inspect_outbox(path)
+    except sqlite3.OperationalError:
+        report.outbox = "in use by a running sender"
+        return
+    except OSError as exc:
+        report.add(
+            "outbox_unreadable",
+            f"cannot read the outbox {path}: {exc.strerror or exc}",
+            "check the folder's owner and permissions",
+        )
+        return
+    if found.damage is not None:
+        report.add(
+            "outbox_damaged",
+            f"the outbox is damaged: {found.damage.detail}",
+            steps("the next {} sets it aside and recovers every readable message", ("run",)),
+        )
+        report.outbox = "damaged"
+        return
+    report.outbox = f"{found.depth} message(s) queued, {found.refused} refused by the platform"
 
 
 def _check_environment(

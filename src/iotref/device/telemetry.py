@@ -8,7 +8,9 @@
 ``send()`` validates the whole message (an invalid one raises
 :class:`~iotref.protocol.message_schemas.InvalidMessage` naming the JSON path and the reason,
 and is never queued), serializes it as compact JSON (:func:`iotref.device.messages.to_json`),
-appends it to the durable :class:`~iotref.device.outbox.Outbox` and wakes the drainer. When
+refuses it with :class:`MessageTooLarge` when that is over the platform's payload limit
+(:data:`iotref.protocol.limits.MAX_PAYLOAD_BYTES`), appends it to the durable
+:class:`~iotref.device.outbox.Outbox` and wakes the drainer. When
 it returns with ``SendResult.status == "queued"`` the message is committed and will be
 published at least once, through broker restarts, network cuts and crashes of this process.
 
@@ -18,6 +20,13 @@ arrives. After every (re)connect, and after a failed publish, it starts again fr
 oldest unacknowledged message, so everything unacknowledged is re-published in order:
 duplicates are possible, gaps and reordering of first deliveries are not (the platform drops
 duplicates by ``sendereventuuid``).
+
+A message the platform refuses for good (a PUBACK reason code or an MQTT library error that
+no retry can change, see :mod:`iotref.device.publish_refusals`), and a stored message over
+the payload limit (queued by an earlier version), never blocks the queue: it is moved to
+the outbox's ``refused`` table (:meth:`~iotref.device.outbox.Outbox.refuse`), counted in
+:attr:`TelemetryStats.refused` and logged, and the messages after it go on in order. Every
+other failure is retried.
 
 Permission (the shadow's ``sendTelemetryData``): while it is not true nothing is published;
 the permission is checked before every publish. ``policy`` says what ``send()`` does
@@ -52,7 +61,9 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 from iotref.device import stdlib_compat
 from iotref.device.messages import to_json
 from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
+from iotref.device.publish_refusals import permanent_refusal
 from iotref.device.stdlib_compat import StrEnum
+from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +197,18 @@ class TelemetryClosed(RuntimeError):
     """``send()`` after ``close()``."""
 
 
+class MessageTooLarge(ValueError):
+    """The encoded message is larger than the platform accepts; nothing was queued."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the message is {size:,} bytes encoded, over the platform's limit of "
+            f"{limit:,} bytes per message"
+        )
+        self.size = size
+        self.limit = limit
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryStats:
     """A snapshot of the publisher and its outbox."""
@@ -207,6 +230,12 @@ class TelemetryStats:
     dropped_no_permission: int
     rejected_invalid: int
     rejected_full: int
+    rejected_too_large: int
+    """``send()`` calls refused because the message is over the payload limit."""
+    refused: int
+    """Messages the platform refused for good, moved out of the queue by this object."""
+    refused_kept: int
+    """Messages in the outbox's ``refused`` table (earlier runs included)."""
     dropped_overflow: int
     in_flight: int
     window: int
@@ -320,6 +349,7 @@ class Telemetry:
         "_in_flight",
         "_last_error",
         "_last_sender",
+        "_max_payload",
         "_outbox",
         "_permission",
         "_publish_cb",
@@ -328,7 +358,9 @@ class Telemetry:
         "_queued",
         "_read_pending",
         "_refill",
+        "_refused",
         "_rejected_invalid",
+        "_rejected_too_large",
         "_republished",
         "_since_yield",
         "_tail",
@@ -355,11 +387,13 @@ class Telemetry:
         window: int = DEFAULT_WINDOW,
         batch: int = DEFAULT_BATCH,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         if policy not in ("hold", "drop"):
             raise ValueError(f"unknown permission policy {policy!r}")
-        if window < 1 or batch < 1:
-            raise ValueError("window and batch must be positive")
+        if window < 1 or batch < 1 or max_payload_bytes < 1:
+            raise ValueError("window, batch and max_payload_bytes must be positive")
+        self._max_payload = max_payload_bytes
         self._conn = connection
         self._outbox = outbox
         self.topic = topic
@@ -431,6 +465,8 @@ class Telemetry:
         self._failed = 0
         self._dropped_no_permission = 0
         self._rejected_invalid = 0
+        self._rejected_too_large = 0
+        self._refused = 0
         self._last_error: str | None = None
 
         self._permission.add_listener(self._on_permission)
@@ -519,6 +555,7 @@ class Telemetry:
         several tasks that wait at the same time share one commit (one flush).
 
         Raises :class:`~iotref.protocol.message_schemas.InvalidMessage` (nothing queued),
+        :class:`MessageTooLarge` (nothing queued),
         :class:`~iotref.device.outbox.OutboxFull` (``reject_new``; nothing queued, the
         caller keeps the message) or :class:`TelemetryClosed`.
         """
@@ -536,6 +573,9 @@ class Telemetry:
             return SendResult(SendStatus.DROPPED_NO_PERMISSION)
         message_id = message.get("sendereventuuid")
         payload = to_json(message)
+        if len(payload) > self._max_payload:
+            self._rejected_too_large += 1
+            raise MessageTooLarge(len(payload), self._max_payload)
         mid = message_id if isinstance(message_id, str) else None
         # With durability="power", several tasks sending at once share one commit (see
         # _send_grouped); otherwise, and for a single sender, commit right here.
@@ -605,7 +645,8 @@ class Telemetry:
 
     async def send_many(self, messages: Sequence[dict[str, Any]]) -> list[SendResult]:
         """Like :meth:`send` for several messages, stored in one transaction (one flush in
-        ``durability="power"``). Validates all first: one invalid message refuses all."""
+        ``durability="power"``). Validates all first: one invalid or too large message
+        refuses all."""
         if self._closing:
             raise TelemetryClosed("telemetry is closed")
         if self._task is None:
@@ -622,10 +663,14 @@ class Telemetry:
         entries = []
         for message in messages:
             message_id = message.get("sendereventuuid")
+            payload = to_json(message)
+            if len(payload) > self._max_payload:
+                self._rejected_too_large += 1
+                raise MessageTooLarge(len(payload), self._max_payload)
             entries.append(
                 OutboxEntry(
                     self.topic,
-                    to_json(message),
+                    payload,
                     message_id if isinstance(message_id, str) else None,
                 )
             )
@@ -671,6 +716,9 @@ class Telemetry:
             dropped_no_permission=self._dropped_no_permission,
             rejected_invalid=self._rejected_invalid,
             rejected_full=o.rejected,
+            rejected_too_large=self._rejected_too_large,
+            refused=self._refused,
+            refused_kept=o.refused_kept,
             dropped_overflow=o.dropped_overflow,
             in_flight=len(self._in_flight),
             window=self.window,
@@ -801,17 +849,29 @@ class Telemetry:
         published_high = self._published_high
         published = republished = 0
         failure: Exception | None = None
+        max_payload = self._max_payload
         for seq, topic, payload in records:
             # The contract: check the permission before every telemetry publish.
             if permission.allowed is not True or gen != self._gen:
                 self._forget_tail()  # the rest of the batch is re-read from the outbox
                 break
+            if len(payload) > max_payload:  # stored by an earlier version: never sent
+                self._refuse(
+                    seq, f"{len(payload):,} bytes, over the platform's limit of {max_payload:,}"
+                )
+                self._cursor = seq
+                continue
             try:
                 if publish_cb is not None:
                     publish_cb(topic, payload, partial(on_ack, seq, gen), 1)
                 else:
                     publish_nowait(topic, payload, 1).add_done_callback(partial(on_done, seq, gen))
             except Exception as exc:
+                reason = permanent_refusal(exc)
+                if reason is not None:
+                    self._refuse(seq, reason)
+                    self._cursor = seq
+                    continue
                 failure = exc
                 break
             in_flight.add(seq)
@@ -848,14 +908,31 @@ class Telemetry:
             self._failures_in_row = 0
             if not self._outbox.closed:
                 self._outbox.ack(seq)
-            if self._waiting_room and self.window - len(in_flight) >= self._refill:
-                self._waiting_room = False
-                self._kick()
-            if self._closing and not in_flight:
-                self._kick()
-                self._wake_idle_waiter()
-            return
-        self._publish_failed(exc, gen)
+        else:
+            reason = permanent_refusal(exc)
+            if reason is None:
+                self._publish_failed(exc, gen)
+                return
+            self._refuse(seq, reason)
+        if self._waiting_room and self.window - len(in_flight) >= self._refill:
+            self._waiting_room = False
+            self._kick()
+        if self._closing and not in_flight:
+            self._kick()
+            self._wake_idle_waiter()
+
+    def _refuse(self, seq: int, reason: str) -> None:
+        """The platform refused message ``seq`` for good: move it out of the queue."""
+        self._last_error = f"message #{seq} refused for good: {reason}"
+        if self._outbox.closed or not self._outbox.refuse(seq, reason):
+            return  # already acknowledged or moved (e.g. refused in two generations)
+        self._refused += 1
+        log.warning(
+            "telemetry message #%d refused for good (%s); moved to the outbox's refused "
+            "table, the next ones go on",
+            seq,
+            reason,
+        )
 
     def _wake_idle_waiter(self) -> None:
         waiter = self._idle_waiter

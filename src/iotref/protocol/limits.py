@@ -1,12 +1,12 @@
-"""The platform's limits on one MQTT message, shared by the device and the sandbox.
+"""The platform's limits on one device, shared by the device and the sandbox.
 
 The device refuses a message over :data:`MAX_PAYLOAD_BYTES` before queueing it, the
 publisher never publishes one, and the sandbox's broker and shadow service refuse what is
 larger, as the platform does.
 
-The other figures are AWS IoT Core's message broker and protocol quotas, each with its
-source. Which of them the sandbox's broker enforces, and how, is listed in
-docs/configuration.md ("Platform limits").
+The other figures are AWS IoT Core's message broker and protocol quotas and its Device
+Shadow service's, each with its source. Which of them the sandbox enforces or measures,
+and how, is listed in docs/configuration.md ("Platform limits").
 """
 
 from __future__ import annotations
@@ -67,3 +67,43 @@ THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION: Final = 512 * 1024
 CONNECT_REQUESTS_PER_SECOND_PER_CLIENT_ID: Final = 1
 """CONNECT requests per second with one client id, not adjustable (quota "Connect requests
 per second per client ID"; same source)."""
+
+# --------------------------------------------------------------------------- device shadow
+# Sources: the General Reference page above, section "Device Shadow"; the AWS IoT Developer
+# Guide's "Device Shadow error messages"
+# (https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-error-messages.html)
+# and "Diagnosing problems with shadows"
+# (https://docs.aws.amazon.com/iot/latest/developerguide/diagnosing-shadows.html).
+
+SHADOW_STATE_MAX_BYTES: Final = 8 * 1024
+"""Bytes of a shadow's state (quota "Maximum size of a JSON state document", 8 KB). Only
+desired and reported count, together; metadata does not ("Diagnosing problems with
+shadows": the shadow supports 8 KB of data, only the desired and reported state counts
+toward it). Over it: 413 "The payload exceeds the maximum size allowed"."""
+
+SHADOW_MAX_DEPTH: Final = 6
+"""Levels of nesting in desired or reported, in the 400 answer's own words: "JSON contains
+too many levels of nesting; maximum is 6" ("Device Shadow error messages"). Where AWS's
+pages differ on this figure, the strictest one is kept (see docs/configuration.md)."""
+
+SHADOW_REQUESTS_PER_SECOND_PER_THING: Final = 20
+"""Shadow requests a second for one thing (General Reference, Device Shadow: 20 requests
+per second per thing); more are answered 429 "Too Many Requests"."""
+
+SHADOW_IN_FLIGHT_REQUESTS_PER_THING: Final = 10
+"""Shadow requests of one thing started and not yet completed (quota "Maximum number of
+in-flight, unacknowledged messages per thing", 10; "Device Shadow error messages", 429:
+"more than 10 in-flight requests on a single connection")."""
+
+SHADOW_NAME_MAX_BYTES: Final = 64
+"""Longest shadow name, bytes of UTF-8 (quota "Maximum size of a shadow name"); the
+``iot-data`` API reference's pattern is ``[$a-zA-Z0-9:_-]+``."""
+
+THING_NAME_MAX_BYTES: Final = 128
+"""Longest thing name, bytes of UTF-8 (quota "Maximum size of a thing name"); the API
+reference's pattern is ``[a-zA-Z0-9:_-]+``."""
+
+SHADOW_CLIENT_TOKEN_MAX_BYTES: Final = 64
+"""Longest ``clientToken`` of a shadow request, bytes ("Device Shadow error messages", 400
+"Invalid clientToken": "A client token that is longer than 64 bytes will cause this
+response")."""

@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from iotref.protocol import limits as platform_limits
 
 JsonObject = dict[str, Any]
 
 SECTIONS = ("desired", "reported")
-MAX_SECTION_BYTES = 8 * 1024
-"""Each of ``desired`` and ``reported`` (metadata excluded), as compact UTF-8 JSON."""
-MAX_PAYLOAD_BYTES = 128 * 1024
+MAX_STATE_BYTES = platform_limits.SHADOW_STATE_MAX_BYTES
+"""``desired`` and ``reported`` together (metadata excluded), as compact UTF-8 JSON."""
+MAX_PAYLOAD_BYTES = platform_limits.MAX_PAYLOAD_BYTES
 """A request larger than an MQTT message may be is refused before it is parsed."""
-MAX_DEPTH = 6
+MAX_DEPTH = platform_limits.SHADOW_MAX_DEPTH
 """Levels of nesting inside ``desired`` or ``reported``."""
-MAX_CLIENT_TOKEN_BYTES = 64
+MAX_CLIENT_TOKEN_BYTES = platform_limits.SHADOW_CLIENT_TOKEN_MAX_BYTES
+MAX_THING_NAME_BYTES = platform_limits.THING_NAME_MAX_BYTES
+MAX_SHADOW_NAME_BYTES = platform_limits.SHADOW_NAME_MAX_BYTES
+THING_NAME_PATTERN = re.compile(rf"^[a-zA-Z0-9:_-]{{1,{MAX_THING_NAME_BYTES}}}$")
+"""Thing names, as in AWS IoT's API reference (ASCII, so bytes and characters agree)."""
+SHADOW_NAME_PATTERN = re.compile(rf"^[$a-zA-Z0-9:_-]{{1,{MAX_SHADOW_NAME_BYTES}}}$")
 DELETED_VERSION_MEMORY_SECONDS = 48 * 3600
 """A shadow re-created within this time after a delete continues the old version numbers."""
 
@@ -39,7 +47,8 @@ MSG_DESIRED_NOT_OBJECT = "Desired node must be an object"
 MSG_REPORTED_NOT_OBJECT = "Reported node must be an object"
 MSG_INVALID_VERSION = "Invalid version"
 MSG_INVALID_CLIENT_TOKEN = "Invalid clientToken"
-MSG_TOO_DEEP = f"JSON contains too many levels of nesting; maximum is {MAX_DEPTH}"
+MSG_TOO_DEEP_FORMAT = "JSON contains too many levels of nesting; maximum is {}"
+MSG_TOO_DEEP = MSG_TOO_DEEP_FORMAT.format(MAX_DEPTH)
 MSG_INVALID_NODE = "State contains an invalid node"
 MSG_UNAUTHORIZED = "Unauthorized"
 MSG_FORBIDDEN = "Forbidden"
@@ -93,6 +102,45 @@ def not_found_error(
     """404 for a shadow that does not exist (the classic shadow is named after its thing)."""
     name = thing_name if shadow_name is None else shadow_name
     return ShadowError(404, f"No shadow exists with name: '{name}'", client_token)
+
+
+@dataclass(frozen=True)
+class ShadowLimits:
+    """The document limits a shadow service applies (AWS's values by default; the
+    sandbox's ``sandbox up`` options may change them)."""
+
+    state_max_bytes: int = MAX_STATE_BYTES
+    max_depth: int = MAX_DEPTH
+
+    @property
+    def too_deep(self) -> str:
+        return MSG_TOO_DEEP_FORMAT.format(self.max_depth)
+
+
+DEFAULT_LIMITS = ShadowLimits()
+
+
+def name_error(thing_name: str, shadow_name: str | None) -> ShadowError | None:
+    """400 for a thing or shadow name AWS would refuse (pattern and length), else None;
+    the message is the validation error AWS's API answers with."""
+    for value, field_name, pattern in (
+        (thing_name, "thingName", THING_NAME_PATTERN),
+        (shadow_name, "shadowName", SHADOW_NAME_PATTERN),
+    ):
+        if value is not None and not pattern.fullmatch(value):
+            return ShadowError(
+                400,
+                f"1 validation error detected: Value '{value}' at '{field_name}' failed to "
+                "satisfy constraint: Member must satisfy regular expression pattern: "
+                f"{pattern.pattern}",
+            )
+    return None
+
+
+def state_size(state: JsonObject) -> int:
+    """Bytes of ``desired`` and ``reported`` together (compact UTF-8 JSON), what the
+    state size limit counts."""
+    return len(compact({k: state[k] for k in SECTIONS if state.get(k) is not None}))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -186,7 +234,7 @@ def compact(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def parse_update(payload: bytes | str) -> UpdateRequest:
+def parse_update(payload: bytes | str, limits: ShadowLimits = DEFAULT_LIMITS) -> UpdateRequest:
     """Validate an ``update`` payload; raise :class:`ShadowError` with the documented error."""
     doc = decode_json(payload)
     if not isinstance(doc, dict):
@@ -210,12 +258,12 @@ def parse_update(payload: bytes | str) -> UpdateRequest:
             raise ShadowError(400, MSG_INVALID_NODE, token)
         if section is not None and not isinstance(section, dict):
             raise ShadowError(400, _SECTION_NOT_OBJECT[key], token)
-        if depth(section) > MAX_DEPTH:
-            raise ShadowError(400, MSG_TOO_DEEP, token)
+        if depth(section) > limits.max_depth:
+            raise ShadowError(400, limits.too_deep, token)
         if _has_null_in_array(section):
             raise ShadowError(400, MSG_INVALID_NODE, token)
-        if section is not None and len(compact(section)) > MAX_SECTION_BYTES:
-            raise ShadowError(413, MSG_TOO_LARGE, token)
+    if state_size(state) > limits.state_max_bytes:
+        raise ShadowError(413, MSG_TOO_LARGE, token)
     return UpdateRequest(state, token, version)
 
 
@@ -374,11 +422,12 @@ def apply_update(
     timestamp: int,
     *,
     base_version: int = 0,
+    limits: ShadowLimits = DEFAULT_LIMITS,
 ) -> UpdateOutcome:
     """Apply a validated update to ``current`` (``None``: the shadow does not exist; a new
     one starts after ``base_version``, the version of a recently deleted shadow).
 
-    Raises :class:`ShadowError` 409 on a version mismatch and 413 when a section would
+    Raises :class:`ShadowError` 409 on a version mismatch and 413 when the state would
     grow over the size limit.
     """
     token = request.client_token
@@ -404,13 +453,13 @@ def apply_update(
             target_meta = new.metadata.get(section, {})
             _merge(target, target_meta, patch, timestamp)
             if target:
-                if len(compact(target)) > MAX_SECTION_BYTES:
-                    raise ShadowError(413, MSG_TOO_LARGE, token)
                 new.state[section] = target
                 new.metadata[section] = target_meta
             else:
                 new.state.pop(section, None)
                 new.metadata.pop(section, None)
+    if state_size(new.state) > limits.state_max_bytes:
+        raise ShadowError(413, MSG_TOO_LARGE, token)
     accepted_state: Any = request_state
     accepted_meta: Any = (
         {"timestamp": timestamp}

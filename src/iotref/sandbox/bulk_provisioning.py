@@ -189,7 +189,7 @@ class BulkProvisioning:
             "type": "object",
             "required": ["certificateSigningRequest"],
             "properties": {
-                "certificateSigningRequest": {"type": "string", "minLength": 1},
+                "certificateSigningRequest": {"type": "string", "pattern": "\\S"},
                 "machineId": {
                     "type": "string",
                     "minLength": 1,

@@ -17,6 +17,7 @@ from iotref.protocol.limits import (
     MAX_PAYLOAD_BYTES,
 )
 from iotref.sandbox.database import Database
+from iotref.sandbox.limits import SandboxLimits
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class SandboxSettings:
     session_expiry_hours: int = DEFAULT_SESSION_EXPIRY_SECONDS // 3600
     mosquitto_binary: str = "mosquitto"
     dynsec_plugin: str | None = None  # Mosquitto's dynamic-security plugin; None: search
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    """AWS IoT Core's per-device limits the sandbox applies (``sandbox up`` options)."""
 
 
 @dataclass(frozen=True)

@@ -215,18 +215,20 @@ class DirectoryApi:
         errors: dict[str, list[str]] = {}
         values: dict[str, str] = {}
         for field in ("name", "manufacturer", "serial_number"):
-            value = params.get(f"machine[{field}]", "").strip()
+            raw = params.get(f"machine[{field}]", "")
+            value = raw.strip()
             if not value:
                 errors.setdefault(field, []).append("can't be blank")
-            elif len(value) > MAX_FIELD_LENGTH:
+            elif len(raw) > MAX_FIELD_LENGTH:
                 errors.setdefault(field, []).append(
                     f"is too long (maximum is {MAX_FIELD_LENGTH} characters)"
                 )
             values[field] = value
-        kind = params.get("machine[kind]", "").strip() or None
+        # An empty optional field is one not given (as a form sends it).
+        kind = params.get("machine[kind]") or None
         if kind is not None and kind not in MACHINE_KINDS:
             errors["kind"] = ["is not included in the list"]
-        site_id = params.get("machine[site_id]", "").strip() or None
+        site_id = params.get("machine[site_id]") or None
         if site_id is not None and not self._site_for(site_id, self._organization_ids(grant)):
             errors["site_id"] = ["is not a site of this organization"]
         machine_id = str(uuid.uuid4())
@@ -322,7 +324,7 @@ class DirectoryApi:
             raise _not_found("machine")
         params = await read_form_or_json(request)
         organization_id = self._ownership_organization(grant, params)
-        site_id = params.get("site_id", "").strip() or None
+        site_id = params.get("site_id") or None
         if site_id is not None and not self._site_for(site_id, [organization_id]):
             raise _validation({"site_id": ["is not a site of this organization"]})
         if (

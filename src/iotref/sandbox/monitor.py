@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import html
@@ -68,6 +69,7 @@ from iotref.sandbox.openapi import (
     response_ref,
     schema_ref,
 )
+from iotref.sandbox.quota_meter import QuotaMeter
 
 if TYPE_CHECKING:
     from iotref.sandbox.ingestion import Ingestion, Subscription
@@ -170,6 +172,7 @@ class Monitor:
         things: Any,
         *,
         online_window: float = ONLINE_WINDOW_SECONDS,
+        meter: QuotaMeter | None = None,
     ) -> None:
         self.ctx = ctx
         self.ingestion = ingestion
@@ -177,6 +180,8 @@ class Monitor:
         self.directory = directory
         self.things = things
         self.online_window = online_window
+        limits = ctx.settings.limits
+        self.meter = meter or QuotaMeter(limits.publish_rate, limits.throughput)
         self._stopping = asyncio.Event()
         key = ctx.admin_token.encode()
         self._session = hmac.new(key, b"iotref-monitor-session", hashlib.sha256).hexdigest()
@@ -332,7 +337,12 @@ class Monitor:
         last_seen = out.get("last_seen")
         out["online"] = last_seen is not None and now - float(last_seen) <= self.online_window
         out["send_telemetry"] = self._permission(client_id) if thing is not None else None
+        out["quota"] = self.meter.snapshot(client_id, now)
         return out
+
+    @property
+    def _shadow_limits(self) -> sd.ShadowLimits:
+        return self.ctx.settings.limits.shadow_document
 
     def _store(self) -> Any:
         store = self.ingestion.store
@@ -357,6 +367,7 @@ class Monitor:
             {
                 "now": now,
                 "online_window": self.online_window,
+                "limits": dataclasses.asdict(self.ctx.settings.limits),
                 "ingestion": self.ingestion.status(),
                 "totals": store.totals(),
                 "retention": store.retention_status(),
@@ -434,13 +445,13 @@ class Monitor:
         self._auth_write(request)
         client_id = self._client_id(request)
         self._known_thing(client_id)
-        payload = _desired_update(await _json_body(request))
+        payload = _desired_update(await _json_body(request), self._shadow_limits)
         return await self._update(client_id, payload)
 
     async def validate_shadow(self, request: Request) -> Response:
         self._auth_write(request)
         self._client_id(request)
-        payload = _desired_update(await _json_body(request))
+        payload = _desired_update(await _json_body(request), self._shadow_limits)
         return JSONResponse({"ok": True, "update": json.loads(payload)})
 
     async def send_telemetry(self, request: Request) -> Response:
@@ -487,22 +498,25 @@ class Monitor:
     def _stats(self, device: str | None) -> dict[str, Any]:
         store = self._store()
         now = time.time()
+        quotas = self.meter.snapshots(now)
+        devices: dict[str, dict[str, Any]] = {
+            c["client_id"]: {
+                "received": c["received"],
+                "valid": c["valid"],
+                "invalid": c["invalid"],
+                "duplicates": c["duplicates"],
+                "last_seen": c["last_seen"],
+                "online": c["last_seen"] is not None and now - c["last_seen"] <= self.online_window,
+            }
+            for c in store.device_list()
+        }
+        for client_id, quota in quotas.items():
+            devices.setdefault(client_id, {})["quota"] = quota
         data: dict[str, Any] = {
             "now": now,
             "totals": store.totals(),
             "rate": store.rates(None, 1, now - 1)[0][1],
-            "devices": {
-                c["client_id"]: {
-                    "received": c["received"],
-                    "valid": c["valid"],
-                    "invalid": c["invalid"],
-                    "duplicates": c["duplicates"],
-                    "last_seen": c["last_seen"],
-                    "online": c["last_seen"] is not None
-                    and now - c["last_seen"] <= self.online_window,
-                }
-                for c in store.device_list()
-            },
+            "devices": devices,
         }
         if device is not None:
             data["device_rate"] = store.rates(device, 1, now - 1)[0][1]
@@ -565,7 +579,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise ApiError(400, "invalid_request", "body is nested too deeply") from None
 
 
-def _desired_update(body: dict[str, Any]) -> bytes:
+def _desired_update(body: dict[str, Any], limits: sd.ShadowLimits = sd.DEFAULT_LIMITS) -> bytes:
     """``{"desired": {...}, "version": n?}`` as a shadow update, checked by the shadow
     service's own rules; 400/413 JSON if it would be rejected."""
     if "desired" not in body:
@@ -582,7 +596,7 @@ def _desired_update(body: dict[str, Any]) -> bytes:
         # json.loads took it, but with the two levels added here it is too deep to dump.
         raise ApiError(400, "invalid_request", "desired is nested too deeply") from None
     try:
-        sd.parse_update(payload)
+        sd.parse_update(payload, limits)
     except sd.ShadowError as exc:
         raise ApiError(
             exc.code if 400 <= exc.code < 500 else 400,
@@ -702,11 +716,55 @@ def _monitor_schemas() -> dict[str, Any]:
             },
             "additionalProperties": False,
         },
+        "MonitorQuota": {
+            **_object(
+                {
+                    "publish_limit": {
+                        **count,
+                        "description": "Publish requests a second per connection (0: not "
+                        "measured).",
+                    },
+                    "throughput_limit": {
+                        **count,
+                        "description": "Bytes a second per connection (0: not measured).",
+                    },
+                    "messages": {
+                        **count,
+                        "description": "Publishes counted (telemetry and shadow requests).",
+                    },
+                    "bytes": {**count, "description": "Their topics and payloads, bytes."},
+                    "rate": {**count, "description": "Publishes in the last complete second."},
+                    "bytes_rate": {**count, "description": "Bytes in the last complete second."},
+                    "peak_rate": {**count, "description": "The busiest second's publishes."},
+                    "peak_bytes_rate": {**count, "description": "The busiest second's bytes."},
+                    "seconds_over": {
+                        **count,
+                        "description": "Seconds with more publishes or bytes than the quota.",
+                    },
+                    "throttled": {
+                        **count,
+                        "description": "Publishes AWS IoT Core would have throttled (token "
+                        "bucket of one second's quota, refilled at the quota's rate).",
+                    },
+                    "throttled_bytes": {**count, "description": "Their bytes."},
+                }
+            ),
+            "description": "The connection's publishes against AWS IoT Core's per-connection "
+            "quotas, as the platform received them (measured, not enforced).",
+        },
         "MonitorDevice": {
             "type": "object",
             "description": "A device: provisioned (``known``) or only seen in telemetry, "
             "with its counters; the thing's fields when it is known.",
-            "required": ["client_id", *counters, "last_seen", "known", "online", "send_telemetry"],
+            "required": [
+                "client_id",
+                *counters,
+                "last_seen",
+                "known",
+                "online",
+                "send_telemetry",
+                "quota",
+            ],
             "properties": {
                 "client_id": {"type": "string"},
                 **counters,
@@ -726,6 +784,7 @@ def _monitor_schemas() -> dict[str, Any]:
                 "provisioned_at": {"type": "string", "format": "date-time"},
                 "online": {"type": "boolean"},
                 "send_telemetry": _nullable(schema_ref("MonitorPermission")),
+                "quota": schema_ref("MonitorQuota"),
             },
             "oneOf": [
                 {
@@ -781,6 +840,20 @@ def _monitor_schemas() -> dict[str, Any]:
             {
                 "now": {"type": "number", "description": "Epoch seconds."},
                 "online_window": {"type": "number"},
+                "limits": {
+                    **_object(
+                        {
+                            "publish_rate": count,
+                            "throughput": count,
+                            "shadow_rate": count,
+                            "shadow_in_flight": count,
+                            "shadow_state_bytes": {"type": "integer", "minimum": 1},
+                            "shadow_depth": {"type": "integer", "minimum": 1},
+                        }
+                    ),
+                    "description": "The AWS IoT Core limits this sandbox applies (``sandbox "
+                    "up`` options; 0: off).",
+                },
                 "ingestion": {
                     "type": "object",
                     "description": "The ingestion's state and its totals.",
@@ -917,12 +990,20 @@ def monitor_fragment() -> dict[str, Any]:
                 "type": "object",
                 "required": ["desired"],
                 "properties": {
-                    "desired": {"type": "object"},
-                    "version": {"type": "integer", "minimum": 1},
+                    "desired": schema_ref("ShadowState1"),
+                    "version": {
+                        "type": "integer",
+                        "description": "Only if the shadow has this version (as AWS's "
+                        "``version``: 0 for a shadow that does not exist yet; no other "
+                        "value below 1 can match, and gets 409).",
+                    },
                 },
             }
         ),
     }
+    throttled = json_response(
+        "Over the thing's shadow requests a second.", schema_ref("MonitorShadowError")
+    )
     security_headers = {
         name: {"required": True, "schema": {"type": "string"}}
         for name in ("Content-Security-Policy", "X-Frame-Options", "Cache-Control")
@@ -1136,6 +1217,7 @@ def monitor_fragment() -> dict[str, Any]:
                     "404": response_ref("NotFound"),
                     "409": json_response("A version conflict.", schema_ref("MonitorShadowError")),
                     "413": json_response("The body or the state is too large.", shadow_error),
+                    "429": throttled,
                 },
             },
         },
@@ -1198,6 +1280,7 @@ def monitor_fragment() -> dict[str, Any]:
                     "404": response_ref("NotFound"),
                     "409": json_response("A version conflict.", schema_ref("MonitorShadowError")),
                     "413": json_response("The body is too large.", shadow_error),
+                    "429": throttled,
                 },
             }
         },

@@ -34,6 +34,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from iotref._version import __version__
+from iotref.protocol import shadow_document as sd
+from iotref.sandbox.directory_api import MAX_FIELD_LENGTH
+from iotref.sandbox.things import CLIENT_ID_PATTERN
 
 Fragment = dict[str, Any]
 """A partial OpenAPI document: ``{"paths": {...}, "components": {...}}`` (both optional)."""
@@ -234,18 +237,33 @@ def _form_or_json(schema: dict[str, Any], required: bool = True) -> dict[str, An
 
 def oauth_fragment() -> Fragment:
     """``POST /oauth/device_authorizations/authorize`` and the token endpoint."""
+    text = {"type": "string", "minLength": 1}
     token_request = {
-        "type": "object",
-        "required": ["grant_type"],
-        "properties": {
-            "grant_type": {
-                "type": "string",
-                "enum": ["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"],
+        "oneOf": [
+            {
+                "type": "object",
+                "description": "Polling with the device code (RFC 8628 §3.4).",
+                "required": ["grant_type", "client_id", "device_code"],
+                "properties": {
+                    "grant_type": {
+                        "type": "string",
+                        "enum": ["urn:ietf:params:oauth:grant-type:device_code"],
+                    },
+                    "client_id": text,
+                    "device_code": text,
+                },
             },
-            "client_id": {"type": "string"},
-            "device_code": {"type": "string"},
-            "refresh_token": {"type": "string"},
-        },
+            {
+                "type": "object",
+                "description": "A refresh (RFC 6749 §6); ``client_id`` is optional.",
+                "required": ["grant_type", "refresh_token"],
+                "properties": {
+                    "grant_type": {"type": "string", "enum": ["refresh_token"]},
+                    "client_id": text,
+                    "refresh_token": text,
+                },
+            },
+        ]
     }
     token_operation = {
         "tags": [TAG_OAUTH],
@@ -277,9 +295,10 @@ def oauth_fragment() -> Fragment:
                             "type": "object",
                             "required": ["client_id", "scope"],
                             "properties": {
-                                "client_id": {"type": "string"},
+                                "client_id": {"type": "string", "minLength": 1},
                                 "scope": {
                                     "type": "string",
+                                    "minLength": 1,
                                     "example": "Org.prinect.onprem.rw,Org.directory.machines.rw",
                                 },
                             },
@@ -537,6 +556,7 @@ _DIRECTORY_PATHS = (
     "/machines/{machineId}/machine_ownership",
 )
 _WRITES = {("/machines", "post"), ("/machines/{machineId}/machine_ownership", "post")}
+_REQUIRED_MACHINE_FIELDS = ("machine[name]", "machine[manufacturer]", "machine[serial_number]")
 
 
 def directory_api_fragment() -> Fragment:
@@ -568,13 +588,22 @@ def directory_api_fragment() -> Fragment:
                 responses["422"] = response_ref("ValidationFailed")
             op["responses"] = dict(sorted(responses.items()))
             paths.setdefault("/api/v1" + path, {})[method] = op
+    for parameter in paths["/api/v1/machines"]["post"]["parameters"]:
+        name, schema = parameter["name"], parameter["schema"]
+        if name in _REQUIRED_MACHINE_FIELDS:
+            # What the sandbox checks: not blank, at most MAX_FIELD_LENGTH characters.
+            parameter["schema"] = {**schema, "pattern": "\\S", "maxLength": MAX_FIELD_LENGTH}
+        elif name == "machine[kind]":
+            parameter["schema"] = {**schema, "enum": [*schema["enum"], ""]}
+        elif name == "machine[site_id]":
+            parameter["schema"] = _or_empty(schema)
     ownership = paths["/api/v1/machines/{machineId}/machine_ownership"]["post"]
     ownership["parameters"].append(
         {
             "in": "query",
             "name": "site_id",
             "description": "A site of the organization that takes ownership (sandbox).",
-            "schema": {"type": "string", "format": "uuid"},
+            "schema": _or_empty({"type": "string", "format": "uuid"}),
         }
     )
     return {
@@ -583,6 +612,14 @@ def directory_api_fragment() -> Fragment:
             "schemas": copy.deepcopy(zaikio["components"]["schemas"]),
             "examples": copy.deepcopy(zaikio["components"]["examples"]),
         },
+    }
+
+
+def _or_empty(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema``, or the empty string of a form field left empty (the same as none)."""
+    return {
+        "anyOf": [schema, {"type": "string", "enum": [""]}],
+        "description": "Empty: not given.",
     }
 
 
@@ -691,6 +728,7 @@ def provisioning_fragment() -> Fragment:
                     "properties": {
                         "certificateSigningRequest": {
                             "type": "string",
+                            "pattern": "\\S",
                             "description": "A PEM certificate signing request.",
                         },
                         "siteId": {"type": "string", "format": "uuid"},
@@ -724,7 +762,8 @@ def admin_fragment() -> Fragment:
         "in": "path",
         "name": "clientId",
         "required": True,
-        "schema": {"type": "string"},
+        "description": "Any other form is no thing (404).",
+        "schema": {"type": "string", "pattern": f"^{CLIENT_ID_PATTERN}$"},
         "example": "iotref-0123456789abcdef0123",
     }
     return {
@@ -845,8 +884,12 @@ def admin_fragment() -> Fragment:
 
 # --------------------------------------------------------------------------- shadow REST
 
-_THING_NAME = "^[a-zA-Z0-9:_-]{1,128}$"
-_SHADOW_NAME = "^[a-zA-Z0-9:_-]{1,64}$"
+TOPIC_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f+#\\ufdd0-\\ufdef\\ufffe\\uffff]+$"
+"""What the Publish route takes as a topic (MQTT's and Mosquitto's rules). The route also
+refuses the non-characters beyond the first plane (U+1FFFE and so on), which a pattern
+cannot name portably (JSON Schema's regex dialects differ above U+FFFF)."""
+_THING_NAME = sd.THING_NAME_PATTERN.pattern
+_SHADOW_NAME = sd.SHADOW_NAME_PATTERN.pattern
 
 
 def shadow_fragment() -> Fragment:
@@ -869,6 +912,7 @@ def shadow_fragment() -> Fragment:
         "403": response_ref("AwsForbidden"),
         "404": response_ref("AwsNotFound"),
     }
+    shadow_errors = {**errors, "429": response_ref("AwsThrottled")}
     return {
         "paths": {
             "/things/{thingName}/shadow": {
@@ -880,7 +924,7 @@ def shadow_fragment() -> Fragment:
                     "parameters": [thing, shadow_name],
                     "responses": {
                         "200": json_response("The shadow.", schema_ref("ShadowDocument")),
-                        **errors,
+                        **shadow_errors,
                     },
                 },
                 "post": {
@@ -888,8 +932,11 @@ def shadow_fragment() -> Fragment:
                     "operationId": "UpdateThingShadow",
                     "summary": "Update the shadow (merge; null removes)",
                     "description": "The body is read as bytes whatever its content type: "
-                    "not UTF-8 is 415, not JSON 400, over 8 KB of state or 128 KB of "
-                    "payload 413, a version mismatch 409.",
+                    "not UTF-8 is 415, not JSON 400, over 8 KB of state (desired and "
+                    "reported together, after the merge) or 128 KB of payload 413, a version "
+                    "mismatch 409, a ``clientToken`` over 64 bytes 400. Nesting deeper than "
+                    "the schema's 6 levels is 400. These are AWS's limits, the sandbox's "
+                    "defaults (``sandbox up --shadow-max-bytes``, ``--shadow-max-depth``).",
                     "security": security,
                     "parameters": [thing, shadow_name],
                     "requestBody": {
@@ -898,7 +945,7 @@ def shadow_fragment() -> Fragment:
                     },
                     "responses": {
                         "200": json_response("Accepted.", schema_ref("ShadowUpdateAccepted")),
-                        **errors,
+                        **shadow_errors,
                         "409": response_ref("AwsConflict"),
                         "413": response_ref("AwsTooLarge"),
                         "415": response_ref("AwsUnsupportedEncoding"),
@@ -912,7 +959,7 @@ def shadow_fragment() -> Fragment:
                     "parameters": [thing, shadow_name],
                     "responses": {
                         "200": json_response("Deleted.", schema_ref("ShadowDeleted")),
-                        **errors,
+                        **shadow_errors,
                     },
                 },
             },
@@ -924,7 +971,12 @@ def shadow_fragment() -> Fragment:
                     "security": security,
                     "parameters": [
                         thing,
-                        {"in": "query", "name": "nextToken", "schema": {"type": "string"}},
+                        {
+                            "in": "query",
+                            "name": "nextToken",
+                            "description": "The ``nextToken`` of the previous page.",
+                            "schema": {"type": "string", "pattern": _SHADOW_NAME},
+                        },
                         {
                             "in": "query",
                             "name": "pageSize",
@@ -949,7 +1001,14 @@ def shadow_fragment() -> Fragment:
                             "in": "path",
                             "name": "topic",
                             "required": True,
-                            "schema": {"type": "string", "minLength": 1},
+                            "description": "At most 256 bytes of UTF-8; no wildcards, control "
+                            "characters or non-characters.",
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 256,
+                                "pattern": TOPIC_PATTERN,
+                            },
                         },
                         {
                             "in": "query",
@@ -1021,14 +1080,53 @@ def _aws_error_responses() -> dict[str, Any]:
         "AwsTooLarge": aws("RequestEntityTooLargeException.", generic=True),
         "AwsUnsupportedEncoding": aws("UnsupportedDocumentEncodingException: not UTF-8."),
         "AwsUnavailable": aws("ServiceUnavailableException: the broker is not reachable."),
+        "AwsThrottled": aws(
+            "ThrottlingException: over the thing's shadow requests a second (``sandbox up "
+            "--shadow-rate-limit``, AWS: 20)."
+        ),
     }
 
 
+def shadow_state_schemas(max_depth: int = sd.MAX_DEPTH) -> dict[str, Any]:
+    """``ShadowState1`` .. ``ShadowStateN``: a ``desired`` or ``reported`` section as the
+    shadow service takes it, level by level down to ``max_depth`` levels of nesting; in
+    objects a ``null`` removes the key, in arrays it is refused."""
+    scalars: list[dict[str, Any]] = [
+        {"type": "string"},
+        {"type": "number"},
+        {"type": "boolean"},
+    ]
+    removal = {"type": "object", "nullable": True, "enum": [None]}
+    schemas: dict[str, Any] = {}
+    for level in range(1, max_depth + 1):
+        deeper = []
+        if level < max_depth:
+            deeper = [schema_ref(f"ShadowState{level + 1}"), schema_ref(f"ShadowList{level + 1}")]
+        schemas[f"ShadowState{level}"] = {
+            "type": "object",
+            "additionalProperties": {"anyOf": [*scalars, removal, *deeper]},
+        }
+        if level > 1:
+            schemas[f"ShadowList{level}"] = {
+                "type": "array",
+                "items": {"anyOf": [*scalars, *deeper]},
+            }
+    schemas["ShadowState1"]["description"] = (
+        f"A desired or reported section: at most {max_depth} levels of nesting, no null in arrays."
+    )
+    return schemas
+
+
 def _shadow_schemas() -> dict[str, Any]:
-    section = {"type": "object", "nullable": True, "maxProperties": 100}
+    # (nullable next to a $ref is ignored by OpenAPI 3.0 tools: null spelled out)
+    section = {
+        "anyOf": [schema_ref("ShadowState1"), {"type": "object", "nullable": True, "enum": [None]}],
+        "description": "null removes the section.",
+    }
     timestamp = {"type": "integer", "description": "Epoch seconds."}
     client_token = {"type": "string", "maxLength": 64}
     return {
+        **shadow_state_schemas(),
         "ShadowError": {
             "type": "object",
             "description": "AWS IoT's error response document.",
@@ -1112,7 +1210,7 @@ def _shadow_schemas() -> dict[str, Any]:
                     "type": "array",
                     "items": {"type": "string", "pattern": _SHADOW_NAME},
                 },
-                "nextToken": {"type": "string"},
+                "nextToken": {"type": "string", "pattern": _SHADOW_NAME},
                 "timestamp": timestamp,
             },
             "additionalProperties": False,

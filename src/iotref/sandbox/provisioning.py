@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives import serialization
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -26,7 +27,7 @@ from iotref.sandbox.certificate_authority import (
 )
 from iotref.sandbox.context import SandboxContext
 from iotref.sandbox.http_errors import ApiError, read_json_object
-from iotref.sandbox.things import ThingRegistry
+from iotref.sandbox.things import CLIENT_ID_PATTERN, ThingRegistry
 
 if TYPE_CHECKING:
     from iotref.sandbox.broker import Broker
@@ -61,6 +62,22 @@ class DirectoryLike(Protocol):
     def site(self, site_id: str) -> SiteLike | None: ...
 
 
+class ClientIdConvertor(Convertor[str]):
+    """``{client_id:client_id}`` in a route: only the form of the ids the registry hands
+    out, so that ``/admin/things/bulk`` is not taken for a thing called ``bulk``."""
+
+    regex = CLIENT_ID_PATTERN
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("client_id", ClientIdConvertor())
+
+
 class Provisioning:
     """The configuration + provisioning service (a sandbox component)."""
 
@@ -83,8 +100,10 @@ class Provisioning:
             Route("/v3/configuration", self.configuration, methods=["GET"]),
             Route("/v4/provisioning", self.provision, methods=["POST"]),
             Route("/admin/things", self.admin_list, methods=["GET"]),
-            Route("/admin/things/{client_id}", self.admin_get, methods=["GET"]),
-            Route("/admin/things/{client_id}/revoke", self.admin_revoke, methods=["POST"]),
+            Route("/admin/things/{client_id:client_id}", self.admin_get, methods=["GET"]),
+            Route(
+                "/admin/things/{client_id:client_id}/revoke", self.admin_revoke, methods=["POST"]
+            ),
             Route(DEVICE_CRL_PATH, self.device_crl, methods=["GET"]),
         ]
 

@@ -255,6 +255,7 @@ class Sandbox:
         from iotref.sandbox.ingestion import Ingestion
         from iotref.sandbox.monitor import Monitor
         from iotref.sandbox.provisioning import Provisioning
+        from iotref.sandbox.quota_meter import QuotaMeter
         from iotref.sandbox.shadow_service import ShadowService
         from iotref.sandbox.things import ThingRegistry
 
@@ -267,9 +268,11 @@ class Sandbox:
         broker = Broker(ctx, cas, things)
         provisioning = Provisioning(ctx, directory, cas, things, broker)
         bulk_provisioning = BulkProvisioning(ctx, directory, cas, things, provisioning)
-        shadows = ShadowService(ctx, cas)
-        ingestion = Ingestion(ctx, cas, things)
-        monitor = Monitor(ctx, ingestion, shadows, directory, things)
+        limits = ctx.settings.limits
+        meter = QuotaMeter(limits.publish_rate, limits.throughput)
+        shadows = ShadowService(ctx, cas, meter=meter)
+        ingestion = Ingestion(ctx, cas, things, meter=meter)
+        monitor = Monitor(ctx, ingestion, shadows, directory, things, meter=meter)
         # The ingestion subscribes before the shadow service answers: a device that
         # boots with the sandbox publishes only once its shadow granted the permission,
         # and then the ingestion already takes every message (Mosquitto 2.0 does not

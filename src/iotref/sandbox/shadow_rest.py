@@ -11,9 +11,6 @@ clients turn into ``ResourceNotFoundException``, ``ConflictException`` and so on
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from iotref.protocol import shadow_document as sd
+from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.sandbox import aws_sigv4
 
 if TYPE_CHECKING:
@@ -42,8 +40,6 @@ ERROR_TYPES = {
     500: "InternalFailureException",
     503: "ServiceUnavailableException",
 }
-_THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
-_SHADOW_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,64}$")
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 100
 
@@ -67,21 +63,13 @@ def error_response(code: int, message: str, client_token: str | None = None) -> 
     return _json_response(sd.to_json(body), code, {"x-amzn-ErrorType": f"{error_type}:"})
 
 
-def _validation(value: str, field: str, pattern: re.Pattern[str]) -> RestError:
-    return RestError(
-        400,
-        f"1 validation error detected: Value '{value}' at '{field}' failed to satisfy "
-        f"constraint: Member must satisfy regular expression pattern: {pattern.pattern}",
-    )
-
-
-def _names(request: Request) -> tuple[str, str | None]:
+def _names(request: Request, *, shadow_name: bool = True) -> tuple[str, str | None]:
+    """The thing name (and the ``name`` query parameter), checked as AWS checks them."""
     thing = str(request.path_params["thingName"])
-    if not _THING_NAME.match(thing):
-        raise _validation(thing, "thingName", _THING_NAME)
-    shadow = request.query_params.get("name")
-    if shadow is not None and not _SHADOW_NAME.match(shadow):
-        raise _validation(shadow, "shadowName", _SHADOW_NAME)
+    shadow = request.query_params.get("name") if shadow_name else None
+    refused = sd.name_error(thing, shadow)
+    if refused is not None:
+        raise RestError(refused.code, refused.message)
     return thing, shadow
 
 
@@ -157,27 +145,23 @@ class ShadowRest:
         return await self._run(request, "publish")
 
     async def _list(self, request: Request) -> Response:
-        thing = str(request.path_params["thingName"])
-        if not _THING_NAME.match(thing):
-            raise _validation(thing, "thingName", _THING_NAME)
+        thing, _ = _names(request, shadow_name=False)
         page_size = DEFAULT_PAGE_SIZE
         raw_size = request.query_params.get("pageSize")
         if raw_size is not None:
             if not raw_size.isdigit() or not 1 <= int(raw_size) <= MAX_PAGE_SIZE:
                 raise RestError(400, f"pageSize must be between 1 and {MAX_PAGE_SIZE}")
             page_size = int(raw_size)
-        after = ""
-        token = request.query_params.get("nextToken")
-        if token:
-            try:
-                after = base64.urlsafe_b64decode(token.encode()).decode()
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                raise RestError(400, "Invalid nextToken") from None
-        names = [n for n in self.service.named_shadows(thing) if n > after]
+        # The token is where the previous page ended: the last name it held. Any shadow
+        # name is a valid position (names sort as strings), anything else is refused.
+        after = request.query_params.get("nextToken")
+        if after is not None and not sd.SHADOW_NAME_PATTERN.fullmatch(after):
+            raise RestError(400, "Invalid nextToken")
+        names = [n for n in self.service.named_shadows(thing) if after is None or n > after]
         page = names[:page_size]
         result: dict[str, Any] = {"results": page, "timestamp": int(time.time())}
         if len(names) > page_size:
-            result["nextToken"] = base64.urlsafe_b64encode(page[-1].encode()).decode()
+            result["nextToken"] = page[-1]
         return _json_response(sd.to_json(result))
 
     async def _publish(self, request: Request, body: bytes) -> Response:
@@ -194,7 +178,7 @@ class ShadowRest:
         retain_text = request.query_params.get("retain", "false").lower()
         if retain_text not in ("true", "false"):
             raise RestError(400, "Invalid retain value; supported values are true and false")
-        if len(body) > sd.MAX_PAYLOAD_BYTES:
+        if len(body) > MAX_PAYLOAD_BYTES:
             raise RestError(413, sd.MSG_TOO_LARGE)
         sent = await self.service.publish(topic, body, int(qos_text), retain_text == "true")
         if not sent:

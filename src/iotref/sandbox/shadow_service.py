@@ -34,6 +34,8 @@ from starlette.routing import BaseRoute
 from iotref.protocol import shadow_document as sd
 from iotref.protocol.topics import SHADOW_OPERATIONS, parse_shadow_topic, shadow_topic
 from iotref.sandbox.context import LOOPBACK, SandboxContext
+from iotref.sandbox.quota_meter import QuotaMeter
+from iotref.sandbox.shadow_limits import ShadowRequestLimits
 from iotref.sandbox.shadow_store import AwsCredentials, ShadowStore
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,28 @@ def now_seconds() -> int:
 
 
 class ShadowService:
-    """Component: the shadow service (MQTT side) plus the REST data plane's routes."""
+    """Component: the shadow service (MQTT side) plus the REST data plane's routes.
 
-    def __init__(self, ctx: SandboxContext, cas: Any, *, region: str = AWS_REGION) -> None:
+    It applies the sandbox's shadow limits (``ctx.settings.limits``): document size and
+    depth through the document rules, requests a second and in flight per thing through
+    :class:`ShadowRequestLimits`; and it reports every MQTT request to the ``meter``, the
+    per-connection quota meter (the thing name is the device's client id)."""
+
+    def __init__(
+        self,
+        ctx: SandboxContext,
+        cas: Any,
+        *,
+        region: str = AWS_REGION,
+        meter: QuotaMeter | None = None,
+    ) -> None:
         self.ctx = ctx
         self.cas = cas
         self.region = region
+        self.meter = meter
+        limits = ctx.settings.limits
+        self.document_limits = limits.shadow_document
+        self.request_limits = ShadowRequestLimits(limits.shadow_rate, limits.shadow_in_flight)
         self.store = ShadowStore(ctx.db)
         self.credentials: AwsCredentials = self.store.credentials()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -193,13 +211,15 @@ class ShadowService:
 
     # ------------------------------------------------------------------ per-shadow queues
 
-    def _publish_in_order(self, key: ShadowKey, messages: list[Message]) -> None:
+    def _publish_in_order(
+        self, key: ShadowKey, messages: list[Message]
+    ) -> asyncio.Future[Any] | None:
         """Publish ``messages`` after everything published before for the same shadow,
         without holding up the shadow's operations: while the broker is away, operations
         (REST callers included) are answered at once and their messages follow when it is
-        back."""
+        back. Returns the future that is done once they are all published."""
         if not messages:
-            return
+            return None
         previous = self._publish_tails.get(key)
         tail: asyncio.Future[Any]
         if previous is None and self._connected.is_set():
@@ -218,8 +238,9 @@ class ShadowService:
 
             async def run() -> None:
                 if previous is not None:
-                    with contextlib.suppress(Exception, asyncio.CancelledError):
-                        await previous
+                    # Whatever became of the earlier messages; being cancelled still stops
+                    # this task (awaiting ``previous`` itself would re-raise its outcome).
+                    await asyncio.wait([previous])
                 await asyncio.gather(
                     *(self._publish(topic, payload) for topic, payload in messages)
                 )
@@ -236,6 +257,7 @@ class ShadowService:
                 del self._publish_tails[key]
 
         tail.add_done_callback(forget)
+        return tail
 
     def _submit(self, key: ShadowKey, job: Job) -> asyncio.Future[Any]:
         """Run ``job`` on the shadow ``key`` now; the returned future is done.
@@ -248,6 +270,7 @@ class ShadowService:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         messages: list[Message] = []
         try:
+            self.request_limits.admit(key[0], mqtt=False)
             result, messages = job()
         except Exception as exc:
             if not isinstance(exc, sd.ShadowError):
@@ -259,6 +282,31 @@ class ShadowService:
         self._publish_in_order(key, messages)
         return future
 
+    def _submit_mqtt(self, key: ShadowKey, operation: str, payload: bytes, job: Job) -> None:
+        """A request that arrived over MQTT: its answers are in flight until the broker
+        acknowledged every one of them; over a limit it is answered 429 on ``/rejected``."""
+        thing, shadow = key
+        refused = sd.name_error(thing, shadow)
+        if refused is None:
+            try:
+                self.request_limits.admit(thing, mqtt=True)
+            except sd.ShadowError as exc:
+                refused = sd.ShadowError(exc.code, exc.message, _client_token(payload))
+        if refused is not None:
+            topic = shadow_topic(thing, f"{operation}/rejected", shadow)
+            self._publish_in_order(key, [(topic, sd.to_json(refused.payload(now_seconds())))])
+            return
+        try:
+            _result, messages = job()
+        except Exception:
+            log.exception("shadow operation failed for %s", key)
+            return
+        tail = self._publish_in_order(key, messages)
+        if tail is not None:
+            limits = self.request_limits
+            limits.started(thing)
+            tail.add_done_callback(lambda _done: limits.finished(thing))
+
     # ------------------------------------------------------------------ operations
 
     def _update_job(
@@ -266,10 +314,12 @@ class ShadowService:
     ) -> tuple[Any, list[Message]]:
         now = now_seconds()
         try:
-            request = sd.parse_update(payload)
+            request = sd.parse_update(payload, self.document_limits)
             current = self.store.get(thing, shadow)
             base = self.store.base_version(thing, shadow, now) if current is None else 0
-            outcome = sd.apply_update(current, request, now, base_version=base)
+            outcome = sd.apply_update(
+                current, request, now, base_version=base, limits=self.document_limits
+            )
         except sd.ShadowError as exc:
             if not mqtt:
                 raise
@@ -338,10 +388,14 @@ class ShadowService:
         method = self._JOBS.get(operation)
         if method is None:
             return
-        future = self._submit(
-            (thing, shadow), lambda: method(self, thing, shadow, payload, mqtt=True)
+        if self.meter is not None:
+            self.meter.add(thing, 1, len(topic) + len(payload), time.time())
+        self._submit_mqtt(
+            (thing, shadow),
+            operation,
+            payload,
+            lambda: method(self, thing, shadow, payload, mqtt=True),
         )
-        future.add_done_callback(_ignore_outcome)
 
     async def update(self, thing: str, shadow: str | None, payload: bytes) -> sd.JsonObject:
         """UpdateThingShadow: the accepted document, or :class:`ShadowError`."""
@@ -388,6 +442,18 @@ def _dispatching_queue(
             handle(item)
 
     return DispatchingQueue
+
+
+def _client_token(payload: bytes) -> str | None:
+    """The request's ``clientToken`` for a rejection, if it has a valid one."""
+    try:
+        doc = sd.decode_json(payload) if payload.strip() else None
+    except sd.ShadowError:
+        return None
+    token = doc.get("clientToken") if isinstance(doc, dict) else None
+    if isinstance(token, str) and len(token.encode()) <= sd.MAX_CLIENT_TOKEN_BYTES:
+        return token
+    return None
 
 
 def _payload_bytes(payload: Any) -> bytes:

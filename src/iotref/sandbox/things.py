@@ -15,7 +15,8 @@ from typing import Any
 from iotref.sandbox.database import Database
 
 CLIENT_ID_PREFIX = "iotref-"
-_CLIENT_ID_RE = re.compile(r"^iotref-[0-9a-f]{20}$")
+CLIENT_ID_PATTERN = "iotref-[0-9a-f]{20}"
+_CLIENT_ID_RE = re.compile(f"^{CLIENT_ID_PATTERN}$")
 
 _SCHEMA = [
     """

@@ -23,6 +23,7 @@
     shadow: null,
     editorDirty: false,
     onlineWindow: 30,
+    limits: { shadow_depth: 6, shadow_state_bytes: 8192 }, /* until the summary says */
   };
 
   const $ = (id) => document.getElementById(id);
@@ -350,7 +351,7 @@
         el("td", null, el("span", { className: device.online ? "dot online" : "dot", title: device.online ? "online" : "offline" })),
         el("td", null,
           el("div", { className: "id", text: device.client_id }),
-          el("div", { className: "sub", text: `${device.online ? "online" : "offline"} · ${fmtAgo(device.last_seen)}${device.revoked ? " · revoked" : ""}${device.known === false ? " · not provisioned" : ""}` })),
+          el("div", { className: "sub", text: `${device.online ? "online" : "offline"} · ${fmtAgo(device.last_seen)}${device.revoked ? " · revoked" : ""}${device.known === false ? " · not provisioned" : ""}${device.quota && device.quota.throttled ? ` · ${fmtNumber(device.quota.throttled)} over quota` : ""}` })),
         el("td", { className: "num", text: fmtNumber(device.received) }),
         el("td", { className: "num", text: fmtNumber(device.valid) }),
         el("td", { className: device.invalid ? "num bad" : "num", text: fmtNumber(device.invalid) }),
@@ -392,6 +393,7 @@
     try {
       const s = await api("/monitor/api/summary");
       state.onlineWindow = s.online_window;
+      if (s.limits) state.limits = s.limits;
       $("online-hint").textContent = `online = sent telemetry within the last ${s.online_window} s`;
       state.devices = new Map(s.devices.map((d) => [d.client_id, d]));
       renderDevices();
@@ -435,7 +437,36 @@
       el("div", null, el("b", { text: fmtNumber(d.received) }), el("span", { text: "received" })),
       el("div", { className: "ok" }, el("b", { text: fmtNumber(d.valid) }), el("span", { text: "valid" })),
       el("div", { className: "bad" }, el("b", { text: fmtNumber(d.invalid) }), el("span", { text: "invalid" })),
-      el("div", null, el("b", { text: fmtNumber(d.duplicates) }), el("span", { text: "duplicates" })));
+      el("div", null, el("b", { text: fmtNumber(d.duplicates) }), el("span", { text: "duplicates" })),
+      ...quotaCounters(d.quota));
+  }
+
+  function fmtBytes(n) {
+    if (n === null || n === undefined) return "–";
+    if (n >= 1048576) return `${(n / 1048576).toFixed(1)} MiB`;
+    if (n >= 1024) return `${(n / 1024).toFixed(n >= 10240 ? 0 : 1)} KiB`;
+    return `${n} B`;
+  }
+
+  /* The connection against AWS IoT Core's per-connection quotas (measured by the
+   * platform; nothing is refused): last second's rate and bytes, and how many publishes
+   * AWS would have throttled. */
+  function quotaCounters(q) {
+    if (!q) return [];
+    const over = (value, limit) => (limit && value > limit ? "quota bad" : "quota");
+    const rateTitle = `publishes in the last complete second; busiest second ${fmtNumber(q.peak_rate)}; ${fmtNumber(q.seconds_over)} second(s) over the quota`;
+    const items = [];
+    if (q.publish_limit) {
+      items.push(el("div", { className: over(q.rate, q.publish_limit), id: "device-quota-rate", title: rateTitle },
+        el("b", { text: `${fmtNumber(q.rate)} / ${fmtNumber(q.publish_limit)}` }), el("span", { text: `msg/s of quota · peak ${fmtNumber(q.peak_rate)}` })));
+    }
+    if (q.throughput_limit) {
+      items.push(el("div", { className: over(q.bytes_rate, q.throughput_limit), id: "device-quota-throughput", title: `busiest second ${fmtBytes(q.peak_bytes_rate)}` },
+        el("b", { text: `${fmtBytes(q.bytes_rate)} / ${fmtBytes(q.throughput_limit)}` }), el("span", { text: `per second of quota · peak ${fmtBytes(q.peak_bytes_rate)}` })));
+    }
+    items.push(el("div", { className: q.throttled ? "quota bad" : "quota", id: "device-quota-throttled", title: `${fmtBytes(q.throttled_bytes)} in all; AWS IoT Core throttles a connection above its quota` },
+      el("b", { text: fmtNumber(q.throttled) }), el("span", { text: "would be throttled" })));
+    return items;
   }
 
   function pretty(value) {
@@ -684,8 +715,8 @@
     }
     let problem = null;
     if (value === null || typeof value !== "object" || Array.isArray(value)) problem = "desired must be a JSON object";
-    else if (depth(value) > 6) problem = "JSON contains too many levels of nesting; maximum is 6";
-    else if (new TextEncoder().encode(JSON.stringify(value)).length > 8192) problem = "desired is larger than 8 KB";
+    else if (depth(value) > state.limits.shadow_depth) problem = `JSON contains too many levels of nesting; maximum is ${state.limits.shadow_depth}`;
+    else if (new TextEncoder().encode(JSON.stringify(value)).length > state.limits.shadow_state_bytes) problem = `desired is larger than ${fmtBytes(state.limits.shadow_state_bytes)}`;
     if (problem) {
       out.textContent = problem;
       out.className = "validity bad";
