@@ -40,13 +40,13 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from tests.support.mqtt_probe import device_topic
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure, percentile
 from iotref.device import stdlib_compat
 from iotref.device.connection import Connection, ConnectionSettings, IncomingMessage
 from iotref.device.shadow import SHADOW_QOS, ShadowSync
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 
 CHANGES = 1000
 RAW_ROUNDS = 1000
@@ -135,7 +135,7 @@ async def _measure(ctx: BenchContext) -> dict[str, list[float]]:
         ):
             # ---- raw MQTT: operator -> device -> operator
             ping = f"$aws/things/{dev.client_id}/shadow/name/bench/update/delta"
-            pong = f"{TELEMETRY_TOPIC}/{dev.org_id}/{dev.client_id}"
+            pong = device_topic(dev)
             answers: asyncio.Queue[bytes] = asyncio.Queue()
 
             def echo(msg: IncomingMessage) -> None:

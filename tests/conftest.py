@@ -16,11 +16,9 @@ SandboxFactory = Callable[..., SandboxProcess]
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
     """A running sandbox with ``--auto-approve`` and a 1 s polling interval."""
-    proc = SandboxProcess(
-        tmp_path_factory.mktemp("sandbox"), ["--auto-approve", "--poll-interval", "1"]
-    ).start()
-    yield proc
-    proc.stop()
+    args = ["--auto-approve", "--poll-interval", "1"]
+    with SandboxProcess(tmp_path_factory.mktemp("sandbox"), args).start() as proc:
+        yield proc
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def test_status_json_quiet_and_the_crl(sandbox: SandboxProcess, tmp_path: Path) 
     with sandbox.http() as http:
         revoked = http.post(
             f"/admin/things/{properties['client_id']}/revoke",
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+            headers=sandbox.admin_headers,
         )
     assert revoked.status_code == 200
     after = iotref("status", "--json", *options, cwd=tmp_path, home=home)

@@ -19,7 +19,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ def set_permission(sandbox: SandboxProcess, thing: str, allowed: bool) -> None:
     answer = httpx.post(
         f"{sandbox.http_url}/things/{thing}/shadow",
         json={"state": {"desired": {"sendTelemetryData": allowed}}},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
@@ -163,19 +163,11 @@ def shadow_document(sandbox: SandboxProcess, thing: str, name: str | None = None
     answer = httpx.get(
         f"{sandbox.http_url}/things/{thing}/shadow",
         params={"name": name} if name else {},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
     return answer.json()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def outbox_depth(store: Path) -> int:

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,8 +34,8 @@ from iotref.device.connection import (
     IncomingMessage,
     PublishFailed,
 )
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.support.device_keys import DeviceFiles
+from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -69,10 +68,6 @@ def settings_for(sandbox: SandboxProcess, dev: DeviceFiles, **kw: object) -> Con
     }
     base.update(kw)
     return ConnectionSettings(**base)  # type: ignore[arg-type]
-
-
-def telemetry_topic(dev: DeviceFiles) -> str:
-    return f"{TELEMETRY_TOPIC.rstrip('/')}/{dev.org_id}/{dev.client_id}"
 
 
 def self_signed(directory: Path, name: str, *, ca: bool) -> tuple[Path, Path]:
@@ -158,12 +153,6 @@ class FlakyLink:
             await self._server.wait_closed()
 
 
-def mosquitto_of(sandbox: SandboxProcess) -> psutil.Process:
-    found = [p for p in sandbox.descendants() if "mosquitto" in p.name()]
-    assert len(found) == 1, found
-    return found[0]
-
-
 async def wait_state(
     events: list[ConnectionEvent], state: ConnectionState, after: int = 0, timeout: float = 30
 ) -> ConnectionEvent:
@@ -196,9 +185,9 @@ async def test_connects_with_mutual_tls_publishes_and_receives(
     async with Connection(settings_for(sandbox, device), on_event=events.append) as conn:
         assert conn.connected and conn.state is ConnectionState.CONNECTED
         assert [e.state for e in events] == [ConnectionState.CONNECTING, ConnectionState.CONNECTED]
-        await conn.publish(telemetry_topic(device), b'{"hello": 1}')
+        await conn.publish(device_topic(device), b'{"hello": 1}')
         await asyncio.gather(
-            *(conn.publish_nowait(telemetry_topic(device), b"{}") for _ in range(200))
+            *(conn.publish_nowait(device_topic(device), b"{}") for _ in range(200))
         )
         # a topic the device may not publish to: Mosquitto answers PUBACK 0x87
         with pytest.raises(PublishFailed) as refused:
@@ -287,7 +276,7 @@ async def test_network_cut_reconnects_and_keeps_queued_publishes(
             n = len(events)
             link.cut()
             await wait_state(events, ConnectionState.DISCONNECTED, n)
-            pending = [conn.publish_nowait(telemetry_topic(device), b"{}") for _ in range(20)]
+            pending = [conn.publish_nowait(device_topic(device), b"{}") for _ in range(20)]
             await asyncio.sleep(0.5)
             assert not any(p.done() for p in pending)
             link.restore()
@@ -309,11 +298,11 @@ async def test_broker_killed_reconnects_and_resubscribes(
     async with Connection(settings_for(sandbox, device), on_event=events.append) as conn:
         await conn.subscribe(topic, got.put_nowait)
         n = len(events)
-        old = mosquitto_of(sandbox)
+        old = sandbox.mosquitto()
         old.send_signal(signal.SIGKILL)
         await wait_state(events, ConnectionState.DISCONNECTED, n)
         connected = await wait_state(events, ConnectionState.CONNECTED, n, timeout=60)
-        assert mosquitto_of(sandbox).pid != old.pid
+        assert sandbox.mosquitto().pid != old.pid
         # no session survived a SIGKILL: the connection subscribed again by itself
         assert connected.session_present is False
         await asyncio.sleep(0.3)

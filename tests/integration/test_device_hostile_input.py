@@ -25,13 +25,14 @@ from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.sandbox.certificate_authority import CertificateAuthorities
-from tests.integration.test_broker_acl import operator_probe
-from tests.reliability.harness import device_topic, record, status_message
+from tests.reliability.harness import record, status_message
 from tests.reliability.tls_servers import TlsServer
 from tests.support.device_keys import DeviceFiles
 from tests.support.fault_proxy import FaultProxy
+from tests.support.mqtt_probe import device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
+from tests.support.waiting import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -113,27 +114,17 @@ def _set_desired(sandbox: SandboxProcess, thing: str, desired: dict[str, Any]) -
         answer = http.post(
             f"/things/{thing}/shadow",
             json={"state": {"desired": desired}},
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+            headers=sandbox.admin_headers,
         )
     assert answer.status_code == 200, answer.text
 
 
 def _shadow(sandbox: SandboxProcess, thing: str) -> dict[str, Any]:
     with sandbox.http() as http:
-        answer = http.get(
-            f"/things/{thing}/shadow", headers={"Authorization": f"Bearer {sandbox.admin_token}"}
-        )
+        answer = http.get(f"/things/{thing}/shadow", headers=sandbox.admin_headers)
     assert answer.status_code == 200, answer.text
     document: dict[str, Any] = answer.json()
     return document
-
-
-async def _until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
@@ -187,7 +178,7 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
                 asset = telemetry_asset()
                 for i in range(20):
                     assert (await telemetry.send(status_message(asset, i))).queued
-                await _until(lambda: outbox.depth == 0, 20, "telemetry to drain")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "telemetry to drain")
                 await telemetry.close()
                 state = _shadow(sandbox, thing)["state"]
                 assert state.get("desired") == state.get("reported")
@@ -273,7 +264,7 @@ def test_one_refused_report_does_not_block_later_reports(
             await shadow.wait_for("blob", timeout=10)
             _set_desired(sandbox, thing, {"setpoint": 9})
             await shadow.wait_for("setpoint", 9, timeout=10)
-            await _until(
+            await wait_until_async(
                 lambda: _shadow(sandbox, thing)["state"].get("reported", {}).get("setpoint") == 9,
                 10,
                 "the setpoint reported",
@@ -333,7 +324,7 @@ def test_impostor_met_mid_life_is_refused_and_the_device_recovers(
                 proxy.retarget(impostor.port)
                 accepted = proxy.stats().accepted
                 proxy.cut()
-                await _until(lambda: proxy.stats().accepted > accepted, 20, "an attempt")
+                await wait_until_async(lambda: proxy.stats().accepted > accepted, 20, "an attempt")
                 await asyncio.sleep(3)
                 assert not conn.connected and not conn.state.terminal
                 assert impostor.app_bytes == 0  # no CONNECT, no identity

@@ -16,7 +16,6 @@ from iotref.device.connection import Connection, ConnectionEvent, ConnectionStat
 from iotref.device.shadow import DesiredChange, Refuse, ShadowClient, ShadowRejected, ShadowSync
 from tests.integration.test_device_connection import (
     FlakyLink,
-    mosquitto_of,
     settings_for,
     wait_state,
 )
@@ -38,7 +37,7 @@ class Operator:
         self.thing = thing
         self.http = httpx.AsyncClient(
             base_url=sandbox.http_url,
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+            headers=sandbox.admin_headers,
             timeout=10,
         )
 
@@ -164,7 +163,7 @@ async def test_broker_killed_device_reconnects_resubscribes_and_reconciles(
             ShadowSync(conn, dev.client_id) as sync,
         ):
             n = len(events)
-            mosquitto_of(sandbox).send_signal(signal.SIGKILL)
+            sandbox.mosquitto().send_signal(signal.SIGKILL)
             await wait_state(events, ConnectionState.DISCONNECTED, n)
             await op.update({"desired": {"speed": 5}})  # the device cannot hear this
             await wait_state(events, ConnectionState.CONNECTED, n, timeout=60)

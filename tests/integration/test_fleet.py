@@ -104,7 +104,7 @@ def test_every_device_connects_syncs_and_is_counted(
     props = json.loads((store_root / "local" / device_name(7) / "properties.json").read_text())
     answer = httpx.get(
         f"{sandbox.http_url}/admin/things/{props['client_id']}",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
     )
     assert answer.status_code == 200
     assert answer.json()["machineId"] == device_name(7)
@@ -232,7 +232,7 @@ def test_sandbox_info_is_read_from_the_data_dir(sandbox: SandboxProcess) -> None
 def test_bulk_route_needs_the_admin_token_and_good_csrs(sandbox: SandboxProcess) -> None:
     with sandbox.http() as http:
         assert http.post("/admin/things/bulk", json={"devices": []}).status_code == 401
-        admin = {"Authorization": f"Bearer {sandbox.admin_token}"}
+        admin = sandbox.admin_headers
         empty = http.post("/admin/things/bulk", json={"devices": []}, headers=admin)
         assert empty.status_code == 400
         bad = http.post(

@@ -8,24 +8,19 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 from bench.bench_ingestion import Job, device_messages, publish_all
 
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import connect, device_probe
+from tests.support.mqtt_probe import device_probe, device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
 pytestmark = pytest.mark.integration
 
 
-def admin(sandbox: SandboxProcess) -> httpx.Client:
-    return sandbox.http(headers={"Authorization": f"Bearer {sandbox.admin_token}"})
-
-
 def totals(sandbox: SandboxProcess) -> dict[str, int]:
-    with admin(sandbox) as http:
+    with sandbox.admin_http() as http:
         answer = http.get("/monitor/api/summary")
     assert answer.status_code == 200, answer.text
     result: dict[str, int] = answer.json()["totals"]
@@ -33,7 +28,7 @@ def totals(sandbox: SandboxProcess) -> dict[str, int]:
 
 
 def device_state(sandbox: SandboxProcess, client_id: str) -> dict[str, Any]:
-    with admin(sandbox) as http:
+    with sandbox.admin_http() as http:
         answer = http.get(f"/monitor/api/devices/{client_id}")
     assert answer.status_code == 200, answer.text
     result: dict[str, Any] = answer.json()
@@ -56,7 +51,7 @@ def wait_device(
 
 def test_duplicates_are_stored_once_and_counted(sandbox: SandboxProcess) -> None:
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     first, second = device_messages(2, "dup")
     with device_probe(sandbox, device) as probe:
         for payload in (first, first, second, first, second):
@@ -74,7 +69,7 @@ def test_duplicates_are_stored_once_and_counted(sandbox: SandboxProcess) -> None
 
 def test_invalid_messages_are_kept_with_path_and_reason(sandbox: SandboxProcess) -> None:
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     doc = json.loads(device_messages(1, "bad")[0])
     doc["payload"]["signalstatus"]["deviceinfo"]["status"] = "Dancing"
     with device_probe(sandbox, device) as probe:
@@ -87,7 +82,7 @@ def test_invalid_messages_are_kept_with_path_and_reason(sandbox: SandboxProcess)
     assert "$.payload.signalstatus.deviceinfo.status" in paths
     assert "$" in paths
     assert all(e["reason"] for m in invalid for e in m["errors"])
-    with admin(sandbox) as http:
+    with sandbox.admin_http() as http:
         body = http.get(f"/monitor/api/messages/{invalid[-1]['id']}").json()
     assert body["body"] in (json.dumps(doc), "{oops")
 
@@ -96,16 +91,11 @@ def test_a_message_to_another_organization_is_refused_and_not_stored(
     sandbox: SandboxProcess,
 ) -> None:
     device = provision_device(sandbox)
-    own = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    own = device_topic(device)
     foreign = f"{TELEMETRY_TOPIC}/not-my-org/{device.client_id}"
     with (
         device_probe(sandbox, device) as probe,
-        connect(
-            int(sandbox.info["platform_mqtt_port"]),
-            sandbox.info["ca_file"],
-            sandbox.info["operator_cert"],
-            sandbox.info["operator_key"],
-        ) as watcher,
+        operator_probe(sandbox) as watcher,
     ):
         assert watcher.subscribe(f"{TELEMETRY_TOPIC}/not-my-org/#", own) == [1, 1]
         assert probe.publish(foreign, device_messages(1, "foreign")[0]) == 0x87  # not authorized
@@ -127,7 +117,7 @@ def test_100k_messages_from_several_senders_are_all_counted(sandbox: SandboxProc
     devices = [provision_device(sandbox) for _ in range(senders)]
     jobs = []
     for index, device in enumerate(devices):
-        topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+        topic = device_topic(device)
         payloads = device_messages(per_sender, str(index))
         jobs.append(
             Job(

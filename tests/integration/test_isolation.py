@@ -24,14 +24,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from iotref.device.connection import Connection, ConnectionFailed, ConnectionSettings
+from iotref.protocol.topics import telemetry_topic
+from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from iotref.sandbox.things import new_client_id
 from tests.conftest import SandboxFactory
-from tests.integration.test_broker_acl import device_probe, operator_probe, telemetry
 from tests.reliability.harness import record
 from tests.reliability.tls_servers import TlsServer, issue_server_cert, tls11_handshake_possible
 from tests.support.device_keys import DeviceFiles, make_key, write_device
-from tests.support.mqtt_probe import refused
+from tests.support.mqtt_probe import device_probe, device_topic, operator_probe, refused
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import cached_token, provision_device
 
@@ -67,9 +68,7 @@ def _connect_fails(settings: ConnectionSettings) -> ConnectionFailed:
 
 def _shadow_version(sandbox: SandboxProcess, thing: str) -> int:
     with sandbox.http() as http:
-        answer = http.get(
-            f"/things/{thing}/shadow", headers={"Authorization": f"Bearer {sandbox.admin_token}"}
-        )
+        answer = http.get(f"/things/{thing}/shadow", headers=sandbox.admin_headers)
     assert answer.status_code == 200, answer.text
     return int(answer.json()["version"])
 
@@ -83,7 +82,7 @@ def test_device_cannot_publish_as_another_device(sandbox: SandboxProcess, tmp_pa
     b_shadow = f"$aws/things/{b.client_id}/shadow"
     version = _shadow_version(sandbox, b.client_id)
     forged = [
-        telemetry(a, b.client_id),
+        telemetry_topic(TELEMETRY_TOPIC, a.org_id, b.client_id),
         f"{b_shadow}/update",
         f"{b_shadow}/get",
         f"{b_shadow}/delete",
@@ -119,10 +118,10 @@ def test_device_cannot_read_another_devices_telemetry_or_shadow(
     b = provision_device(sandbox, directory=tmp_path / "b")
     b_shadow = f"$aws/things/{b.client_id}/shadow"
     with device_probe(sandbox, a) as spy:
-        spy.subscribe("#", "$aws/#", telemetry(b), f"{b_shadow}/#", "connectprint/#")
+        spy.subscribe("#", "$aws/#", device_topic(b), f"{b_shadow}/#", "connectprint/#")
         with device_probe(sandbox, b) as victim:
             assert victim.subscribe(f"{b_shadow}/get/accepted") == [1]
-            assert victim.publish(telemetry(b), b'{"secret": 1}') < 0x80
+            assert victim.publish(device_topic(b), b'{"secret": 1}') < 0x80
             assert victim.publish(f"{b_shadow}/get", b"{}") < 0x80
             got = victim.wait_for(f"{b_shadow}/get/accepted", timeout=5)  # B reads its own
             assert json.loads(got.payload)["state"]
@@ -350,7 +349,7 @@ def test_operator_and_monitor_apis_refuse_without_the_admin_token(
         for method, template in ADMIN_REQUESTS:
             path = template.format(thing=device.client_id)
             admin = http.request(
-                method, path, headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+                method, path, headers=sandbox.admin_headers,
                 json={"state": {"desired": {}}} if method == "POST" else None,
             ) if method == "GET" and "stream" not in path else None  # fmt: skip
             if admin is not None and admin.status_code == 404 and "monitor" in path:
@@ -365,7 +364,7 @@ def test_operator_and_monitor_apis_refuse_without_the_admin_token(
     with sandbox.http() as http:
         thing = http.get(
             f"/admin/things/{device.client_id}",
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+            headers=sandbox.admin_headers,
         )
     assert thing.status_code == 200 and not thing.json().get("revoked"), thing.text
     record(

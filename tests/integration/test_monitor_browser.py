@@ -31,16 +31,16 @@ from bench.bench_ingestion import device_messages
 from iotref.device.environment import load_environment_file
 from iotref.device.onboarding import BlockingOnboarding
 from iotref.device.token_store import TokenStore
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.integration.test_client import client_id_of, provision_store
 from tests.integration.test_quotas import publish as quota_publish
 from tests.integration.test_quotas import wait_received
 from tests.integration.test_run_command import iotref, machine_of
 from tests.support.browser import chromium
 from tests.support.device_keys import DeviceFiles
-from tests.support.mqtt_probe import device_probe
+from tests.support.mqtt_probe import device_probe, device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -84,20 +84,12 @@ def shot(page: Any, name: str) -> None:
 def shadow_desired(sandbox: SandboxProcess, thing: str) -> dict[str, Any]:
     answer = httpx.get(
         f"{sandbox.http_url}/things/{thing}/shadow",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
     desired: dict[str, Any] = answer.json()["state"]["desired"]
     return desired
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def open_monitor(page: Any, sandbox: SandboxProcess) -> None:
@@ -122,7 +114,7 @@ def test_messages_appear_live_and_invalid_ones_are_flagged(
     page: Any, sandbox: SandboxProcess
 ) -> None:
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     open_monitor(page, sandbox)
     row = page.locator(f'#devices tr[data-client-id="{device.client_id}"]')
     row.wait_for(timeout=10_000)  # provisioned devices are listed before they send
@@ -263,7 +255,7 @@ class RunningSender(threading.Thread):
         )
         sender = Sender(SenderType.PRESS, "monitor-test", "1.0")
         asset = Asset("press-sender", "SN-S", AssetType.SHEETFED_PRESS)
-        topic = f"{TELEMETRY_TOPIC}/{self.device.org_id}/{self.device.client_id}"
+        topic = device_topic(self.device)
         async with (
             Connection(settings) as conn,
             ShadowSync(conn, self.device.client_id) as shadow,

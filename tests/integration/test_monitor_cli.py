@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import device_probe
+from tests.support.mqtt_probe import device_probe, device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -89,7 +88,7 @@ def test_monitor_prints_messages_and_ends_on_ctrl_c(sandbox: SandboxProcess) -> 
         bad = json.loads(device_messages(1, "cli-bad")[0])
         del bad["assetid"]
         for dev, payloads in ((other, [good]), (device, [good, json.dumps(bad).encode()])):
-            topic = f"{TELEMETRY_TOPIC}/{dev.org_id}/{dev.client_id}"
+            topic = device_topic(dev)
             with device_probe(sandbox, dev) as probe:
                 for payload in payloads:
                     probe.publish(topic, payload)

@@ -41,9 +41,9 @@ from tests.integration.test_client import (
     onboarding_env,  # noqa: F401  (a fixture)
     store,  # noqa: F401  (a fixture)
     subscriber,  # noqa: F401  (a fixture)
-    wait_until,
 )
 from tests.integration.test_run_command import iotref
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

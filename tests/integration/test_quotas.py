@@ -23,9 +23,10 @@ from bench.bench_ingestion import device_messages
 from iotref.device.connection import Connection
 from iotref.protocol import limits
 from iotref.sandbox.quota_meter import ARRIVAL_SLACK_SECONDS
-from tests.integration.test_device_connection import settings_for, telemetry_topic
+from tests.integration.test_device_connection import settings_for
 from tests.support import mqtt_probe
 from tests.support.device_keys import DeviceFiles
+from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -38,7 +39,7 @@ QUOTA = limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
 def device_record(sandbox: SandboxProcess, client_id: str) -> dict[str, Any]:
     answer = httpx.get(
         f"{sandbox.http_url}/monitor/api/devices/{client_id}",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
@@ -62,7 +63,7 @@ async def publish(device: DeviceFiles, sandbox: SandboxProcess, payloads: list[b
     """Publish through the library's Connection (QoS 1, each acknowledged); returns the
     seconds from the first publish to the last acknowledgement."""
     async with Connection(settings_for(sandbox, device)) as conn:
-        topic = telemetry_topic(device)
+        topic = device_topic(device)
         started = time.monotonic()
         pending = []
         for payload in payloads:
@@ -101,7 +102,7 @@ def test_a_device_over_the_publish_quota_is_counted_one_under_it_is_not(
     assert quota["seconds_over"] >= 1
     summary = httpx.get(
         f"{sandbox.http_url}/monitor/api/summary",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     ).json()
     listed = {d["client_id"]: d for d in summary["devices"]}
@@ -165,7 +166,7 @@ def test_limits_come_from_sandbox_up_options(sandbox_factory: Any) -> None:
     )
     summary = httpx.get(
         f"{sandbox.http_url}/monitor/api/summary",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     ).json()
     assert summary["limits"] == {
@@ -181,7 +182,7 @@ def test_limits_come_from_sandbox_up_options(sandbox_factory: Any) -> None:
     record = wait_received(sandbox, device.client_id, 50)
     assert record["quota"]["publish_limit"] == 10
     assert record["quota"]["throttled"] >= 50 - 10 * (1 + ARRIVAL_SLACK_SECONDS) - 10 * 5
-    headers = {"Authorization": f"Bearer {sandbox.admin_token}"}
+    headers = sandbox.admin_headers
     url = f"{sandbox.http_url}/things/{device.client_id}/shadow"
     with httpx.Client(timeout=10, headers=headers) as http:
         deep = http.post(url, json={"state": {"reported": {"a": {"b": {"c": {"d": 1}}}}}})

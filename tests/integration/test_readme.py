@@ -61,7 +61,7 @@ def test_readme_snippets_run_verbatim(sandbox: SandboxProcess, tmp_path: Path) -
         assert "queued=0" in result.stdout, (name, result.stdout)
 
     # The platform received all twenty, valid, and nothing is left in the outbox.
-    headers = {"Authorization": f"Bearer {sandbox.admin_token}"}
+    headers = sandbox.admin_headers
     deadline = time.monotonic() + 15
     body: dict[str, object] = {}
     while time.monotonic() < deadline:

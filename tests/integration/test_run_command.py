@@ -33,6 +33,7 @@ from tests.integration.test_client import (
     subscriber,  # noqa: F401  (a fixture)
 )
 from tests.support.alpn_front import ALPN, ThreadedAlpnFront
+from tests.support.ports import free_port
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
@@ -262,13 +263,6 @@ def test_json_summary_on_stdout_status_on_stderr(store: Path, subscriber: Subscr
     assert outbox_depth(store) == 0
 
 
-def closed_port() -> int:
-    """A local TCP port nothing listens on (bound and let go)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_counts_add_up_across_an_offline_run_and_the_next(
     store: Path,  # noqa: F811
     subscriber: Subscriber,  # noqa: F811
@@ -276,7 +270,7 @@ def test_counts_add_up_across_an_offline_run_and_the_next(
     # First run: --port points where no broker listens, so it runs offline; what it accepts
     # stays in the outbox.
     offline = iotref(
-        "run", "--store", str(store), "--stdin", "--json", "--port", str(closed_port()),
+        "run", "--store", str(store), "--stdin", "--json", "--port", str(free_port()),
         "--close-timeout", "1", stdin=subprocess.PIPE,
     )  # fmt: skip
     out, err = offline.communicate(

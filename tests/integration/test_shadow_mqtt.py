@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from tests.support import mqtt_probe
@@ -567,7 +566,7 @@ def test_rest_update_reaches_the_device(sandbox: SandboxProcess, device: ShadowD
         f"{sandbox.http_url}/things/{device.thing}/shadow",
         params={"name": shadow},
         json={"state": {"desired": {"speed": 7}}, "clientToken": "op"},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     )
     assert response.status_code == 200, response.text
@@ -581,30 +580,16 @@ def test_rest_update_reaches_the_device(sandbox: SandboxProcess, device: ShadowD
     assert documents["current"]["state"] == {"desired": {"speed": 7}}
 
 
-def _mosquitto(sandbox: SandboxProcess) -> psutil.Process:
-    found = [p for p in sandbox.descendants() if "mosquitto" in p.name()]
-    assert len(found) == 1, found
-    return found[0]
-
-
 @pytest.mark.slow
 def test_service_reconnects_after_broker_restart(sandbox_factory: Any) -> None:
     sandbox = sandbox_factory("--auto-approve", "--poll-interval", "1")
     dev = ShadowDevice(sandbox)
     try:
         assert "update/accepted" in dev.request("update", {"state": {"reported": {"n": 1}}})
-        old = _mosquitto(sandbox)
+        old = sandbox.mosquitto()
         old.send_signal(signal.SIGKILL)
         old.wait(10)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if _mosquitto(sandbox).pid != old.pid:
-                    break
-            except AssertionError:
-                pass
-            assert time.monotonic() < deadline, "the broker was not restarted"
-            time.sleep(0.2)
+        sandbox.wait_mosquitto_restarted(old)
         dev.reconnect()
         deadline = time.monotonic() + 30
         while True:

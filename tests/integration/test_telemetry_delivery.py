@@ -33,13 +33,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import paho.mqtt.client as paho
-import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -58,12 +57,13 @@ from iotref.device.telemetry import (
     ShadowPermission,
     Telemetry,
 )
-from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of
 from tests.support.counted_messages import status_message as counted_message
 from tests.support.device_keys import DeviceFiles
+from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -82,11 +82,9 @@ def status_message(asset: Asset, index: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def delivery_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
     """A sandbox of this module's own: its broker gets killed here."""
-    proc = SandboxProcess(
-        tmp_path_factory.mktemp("delivery-sandbox"), ["--auto-approve", "--poll-interval", "0"]
-    ).start()
-    yield proc
-    proc.stop()
+    args = ["--auto-approve", "--poll-interval", "0"]
+    with SandboxProcess(tmp_path_factory.mktemp("delivery-sandbox"), args).start() as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -94,10 +92,6 @@ def device(delivery_sandbox: SandboxProcess, tmp_path: Path) -> DeviceFiles:
     from tests.support.tokens import provision_device
 
     return provision_device(delivery_sandbox, directory=tmp_path / "device")
-
-
-def device_topic(dev: DeviceFiles) -> str:
-    return telemetry_topic(TELEMETRY_TOPIC, dev.org_id, dev.client_id)
 
 
 # --------------------------------------------------------------------------- subscriber
@@ -396,28 +390,6 @@ class SenderProcess:
         return self.proc.stderr.read()[-3000:]
 
 
-def mosquitto_of(sandbox: SandboxProcess) -> psutil.Process:
-    found = [p for p in sandbox.descendants() if p.name() == "mosquitto"]
-    assert len(found) == 1, found
-    return found[0]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -433,19 +405,12 @@ def test_broker_killed_midway_every_message_arrives_in_order(
     )  # fmt: skip
     try:
         wait_until(lambda: len(collector.of("press-broker-kill")) >= 3000, 60, "3000 arrivals")
-        old = mosquitto_of(delivery_sandbox)
+        old = delivery_sandbox.mosquitto()
         relay.close_door()
         old.send_signal(signal.SIGKILL)
         old.wait(10)
         at_kill = len(sender.accepted)
-        wait_until(
-            lambda: (
-                any(p.name() == "mosquitto" for p in delivery_sandbox.descendants())
-                and port_open(delivery_sandbox.mqtt_port)
-            ),
-            30,
-            "the sandbox to restart mosquitto",
-        )
+        delivery_sandbox.wait_mosquitto_restarted(old)
         collector.wait_subscribed(2)
         relay.open_door()
         sender.wait_done(120)
@@ -493,7 +458,7 @@ def set_permission_via_rest(sandbox: SandboxProcess, thing: str, allowed: bool) 
     answer = httpx.post(
         f"{sandbox.http_url}/things/{thing}/shadow",
         json={"state": {"desired": {"sendTelemetryData": allowed}}},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
@@ -508,14 +473,6 @@ def connection_settings(sandbox: SandboxProcess, dev: DeviceFiles) -> Connection
         key_path=dev.key_path,
         ca_path=Path(sandbox.info["ca_file"]),
     )
-
-
-async def wait_async(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_shadow_permission_gates_publishing_hold_and_drop(
@@ -537,10 +494,10 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                 )
                 for i in range(100):
                     assert (await tel.send(status_message(hold_asset, i))).queued
-                await wait_async(lambda: len(collector.of("press-hold")) >= 100, 20, "100")
+                await wait_until_async(lambda: len(collector.of("press-hold")) >= 100, 20, "100")
 
                 set_permission_via_rest(delivery_sandbox, thing, False)
-                await wait_async(lambda: not tel.permission, 10, "permission withdrawn")
+                await wait_until_async(lambda: not tel.permission, 10, "permission withdrawn")
                 for i in range(100, 200):
                     result = await tel.send(status_message(hold_asset, i))
                     assert result.status is SendStatus.QUEUED  # hold: kept in the outbox
@@ -550,7 +507,7 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                 assert tel.stats().permission is False
 
                 set_permission_via_rest(delivery_sandbox, thing, True)
-                await wait_async(lambda: outbox.depth == 0, 20, "the held messages")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "the held messages")
                 got = collector.wait_for("press-hold", set(range(200)), 10)
                 assert_complete_and_ordered(got, range(200))
                 await tel.close()
@@ -564,15 +521,15 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                     policy="drop",
                 )
                 set_permission_via_rest(delivery_sandbox, thing, False)
-                await wait_async(lambda: not tel.permission, 10, "permission withdrawn")
+                await wait_until_async(lambda: not tel.permission, 10, "permission withdrawn")
                 dropped = [await tel.send(status_message(drop_asset, i)) for i in range(50)]
                 assert {r.status for r in dropped} == {SendStatus.DROPPED_NO_PERMISSION}
                 assert outbox.depth == 0 and tel.stats().dropped_no_permission == 50
                 set_permission_via_rest(delivery_sandbox, thing, True)
-                await wait_async(lambda: tel.permission, 10, "permission granted")
+                await wait_until_async(lambda: tel.permission, 10, "permission granted")
                 for i in range(50, 100):
                     assert (await tel.send(status_message(drop_asset, i))).queued
-                await wait_async(lambda: outbox.depth == 0, 20, "the new messages")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "the new messages")
                 got = collector.wait_for("press-drop", set(range(50, 100)), 10)
                 await asyncio.sleep(0.3)
                 assert set(collector.of("press-drop")) == set(range(50, 100))
@@ -600,7 +557,7 @@ def test_outbox_full_policies_apply_and_are_reported(
                 stats = tel.stats()
                 assert refused == 10 and stats.rejected_full == 10 and stats.depth == 50
                 flag.set(True)
-                await wait_async(lambda: outbox.depth == 0, 20, "drained")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "drained")
                 got = collector.wait_for("press-full-reject", set(range(50)), 10)
                 assert set(got) == set(range(50))
                 await tel.close()
@@ -616,7 +573,7 @@ def test_outbox_full_policies_apply_and_are_reported(
                 stats = tel.stats()
                 assert stats.dropped_overflow == 10 and stats.depth == 50
                 flag.set(True)
-                await wait_async(lambda: outbox.depth == 0, 20, "drained")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "drained")
                 got = collector.wait_for("press-full-drop", set(range(10, 60)), 10)
                 await asyncio.sleep(0.3)
                 assert set(collector.of("press-full-drop")) == set(range(10, 60))

@@ -8,12 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import device_probe
+from tests.support.mqtt_probe import device_probe, device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -22,12 +20,8 @@ pytestmark = pytest.mark.integration
 LIMIT = 3
 
 
-def admin(sandbox: SandboxProcess) -> httpx.Client:
-    return sandbox.http(headers={"Authorization": f"Bearer {sandbox.admin_token}"})
-
-
 def get(sandbox: SandboxProcess, path: str) -> dict[str, Any]:
-    with admin(sandbox) as http:
+    with sandbox.admin_http() as http:
         answer = http.get(path)
     assert answer.status_code == 200, answer.text
     result: dict[str, Any] = answer.json()
@@ -49,7 +43,7 @@ def test_stored_messages_stay_at_the_limit_while_counters_go_on(
 ) -> None:
     sandbox = sandbox_factory("--auto-approve", "--telemetry-max-messages", str(LIMIT))
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     payloads = device_messages(12, "retention")
     uuids = [json.loads(p)["sendereventuuid"] for p in payloads]
     device_path = f"/monitor/api/devices/{device.client_id}"

@@ -24,20 +24,17 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import paho.mqtt.client as paho
-import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection import Connection, ConnectionEvent, ConnectionSettings
@@ -52,11 +49,8 @@ from iotref.device.messages import (
 from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
-from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of
 from tests.support.counted_messages import status_message as counted_message
-from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess
 
 SOAK = os.environ.get("IOTREF_SOAK", "").strip() not in ("", "0")
@@ -95,23 +89,6 @@ def record(kind: str, data: dict[str, Any]) -> None:
         handle.write(line + "\n")
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` every 50 ms; ``AssertionError`` naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- sandbox
 
 
@@ -127,22 +104,12 @@ class Platform:
     def info(self) -> dict[str, Any]:
         return self.process.info
 
-    def mosquitto(self) -> psutil.Process:
-        found = [p for p in self.process.descendants() if p.name() == "mosquitto"]
-        assert len(found) == 1, found
-        return found[0]
-
     def kill_mosquitto(self) -> None:
         """SIGKILL Mosquitto and wait until the sandbox has started a new one."""
-        old = self.mosquitto()
+        old = self.process.mosquitto()
         old.send_signal(signal.SIGKILL)
         old.wait(10)
-
-        def back() -> bool:
-            procs = [p for p in self.process.descendants() if p.name() == "mosquitto"]
-            return bool(procs) and procs[0].pid != old.pid and port_open(self.process.mqtt_port)
-
-        wait_until(back, 30, "the sandbox to restart Mosquitto")
+        self.process.wait_mosquitto_restarted(old)
 
     def restart(self, *, same_ports: bool) -> None:
         """Stop the sandbox (SIGTERM) and start it again on the same data dir."""
@@ -166,14 +133,13 @@ class Platform:
         if same_ports:
             assert self.process.mqtt_port == int(old["mqtt_port"])
 
-    def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.process.admin_token}"}
-
     def ingestion_subscribed(self) -> bool | None:
         """Whether the sandbox's ingestion is subscribed (``None``: no monitor API)."""
         try:
             answer = httpx.get(
-                f"{self.process.http_url}/monitor/api/summary", headers=self.admin(), timeout=5
+                f"{self.process.http_url}/monitor/api/summary",
+                headers=self.process.admin_headers,
+                timeout=5,
             )
         except httpx.HTTPError:
             return False
@@ -270,10 +236,6 @@ class Watcher:
 def status_message(asset: Asset, index: int) -> dict[str, Any]:
     """A valid Status v2 message carrying ``index`` as its production counter."""
     return counted_message(IDENTITY, asset, index)
-
-
-def device_topic(device: DeviceFiles) -> str:
-    return telemetry_topic(TELEMETRY_TOPIC, device.org_id, device.client_id)
 
 
 # --------------------------------------------------------------------------- sender
@@ -487,7 +449,7 @@ class Operator:
                 answer = httpx.post(
                     f"{self.platform.process.http_url}/things/{self.thing}/shadow",
                     json={"state": {"desired": desired}},
-                    headers=self.platform.admin(),
+                    headers=self.platform.process.admin_headers,
                     timeout=5,
                 )
                 if answer.status_code == 200:
@@ -517,7 +479,7 @@ class Operator:
     def shadow(self) -> dict[str, Any]:
         answer = httpx.get(
             f"{self.platform.process.http_url}/things/{self.thing}/shadow",
-            headers=self.platform.admin(),
+            headers=self.platform.process.admin_headers,
             timeout=5,
         )
         assert answer.status_code == 200, answer.text

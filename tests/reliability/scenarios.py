@@ -35,12 +35,12 @@ from tests.reliability.harness import (
     Sender,
     Size,
     Watcher,
-    device_topic,
     stored_telemetry,
-    wait_until,
 )
 from tests.support.device_keys import DeviceFiles
 from tests.support.fault_proxy import FaultProxy
+from tests.support.mqtt_probe import device_topic
+from tests.support.waiting import wait_until
 
 KEEPALIVE_S = 3
 PING_TIMEOUT_S = 2.0

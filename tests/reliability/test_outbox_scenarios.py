@@ -43,9 +43,9 @@ from tests.reliability.harness import (
     record,
     status_message,
     stored_telemetry,
-    wait_until,
 )
 from tests.reliability.scenarios import order_violations
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

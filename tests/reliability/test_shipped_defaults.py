@@ -38,14 +38,14 @@ from tests.integration.test_client import client_id_of, outbox_depth, provision_
 from tests.reliability.harness import (
     Platform,
     Sender,
-    device_topic,
     record,
     status_message,
     stored_telemetry,
-    wait_until,
 )
 from tests.support.device_keys import DeviceFiles
 from tests.support.fault_proxy import FaultProxy
+from tests.support.mqtt_probe import device_topic
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -56,7 +56,6 @@ RECONNECT_MAX_S = 2.5
 STOP_BOUND_S = 12.0
 """``iotref run --duration 6 --close-timeout 2`` must have exited within this (wall clock,
 from launching the process)."""
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -206,7 +205,7 @@ class PortProbe:
 
 def broker_started_at(platform: Platform) -> float:
     """``time.time()`` at which the running Mosquitto started."""
-    return float(platform.mosquitto().create_time())
+    return float(platform.process.mosquitto().create_time())
 
 
 # --------------------------------------------------------------------------- reconnect
@@ -243,7 +242,7 @@ def test_broker_sigkill_three_times_the_device_is_back_within_a_second(
                 _ = sender.connected  # raises if the device failed
                 time.sleep(0.2)
             wait_until(lambda: sender.connected, 30, "the device connected before the kill")
-            old = platform.mosquitto()
+            old = platform.process.mosquitto()
             killed = time.monotonic()
             old.send_signal(signal.SIGKILL)
             old.wait(10)
@@ -310,7 +309,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
         for at in (5.0, 15.0, 25.0):
             time.sleep(max(0.0, run.started + at - time.monotonic()))
             proxy.refuse()
-            platform.mosquitto().send_signal(signal.SIGKILL)
+            platform.process.mosquitto().send_signal(signal.SIGKILL)
             kills.append(round(time.monotonic() - run.started, 1))
             wait_until(lambda: _mosquitto_running(platform), 30, "the sandbox to restart it")
             with contextlib.suppress(AssertionError):  # it may be back already
@@ -343,7 +342,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
 
 def _mosquitto_running(platform: Platform) -> bool:
     try:
-        return platform.mosquitto().status() != psutil.STATUS_ZOMBIE
+        return platform.process.mosquitto().status() != psutil.STATUS_ZOMBIE
     except (AssertionError, psutil.NoSuchProcess):
         return False
 
@@ -390,7 +389,7 @@ def test_frozen_broker_stop_is_bounded_and_the_next_run_sends_the_rest(
     --duration 6 --close-timeout 2`` exits 0 within 12 s, says how many messages it left
     and that the next run sends them; the next run (broker thawed) does."""
     lines, uuids = counted_lines(50, f"frozen-{when}-{uuid.uuid4().hex[:6]}")
-    broker = platform.mosquitto()
+    broker = platform.process.mosquitto()
 
     def freeze(run: Run) -> None:
         if when == "mid-run":

@@ -1,6 +1,7 @@
 """Small blocking MQTT-over-TLS probes (paho-mqtt, MQTT 5) for tests of the broker:
-connect with a certificate, subscribe and look at SUBACK reason codes, publish and wait
-for PUBACK, collect messages, and ``mosquitto_sub`` as the operator would run it."""
+connect with a certificate (as a device or as the operator), subscribe and look at SUBACK
+reason codes, publish and wait for PUBACK, collect messages, and ``mosquitto_sub`` as the
+operator would run it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from iotref.protocol.topics import telemetry_topic
+from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 
 if TYPE_CHECKING:
     from tests.support.device_keys import DeviceFiles
@@ -282,13 +286,26 @@ class MosquittoSub:
         self.close()
 
 
-def device_probe(sandbox: SandboxProcess, device: DeviceFiles) -> Probe:
+def device_probe(sandbox: SandboxProcess, device: DeviceFiles, **kwargs: Any) -> Probe:
     """A probe connected as ``device`` (its certificate and client id) to the sandbox's
-    device listener."""
+    device listener; ``kwargs`` go to :func:`connect`."""
+    kwargs.setdefault("client_id", device.client_id)
     return connect(
-        sandbox.mqtt_port,
-        sandbox.info["ca_file"],
-        device.cert_path,
-        device.key_path,
-        client_id=device.client_id,
+        sandbox.mqtt_port, sandbox.info["ca_file"], device.cert_path, device.key_path, **kwargs
     )
+
+
+def operator_probe(sandbox: SandboxProcess) -> Probe:
+    """A probe with the operator identity on the sandbox's platform listener (the device
+    listener allows one connection per identity, which ``mosquitto_sub`` tests use)."""
+    return connect(
+        int(sandbox.info["platform_mqtt_port"]),
+        sandbox.info["ca_file"],
+        sandbox.info["operator_cert"],
+        sandbox.info["operator_key"],
+    )
+
+
+def device_topic(device: DeviceFiles) -> str:
+    """The telemetry topic ``device`` publishes on."""
+    return telemetry_topic(TELEMETRY_TOPIC, device.org_id, device.client_id)

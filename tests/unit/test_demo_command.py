@@ -27,6 +27,7 @@ from iotref.cli.demo_command import (
 )
 from iotref.device.certificate_store import ROOT_CA_FILE, CertificateStore, Progress
 from iotref.device.environment import Environment, EnvironmentIdentity
+from tests.support.ports import free_port
 
 
 def test_ports_asked_for_are_taken_as_they_are() -> None:
@@ -40,9 +41,7 @@ def test_ports_asked_for_are_taken_as_they_are() -> None:
         with pytest.raises(DemoError, match=f"port {port} is in use") as info:
             choose_ports(0, port)
         assert "--mqtt-port N" in (info.value.next_step or "")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        free = sock.getsockname()[1]
+    free = free_port()
     chosen = choose_ports(free, 0)
     assert (chosen.http, chosen.mqtt, chosen.busy_defaults) == (free, 0, ())
 

@@ -12,7 +12,6 @@ import itertools
 import json
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from iotref.device.connection import (
     ConnectionState,
 )
 from iotref.device.reconnect import MIN_ATTEMPT_INTERVAL_S, ReconnectSchedule
+from tests.support.ports import free_port
 from tests.unit.test_fleet import _self_signed
 
 
@@ -196,12 +196,6 @@ def test_awscrt_binding_quirk_is_known(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the real client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.anyio
