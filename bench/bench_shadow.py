@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from tests.support.device_settings import device_settings
 from tests.support.mqtt_probe import device_topic
 from tests.support.tokens import provision_device
 
@@ -107,14 +108,6 @@ async def _measure(ctx: BenchContext) -> dict[str, list[float]]:
     dev = provision_device(sandbox)
     ca = Path(sandbox.info["ca_file"])
     host = str(sandbox.info["mqtt_host"])
-    device_settings = ConnectionSettings(
-        endpoint=host,
-        port=sandbox.mqtt_port,
-        client_id=dev.client_id,
-        cert_path=dev.cert_path,
-        key_path=dev.key_path,
-        ca_path=ca,
-    )
     operator_cert = Path(sandbox.info["operator_cert"])
     operator_settings = ConnectionSettings(
         endpoint=host,
@@ -129,7 +122,7 @@ async def _measure(ctx: BenchContext) -> dict[str, list[float]]:
     url = f"/things/{dev.client_id}/shadow"
     try:
         async with (
-            Connection(device_settings) as device,
+            Connection(device_settings(sandbox.info, dev)) as device,
             Connection(operator_settings) as operator,
             ShadowSync(device, dev.client_id) as sync,
         ):

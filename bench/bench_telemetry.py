@@ -46,10 +46,11 @@ import paho.mqtt.client as paho
 from awscrt import io, mqtt5
 from paho.mqtt.enums import CallbackAPIVersion
 from tests.support.device_keys import DeviceFiles
+from tests.support.device_settings import device_settings
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection import Connection
 from iotref.device.messages import (
     Asset,
     AssetType,
@@ -262,17 +263,6 @@ def prepared_payloads(n: int) -> list[bytes]:
     return [to_json(make_message(asset, i)) for i in range(n)]
 
 
-def settings_for(info: dict[str, Any], dev: DeviceFiles) -> ConnectionSettings:
-    return ConnectionSettings(
-        endpoint=info["mqtt_host"],
-        port=int(info["mqtt_port"]),
-        client_id=dev.client_id,
-        cert_path=dev.cert_path,
-        key_path=dev.key_path,
-        ca_path=Path(info["ca_file"]),
-    )
-
-
 async def full_path(
     info: dict[str, Any],
     dev: DeviceFiles,
@@ -289,7 +279,7 @@ async def full_path(
     ``batch`` messages at a time (one commit per call). Every message is built, validated,
     committed, published and acknowledged either way."""
     with Outbox(db, max_messages=max(n, 100_000), durability=durability) as outbox:
-        async with Connection(settings_for(info, dev)) as conn:
+        async with Connection(device_settings(info, dev)) as conn:
             await conn.wait_connected(10)
             tel = Telemetry(
                 conn, outbox, topic, MessageValidator(), PermissionFlag(True), window=WINDOW
@@ -332,7 +322,7 @@ async def drain_backlog(info: dict[str, Any], dev: DeviceFiles, topic: str, db: 
         for _ in range(BACKLOG // len(chunk)):
             outbox.append_many(chunk)
         assert outbox.depth == BACKLOG
-        conn = Connection(settings_for(info, dev))
+        conn = Connection(device_settings(info, dev))
         tel = Telemetry(conn, outbox, topic, MessageValidator(), PermissionFlag(True))
         await tel.start()  # registered before the connection comes up
         async with conn:

@@ -10,7 +10,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from iotref.sandbox.things import new_client_id
 from tests.conftest import SandboxFactory
+from tests.support.cli_process import revoke
 from tests.support.device_keys import make_csr, make_key, write_device
 from tests.support.mqtt_probe import (
     MosquittoSub,
@@ -159,24 +159,6 @@ def test_connections_without_a_good_certificate_are_refused(
     assert refused(port, ca, good.cert_path, good.key_path) is None
 
 
-def _revoke_cli(data_dir: Path, client_id: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "iotref.cli.main",
-            "sandbox",
-            "revoke",
-            client_id,
-            "--data-dir",
-            str(data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 class SteadySender(threading.Thread):
     """Publishes numbered QoS 1 messages every few milliseconds and records which were
     acknowledged with success."""
@@ -257,7 +239,7 @@ def test_revoke_command(sandbox_factory: SandboxFactory) -> None:
     probe = device_probe(sb, victim)
     other = device_probe(sb, bystander)
     try:
-        result = _revoke_cli(sb.data_dir, victim.client_id)
+        result = revoke(sb.data_dir, victim.client_id)
         assert result.returncode == 0, result.stderr
         assert victim.client_id in result.stdout
         assert probe.disconnected.wait(5)
@@ -281,15 +263,15 @@ def test_revoke_command(sandbox_factory: SandboxFactory) -> None:
     )
     assert ctrl.returncode == 0, ctrl.stderr
     assert "Disabled: true" in ctrl.stdout
-    again = _revoke_cli(sb.data_dir, victim.client_id)
+    again = revoke(sb.data_dir, victim.client_id)
     assert again.returncode == 0
     assert "already" in again.stdout
-    unknown = _revoke_cli(sb.data_dir, "iotref-00000000000000000000")
+    unknown = revoke(sb.data_dir, "iotref-00000000000000000000")
     assert unknown.returncode != 0
 
 
 def test_revoke_without_a_running_sandbox(tmp_path: Path) -> None:
-    result = _revoke_cli(tmp_path / "nothing-here", "iotref-00000000000000000000")
+    result = revoke(tmp_path / "nothing-here", "iotref-00000000000000000000")
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0
     assert "no sandbox is running" in result.stderr
@@ -300,7 +282,7 @@ def test_killed_mosquitto_is_restarted_with_its_policies(
 ) -> None:
     sb = sandbox_factory(*AUTO)
     device, revoked = provision_device(sb), provision_device(sb)
-    assert _revoke_cli(sb.data_dir, revoked.client_id).returncode == 0
+    assert revoke(sb.data_dir, revoked.client_id).returncode == 0
     [old] = sb.mosquitto_processes()
     old.send_signal(signal.SIGKILL)
     old.wait(5)

@@ -14,32 +14,21 @@ that records what arrives.
 from __future__ import annotations
 
 import asyncio
-import json
-import ssl
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.client import AsyncClient, Client
 from iotref.device.connection import ConnectionState
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment, load_environment_file
 from iotref.device.messages import Asset, AssetType, DeviceStatusV2, Sender, SenderType, StatusV2
-from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.telemetry import SendStatus
-from iotref.device.token_store import TokenStore
 from iotref.protocol.message_schemas import MessageValidator
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from tests.support.onboarding import client_id_of, outbox_depth
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import set_permission, shadow_document
+from tests.support.telemetry_watcher import TelemetryWatcher
 
 pytestmark = pytest.mark.integration
 
@@ -47,100 +36,7 @@ SENDER = Sender(SenderType.PRESS, "client-test", "1.0")
 VALIDATOR = MessageValidator(strict=True)
 
 
-# --------------------------------------------------------------------------- store
-
-
-@pytest.fixture(scope="module")
-def onboarding_env(
-    sandbox: SandboxProcess, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Environment, TokenStore]:
-    """The sandbox's environment and a token store, logged in once (auto-approve)."""
-    env = load_environment_file(Path(sandbox.info["env_file"]))
-    tokens = TokenStore(tmp_path_factory.mktemp("client-home") / "tokens")
-    with BlockingOnboarding(env, token_store=tokens) as onboarding:
-        onboarding.login()
-    return env, tokens
-
-
-def provision_store(env: Environment, tokens: TokenStore, path: Path) -> Path:
-    """A complete certificate store for a new machine, made by the onboarding library."""
-    spec = MachineSpec("Client test press", "ACME Print", f"SN-{uuid.uuid4().hex[:12]}")
-    with BlockingOnboarding(env, store_path=path, token_store=tokens) as onboarding:
-        onboarding.provision(ProvisionOptions(machine=spec))
-    return path
-
-
-@pytest.fixture
-def store(onboarding_env: tuple[Environment, TokenStore], tmp_path: Path) -> Path:
-    return provision_store(*onboarding_env, tmp_path / "store")
-
-
-def client_id_of(store: Path) -> str:
-    return str(json.loads((store / "properties.json").read_text())["client_id"])
-
-
-# --------------------------------------------------------------------------- subscriber
-
-
-class Subscriber:
-    """An independent subscriber with the sandbox operator's identity: records every
-    telemetry message (topic, parsed JSON)."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.messages: list[tuple[str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"client-test-{uuid.uuid4().hex[:10]}",
-            protocol=paho.MQTTv311,
-        )
-        context = ssl.create_default_context(cafile=info["ca_file"])
-        context.load_cert_chain(info["operator_cert"], info["operator_key"])
-        client.tls_set_context(context)
-        client.on_connect = lambda c, *_: c.subscribe(f"{TELEMETRY_TOPIC}/#", qos=1)
-        client.on_subscribe = lambda *_: self._subscribed.set()
-        client.on_message = self._on_message
-        self.client = client
-        client.connect(info["mqtt_host"], int(info["mqtt_port"]), keepalive=10)
-        client.loop_start()
-        assert self._subscribed.wait(20), "subscriber not subscribed"
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, json.loads(msg.payload)))
-
-    def of(self, asset_id: str) -> list[tuple[str, dict[str, Any]]]:
-        with self._lock:
-            return [(t, m) for t, m in self.messages if m.get("assetid") == asset_id]
-
-    def counters(self, asset_id: str) -> list[int]:
-        return [counter_of(m) for _, m in self.of(asset_id)]
-
-    def wait_for(self, asset_id: str, expected: set[int], timeout: float = 20) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.counters(asset_id)
-            if expected <= set(got):
-                return got
-            time.sleep(0.05)
-        missing = sorted(expected - set(self.counters(asset_id)))
-        raise AssertionError(f"{len(missing)} never arrived, e.g. {missing[:20]}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture
-def subscriber(sandbox: SandboxProcess) -> Iterator[Subscriber]:
-    s = Subscriber(sandbox.info)
-    yield s
-    s.close()
-
-
-def counter_of(message: dict[str, Any]) -> int:
-    return int(message["payload"]["signalstatus"]["deviceinfo"]["totalproductioncounter"])
+# --------------------------------------------------------------------------- helpers
 
 
 def status(n: int) -> StatusV2:
@@ -149,34 +45,8 @@ def status(n: int) -> StatusV2:
     )
 
 
-def set_permission(sandbox: SandboxProcess, thing: str, allowed: bool) -> None:
-    answer = httpx.post(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        json={"state": {"desired": {"sendTelemetryData": allowed}}},
-        headers=sandbox.admin_headers,
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-
-
-def shadow_document(sandbox: SandboxProcess, thing: str, name: str | None = None) -> Any:
-    answer = httpx.get(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        params={"name": name} if name else {},
-        headers=sandbox.admin_headers,
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def outbox_depth(store: Path) -> int:
-    with Outbox(store / OUTBOX_FILE_NAME) as outbox:
-        return outbox.depth
-
-
 def check_arrived(
-    subscriber: Subscriber, client_topic: str, asset_id: str, expected: set[int]
+    subscriber: TelemetryWatcher, client_topic: str, asset_id: str, expected: set[int]
 ) -> None:
     got = subscriber.wait_for(asset_id, expected)
     assert set(got) == expected
@@ -189,7 +59,7 @@ def check_arrived(
 # --------------------------------------------------------------------------- tests
 
 
-def test_async_client_end_to_end(store: Path, subscriber: Subscriber) -> None:
+def test_async_client_end_to_end(store: Path, subscriber: TelemetryWatcher) -> None:
     count = 200
 
     async def main() -> None:
@@ -219,7 +89,7 @@ def test_async_client_end_to_end(store: Path, subscriber: Subscriber) -> None:
 
 
 def test_blocking_client_end_to_end(
-    sandbox: SandboxProcess, store: Path, subscriber: Subscriber
+    sandbox: SandboxProcess, store: Path, subscriber: TelemetryWatcher
 ) -> None:
     threads, per_thread = 4, 50
     thing = client_id_of(store)
@@ -268,7 +138,7 @@ def test_blocking_client_end_to_end(
 
 
 def test_permission_off_holds_messages_on_releases_them(
-    sandbox: SandboxProcess, store: Path, subscriber: Subscriber
+    sandbox: SandboxProcess, store: Path, subscriber: TelemetryWatcher
 ) -> None:
     thing = client_id_of(store)
     asset = Asset("held-press", "SN-H", AssetType.SHEETFED_PRESS)
@@ -324,7 +194,7 @@ def test_permission_off_holds_messages_on_releases_them(
 
 
 def test_policy_drop_discards_without_permission(
-    sandbox: SandboxProcess, store: Path, subscriber: Subscriber
+    sandbox: SandboxProcess, store: Path, subscriber: TelemetryWatcher
 ) -> None:
     thing = client_id_of(store)
     set_permission(sandbox, thing, False)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 
 from iotref.protocol.environment_file import parse_env_file
 from tests.conftest import SandboxFactory
+from tests.support.cli_process import cli_environ, run_iotref
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -27,28 +26,15 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _environ(cwd: Path, home: Path | None = None) -> dict[str, str]:
-    """The environment of a command run in ``cwd``: tokens in ``cwd/home``, or, with
-    ``home``, in ``home/.config/iotref`` as for a user whose HOME that is."""
-    env = {**os.environ, "IOTREF_HOME": str(cwd / "home")}
-    for var in ("IOTREF_ENV", "IOTREF_ENV_FILE", "XDG_CONFIG_HOME"):
-        env.pop(var, None)
-    if home is not None:
-        del env["IOTREF_HOME"]
-        env["HOME"] = str(home)
-    return env
-
-
 def _demo(cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
     return _iotref(cwd, "demo", *args, home=home)
 
 
 def _iotref(cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", *args],
-        cwd=cwd, env=_environ(cwd, home), capture_output=True, text=True, timeout=180,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    """``iotref`` run in ``cwd`` as a newcomer runs it there: tokens in ``cwd/home``, or,
+    with ``home``, in ``home/.config/iotref`` as for a user whose HOME that is."""
+    env = cli_environ(iotref_home=None if home else cwd / "home", home=home)
+    return run_iotref(*args, cwd=cwd, env=env, timeout=180)
 
 
 def _sandboxes_under(path: Path) -> list[psutil.Process]:

@@ -18,7 +18,6 @@ import pytest
 from iotref.device.connection import (
     Connection,
     ConnectionFailed,
-    ConnectionSettings,
     ConnectionState,
 )
 from iotref.device.outbox import Outbox
@@ -27,7 +26,7 @@ from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from tests.reliability.harness import record, status_message
 from tests.reliability.tls_servers import TlsServer
-from tests.support.device_keys import DeviceFiles
+from tests.support.device_settings import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.mqtt_probe import device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
@@ -88,20 +87,7 @@ NOT_ON_DELTA = {"wrong types inside state": None, "huge (120 KB)": 1}
 NON_OBJECT_CLASSES = ("not JSON", "not UTF-8", "JSON, not an object", "deeply nested")
 
 
-def _settings(sandbox: SandboxProcess, device: DeviceFiles, **kw: Any) -> ConnectionSettings:
-    base: dict[str, Any] = {
-        "endpoint": sandbox.info["mqtt_host"],
-        "port": sandbox.mqtt_port,
-        "client_id": device.client_id,
-        "cert_path": device.cert_path,
-        "key_path": device.key_path,
-        "ca_path": Path(sandbox.info["ca_file"]),
-        "connect_timeout_s": 5.0,
-        "min_backoff_s": 0.2,
-        "max_backoff_s": 2.0,
-    }
-    base.update(kw)
-    return ConnectionSettings(**base)
+RETRY = {**QUICK_RETRY, "min_backoff_s": 0.2, "max_backoff_s": 2.0}
 
 
 def _client_ca(sandbox: SandboxProcess) -> Path:
@@ -138,7 +124,7 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
 
     async def main() -> None:
         async with (
-            Connection(_settings(sandbox, device)) as conn,
+            Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
             with Outbox(tmp_path / "outbox.sqlite3") as outbox:
@@ -222,7 +208,7 @@ def test_a_delta_with_an_absurd_version_does_not_wedge_the_sync(
 
     async def main() -> None:
         async with (
-            Connection(_settings(sandbox, device)) as conn,
+            Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
             operator = await asyncio.to_thread(operator_probe, sandbox)
@@ -249,7 +235,7 @@ def test_one_refused_report_does_not_block_later_reports(
 
     async def main() -> None:
         async with (
-            Connection(_settings(sandbox, device)) as conn,
+            Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
             operator = await asyncio.to_thread(operator_probe, sandbox)
@@ -283,7 +269,9 @@ def test_impostor_server_certificate_is_refused_at_start(
 
     identity = ServerIdentity(foreign.broker_cert_path, foreign.broker_key_path)
     with TlsServer(identity, client_ca=_client_ca(sandbox)) as impostor:
-        settings = _settings(sandbox, device, port=impostor.port, connect_timeout_s=4)
+        settings = device_settings(
+            sandbox.info, device, RETRY, port=impostor.port, connect_timeout_s=4
+        )
         started = time.monotonic()
         with pytest.raises(ConnectionFailed) as info:
             asyncio.run(Connection(settings).start())
@@ -319,7 +307,9 @@ def test_impostor_met_mid_life_is_refused_and_the_device_recovers(
             FaultProxy(sandbox.mqtt_port) as proxy,
             TlsServer(identity, client_ca=_client_ca(sandbox)) as impostor,
         ):
-            settings = _settings(sandbox, device, port=proxy.port, max_backoff_s=1.0)
+            settings = device_settings(
+                sandbox.info, device, RETRY, port=proxy.port, max_backoff_s=1.0
+            )
             async with Connection(settings) as conn:
                 proxy.retarget(impostor.port)
                 accepted = proxy.stats().accepted

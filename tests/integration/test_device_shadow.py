@@ -14,13 +14,11 @@ import pytest
 
 from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
 from iotref.device.shadow import DesiredChange, Refuse, ShadowClient, ShadowRejected, ShadowSync
-from tests.integration.test_device_connection import (
-    FlakyLink,
-    settings_for,
-    wait_state,
-)
+from tests.support.device_settings import QUICK_RETRY, device_settings
+from tests.support.fault_proxy import FaultProxy
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
+from tests.support.waiting import wait_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -76,7 +74,7 @@ async def test_operator_change_is_applied_and_reported(sandbox: SandboxProcess) 
     op = Operator(sandbox, dev.client_id)
     try:
         async with (
-            Connection(settings_for(sandbox, dev)) as conn,
+            Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn,
             ShadowSync(conn, dev.client_id) as sync,
         ):
             # provisioning set desired.sendTelemetryData; the first sync reported it
@@ -103,7 +101,7 @@ async def test_adjusted_and_refused_changes(sandbox: SandboxProcess) -> None:
     dev = provision_device(sandbox)
     op = Operator(sandbox, dev.client_id)
     try:
-        async with Connection(settings_for(sandbox, dev)) as conn:
+        async with Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn:
             sync = ShadowSync(conn, dev.client_id, initial_reported={"mode": "idle"})
             sync.on_desired("speed", lambda c: min(c.value, 100))
             sync.on_desired("mode", lambda c: Refuse("service door open"))
@@ -126,28 +124,31 @@ async def test_desired_change_while_offline_is_applied_after_reconnect(
 ) -> None:
     dev = provision_device(sandbox)
     op = Operator(sandbox, dev.client_id)
-    link = await FlakyLink(sandbox.mqtt_port).start()
+    link = FaultProxy(sandbox.mqtt_port).start()
     events: list[ConnectionEvent] = []
     try:
-        s = settings_for(sandbox, dev, port=link.port, keepalive_s=5, ping_timeout_s=2)
+        s = device_settings(
+            sandbox.info, dev, QUICK_RETRY, port=link.port, keepalive_s=5, ping_timeout_s=2
+        )
         async with (
             Connection(s, on_event=events.append) as conn,
             ShadowSync(conn, dev.client_id) as sync,
         ):
             n = len(events)
+            link.refuse()  # the network is gone: open connections cut, new ones refused
             link.cut()
             await wait_state(events, ConnectionState.DISCONNECTED, n)
             await op.update({"desired": {"speed": 77}})
             sync.set_reported("temperature", 41)  # changed locally while offline
             await asyncio.sleep(0.5)
             assert "speed" not in sync.reported
-            link.restore()
+            link.admit()
             assert await sync.wait_for("speed", 77, timeout=30) == 77
             await op.wait_reported("speed", 77)
             await op.wait_reported("temperature", 41)
             assert sync.syncs >= 2
     finally:
-        await link.close()
+        link.close()
         await op.close()
 
 
@@ -159,7 +160,9 @@ async def test_broker_killed_device_reconnects_resubscribes_and_reconciles(
     events: list[ConnectionEvent] = []
     try:
         async with (
-            Connection(settings_for(sandbox, dev), on_event=events.append) as conn,
+            Connection(
+                device_settings(sandbox.info, dev, QUICK_RETRY), on_event=events.append
+            ) as conn,
             ShadowSync(conn, dev.client_id) as sync,
         ):
             n = len(events)
@@ -179,7 +182,7 @@ async def test_broker_killed_device_reconnects_resubscribes_and_reconciles(
 
 async def test_client_token_correlation_and_rejections(sandbox: SandboxProcess) -> None:
     dev = provision_device(sandbox)
-    async with Connection(settings_for(sandbox, dev)) as conn:
+    async with Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn:
         client = ShadowClient(conn, dev.client_id)
         # As many at once as AWS IoT keeps in flight per thing (more are answered 429).
         answers = await asyncio.gather(
@@ -211,7 +214,7 @@ async def test_named_shadow_sync(sandbox: SandboxProcess) -> None:
     op = Operator(sandbox, dev.client_id)
     seen: list[DesiredChange] = []
     try:
-        async with Connection(settings_for(sandbox, dev)) as conn:
+        async with Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn:
             named = ShadowSync(conn, dev.client_id, "press-config")
             named.on_desired(lambda c: seen.append(c))
             async with named, ShadowSync(conn, dev.client_id) as classic:

@@ -11,11 +11,8 @@ import asyncio
 import datetime as dt
 import json
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +28,9 @@ from iotref.sandbox.things import new_client_id
 from tests.conftest import SandboxFactory
 from tests.reliability.harness import record
 from tests.reliability.tls_servers import TlsServer, issue_server_cert, tls11_handshake_possible
+from tests.support.cli_process import revoke
 from tests.support.device_keys import DeviceFiles, make_key, write_device
+from tests.support.device_settings import QUICK_RETRY, device_settings
 from tests.support.mqtt_probe import device_probe, device_topic, operator_probe, refused
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import cached_token, provision_device
@@ -39,20 +38,7 @@ from tests.support.tokens import cached_token, provision_device
 pytestmark = pytest.mark.integration
 
 
-def _settings(sandbox: SandboxProcess, device: DeviceFiles, **kw: Any) -> ConnectionSettings:
-    base: dict[str, Any] = {
-        "endpoint": sandbox.info["mqtt_host"],
-        "port": sandbox.mqtt_port,
-        "client_id": device.client_id,
-        "cert_path": device.cert_path,
-        "key_path": device.key_path,
-        "ca_path": Path(sandbox.info["ca_file"]),
-        "connect_timeout_s": 4.0,
-        "min_backoff_s": 0.2,
-        "max_backoff_s": 1.0,
-    }
-    base.update(kw)
-    return ConnectionSettings(**base)
+RETRY = {**QUICK_RETRY, "connect_timeout_s": 4.0, "min_backoff_s": 0.2}
 
 
 def _connect_fails(settings: ConnectionSettings) -> ConnectionFailed:
@@ -174,7 +160,7 @@ def test_expired_certificate_is_refused(sandbox: SandboxProcess, tmp_path: Path)
     reason = refused(sandbox.mqtt_port, sandbox.info["ca_file"], expired.cert_path,
                      expired.key_path)  # fmt: skip
     assert reason is not None
-    failure = _connect_fails(_settings(sandbox, expired))
+    failure = _connect_fails(device_settings(sandbox.info, expired, RETRY))
     assert failure.kind in ("tls", "refused"), failure.reason
     # the same thing with its valid certificate gets in: the expiry is what is refused
     assert refused(sandbox.mqtt_port, sandbox.info["ca_file"], real.cert_path,
@@ -202,7 +188,7 @@ def test_foreign_ca_certificate_is_refused(sandbox: SandboxProcess, tmp_path: Pa
         key,
         cert.public_bytes(serialization.Encoding.PEM).decode(),
     )
-    failure = _connect_fails(_settings(sandbox, stranger))
+    failure = _connect_fails(device_settings(sandbox.info, stranger, RETRY))
     assert failure.kind in ("tls", "refused"), failure.reason
     record(
         "security",
@@ -215,13 +201,8 @@ def test_revoked_certificate_is_refused(sandbox_factory: SandboxFactory, tmp_pat
     victim = provision_device(sb, directory=tmp_path / "victim")
 
     async def connected_then_revoked() -> str:
-        async with Connection(_settings(sb, victim)) as conn:
-            result = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "iotref.cli.main", "sandbox", "revoke", victim.client_id,
-                 "--data-dir", str(sb.data_dir)],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+        async with Connection(device_settings(sb.info, victim, RETRY)) as conn:
+            result = await asyncio.to_thread(revoke, sb.data_dir, victim.client_id)
             assert result.returncode == 0, result.stderr
             deadline = time.monotonic() + 15
             while conn.connected and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -232,7 +213,7 @@ def test_revoked_certificate_is_refused(sandbox_factory: SandboxFactory, tmp_pat
             return conn.stats.last_error or ""
 
     last_error = asyncio.run(connected_then_revoked())
-    failure = _connect_fails(_settings(sb, victim))
+    failure = _connect_fails(device_settings(sb.info, victim, RETRY))
     assert failure.kind in ("tls", "refused"), failure.reason
     record(
         "security",
@@ -267,7 +248,9 @@ def test_device_refuses_tls_below_1_2(
         # control: the server does speak TLS 1.1 with the platform's own root and name
         assert tls11_handshake_possible(old.port, Path(sandbox.info["ca_file"]))
         before = old.handshakes_ok
-        failure = _connect_fails(_settings(sandbox, device, port=old.port, fail_fast=fail_fast))
+        failure = _connect_fails(
+            device_settings(sandbox.info, device, RETRY, port=old.port, fail_fast=fail_fast)
+        )
         time.sleep(0.3)
         assert old.handshakes_ok == before, "the device completed a TLS 1.1 handshake"
         assert old.app_bytes == 0
@@ -289,14 +272,18 @@ def test_device_refuses_a_certificate_for_another_host(
     root = _server_root(sandbox)
     wrong = issue_server_cert(*root, tmp_path / "wrong", "elsewhere.example")
     with TlsServer(wrong, client_ca=_client_ca(sandbox)) as server:
-        failure = _connect_fails(_settings(sandbox, device, port=server.port, fail_fast=fail_fast))
+        failure = _connect_fails(
+            device_settings(sandbox.info, device, RETRY, port=server.port, fail_fast=fail_fast)
+        )
         time.sleep(0.3)
         assert server.app_bytes == 0, "the device sent MQTT to a server of another name"
     assert failure.kind in ("tls", "unreachable"), failure.reason
     # control: the same root and a certificate for "localhost" gets the device's CONNECT
     right = issue_server_cert(*root, tmp_path / "right", "localhost")
     with TlsServer(right, client_ca=_client_ca(sandbox)) as server:
-        _connect_fails(_settings(sandbox, device, port=server.port, connect_timeout_s=2))
+        _connect_fails(
+            device_settings(sandbox.info, device, RETRY, port=server.port, connect_timeout_s=2)
+        )
         time.sleep(0.3)
         assert server.app_bytes > 0
     record(

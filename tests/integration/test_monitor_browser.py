@@ -28,16 +28,14 @@ import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.device.environment import load_environment_file
-from iotref.device.onboarding import BlockingOnboarding
-from iotref.device.token_store import TokenStore
-from tests.integration.test_client import client_id_of, provision_store
 from tests.integration.test_quotas import publish as quota_publish
 from tests.integration.test_quotas import wait_received
-from tests.integration.test_run_command import iotref, machine_of
 from tests.support.browser import chromium
+from tests.support.cli_process import start_iotref
 from tests.support.device_keys import DeviceFiles
+from tests.support.device_settings import device_settings
 from tests.support.mqtt_probe import device_probe, device_topic
+from tests.support.onboarding import client_id_of, logged_in, machine_of, provision_store
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 from tests.support.waiting import wait_until
@@ -231,7 +229,7 @@ class RunningSender(threading.Thread):
             self.ready.set()
 
     async def _main(self) -> None:
-        from iotref.device.connection import Connection, ConnectionSettings
+        from iotref.device.connection import Connection
         from iotref.device.messages import (
             Asset,
             AssetType,
@@ -245,14 +243,7 @@ class RunningSender(threading.Thread):
         from iotref.device.shadow import ShadowSync
         from iotref.device.telemetry import SendStatus, ShadowPermission, Telemetry
 
-        settings = ConnectionSettings(
-            endpoint=self.sandbox.info["mqtt_host"],
-            port=self.sandbox.mqtt_port,
-            client_id=self.device.client_id,
-            cert_path=self.device.cert_path,
-            key_path=self.device.key_path,
-            ca_path=Path(self.sandbox.info["ca_file"]),
-        )
+        settings = device_settings(self.sandbox.info, self.device)
         sender = Sender(SenderType.PRESS, "monitor-test", "1.0")
         asset = Asset("press-sender", "SN-S", AssetType.SHEETFED_PRESS)
         topic = device_topic(self.device)
@@ -413,11 +404,8 @@ def store(sandbox: SandboxProcess, tmp_path: Path) -> Path:
     blocking onboarding refuses to run inside Playwright's event loop."""
 
     def make() -> Path:
-        env = load_environment_file(Path(sandbox.info["env_file"]))
-        tokens = TokenStore(tmp_path / "tokens")
-        with BlockingOnboarding(env, token_store=tokens) as onboarding:
-            onboarding.login()
-        return provision_store(env, tokens, tmp_path / "store")
+        env, tokens = logged_in(sandbox, tmp_path / "tokens")
+        return provision_store(env, tokens, tmp_path / "store", "Client test press")
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(make).result(timeout=120)
@@ -425,7 +413,7 @@ def store(sandbox: SandboxProcess, tmp_path: Path) -> Path:
 
 def run_presses(store_path: Path, assets: int, *args: str) -> subprocess.Popen[str]:
     """``iotref run`` with simulated presses: a reading every 0.2 s from each asset."""
-    return iotref(
+    return start_iotref(
         "run", "--store", str(store_path), "--assets", str(assets), "--interval", "0.2",
         "--speedup", "20", "--status-every", "1", *args,
     )  # fmt: skip

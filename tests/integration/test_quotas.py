@@ -23,9 +23,9 @@ from bench.bench_ingestion import device_messages
 from iotref.device.connection import Connection
 from iotref.protocol import limits
 from iotref.sandbox.quota_meter import ARRIVAL_SLACK_SECONDS
-from tests.integration.test_device_connection import settings_for
 from tests.support import mqtt_probe
 from tests.support.device_keys import DeviceFiles
+from tests.support.device_settings import QUICK_RETRY, device_settings
 from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
@@ -62,7 +62,7 @@ async def publish(device: DeviceFiles, sandbox: SandboxProcess, payloads: list[b
                   pace_s: float = 0.0) -> float:  # fmt: skip
     """Publish through the library's Connection (QoS 1, each acknowledged); returns the
     seconds from the first publish to the last acknowledgement."""
-    async with Connection(settings_for(sandbox, device)) as conn:
+    async with Connection(device_settings(sandbox.info, device, QUICK_RETRY)) as conn:
         topic = device_topic(device)
         started = time.monotonic()
         pending = []

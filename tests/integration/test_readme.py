@@ -4,7 +4,6 @@ after `iotref login` and `iotref provision`."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.cli_process import cli_environ, run_iotref
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
@@ -40,16 +40,16 @@ def test_the_readme_has_both_snippets() -> None:
 
 
 def test_readme_snippets_run_verbatim(sandbox: SandboxProcess, tmp_path: Path) -> None:
-    env = {**os.environ, "IOTREF_HOME": str(tmp_path / "home")}
-    iotref = [sys.executable, "-m", "iotref.cli.main"]
+    env = cli_environ(iotref_home=tmp_path / "home")
     env_file = sandbox.info["env_file"]
-    login = _run([*iotref, "login", "--env-file", env_file, "--no-qr"], tmp_path, env)
+    login = run_iotref(
+        "login", "--env-file", env_file, "--no-qr", cwd=tmp_path, env=env, timeout=120
+    )
     assert login.returncode == 0, login.stderr
-    provision = _run(
-        [*iotref, "provision", "--env-file", env_file, "--name", "README press",
-         "--manufacturer", "iotref readme", "--serial-number", f"R-{time.time_ns()}",
-         "--kind", "offset_press"],
-        tmp_path, env,
+    provision = run_iotref(
+        "provision", "--env-file", env_file, "--name", "README press",
+        "--manufacturer", "iotref readme", "--serial-number", f"R-{time.time_ns()}",
+        "--kind", "offset_press", cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip
     assert provision.returncode == 0, provision.stderr
     store = tmp_path / "certificate_store" / "local"

@@ -22,25 +22,20 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import selectors
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection import Connection, ConnectionSettings
 from iotref.device.messages import (
@@ -57,12 +52,12 @@ from iotref.device.telemetry import (
     ShadowPermission,
     Telemetry,
 )
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from tests.support.counted_messages import index_of
 from tests.support.counted_messages import status_message as counted_message
 from tests.support.device_keys import DeviceFiles
+from tests.support.device_settings import device_settings
 from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.telemetry_watcher import TelemetryWatcher
 from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration
@@ -97,76 +92,11 @@ def device(delivery_sandbox: SandboxProcess, tmp_path: Path) -> DeviceFiles:
 # --------------------------------------------------------------------------- subscriber
 
 
-class Collector:
-    """An independent subscriber with the operator's identity. Subscribes with QoS 0 (so
-    Mosquitto's per-client queue limit cannot drop anything while it catches up), comes
-    back quickly after a broker restart and subscribes again."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.received: list[tuple[str, int]] = []
-        self.subscriptions = 0
-        self._lock = threading.Lock()
-        self._subscribed = threading.Condition(self._lock)
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"collector-{uuid.uuid4().hex[:10]}",
-            protocol=paho.MQTTv311,
-        )
-        context = ssl.create_default_context(cafile=info["ca_file"])
-        context.load_cert_chain(info["operator_cert"], info["operator_key"])
-        client.tls_set_context(context)
-        client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)  # type: ignore[arg-type]
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self.client = client
-        client.connect(info["mqtt_host"], int(info["mqtt_port"]), keepalive=10)
-        client.loop_start()
-
-    def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(f"{TELEMETRY_TOPIC}/#", qos=0)
-
-    def _on_subscribe(self, *_: Any) -> None:
-        with self._lock:
-            self.subscriptions += 1
-            self._subscribed.notify_all()
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        message = json.loads(msg.payload)
-        with self._lock:
-            self.received.append((message["assetid"], index_of(message)))
-
-    def wait_subscribed(self, count: int = 1, timeout: float = 20) -> None:
-        with self._lock:
-            if not self._subscribed.wait_for(lambda: self.subscriptions >= count, timeout):
-                raise AssertionError(f"collector not subscribed ({self.subscriptions})")
-
-    def of(self, asset_id: str) -> list[int]:
-        with self._lock:
-            return [i for a, i in self.received if a == asset_id]
-
-    def wait_for(self, asset_id: str, expected: set[int], timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.of(asset_id)
-            if expected <= set(got):
-                return got
-            time.sleep(0.05)
-        got = self.of(asset_id)
-        missing = sorted(expected - set(got))
-        raise AssertionError(f"{len(missing)} never arrived, e.g. {missing[:20]}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
-def collector(delivery_sandbox: SandboxProcess) -> Iterator[Collector]:
-    c = Collector(delivery_sandbox.info)
-    c.wait_subscribed()
-    yield c
-    c.close()
+def collector(delivery_sandbox: SandboxProcess) -> Iterator[TelemetryWatcher]:
+    """Every device's telemetry, counted on the device listener."""
+    with TelemetryWatcher().attach(delivery_sandbox.info, listener="device") as watcher:
+        yield watcher
 
 
 def first_deliveries(indices: list[int]) -> list[int]:
@@ -394,7 +324,10 @@ class SenderProcess:
 
 
 def test_broker_killed_midway_every_message_arrives_in_order(
-    delivery_sandbox: SandboxProcess, device: DeviceFiles, collector: Collector, tmp_path: Path
+    delivery_sandbox: SandboxProcess,
+    device: DeviceFiles,
+    collector: TelemetryWatcher,
+    tmp_path: Path,
 ) -> None:
     total = 10_000
     info = delivery_sandbox.info
@@ -404,7 +337,7 @@ def test_broker_killed_midway_every_message_arrives_in_order(
         port=relay.port, start=0, count=total, rate=2500,
     )  # fmt: skip
     try:
-        wait_until(lambda: len(collector.of("press-broker-kill")) >= 3000, 60, "3000 arrivals")
+        wait_until(lambda: len(collector.indices("press-broker-kill")) >= 3000, 60, "3000 arrivals")
         old = delivery_sandbox.mosquitto()
         relay.close_door()
         old.send_signal(signal.SIGKILL)
@@ -426,7 +359,10 @@ def test_broker_killed_midway_every_message_arrives_in_order(
 
 
 def test_sender_killed_midway_loses_nothing(
-    delivery_sandbox: SandboxProcess, device: DeviceFiles, collector: Collector, tmp_path: Path
+    delivery_sandbox: SandboxProcess,
+    device: DeviceFiles,
+    collector: TelemetryWatcher,
+    tmp_path: Path,
 ) -> None:
     total = 5000
     info = delivery_sandbox.info
@@ -464,19 +400,11 @@ def set_permission_via_rest(sandbox: SandboxProcess, thing: str, allowed: bool) 
     assert answer.status_code == 200, answer.text
 
 
-def connection_settings(sandbox: SandboxProcess, dev: DeviceFiles) -> ConnectionSettings:
-    return ConnectionSettings(
-        endpoint=sandbox.info["mqtt_host"],
-        port=sandbox.mqtt_port,
-        client_id=dev.client_id,
-        cert_path=dev.cert_path,
-        key_path=dev.key_path,
-        ca_path=Path(sandbox.info["ca_file"]),
-    )
-
-
 def test_shadow_permission_gates_publishing_hold_and_drop(
-    delivery_sandbox: SandboxProcess, device: DeviceFiles, collector: Collector, tmp_path: Path
+    delivery_sandbox: SandboxProcess,
+    device: DeviceFiles,
+    collector: TelemetryWatcher,
+    tmp_path: Path,
 ) -> None:
     thing = device.client_id
 
@@ -484,7 +412,7 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
         hold_asset = Asset("press-hold", "SN-H", AssetType.SHEETFED_PRESS)
         drop_asset = Asset("press-drop", "SN-D", AssetType.SHEETFED_PRESS)
         async with (
-            Connection(connection_settings(delivery_sandbox, device)) as conn,
+            Connection(device_settings(delivery_sandbox.info, device)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
             assert shadow.send_telemetry_allowed is True  # set by provisioning
@@ -494,7 +422,9 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                 )
                 for i in range(100):
                     assert (await tel.send(status_message(hold_asset, i))).queued
-                await wait_until_async(lambda: len(collector.of("press-hold")) >= 100, 20, "100")
+                await wait_until_async(
+                    lambda: len(collector.indices("press-hold")) >= 100, 20, "100"
+                )
 
                 set_permission_via_rest(delivery_sandbox, thing, False)
                 await wait_until_async(lambda: not tel.permission, 10, "permission withdrawn")
@@ -502,7 +432,7 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                     result = await tel.send(status_message(hold_asset, i))
                     assert result.status is SendStatus.QUEUED  # hold: kept in the outbox
                 await asyncio.sleep(1.5)
-                assert max(collector.of("press-hold")) < 100, "published without permission"
+                assert max(collector.indices("press-hold")) < 100, "published without permission"
                 assert outbox.depth == 100
                 assert tel.stats().permission is False
 
@@ -532,7 +462,7 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                 await wait_until_async(lambda: outbox.depth == 0, 20, "the new messages")
                 got = collector.wait_for("press-drop", set(range(50, 100)), 10)
                 await asyncio.sleep(0.3)
-                assert set(collector.of("press-drop")) == set(range(50, 100))
+                assert set(collector.indices("press-drop")) == set(range(50, 100))
                 assert_complete_and_ordered(got, range(50, 100))
                 await tel.close()
 
@@ -540,10 +470,13 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
 
 
 def test_outbox_full_policies_apply_and_are_reported(
-    delivery_sandbox: SandboxProcess, device: DeviceFiles, collector: Collector, tmp_path: Path
+    delivery_sandbox: SandboxProcess,
+    device: DeviceFiles,
+    collector: TelemetryWatcher,
+    tmp_path: Path,
 ) -> None:
     async def main() -> None:
-        async with Connection(connection_settings(delivery_sandbox, device)) as conn:
+        async with Connection(device_settings(delivery_sandbox.info, device)) as conn:
             asset = Asset("press-full-reject", "SN-R", AssetType.SHEETFED_PRESS)
             flag = PermissionFlag(False)  # nothing drains while we fill the outbox
             with Outbox(tmp_path / "reject.sqlite3", max_messages=50) as outbox:
@@ -576,7 +509,7 @@ def test_outbox_full_policies_apply_and_are_reported(
                 await wait_until_async(lambda: outbox.depth == 0, 20, "drained")
                 got = collector.wait_for("press-full-drop", set(range(10, 60)), 10)
                 await asyncio.sleep(0.3)
-                assert set(collector.of("press-full-drop")) == set(range(10, 60))
+                assert set(collector.indices("press-full-drop")) == set(range(10, 60))
                 assert_complete_and_ordered(got, range(10, 60))
                 await tel.close()
 

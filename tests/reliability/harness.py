@@ -1,7 +1,8 @@
 """The pieces of the reliability scenarios: a sender streaming telemetry and applying
-desired changes, an operator changing desired state through the shadow REST API, an
-independent watcher counting what the platform delivers, the sandbox that can be restarted
-on its data dir, the faults, and the figures a run records.
+desired changes, an operator changing desired state through the shadow REST API, the
+sandbox that can be restarted on its data dir, the faults, and the figures a run records.
+The independent watcher that counts what the platform delivers is
+:class:`~tests.support.telemetry_watcher.TelemetryWatcher`.
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
 :class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.ShadowSync`
@@ -25,17 +26,13 @@ import json
 import os
 import signal
 import sqlite3
-import ssl
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection import Connection, ConnectionEvent, ConnectionSettings
 from iotref.device.messages import (
@@ -49,7 +46,6 @@ from iotref.device.messages import (
 from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
-from tests.support.counted_messages import index_of
 from tests.support.counted_messages import status_message as counted_message
 from tests.support.sandbox_process import SandboxProcess
 
@@ -164,70 +160,6 @@ class Platform:
 
     def stop(self) -> None:
         self.process.stop()
-
-
-# --------------------------------------------------------------------------- watcher
-
-
-class Watcher:
-    """An independent subscriber with the operator identity on the platform listener:
-    every telemetry message of one device, as ``(assetid, index, sendereventuuid)``.
-    QoS 0, so Mosquitto's per-client queue limit cannot drop anything while it catches
-    up; :meth:`attach` moves it to a restarted sandbox."""
-
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self.received: list[tuple[str, int, str]] = []
-        self.subscriptions = 0
-        self._lock = threading.Condition()
-        self._client: paho.Client | None = None
-
-    def attach(self, info: dict[str, Any], timeout: float = 20) -> None:
-        """(Re)connect to the sandbox described by ``info`` and wait for the SUBACK."""
-        self.detach()
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"watcher-{uuid.uuid4().hex[:10]}",
-            protocol=paho.MQTTv311,
-        )
-        context = ssl.create_default_context(cafile=info["ca_file"])
-        context.load_cert_chain(info["operator_cert"], info["operator_key"])
-        client.tls_set_context(context)
-        client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)  # type: ignore[arg-type]
-        client.on_connect = lambda c, *_: c.subscribe(self.topic, qos=0)
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        before = self.subscriptions
-        client.connect("127.0.0.1", int(info["platform_mqtt_port"]), keepalive=10)
-        client.loop_start()
-        self._client = client
-        self.wait_subscribed(before + 1, timeout)
-
-    def detach(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
-
-    def _on_subscribe(self, *_: Any) -> None:
-        with self._lock:
-            self.subscriptions += 1
-            self._lock.notify_all()
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        message = json.loads(msg.payload)
-        entry = (str(message["assetid"]), index_of(message), str(message["sendereventuuid"]))
-        with self._lock:
-            self.received.append(entry)
-
-    def wait_subscribed(self, count: int, timeout: float = 20) -> None:
-        with self._lock:
-            if not self._lock.wait_for(lambda: self.subscriptions >= count, timeout):
-                raise AssertionError(f"watcher not subscribed ({self.subscriptions})")
-
-    def snapshot(self) -> list[tuple[str, int, str]]:
-        with self._lock:
-            return list(self.received)
 
 
 # --------------------------------------------------------------------------- messages

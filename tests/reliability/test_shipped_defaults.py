@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,13 +26,11 @@ from typing import Any
 import psutil
 import pytest
 
-from iotref.device.connection import ConnectionSettings, ConnectionState
-from iotref.device.environment import Environment, load_environment_file
+from iotref.device.connection import ConnectionState
+from iotref.device.environment import Environment
 from iotref.device.messages import Asset, AssetType
-from iotref.device.onboarding import BlockingOnboarding
 from iotref.device.token_store import TokenStore
 from iotref.sandbox.broker import STABLE_AFTER
-from tests.integration.test_client import client_id_of, outbox_depth, provision_store
 from tests.reliability.harness import (
     Platform,
     Sender,
@@ -42,14 +38,16 @@ from tests.reliability.harness import (
     status_message,
     stored_telemetry,
 )
+from tests.support.cli_process import start_iotref
 from tests.support.device_keys import DeviceFiles
+from tests.support.device_settings import device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.mqtt_probe import device_topic
+from tests.support.onboarding import client_id_of, logged_in, outbox_depth, provision_store
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
 KILLS = 3
 RECONNECT_MEDIAN_S = 1.0
 RECONNECT_MAX_S = 2.5
@@ -64,16 +62,12 @@ from launching the process)."""
 def onboarding(
     platform: Platform, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Environment, TokenStore]:
-    env = load_environment_file(Path(platform.info["env_file"]))
-    tokens = TokenStore(tmp_path_factory.mktemp("defaults-home") / "tokens")
-    with BlockingOnboarding(env, token_store=tokens) as session:
-        session.login()
-    return env, tokens
+    return logged_in(platform.process, tmp_path_factory.mktemp("defaults-home") / "tokens")
 
 
 @pytest.fixture
 def store(onboarding: tuple[Environment, TokenStore], tmp_path: Path) -> Path:
-    return provision_store(*onboarding, tmp_path / "store")
+    return provision_store(*onboarding, tmp_path / "store", "Client test press")
 
 
 class Run:
@@ -81,14 +75,8 @@ class Run:
 
     def __init__(self, *args: str, stdin: bool = False) -> None:
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iotref.cli.main", "run", *args],
-            cwd=ROOT,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        self.proc = start_iotref(
+            "run", *args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL
         )
         self.out: list[tuple[float, str]] = []
         self.err: list[str] = []
@@ -221,15 +209,7 @@ def test_broker_sigkill_three_times_the_device_is_back_within_a_second(
     max <= 2.5 s; everything accepted is acknowledged by the broker (the outbox drains).
     How much of it reached the platform's store is recorded, not asserted: nothing keeps
     the device out while the sandbox's ingestion subscribes again (see the next test)."""
-    info = platform.info
-    settings = ConnectionSettings(
-        endpoint=info["mqtt_host"],
-        port=platform.process.mqtt_port,
-        client_id=device.client_id,
-        cert_path=device.cert_path,
-        key_path=device.key_path,
-        ca_path=Path(info["ca_file"]),
-    )  # everything else as shipped
+    settings = device_settings(platform.info, device)  # everything else as shipped
     sender = Sender(settings, device_topic(device), tmp_path / "outbox.sqlite3", 3, 30.0)
     sender.start()
     probe = PortProbe(platform.process.mqtt_port)
@@ -443,11 +423,7 @@ def test_revoked_certificate_stop_is_bounded(platform: Platform, store: Path) ->
 
     def revoke(run: Run) -> None:
         wait_until(lambda: any("| connected |" in line for _, line in run.out), 30, "connected")
-        result = subprocess.run(
-            [sys.executable, "-m", "iotref.cli.main", "sandbox", "revoke", client_id,
-             "--data-dir", str(platform.data_dir)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        result = revoke(platform.data_dir, client_id)
         assert result.returncode == 0, result.stderr
 
     first, first_code = _bounded_run(store, lines, revoke)

@@ -1,13 +1,23 @@
 """Wait for a condition a test cannot be told about: poll it until it holds, and fail
-with what was awaited when it does not within the time given."""
+with what was awaited when it does not within the time given; and wait for a state among
+the events a callback records."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 INTERVAL_S = 0.05
+
+
+class _Event(Protocol):
+    @property
+    def state(self) -> object: ...
+
+
+E = TypeVar("E", bound=_Event)
 
 
 def wait_until(
@@ -31,3 +41,15 @@ async def wait_until_async(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def wait_state(events: Sequence[E], state: object, after: int = 0, timeout: float = 30) -> E:
+    """The first of ``events[after:]`` (a list an ``on_event`` callback appends to) whose
+    ``state`` is ``state``, once it has come."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in events[after:]:
+            if event.state is state:
+                return event
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no {state} within {timeout}s: {list(events[after:])}")

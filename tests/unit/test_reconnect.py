@@ -26,8 +26,8 @@ from iotref.device.connection import (
     ConnectionState,
 )
 from iotref.device.reconnect import MIN_ATTEMPT_INTERVAL_S, ReconnectSchedule
+from tests.support.device_keys import self_signed
 from tests.support.ports import free_port
-from tests.unit.test_fleet import _self_signed
 
 
 class Clock:
@@ -203,7 +203,7 @@ async def test_attempts_against_a_closed_port_follow_the_schedule(tmp_path: Path
     """Shipped defaults, nothing listening: the connection starts offline, and its attempts
     come at least 1 s apart with growing bounds (1, 1, 1..2, 1..4 s after the previous),
     which awscrt's own loop (a fixed 30 s now) could not produce."""
-    cert_path, key_path = _self_signed(tmp_path, "device")
+    cert_path, key_path = self_signed(tmp_path, "device")
     settings = ConnectionSettings(
         endpoint="localhost",
         port=free_port(),
