@@ -8,7 +8,7 @@ import pytest
 
 from iotref.protocol.limits import MAX_KEEPALIVE_SECONDS, MAX_PAYLOAD_BYTES
 from iotref.sandbox.broker_config import PACKET_OVERHEAD_BYTES
-from tests.support.mqtt_probe import connect, device_probe, device_topic, operator_probe
+from tests.support.mqtt_probe import device_probe, device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -51,12 +51,5 @@ def test_keepalive_above_the_range_is_lowered_in_the_connack(
     sandbox: SandboxProcess, asked: int, granted: int | None
 ) -> None:
     device = provision_device(sandbox)
-    probe = connect(
-        sandbox.mqtt_port,
-        sandbox.info["ca_file"],
-        device.cert_path,
-        device.key_path,
-        keepalive=asked,
-    )
-    with probe:
+    with device_probe(sandbox, device, keepalive=asked) as probe:
         assert getattr(probe.connack_properties, "ServerKeepAlive", None) == granted

@@ -24,12 +24,14 @@ from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.sandbox.certificate_authority import CertificateAuthorities
-from tests.reliability.harness import record, status_message
-from tests.reliability.tls_servers import TlsServer
+from tests.support.counted_messages import status_message
 from tests.support.device_settings import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy
+from tests.support.figures import record
 from tests.support.mqtt_probe import device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import set_desired, shadow_document
+from tests.support.tls_servers import TlsServer
 from tests.support.tokens import provision_device
 from tests.support.waiting import wait_until_async
 
@@ -95,24 +97,6 @@ def _client_ca(sandbox: SandboxProcess) -> Path:
     return CertificateAuthorities(sandbox.data_dir / "ca").client_ca_bundle_path
 
 
-def _set_desired(sandbox: SandboxProcess, thing: str, desired: dict[str, Any]) -> None:
-    with sandbox.http() as http:
-        answer = http.post(
-            f"/things/{thing}/shadow",
-            json={"state": {"desired": desired}},
-            headers=sandbox.admin_headers,
-        )
-    assert answer.status_code == 200, answer.text
-
-
-def _shadow(sandbox: SandboxProcess, thing: str) -> dict[str, Any]:
-    with sandbox.http() as http:
-        answer = http.get(f"/things/{thing}/shadow", headers=sandbox.admin_headers)
-    assert answer.status_code == 200, answer.text
-    document: dict[str, Any] = answer.json()
-    return document
-
-
 def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
     sandbox: SandboxProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -157,7 +141,7 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
                 arrived = conn.stats.messages_received - received_before
                 assert arrived >= sum(sent.values()) * len(RESPONSE_SUFFIXES) // 8 - 20
                 # ... and still working: a desired change is applied and reported ...
-                _set_desired(sandbox, thing, {"setpoint": 42, "mode": "run"})
+                set_desired(sandbox, thing, {"setpoint": 42, "mode": "run"})
                 assert await shadow.wait_for("setpoint", 42, timeout=15) == 42
                 await shadow.flush(15)
                 # ... and telemetry flows.
@@ -166,7 +150,7 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
                     assert (await telemetry.send(status_message(asset, i))).queued
                 await wait_until_async(lambda: outbox.depth == 0, 20, "telemetry to drain")
                 await telemetry.close()
-                state = _shadow(sandbox, thing)["state"]
+                state = shadow_document(sandbox, thing)["state"]
                 assert state.get("desired") == state.get("reported")
 
     asyncio.run(main())
@@ -194,6 +178,12 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
     )
 
 
+def _publish_delta(sandbox: SandboxProcess, thing: str, delta: dict[str, Any]) -> None:
+    """Publish ``delta`` on the thing's ``update/delta`` topic with the operator identity."""
+    with operator_probe(sandbox) as operator:
+        operator.publish(f"$aws/things/{thing}/shadow/update/delta", _json(delta))
+
+
 def telemetry_asset() -> Any:
     from iotref.device.messages import Asset, AssetType
 
@@ -211,17 +201,11 @@ def test_a_delta_with_an_absurd_version_does_not_wedge_the_sync(
             Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
-            operator = await asyncio.to_thread(operator_probe, sandbox)
-            try:
-                await asyncio.to_thread(
-                    operator.publish,
-                    f"$aws/things/{thing}/shadow/update/delta",
-                    _json({"state": {"bogus": 1}, "version": 2**62}),
-                )
-            finally:
-                await asyncio.to_thread(operator.close)
+            await asyncio.to_thread(
+                _publish_delta, sandbox, thing, {"state": {"bogus": 1}, "version": 2**62}
+            )
             await asyncio.sleep(0.5)
-            _set_desired(sandbox, thing, {"setpoint": 7})
+            set_desired(sandbox, thing, {"setpoint": 7})
             await shadow.wait_for("setpoint", 7, timeout=10)
 
     asyncio.run(main())
@@ -238,20 +222,17 @@ def test_one_refused_report_does_not_block_later_reports(
             Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
-            operator = await asyncio.to_thread(operator_probe, sandbox)
-            try:
-                await asyncio.to_thread(
-                    operator.publish,
-                    f"$aws/things/{thing}/shadow/update/delta",
-                    _json({"state": {"blob": "x" * 9_000}}),
-                )
-            finally:
-                await asyncio.to_thread(operator.close)
+            await asyncio.to_thread(
+                _publish_delta, sandbox, thing, {"state": {"blob": "x" * 9_000}}
+            )
             await shadow.wait_for("blob", timeout=10)
-            _set_desired(sandbox, thing, {"setpoint": 9})
+            set_desired(sandbox, thing, {"setpoint": 9})
             await shadow.wait_for("setpoint", 9, timeout=10)
             await wait_until_async(
-                lambda: _shadow(sandbox, thing)["state"].get("reported", {}).get("setpoint") == 9,
+                lambda: (
+                    shadow_document(sandbox, thing)["state"].get("reported", {}).get("setpoint")
+                    == 9
+                ),
                 10,
                 "the setpoint reported",
             )
@@ -265,7 +246,7 @@ def test_impostor_server_certificate_is_refused_at_start(
     device = provision_device(sandbox, directory=tmp_path / "device")
     foreign = CertificateAuthorities(tmp_path / "foreign-ca")
     foreign.ensure()  # its broker certificate is for "localhost" too, from another root
-    from tests.reliability.tls_servers import ServerIdentity
+    from tests.support.tls_servers import ServerIdentity
 
     identity = ServerIdentity(foreign.broker_cert_path, foreign.broker_key_path)
     with TlsServer(identity, client_ca=_client_ca(sandbox)) as impostor:
@@ -298,7 +279,7 @@ def test_impostor_met_mid_life_is_refused_and_the_device_recovers(
     device = provision_device(sandbox, directory=tmp_path / "device")
     foreign = CertificateAuthorities(tmp_path / "foreign-ca")
     foreign.ensure()
-    from tests.reliability.tls_servers import ServerIdentity
+    from tests.support.tls_servers import ServerIdentity
 
     identity = ServerIdentity(foreign.broker_cert_path, foreign.broker_key_path)
 

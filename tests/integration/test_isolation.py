@@ -26,13 +26,14 @@ from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from iotref.sandbox.things import new_client_id
 from tests.conftest import SandboxFactory
-from tests.reliability.harness import record
-from tests.reliability.tls_servers import TlsServer, issue_server_cert, tls11_handshake_possible
 from tests.support.cli_process import revoke
 from tests.support.device_keys import DeviceFiles, make_key, write_device
 from tests.support.device_settings import QUICK_RETRY, device_settings
+from tests.support.figures import record
 from tests.support.mqtt_probe import device_probe, device_topic, operator_probe, refused
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import shadow_document
+from tests.support.tls_servers import TlsServer, issue_server_cert, tls11_handshake_possible
 from tests.support.tokens import cached_token, provision_device
 
 pytestmark = pytest.mark.integration
@@ -52,13 +53,6 @@ def _connect_fails(settings: ConnectionSettings) -> ConnectionFailed:
     return info.value
 
 
-def _shadow_version(sandbox: SandboxProcess, thing: str) -> int:
-    with sandbox.http() as http:
-        answer = http.get(f"/things/{thing}/shadow", headers=sandbox.admin_headers)
-    assert answer.status_code == 200, answer.text
-    return int(answer.json()["version"])
-
-
 # --------------------------------------------------------------------------- devices
 
 
@@ -66,7 +60,7 @@ def test_device_cannot_publish_as_another_device(sandbox: SandboxProcess, tmp_pa
     a = provision_device(sandbox, directory=tmp_path / "a")
     b = provision_device(sandbox, directory=tmp_path / "b")
     b_shadow = f"$aws/things/{b.client_id}/shadow"
-    version = _shadow_version(sandbox, b.client_id)
+    version = shadow_document(sandbox, b.client_id)["version"]
     forged = [
         telemetry_topic(TELEMETRY_TOPIC, a.org_id, b.client_id),
         f"{b_shadow}/update",
@@ -85,7 +79,7 @@ def test_device_cannot_publish_as_another_device(sandbox: SandboxProcess, tmp_pa
         arrived = [t for t in forged if operator.received_on(t, within=0.3)]
     assert all(code >= 0x80 for code in codes.values()), codes  # PUBACK: not authorized
     assert arrived == []
-    assert _shadow_version(sandbox, b.client_id) == version  # B's shadow untouched
+    assert shadow_document(sandbox, b.client_id)["version"] == version  # B's shadow untouched
     record(
         "security",
         {

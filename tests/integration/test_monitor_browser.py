@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
@@ -37,6 +36,7 @@ from tests.support.device_settings import device_settings
 from tests.support.mqtt_probe import device_probe, device_topic
 from tests.support.onboarding import client_id_of, logged_in, machine_of, provision_store
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import desired_state
 from tests.support.tokens import provision_device
 from tests.support.waiting import wait_until
 
@@ -77,17 +77,6 @@ def page(browser: Any) -> Iterator[Any]:
 
 def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def shadow_desired(sandbox: SandboxProcess, thing: str) -> dict[str, Any]:
-    answer = httpx.get(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        headers=sandbox.admin_headers,
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-    desired: dict[str, Any] = answer.json()["state"]["desired"]
-    return desired
 
 
 def open_monitor(page: Any, sandbox: SandboxProcess) -> None:
@@ -307,7 +296,7 @@ def test_switching_send_telemetry_stops_and_resumes_a_running_sender(
 
         page.locator("label.switch").click()  # off
         wait_until(
-            lambda: shadow_desired(sandbox, device.client_id).get("sendTelemetryData") is False,
+            lambda: desired_state(sandbox, device.client_id).get("sendTelemetryData") is False,
             10,
             "desired.sendTelemetryData false",
         )
@@ -326,7 +315,7 @@ def test_switching_send_telemetry_stops_and_resumes_a_running_sender(
 
         page.locator("label.switch").click()  # on again
         wait_until(
-            lambda: shadow_desired(sandbox, device.client_id).get("sendTelemetryData") is True,
+            lambda: desired_state(sandbox, device.client_id).get("sendTelemetryData") is True,
             10,
             "desired.sendTelemetryData true",
         )
@@ -346,7 +335,7 @@ def test_switching_send_telemetry_stops_and_resumes_a_running_sender(
         )
         page.locator("#desired-save").click()
         wait_until(
-            lambda: shadow_desired(sandbox, device.client_id).get("color") == "green",
+            lambda: desired_state(sandbox, device.client_id).get("color") == "green",
             10,
             "desired.color",
         )

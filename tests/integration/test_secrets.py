@@ -29,8 +29,8 @@ from iotref.device.shadow import ShadowSync
 from iotref.device.token_store import TokenStore
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from tests.conftest import SandboxFactory
-from tests.reliability.harness import record
 from tests.support.cli_process import cli_environ, run_iotref
+from tests.support.figures import record
 from tests.support.onboarding import machine_spec, sandbox_env
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import time
 import uuid
@@ -77,13 +76,7 @@ class ShadowDevice:
         return self.probe.publish(topic, payload, qos=qos)
 
     def _connect(self) -> mqtt_probe.Probe:
-        return mqtt_probe.connect(
-            self.sandbox.mqtt_port,
-            self.sandbox.info["ca_file"],
-            self.files.cert_path,
-            self.files.key_path,
-            client_id=self.thing,
-        )
+        return mqtt_probe.device_probe(self.sandbox, self.files)
 
     def reconnect(self, timeout: float = 30) -> None:
         self.probe.close()
@@ -109,23 +102,10 @@ class ShadowDevice:
         self.subscribed.add(shadow)
 
     def drain(self) -> list[mqtt_probe.Received]:
-        found = []
-        while True:
-            try:
-                found.append(self.probe.messages.get_nowait())
-            except queue.Empty:
-                return found
+        return self.probe.drain()
 
     def wait(self, topics: set[str], timeout: float = 10) -> mqtt_probe.Received:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = self.probe.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            if msg.topic in topics:
-                return msg
-        raise TimeoutError(f"nothing on {sorted(topics)}")
+        return self.probe.wait_for(topics, timeout)
 
     def request(
         self, op: str, payload: Any = b"", shadow: str | None = None, timeout: float = 10

@@ -41,8 +41,6 @@ from iotref.device.connection import Connection, ConnectionSettings
 from iotref.device.messages import (
     Asset,
     AssetType,
-    Sender,
-    SenderType,
 )
 from iotref.device.outbox import Outbox, OutboxFull
 from iotref.device.shadow import ShadowSync
@@ -52,7 +50,7 @@ from iotref.device.telemetry import (
     ShadowPermission,
     Telemetry,
 )
-from tests.support.counted_messages import status_message as counted_message
+from tests.support.counted_messages import status_message
 from tests.support.device_keys import DeviceFiles
 from tests.support.device_settings import device_settings
 from tests.support.mqtt_probe import device_topic
@@ -62,13 +60,7 @@ from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration
 
-SENDER = Sender(SenderType.PRESS, "delivery-test", "1.0")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def status_message(asset: Asset, index: int) -> dict[str, Any]:
-    """A valid Status v2 message carrying ``index`` as its production counter."""
-    return counted_message(SENDER, asset, index)
 
 
 # --------------------------------------------------------------------------- fixtures

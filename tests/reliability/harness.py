@@ -14,15 +14,13 @@ have subscribed again (Mosquitto keeps no messages for a subscriber whose sessio
 with it, so without the door the watcher could not tell a lost message from a missed one).
 
 Sizes: the short size (``make test``) unless ``IOTREF_SOAK`` is set (``make reliability``).
-Each scenario's figures are appended as one JSON line to the file named by
-``IOTREF_RELIABILITY_RESULTS`` when that is set (:func:`record`).
+Each scenario's figures are recorded with :func:`tests.support.figures.record`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sqlite3
@@ -38,21 +36,15 @@ from iotref.device.connection import Connection, ConnectionEvent, ConnectionSett
 from iotref.device.messages import (
     Asset,
     AssetType,
-    SenderType,
-)
-from iotref.device.messages import (
-    Sender as SenderIdentity,
 )
 from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
-from tests.support.counted_messages import status_message as counted_message
+from tests.support.counted_messages import status_message
 from tests.support.sandbox_process import SandboxProcess
 
 SOAK = os.environ.get("IOTREF_SOAK", "").strip() not in ("", "0")
-RESULTS_ENV = "IOTREF_RELIABILITY_RESULTS"
 SANDBOX_ARGS = ["--auto-approve", "--poll-interval", "0"]
-IDENTITY = SenderIdentity(SenderType.PRESS, "reliability-test", "1.0")
 
 
 @dataclass(frozen=True)
@@ -73,16 +65,6 @@ class Size:
 SHORT = Size(assets=3, rate=60.0, repeats=1, phase_s=2.0, operator_interval_s=0.7)
 LONG = Size(assets=6, rate=150.0, repeats=5, phase_s=8.0, operator_interval_s=0.5)
 SIZE = LONG if SOAK else SHORT
-
-
-def record(kind: str, data: dict[str, Any]) -> None:
-    """Append one JSON line ``{"kind", **data}`` to ``$IOTREF_RELIABILITY_RESULTS``."""
-    target = os.environ.get(RESULTS_ENV)
-    if not target:
-        return
-    line = json.dumps({"kind": kind, **data}, sort_keys=True, default=str)
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
 
 
 # --------------------------------------------------------------------------- sandbox
@@ -163,11 +145,6 @@ class Platform:
 
 
 # --------------------------------------------------------------------------- messages
-
-
-def status_message(asset: Asset, index: int) -> dict[str, Any]:
-    """A valid Status v2 message carrying ``index`` as its production counter."""
-    return counted_message(IDENTITY, asset, index)
 
 
 # --------------------------------------------------------------------------- sender

@@ -35,12 +35,12 @@ from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker_config import TELEMETRY_TOPIC
 from tests.reliability.harness import (
     Platform,
-    record,
-    status_message,
     stored_telemetry,
 )
 from tests.reliability.scenarios import order_violations
 from tests.support.cli_process import run_iotref
+from tests.support.counted_messages import status_message
+from tests.support.figures import record
 from tests.support.onboarding import logged_in, provision_store, store_properties, store_topic
 from tests.support.telemetry_watcher import TelemetryWatcher
 from tests.support.waiting import wait_until

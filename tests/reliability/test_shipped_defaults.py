@@ -34,14 +34,14 @@ from iotref.sandbox.broker import STABLE_AFTER
 from tests.reliability.harness import (
     Platform,
     Sender,
-    record,
-    status_message,
     stored_telemetry,
 )
 from tests.support.cli_process import start_iotref
+from tests.support.counted_messages import status_message
 from tests.support.device_keys import DeviceFiles
 from tests.support.device_settings import device_settings
 from tests.support.fault_proxy import FaultProxy
+from tests.support.figures import record
 from tests.support.mqtt_probe import device_topic
 from tests.support.onboarding import client_id_of, logged_in, outbox_depth, provision_store
 from tests.support.waiting import wait_until

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from iotref.device.messages import Asset, DeviceStatusV2, Sender, StatusV2, build_message
+from iotref.device.messages import (
+    Asset,
+    DeviceStatusV2,
+    Sender,
+    SenderType,
+    StatusV2,
+    build_message,
+)
+
+SENDER = Sender(SenderType.PRESS, "counted-test", "1.0")
 
 
-def status_message(sender: Sender, asset: Asset, index: int) -> dict[str, Any]:
+def status_message(asset: Asset, index: int, sender: Sender = SENDER) -> dict[str, Any]:
     """A valid Status v2 message carrying ``index`` as its total production counter."""
     return build_message(
         sender,

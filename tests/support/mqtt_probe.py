@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,19 +109,29 @@ class Probe:
                 raise TimeoutError(f"no PUBACK for {topic}")
             return int(self._puback.pop(mid).value)
 
-    def wait_for(self, topic: str, timeout: float = 5) -> Received:
-        """The next message on ``topic`` (others are dropped)."""
+    def wait_for(self, topic: str | Collection[str], timeout: float = 5) -> Received:
+        """The next message on ``topic`` (or on any of several; others are dropped)."""
+        wanted = {topic} if isinstance(topic, str) else set(topic)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no message on {topic}")
+                raise TimeoutError(f"no message on {sorted(wanted)}")
             try:
                 msg = self.messages.get(timeout=left)
             except queue.Empty:
                 continue
-            if msg.topic == topic:
+            if msg.topic in wanted:
                 return msg
+
+    def drain(self) -> list[Received]:
+        """The messages that arrived and were not taken yet."""
+        found = []
+        while True:
+            try:
+                found.append(self.messages.get_nowait())
+            except queue.Empty:
+                return found
 
     def received_on(self, topic: str, within: float = 1.0) -> list[Received]:
         """Messages on ``topic`` that arrive within ``within`` seconds."""

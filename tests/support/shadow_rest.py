@@ -16,6 +16,12 @@ def shadow_document(sandbox: SandboxProcess, thing: str, name: str | None = None
     return answer.json()
 
 
+def desired_state(sandbox: SandboxProcess, thing: str) -> dict[str, Any]:
+    """The desired state of the thing's classic shadow (``{}`` when it has none)."""
+    desired: dict[str, Any] = shadow_document(sandbox, thing)["state"].get("desired", {})
+    return desired
+
+
 def set_desired(sandbox: SandboxProcess, thing: str, desired: dict[str, Any]) -> None:
     """Update the desired state of the thing's classic shadow."""
     with sandbox.admin_http() as http:

@@ -121,12 +121,7 @@ class CallbackConnection(FakeConnection):
         callback: Callable[[BaseException | None], None],
         qos: int = 1,
     ) -> None:
-        fut = FutureConnection.publish_nowait(self, topic, payload, qos)
-
-        def done(f: asyncio.Future[None]) -> None:
-            callback(asyncio.CancelledError() if f.cancelled() else f.exception())
-
-        fut.add_done_callback(done)
+        call_back_when_done(FutureConnection.publish_nowait(self, topic, payload, qos), callback)
 
 
 FutureConnection = FakeConnection
@@ -139,6 +134,18 @@ def connection_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     if request.param == "callbacks":
         monkeypatch.setitem(globals(), "FakeConnection", CallbackConnection)
     return str(request.param)
+
+
+def call_back_when_done(
+    fut: asyncio.Future[None], callback: Callable[[BaseException | None], None]
+) -> None:
+    """Tell ``callback`` how ``fut`` ended, as the real connection's ``publish_callback``
+    does: ``None`` on success, else the exception (``CancelledError`` when cancelled)."""
+
+    def done(f: asyncio.Future[None]) -> None:
+        callback(asyncio.CancelledError() if f.cancelled() else f.exception())
+
+    fut.add_done_callback(done)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -940,12 +947,7 @@ class RefusingCallbackConnection(RefusingConnection):
         callback: Callable[[BaseException | None], None],
         qos: int = 1,
     ) -> None:
-        fut = RefusingConnection.publish_nowait(self, topic, payload, qos)
-
-        def done(f: asyncio.Future[None]) -> None:
-            callback(asyncio.CancelledError() if f.cancelled() else f.exception())
-
-        fut.add_done_callback(done)
+        call_back_when_done(RefusingConnection.publish_nowait(self, topic, payload, qos), callback)
 
 
 def refusing(connection_kind: str, refuse: dict[int, Exception], **kw: Any) -> RefusingConnection:
