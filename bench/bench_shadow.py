@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from tests.support.device_settings import device_settings
+from tests.support.device_connection import device_settings
 from tests.support.mqtt_probe import device_topic
 from tests.support.tokens import provision_device
 

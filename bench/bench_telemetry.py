@@ -46,7 +46,7 @@ import paho.mqtt.client as paho
 from awscrt import io, mqtt5
 from paho.mqtt.enums import CallbackAPIVersion
 from tests.support.device_keys import DeviceFiles
-from tests.support.device_settings import device_settings
+from tests.support.device_connection import device_settings
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure

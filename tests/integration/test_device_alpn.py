@@ -14,8 +14,8 @@ import pytest
 
 from iotref.device.connection import Connection, ConnectionFailed
 from tests.support.alpn_front import ALPN, AlpnFront, offered_alpn
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.device_keys import DeviceFiles
-from tests.support.device_settings import QUICK_RETRY, device_settings
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 

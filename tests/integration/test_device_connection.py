@@ -29,8 +29,8 @@ from iotref.device.connection import (
     IncomingMessage,
     PublishFailed,
 )
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.device_keys import DeviceFiles, self_signed
-from tests.support.device_settings import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.mqtt_probe import device_topic
 from tests.support.ports import free_port

@@ -25,7 +25,7 @@ from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from tests.support.counted_messages import status_message
-from tests.support.device_settings import QUICK_RETRY, device_settings
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.figures import record
 from tests.support.mqtt_probe import device_topic, operator_probe

@@ -14,7 +14,7 @@ import pytest
 
 from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
 from iotref.device.shadow import DesiredChange, Refuse, ShadowClient, ShadowRejected, ShadowSync
-from tests.support.device_settings import QUICK_RETRY, device_settings
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device

@@ -27,8 +27,8 @@ from iotref.sandbox.certificate_authority import CertificateAuthorities
 from iotref.sandbox.things import new_client_id
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import revoke
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.device_keys import DeviceFiles, make_key, write_device
-from tests.support.device_settings import QUICK_RETRY, device_settings
 from tests.support.figures import record
 from tests.support.mqtt_probe import device_probe, device_topic, operator_probe, refused
 from tests.support.sandbox_process import SandboxProcess

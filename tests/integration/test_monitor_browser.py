@@ -27,12 +27,11 @@ from typing import Any
 import pytest
 from bench.bench_ingestion import device_messages
 
-from tests.integration.test_quotas import publish as quota_publish
-from tests.integration.test_quotas import wait_received
 from tests.support.browser import chromium
 from tests.support.cli_process import start_iotref
+from tests.support.device_connection import device_settings, publish_acknowledged
 from tests.support.device_keys import DeviceFiles
-from tests.support.device_settings import device_settings
+from tests.support.monitor_api import wait_received
 from tests.support.mqtt_probe import device_probe, device_topic
 from tests.support.onboarding import client_id_of, logged_in, machine_of, provision_store
 from tests.support.sandbox_process import SandboxProcess
@@ -159,7 +158,7 @@ def test_a_device_over_the_quota_shows_what_aws_would_have_throttled(
     page.wait_for_selector("#device-quota-throttled")
     assert page.locator("#device-quota-throttled b").inner_text() == "0"
     assert page.locator("#device-quota-rate b").inner_text().endswith("/ 100")
-    off_the_page_loop(quota_publish(fast, sandbox, device_messages(600, "fast")))
+    off_the_page_loop(publish_acknowledged(sandbox, fast, device_messages(600, "fast")))
     record = wait_received(sandbox, fast.client_id, 600)
     throttled = record["quota"]["throttled"]
     assert throttled > 0
@@ -174,7 +173,9 @@ def test_a_device_over_the_quota_shows_what_aws_would_have_throttled(
     shot(page, "07-over-the-quota")
 
     page.locator(f'#devices tr[data-client-id="{slow.client_id}"]').click()
-    off_the_page_loop(quota_publish(slow, sandbox, device_messages(30, "slow"), pace_s=1 / 30))
+    off_the_page_loop(
+        publish_acknowledged(sandbox, slow, device_messages(30, "slow"), pace_s=1 / 30)
+    )
     wait_received(sandbox, slow.client_id, 30)
     page.wait_for_function(
         "(id) => document.querySelector('#device-title').textContent === id",

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 
 from tests.support.cli_process import cli_environ, run_iotref
+from tests.support.monitor_api import device_record
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.integration
 
@@ -61,17 +63,12 @@ def test_readme_snippets_run_verbatim(sandbox: SandboxProcess, tmp_path: Path) -
         assert "queued=0" in result.stdout, (name, result.stdout)
 
     # The platform received all twenty, valid, and nothing is left in the outbox.
-    headers = sandbox.admin_headers
-    deadline = time.monotonic() + 15
-    body: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        answer = httpx.get(
-            f"{sandbox.http_url}/monitor/api/devices/{client_id}", headers=headers, timeout=5
-        )
-        if answer.status_code == 200:
-            body = answer.json()
-            if body.get("received") == 20:
-                break
-        time.sleep(0.2)
+    def record() -> dict[str, Any]:
+        try:
+            return device_record(sandbox, client_id)
+        except AssertionError:  # not known to the monitor yet
+            return {}
+
+    body = poll(record, lambda r: r.get("received") == 20, 15, interval=0.2)
     assert body.get("received") == 20, body
     assert body.get("valid") == 20, body

@@ -51,8 +51,8 @@ from iotref.device.telemetry import (
     Telemetry,
 )
 from tests.support.counted_messages import status_message
+from tests.support.device_connection import device_settings
 from tests.support.device_keys import DeviceFiles
-from tests.support.device_settings import device_settings
 from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.telemetry_watcher import TelemetryWatcher

@@ -36,8 +36,8 @@ from tests.reliability.harness import (
     Size,
     stored_telemetry,
 )
+from tests.support.device_connection import device_settings
 from tests.support.device_keys import DeviceFiles
-from tests.support.device_settings import device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.mqtt_probe import device_topic
 from tests.support.telemetry_watcher import TelemetryWatcher

@@ -38,8 +38,8 @@ from tests.reliability.harness import (
 )
 from tests.support.cli_process import start_iotref
 from tests.support.counted_messages import status_message
+from tests.support.device_connection import device_settings
 from tests.support.device_keys import DeviceFiles
-from tests.support.device_settings import device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.figures import record
 from tests.support.mqtt_probe import device_topic

@@ -1,5 +1,5 @@
 """In-process harness for the directory (its routes on a Starlette TestClient, a fake clock)
-and the OpenAPI conformance check, plus tests of seeding and persistence.
+and the OpenAPI conformance check; tests/unit/test_directory_harness.py tests the harness.
 
 Other ``test_directory_*`` modules import :class:`Harness`, :func:`make_harness`,
 :func:`assert_conforms` and the ``clock``/``harness`` fixtures (as ``clock_fixture`` and

@@ -1,6 +1,7 @@
 """Wait for a condition a test cannot be told about: poll it until it holds, and fail
-with what was awaited when it does not within the time given; and wait for a state among
-the events a callback records."""
+with what was awaited when it does not within the time given (or hand back the last value
+read, for the test to assert on); and wait for a state among the events a callback
+records."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class _Event(Protocol):
 
 
 E = TypeVar("E", bound=_Event)
+T = TypeVar("T")
 
 
 def wait_until(
@@ -29,6 +31,24 @@ def wait_until(
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def poll(
+    read: Callable[[], T],
+    done: Callable[[T], bool],
+    timeout: float,
+    *,
+    interval: float = INTERVAL_S,
+) -> T:
+    """``read()`` every ``interval`` seconds until ``done`` says its value will do, or
+    ``timeout`` has passed; returns the last value read (the test asserts on it, so that a
+    failure shows what there was)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
         time.sleep(interval)
 
 
