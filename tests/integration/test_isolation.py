@@ -35,6 +35,7 @@ from tests.support.sandbox_process import SandboxProcess
 from tests.support.shadow_rest import shadow_document
 from tests.support.tls_servers import TlsServer, issue_server_cert, tls11_handshake_possible
 from tests.support.tokens import cached_token, provision_device
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -241,6 +242,8 @@ def test_device_refuses_tls_below_1_2(
     ) as old:
         # control: the server does speak TLS 1.1 with the platform's own root and name
         assert tls11_handshake_possible(old.port, Path(sandbox.info["ca_file"]))
+        # the server's side of that handshake ends a moment after the client's
+        wait_until(lambda: old.handshakes_ok >= 1, 5, "the server to count the control")
         before = old.handshakes_ok
         failure = _connect_fails(
             device_settings(sandbox.info, device, RETRY, port=old.port, fail_fast=fail_fast)

@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from iotref.device.connection import Connection, ConnectionSettings
@@ -55,6 +54,7 @@ from tests.support.device_connection import device_settings
 from tests.support.device_keys import DeviceFiles
 from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import set_permission
 from tests.support.telemetry_watcher import TelemetryWatcher
 from tests.support.waiting import wait_until, wait_until_async
 
@@ -382,16 +382,6 @@ def test_sender_killed_midway_loses_nothing(
     assert_complete_and_ordered(got, range(total))
 
 
-def set_permission_via_rest(sandbox: SandboxProcess, thing: str, allowed: bool) -> None:
-    answer = httpx.post(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        json={"state": {"desired": {"sendTelemetryData": allowed}}},
-        headers=sandbox.admin_headers,
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-
-
 def test_shadow_permission_gates_publishing_hold_and_drop(
     delivery_sandbox: SandboxProcess,
     device: DeviceFiles,
@@ -418,7 +408,7 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                     lambda: len(collector.indices("press-hold")) >= 100, 20, "100"
                 )
 
-                set_permission_via_rest(delivery_sandbox, thing, False)
+                set_permission(delivery_sandbox, thing, False)
                 await wait_until_async(lambda: not tel.permission, 10, "permission withdrawn")
                 for i in range(100, 200):
                     result = await tel.send(status_message(hold_asset, i))
@@ -428,7 +418,7 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                 assert outbox.depth == 100
                 assert tel.stats().permission is False
 
-                set_permission_via_rest(delivery_sandbox, thing, True)
+                set_permission(delivery_sandbox, thing, True)
                 await wait_until_async(lambda: outbox.depth == 0, 20, "the held messages")
                 got = collector.wait_for("press-hold", set(range(200)), 10)
                 assert_complete_and_ordered(got, range(200))
@@ -442,12 +432,12 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                     permission=ShadowPermission(shadow),
                     policy="drop",
                 )
-                set_permission_via_rest(delivery_sandbox, thing, False)
+                set_permission(delivery_sandbox, thing, False)
                 await wait_until_async(lambda: not tel.permission, 10, "permission withdrawn")
                 dropped = [await tel.send(status_message(drop_asset, i)) for i in range(50)]
                 assert {r.status for r in dropped} == {SendStatus.DROPPED_NO_PERMISSION}
                 assert outbox.depth == 0 and tel.stats().dropped_no_permission == 50
-                set_permission_via_rest(delivery_sandbox, thing, True)
+                set_permission(delivery_sandbox, thing, True)
                 await wait_until_async(lambda: tel.permission, 10, "permission granted")
                 for i in range(50, 100):
                     assert (await tel.send(status_message(drop_asset, i))).queued

@@ -158,6 +158,16 @@ class Harness:
         )
         return answer
 
+    def decide(
+        self, csrf_token: str, user_code: str, decision: str, organization_id: str | None = None
+    ) -> httpx.Response:
+        """Post the verification page's decision form (``organization_id`` if given)."""
+        form = {"csrf_token": csrf_token, "user_code": user_code, "decision": decision}
+        if organization_id is not None:
+            form["organization_id"] = organization_id
+        answer: httpx.Response = self.client.post("/oauth/device", data=form)
+        return answer
+
 
 @pytest.fixture(name="clock")
 def clock_fixture() -> FakeClock:
