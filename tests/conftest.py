@@ -3,7 +3,8 @@
 
 - ``sandbox``: one real sandbox for the session (auto-approve on); ``sandbox_factory``
   starts more, each in its own data dir, stopped at teardown.
-- ``onboarding_env`` (once per module), ``store``: a login on ``sandbox`` and a freshly
+- ``device`` (once per module): a device provisioned on ``sandbox``, as files;
+  ``onboarding_env`` (once per module), ``store``: a login on ``sandbox`` and a freshly
   provisioned certificate store, made by the onboarding library.
 - ``subscriber``: an independent subscriber with the operator identity that records every
   telemetry message ``sandbox`` delivers.
@@ -22,9 +23,11 @@ import pytest
 
 from iotref.device.environment import Environment
 from iotref.device.token_store import TokenStore
+from tests.support.device_keys import DeviceFiles
 from tests.support.onboarding import logged_in, provision_store
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.telemetry_watcher import TelemetryWatcher
+from tests.support.tokens import provision_device
 
 SandboxFactory = Callable[..., SandboxProcess]
 
@@ -60,6 +63,12 @@ def sandbox_factory(tmp_path: Path) -> Iterator[SandboxFactory]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def device(sandbox: SandboxProcess) -> DeviceFiles:
+    """A device provisioned on ``sandbox``: its key, certificate and client id."""
+    return provision_device(sandbox)
 
 
 @pytest.fixture(scope="module")

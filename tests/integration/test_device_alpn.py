@@ -17,14 +17,8 @@ from tests.support.alpn_front import ALPN, AlpnFront, offered_alpn
 from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess
-from tests.support.tokens import provision_device
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def device(sandbox: SandboxProcess) -> DeviceFiles:
-    return provision_device(sandbox)
 
 
 def test_client_hello_parser_reads_alpn() -> None:

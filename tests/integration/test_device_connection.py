@@ -48,11 +48,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def device(sandbox: SandboxProcess) -> DeviceFiles:
-    return provision_device(sandbox)
-
-
 # --------------------------------------------------------------------------- tests
 
 

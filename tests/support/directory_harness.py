@@ -32,6 +32,7 @@ from iotref.sandbox.seed import (
     FIRST_ORGANIZATION_ID,
     OAUTH_CLIENT_ID,
 )
+from tests.support.fake_clock import FakeClock
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -59,17 +60,6 @@ def assert_conforms(schema: str, body: Any, *, array: bool = False) -> None:
     validator = OAS30Validator(root, format_checker=oas30_format_checker)
     errors = [e.message for e in validator.iter_errors(body)]
     assert not errors, f"{schema}: {errors} in {body}"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Harness:

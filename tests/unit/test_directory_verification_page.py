@@ -5,11 +5,11 @@ from __future__ import annotations
 from iotref.sandbox.seed import DEMO_PERSON_ID, FIRST_ORGANIZATION_ID, SECOND_ORGANIZATION_ID
 from iotref.sandbox.verification_page import SESSION_COOKIE
 from tests.support.directory_harness import (  # noqa: F401
-    FakeClock,
     Harness,
     clock_fixture,
     harness_fixture,
 )
+from tests.support.fake_clock import FakeClock
 
 
 def test_page_asks_to_sign_in_with_safe_headers(harness: Harness) -> None:

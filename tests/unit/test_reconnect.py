@@ -27,18 +27,11 @@ from iotref.device.connection import (
 )
 from iotref.device.reconnect import MIN_ATTEMPT_INTERVAL_S, ReconnectSchedule
 from tests.support.device_keys import self_signed
+from tests.support.fake_clock import FakeClock
 from tests.support.ports import free_port
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def schedule(clock: Clock, seed: int = 1, **kwargs: float) -> ReconnectSchedule:
+def schedule(clock: FakeClock, seed: int = 1, **kwargs: float) -> ReconnectSchedule:
     return ReconnectSchedule(
         kwargs.pop("min_s", 0.5), kwargs.pop("max_s", 30.0), clock=clock, rng=random.Random(seed)
     )
@@ -49,7 +42,7 @@ def schedule(clock: Clock, seed: int = 1, **kwargs: float) -> ReconnectSchedule:
 
 def test_after_a_connection_that_was_up_the_first_delay_is_below_the_minimum() -> None:
     for seed in range(200):
-        clock = Clock()
+        clock = FakeClock(100.0)
         s = schedule(clock, seed)
         s.attempt_started()
         s.connected()
@@ -60,7 +53,7 @@ def test_after_a_connection_that_was_up_the_first_delay_is_below_the_minimum() -
 
 def test_a_short_connection_also_starts_over_from_the_minimum() -> None:
     """awscrt resets its backoff only after 30 s connected; the schedule after any success."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     s = schedule(clock)
     for _ in range(6):  # a long outage: the bound grew to the maximum
         s.attempt_started()
@@ -77,7 +70,7 @@ def test_delays_grow_only_while_attempts_fail_and_never_exceed_the_maximum() -> 
     caps = []
     draws = []
     for seed in range(50):
-        clock = Clock()
+        clock = FakeClock(100.0)
         s = schedule(clock, seed)
         s.attempt_started()
         clock.now += 10
@@ -95,7 +88,7 @@ def test_delays_grow_only_while_attempts_fail_and_never_exceed_the_maximum() -> 
 
 
 def test_attempts_of_one_client_id_start_at_least_a_second_apart() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     s = schedule(clock)
     starts = []
     for _ in range(40):
