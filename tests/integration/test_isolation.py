@@ -242,8 +242,9 @@ def test_device_refuses_tls_below_1_2(
     ) as old:
         # control: the server does speak TLS 1.1 with the platform's own root and name
         assert tls11_handshake_possible(old.port, Path(sandbox.info["ca_file"]))
-        # the server's side of that handshake ends a moment after the client's
+        # The server thread counts the control's handshake a moment after the client saw it.
         wait_until(lambda: old.handshakes_ok >= 1, 5, "the server to count the control")
+        assert old.handshakes_ok == 1, "the control handshake was not counted"
         before = old.handshakes_ok
         failure = _connect_fails(
             device_settings(sandbox.info, device, RETRY, port=old.port, fail_fast=fail_fast)
