@@ -922,7 +922,7 @@ def run(
         json_output=json_output,
     )
     sender = Sender(SenderType.SYSTEM, "iotref run", __version__)
-    quotas: dict[str, Any] = env.client_limits()
+    quotas = env.client_limits()
     if publish_rate_limit is not None:
         quotas["publish_rate_limit"] = publish_rate_limit or None
     client = AsyncClient(

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 from iotref.device.errors import ConfigurationError
@@ -102,6 +102,13 @@ class EnvironmentIdentity:
         return f"{self.name} ({self.directory_host})"
 
 
+class ClientLimits(TypedDict, total=False):
+    """The per-connection quotas an environment sets, by their option names."""
+
+    publish_rate_limit: float | None
+    throughput_limit: int | None
+
+
 @dataclass(frozen=True)
 class Environment:
     """One environment: the contract's four keys plus a name and where it came from."""
@@ -132,10 +139,10 @@ class Environment:
             return f"--env {self.name}"
         return f"--env-file {self.source}"
 
-    def client_limits(self) -> dict[str, float | int | None]:
+    def client_limits(self) -> ClientLimits:
         """The quotas this environment sets, as :class:`~iotref.device.client.ClientOptions`
         fields (only those it sets; 0 becomes ``None``: not paced)."""
-        given: dict[str, float | int | None] = {}
+        given: ClientLimits = {}
         if self.publish_rate_limit is not None:
             given["publish_rate_limit"] = self.publish_rate_limit or None
         if self.throughput_limit is not None:
