@@ -347,7 +347,7 @@ def test_run_with_a_store_of_another_sandbox_says_what_differs_and_what_to_do(
     # As printed, plus a duration so that it ends.
     ran = _iotref(tmp_path, *shlex.split(printed[0])[1:], "--duration", "2")
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert re.search(r"sent [1-9]", ran.stdout), ran.stdout
+    assert re.search(r"accepted [1-9]", ran.stdout), ran.stdout
 
     # Another sandbox on the same address (a new data dir): the certificate is of no use.
     address = ["--http-port", made_with.http_url.rsplit(":", 1)[1],

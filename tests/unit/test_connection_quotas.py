@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,6 +152,7 @@ async def test_publish_waits_for_room_in_the_pace(tmp_path: Path) -> None:
 async def test_quota_exceeded_is_retried_and_slows_the_pace(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="iotref.connection")
     broker = FakeBroker(accept=lambda now: False)
     conn = connected(Connection(settings(tmp_path)), broker)
     limiter = conn.rate_limiter

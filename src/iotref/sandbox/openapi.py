@@ -493,6 +493,28 @@ def verification_page_fragment() -> Fragment:
                     },
                 }
             },
+            "/oauth/device/demo_account": {
+                "get": {
+                    "tags": [TAG_PAGE],
+                    "operationId": "demoAccount",
+                    "summary": "The sandbox's seeded demo account, to sign in with (sandbox only)",
+                    "security": [],
+                    "responses": {
+                        "200": json_response(
+                            "The demo person's email and password.",
+                            {
+                                "type": "object",
+                                "required": ["email", "password"],
+                                "properties": {
+                                    "email": {"type": "string"},
+                                    "password": {"type": "string"},
+                                },
+                                "additionalProperties": False,
+                            },
+                        )
+                    },
+                }
+            },
             "/oauth/device/sign_out": {
                 "post": {
                     "tags": [TAG_PAGE],
@@ -645,6 +667,26 @@ def provisioning_fragment() -> Fragment:
                         "403": response_ref("Forbidden"),
                         "413": response_ref("PayloadTooLarge"),
                         "422": response_ref("UnknownSite"),
+                    },
+                }
+            },
+            "/ca/device.crl": {
+                "get": {
+                    "tags": [TAG_PROVISIONING],
+                    "operationId": "deviceCrl",
+                    "summary": "The device CA's certificate revocation list (sandbox only)",
+                    "description": "DER (RFC 5280); every device certificate names this URL "
+                    "as its CRL distribution point. AWS IoT Core's certificates name none.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "The CRL.",
+                            "content": {
+                                "application/pkix-crl": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                }
+                            },
+                        }
                     },
                 }
             },

@@ -1,5 +1,6 @@
 """The device flow's verification page (``/oauth/device``): sign in, check the code, pick the
-organization, approve or deny.
+organization, approve or deny. The sign-in page names the seeded demo account, which
+``GET /oauth/device/demo_account`` also answers (for ``iotref login`` on the sandbox).
 
 Plain server-rendered HTML without external assets; every dynamic value is HTML-escaped.
 Sessions live server-side in ``directory_sessions`` (the cookie holds a random id, the
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from iotref.sandbox.device_authorization import (
@@ -28,6 +29,7 @@ from iotref.sandbox.device_authorization import (
     normalize_user_code,
 )
 from iotref.sandbox.http_errors import ApiError, read_form_or_json
+from iotref.sandbox.seed import DEMO_EMAIL, DEMO_PASSWORD
 
 if TYPE_CHECKING:
     from iotref.sandbox.directory import Directory, Organization
@@ -36,6 +38,7 @@ SESSION_COOKIE = "iotref_directory_session"
 SESSION_TTL = 12 * 3600
 SIGN_IN_PATH = VERIFICATION_PATH + "/sign_in"
 SIGN_OUT_PATH = VERIFICATION_PATH + "/sign_out"
+DEMO_ACCOUNT_PATH = VERIFICATION_PATH + "/demo_account"
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS directory_sessions (
@@ -136,6 +139,7 @@ class VerificationPage:
             Route(VERIFICATION_PATH, self._decide, methods=["POST"]),
             Route(SIGN_IN_PATH, self._sign_in, methods=["POST"]),
             Route(SIGN_OUT_PATH, self._sign_out, methods=["POST"]),
+            Route(DEMO_ACCOUNT_PATH, self._demo_account, methods=["GET"]),
         ]
 
     # -- sessions ---------------------------------------------------------------------------
@@ -198,6 +202,9 @@ class VerificationPage:
             "<h1>Connect a device</h1>"
             f"{_message(message)}"
             "<p>Sign in to the directory to approve the device.</p>"
+            '<p class="muted" id="demo-account">This sandbox\'s demo account: email '
+            f"<code>{escape(DEMO_EMAIL)}</code>, password <code>{escape(DEMO_PASSWORD)}</code>"
+            ".</p>"
             f'<form method="post" action="{SIGN_IN_PATH}">'
             f"{_hidden('csrf_token', session.csrf)}{_hidden('user_code', user_code)}"
             '<label for="email">Email</label>'
@@ -333,6 +340,11 @@ class VerificationPage:
         if code is not None:
             target += "?" + urlencode({"user_code": code})
         return self._set_cookie(RedirectResponse(target, status_code=303), session)
+
+    async def _demo_account(self, request: Request) -> Response:
+        """The seeded demo account, for a command line to show beside the code (the
+        sandbox serves loopback only; its sign-in page shows the same)."""
+        return JSONResponse({"email": DEMO_EMAIL, "password": DEMO_PASSWORD})
 
     async def _sign_out(self, request: Request) -> Response:
         session = self._session(request)
