@@ -28,7 +28,8 @@ class Arrival:
     at: float
     """``time.time()`` when the subscriber received it."""
     topic: str
-    payload: bytes
+    index: int | None
+    """The counted message's index (telemetry), else ``None``."""
 
 
 class ArrivalRecorder:
@@ -38,6 +39,7 @@ class ArrivalRecorder:
     def __init__(self, info: dict[str, Any], client_id: str, telemetry_topic: str) -> None:
         self.telemetry_topic = telemetry_topic
         self.arrivals: list[Arrival] = []
+        self._seen: set[int] = set()
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         topics = [telemetry_topic]
@@ -63,9 +65,12 @@ class ArrivalRecorder:
             raise AssertionError("the arrival recorder did not get its SUBACK")
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        arrival = Arrival(time.time(), msg.topic, bytes(msg.payload))
+        at = time.time()  # first: the stamp is the arrival, not the parsing
+        index = index_of(json.loads(msg.payload)) if msg.topic == self.telemetry_topic else None
         with self._lock:
-            self.arrivals.append(arrival)
+            self.arrivals.append(Arrival(at, msg.topic, index))
+            if index is not None:
+                self._seen.add(index)
 
     def snapshot(self) -> list[Arrival]:
         with self._lock:
@@ -73,23 +78,22 @@ class ArrivalRecorder:
 
     def telemetry_indices(self) -> list[int]:
         """The counted messages' indices, in arrival order (duplicates included)."""
-        return [
-            index_of(json.loads(a.payload))
-            for a in self.snapshot()
-            if a.topic == self.telemetry_topic
-        ]
+        return [a.index for a in self.snapshot() if a.index is not None]
 
     def wait_for(self, expected: set[int], timeout: float) -> list[int]:
-        """Until every index of ``expected`` arrived; the indices in arrival order."""
+        """Until every index of ``expected`` arrived; the indices in arrival order. Checks
+        twice a second, cheaply, so as not to hold up the subscriber's thread (its arrival
+        times are the measurement)."""
         deadline = time.monotonic() + timeout
         while True:
-            got = self.telemetry_indices()
-            if expected <= set(got):
-                return got
+            with self._lock:
+                complete = len(self._seen) >= len(expected) and expected <= self._seen
+            if complete:
+                return self.telemetry_indices()
             if time.monotonic() > deadline:
-                missing = sorted(expected - set(got))
+                missing = sorted(expected - set(self.telemetry_indices()))
                 raise AssertionError(f"{len(missing)} never arrived, e.g. {missing[:20]}")
-            time.sleep(0.1)
+            time.sleep(0.5)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -143,10 +143,10 @@ async def test_publish_waits_for_room_in_the_pace(tmp_path: Path) -> None:
     for i in range(12):
         await conn.publish("t/o/c", b"%d" % i)
     elapsed = time.monotonic() - started
-    # Pace 20 * 0.98 - 1 = 18.6/s with a burst of 1: eleven waits of 1/18.6 s.
-    assert elapsed >= 11 / 18.6 * 0.95
+    # Pace 19.9 - 1 = 18.9/s with a burst of 1 (pacing(20)): eleven waits of 1/18.9 s.
+    assert elapsed >= 11 / 18.9 * 0.95
     times = [t for t, _, _ in broker.publishes]
-    assert all(b - a >= 1 / 18.6 * 0.9 for a, b in itertools.pairwise(times))
+    assert all(b - a >= 1 / 18.9 * 0.9 for a, b in itertools.pairwise(times))
 
 
 async def test_quota_exceeded_is_retried_and_slows_the_pace(

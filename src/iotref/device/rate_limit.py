@@ -48,16 +48,27 @@ THROTTLE_EVERY_S: Final = 1.0
 publishes they answer were sent before the pace changed."""
 
 
-def pacing(limit: float) -> tuple[float, float]:
+WHOLE_SLACK: Final = 0.1
+"""How far below the next whole publish the pace of whole publishes stays (float rounding)."""
+
+
+def pacing(limit: float, *, whole: bool = True) -> tuple[float, float]:
     """The ``(rate, burst)`` of a token bucket that keeps every one-second window at most
     ``(1 - HEADROOM) * limit``: a bucket of rate *r* and burst *b* lets at most *r* + *b*
-    through in any one second, so *b* is ``BURST`` of the limit (at least 1) and *r* the
-    rest below the headroom (at least half the limit, for limits of one or two a second,
-    where one publish a second is all a window can hold)."""
+    through in any one second (a closed interval), so *b* is ``BURST`` of the limit (at
+    least 1) and *r* the rest below the headroom, at least half the limit (for limits of one
+    or two a second, where one publish a second is all a window can hold).
+
+    ``whole``: the limit counts whole publishes, so a window holds at most ``floor(r + b)``
+    of them, and *r* + *b* may come up to just below the next whole number: the same
+    bound, at a pace up to one publish a second higher. Bytes (``whole=False``) are not."""
     if not limit > 0:
         raise ValueError("a limit must be positive")
     burst = max(1.0, BURST * limit)
-    rate = max(limit * (1.0 - HEADROOM) - burst, limit / 2)
+    most = limit * (1.0 - HEADROOM)
+    if whole:
+        most = math.floor(most) + 1.0 - WHOLE_SLACK
+    rate = max(most - burst, limit / 2)
     return rate, burst
 
 
@@ -103,7 +114,7 @@ class PublishLimiter:
             self._publishes = TokenBucket(rate, burst, now)
             self._publish_rate = rate
         if self.byte_limit is not None:
-            rate, burst = pacing(self.byte_limit)
+            rate, burst = pacing(self.byte_limit, whole=False)
             self._bytes = TokenBucket(rate, burst, now)
             self._byte_rate = rate
         # When a "quota exceeded" answer last lowered the pace, and up to when the pace's
