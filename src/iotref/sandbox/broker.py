@@ -44,7 +44,7 @@ from iotref.sandbox.broker_config import (
 )
 from iotref.sandbox.certificate_authority import CertificateAuthorities, write_file_atomic
 from iotref.sandbox.context import LOOPBACK, SandboxContext
-from iotref.sandbox.runner import SandboxError
+from iotref.sandbox.errors import SandboxError
 from iotref.sandbox.things import ThingRegistry
 
 log = logging.getLogger(__name__)

@@ -32,12 +32,9 @@ from iotref.protocol.environment_file import (
 )
 from iotref.sandbox.app import Component, build_app
 from iotref.sandbox.context import LOOPBACK, SandboxContext, SandboxPaths, SandboxSettings
+from iotref.sandbox.errors import SandboxError
 
 log = logging.getLogger("iotref.sandbox")
-
-
-class SandboxError(Exception):
-    """A failure to start that deserves one clear line, not a traceback."""
 
 
 @dataclass
