@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from iotref.sandbox import dynamic_security as dynsec
+from iotref.sandbox.broker import dynamic_security as dynsec
 from iotref.sandbox.certificate_authority import OPERATOR_IDENTITY, PLATFORM_IDENTITY
 
 

@@ -12,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from iotref.sandbox.app import build_app
-from iotref.sandbox.broker import Broker
+from iotref.sandbox.broker.supervisor import Broker
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.provisioning import Provisioning

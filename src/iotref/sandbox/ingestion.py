@@ -13,13 +13,13 @@ How it keeps up (20,000+ messages/s on a small machine):
   walk took ~40% of the receiving process's CPU in a 100,000-message burst, measured
   with ``perf``). What does not fit in flight waits in Mosquitto's per-client queue,
   which the sandbox raises to ``max_queued_messages`` 100,000
-  (:data:`iotref.sandbox.broker_config.MAX_QUEUED_MESSAGES`) so a burst is not dropped.
+  (:data:`iotref.sandbox.broker.config.MAX_QUEUED_MESSAGES`) so a burst is not dropped.
   Fewer than 16 connections were slower again (more queued PUBACKs per connection).
 * Nothing the broker accepted is missed while the ingestion is away: its connections keep
   persistent sessions (:data:`SESSION_EXPIRY_SECONDS`, client ids stable across restarts
   of the sandbox) that they rejoin on every connect, so Mosquitto queues telemetry for
   them meanwhile; and once they have subscribed, Mosquitto is told to save its database
-  (event ``ingestion_subscribed``, see :mod:`iotref.sandbox.broker`), so that a broker
+  (event ``ingestion_subscribed``, see :mod:`iotref.sandbox.broker.supervisor`), so that a broker
   that crashes and is restarted still has the sessions before any device reconnects.
   Mosquitto 2.0 restores a plain subscription with its session, but not a shared one:
   with several connections (the default), telemetry that a crashed and restarted broker
@@ -92,7 +92,7 @@ from awscrt import io, mqtt5
 
 from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator, parse_json
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from iotref.sandbox.context import LOOPBACK, SandboxContext
 from iotref.sandbox.quota_meter import QuotaMeter, count_by_client
 from iotref.sandbox.telemetry_store import Record, Retention, TelemetryStore

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from iotref.sandbox.certificate_authority import (
     CertificateAuthorities,
     CsrError,
@@ -28,7 +28,7 @@ from iotref.sandbox.http_errors import ApiError, read_json_object
 from iotref.sandbox.things import CLIENT_ID_PATTERN, ThingRegistry
 
 if TYPE_CHECKING:
-    from iotref.sandbox.broker import Broker
+    from iotref.sandbox.broker.supervisor import Broker
 
 log = logging.getLogger(__name__)
 

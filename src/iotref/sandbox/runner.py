@@ -240,7 +240,7 @@ class Sandbox:
             self._lock.release()
 
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
-        from iotref.sandbox.broker import Broker
+        from iotref.sandbox.broker.supervisor import Broker
         from iotref.sandbox.bulk_provisioning import BulkProvisioning
         from iotref.sandbox.certificate_authority import CertificateAuthorities
         from iotref.sandbox.directory import Directory

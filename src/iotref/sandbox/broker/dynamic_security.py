@@ -7,7 +7,7 @@ subscriptions, ``$SYS`` and the plugin's own ``$CONTROL`` topics) and every revo
 (a disabled client whose role denies everything). While Mosquitto runs, the plugin keeps
 that file itself; :class:`DynsecControl` sends it commands over MQTT (revoking a thing
 disconnects it at once). The things' own policies are in the ACL file
-(:mod:`iotref.sandbox.broker_config`); Mosquitto asks this plugin first.
+(:mod:`iotref.sandbox.broker.config`); Mosquitto asks this plugin first.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from iotref.sandbox import dynamic_security as dynsec
-from iotref.sandbox.broker import Broker, BrokerError
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker import dynamic_security as dynsec
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.supervisor import Broker, BrokerError
 from iotref.sandbox.certificate_authority import CertificateAuthorities
 from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.runner import _free_port
@@ -31,7 +31,10 @@ from iotref.sandbox.things import ThingRegistry, new_client_id
 from tests.support.device_keys import DeviceFiles, make_csr, make_key, write_device
 from tests.support.mqtt_probe import MosquittoSub, connect, refused
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto"),
+]
 
 T = TypeVar("T")
 

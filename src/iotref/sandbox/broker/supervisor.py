@@ -30,8 +30,8 @@ from typing import Any
 import aiomqtt
 from starlette.routing import BaseRoute
 
-from iotref.sandbox import dynamic_security as dynsec
-from iotref.sandbox.broker_config import (
+from iotref.sandbox.broker import dynamic_security as dynsec
+from iotref.sandbox.broker.config import (
     PLATFORM_MAX_CONNECTIONS,
     TELEMETRY_TOPIC,
     BrokerConfig,

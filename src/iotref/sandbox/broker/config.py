@@ -3,8 +3,8 @@
 Owns the telemetry topic prefix (handed out by the configuration service and enforced by
 the ACL), the per-thing policies (who may publish and subscribe where, contract section 6)
 and the broker-enforced platform limits (packet size, keep-alive, session expiry).
-Pure text generation; :mod:`iotref.sandbox.broker` writes the files and runs Mosquitto,
-:mod:`iotref.sandbox.dynamic_security` holds the identities with rights beyond a thing's.
+Pure text generation; :mod:`iotref.sandbox.broker.supervisor` writes the files and runs Mosquitto,
+:mod:`iotref.sandbox.broker.dynamic_security` holds the identities with rights beyond a thing's.
 """
 
 from __future__ import annotations
