@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from iotref.sandbox.certificate_authority import CertificateAuthorities
-from iotref.sandbox.things import new_client_id
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory
 from tests.support.device_keys import DeviceFiles, make_csr, make_key, write_device
 from tests.support.mqtt_probe import MosquittoSub, Probe, connect, refused

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives import serialization
 from iotref.sandbox.broker import dynamic_security as dynsec
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from iotref.sandbox.broker.supervisor import Broker, BrokerError
-from iotref.sandbox.certificate_authority import CertificateAuthorities
 from iotref.sandbox.context import SandboxContext, SandboxSettings
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.things import ThingRegistry, new_client_id
 from iotref.sandbox.runner import _free_port
-from iotref.sandbox.things import ThingRegistry, new_client_id
 from tests.support.device_keys import DeviceFiles, make_csr, make_key, write_device
 from tests.support.mqtt_probe import MosquittoSub, connect, refused
 

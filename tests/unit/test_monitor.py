@@ -21,9 +21,9 @@ from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.database import Database
 from iotref.sandbox.ingestion import RecordBuilder, TelemetryFeed, ThingDirectory, event_of
 from iotref.sandbox.monitor import COOKIE_NAME, Monitor, sse_event
+from iotref.sandbox.provisioning.things import ThingRegistry
 from iotref.sandbox.shadow_store import ShadowStore
 from iotref.sandbox.telemetry_store import TelemetryStore
-from iotref.sandbox.things import ThingRegistry
 from tests.unit.test_ingestion import CLIENT, ORG, TOPIC, message
 
 TOKEN = "admin-token-for-tests"

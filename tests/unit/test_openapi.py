@@ -25,10 +25,10 @@ from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.directory import Directory
 from iotref.sandbox.monitor import Monitor
+from iotref.sandbox.provisioning.things import ThingRegistry
 from iotref.sandbox.runner import Sandbox
 from iotref.sandbox.shadow_store import ShadowStore
 from iotref.sandbox.telemetry_store import Record, TelemetryStore
-from iotref.sandbox.things import ThingRegistry
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

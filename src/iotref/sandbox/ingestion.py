@@ -93,7 +93,7 @@ from awscrt import io, mqtt5
 from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator, parse_json
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from iotref.sandbox.context import LOOPBACK, SandboxContext
+from iotref.sandbox.context import INGESTION_SUBSCRIBED, LOOPBACK, THING_REGISTERED, SandboxContext
 from iotref.sandbox.quota_meter import QuotaMeter, count_by_client
 from iotref.sandbox.telemetry_store import Record, Retention, TelemetryStore
 
@@ -101,8 +101,6 @@ log = logging.getLogger(__name__)
 
 SHARE_GROUP = "iotref-ingest"
 SESSION_EXPIRY_SECONDS = 3600  # as a device's: the broker queues for a while, not forever
-INGESTION_SUBSCRIBED = "ingestion_subscribed"
-"""Event (``ctx.events``) emitted each time all the ingestion's connections subscribed."""
 DEFAULT_CONNECTIONS = 16  # each adds room for a burst in Mosquitto's per-connection queue
 KEEPALIVE_SECONDS = 30
 RECEIVE_MAXIMUM = 200  # unacknowledged messages per connection (see the module doc)
@@ -867,7 +865,7 @@ class Ingestion:
         self._writer: BatchWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._announcing: set[asyncio.Future[None]] = set()
-        ctx.events.subscribe("thing_registered", self._on_thing_registered)
+        ctx.events.subscribe(THING_REGISTERED, self._on_thing_registered)
 
     @property
     def database_path(self) -> Path:

@@ -36,7 +36,7 @@ from starlette.routing import BaseRoute, Route
 from iotref._version import __version__
 from iotref.protocol import shadow_document as sd
 from iotref.sandbox.directory_api import MAX_FIELD_LENGTH
-from iotref.sandbox.things import CLIENT_ID_PATTERN
+from iotref.sandbox.provisioning.things import CLIENT_ID_PATTERN
 
 Fragment = dict[str, Any]
 """A partial OpenAPI document: ``{"paths": {...}, "components": {...}}`` (both optional)."""

@@ -241,15 +241,15 @@ class Sandbox:
 
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
         from iotref.sandbox.broker.supervisor import Broker
-        from iotref.sandbox.bulk_provisioning import BulkProvisioning
-        from iotref.sandbox.certificate_authority import CertificateAuthorities
         from iotref.sandbox.directory import Directory
         from iotref.sandbox.ingestion import Ingestion
         from iotref.sandbox.monitor import Monitor
-        from iotref.sandbox.provisioning import Provisioning
+        from iotref.sandbox.provisioning.bulk import BulkProvisioning
+        from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+        from iotref.sandbox.provisioning.service import Provisioning
+        from iotref.sandbox.provisioning.things import ThingRegistry
         from iotref.sandbox.quota_meter import QuotaMeter
         from iotref.sandbox.shadow_service import ShadowService
-        from iotref.sandbox.things import ThingRegistry
 
         cas = CertificateAuthorities(ctx.paths.ca_dir)
         cas.ensure()

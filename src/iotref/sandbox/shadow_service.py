@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute
 
 from iotref.protocol import shadow_document as sd
 from iotref.protocol.topics import SHADOW_OPERATIONS, parse_shadow_topic, shadow_topic
-from iotref.sandbox.context import LOOPBACK, SandboxContext
+from iotref.sandbox.context import LOOPBACK, THING_REGISTERED, SandboxContext
 from iotref.sandbox.quota_meter import QuotaMeter
 from iotref.sandbox.shadow_limits import ShadowRequestLimits
 from iotref.sandbox.shadow_store import AwsCredentials, ShadowStore
@@ -91,7 +91,7 @@ class ShadowService:
         self._connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
-        ctx.events.subscribe("thing_registered", self._on_thing_registered)
+        ctx.events.subscribe(THING_REGISTERED, self._on_thing_registered)
 
     # ------------------------------------------------------------------ component
 

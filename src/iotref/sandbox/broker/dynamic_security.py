@@ -26,12 +26,12 @@ from typing import Any
 
 import aiomqtt
 
-from iotref.sandbox.certificate_authority import (
+from iotref.sandbox.context import LOOPBACK
+from iotref.sandbox.provisioning.certificate_authority import (
     OPERATOR_IDENTITY,
     PLATFORM_IDENTITY,
     write_file_atomic,
 )
-from iotref.sandbox.context import LOOPBACK
 
 log = logging.getLogger(__name__)
 

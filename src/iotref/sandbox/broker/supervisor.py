@@ -42,10 +42,13 @@ from iotref.sandbox.broker.config import (
     render_acl,
     render_config,
 )
-from iotref.sandbox.certificate_authority import CertificateAuthorities, write_file_atomic
-from iotref.sandbox.context import LOOPBACK, SandboxContext
+from iotref.sandbox.context import INGESTION_SUBSCRIBED, LOOPBACK, SandboxContext
 from iotref.sandbox.errors import SandboxError
-from iotref.sandbox.things import ThingRegistry
+from iotref.sandbox.provisioning.certificate_authority import (
+    CertificateAuthorities,
+    write_file_atomic,
+)
+from iotref.sandbox.provisioning.things import ThingRegistry
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class Broker:
         self._policy_requests = 0
         self._policy_applied = 0
         self._unusable: set[str] = set()
-        ctx.events.subscribe("ingestion_subscribed", self.save_database)
+        ctx.events.subscribe(INGESTION_SUBSCRIBED, self.save_database)
 
     # --- files -------------------------------------------------------------------------
 

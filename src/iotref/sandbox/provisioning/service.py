@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 from starlette.convertors import Convertor, register_url_convertor
@@ -18,23 +18,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from iotref.sandbox.certificate_authority import (
+from iotref.sandbox.context import THING_REGISTERED, SandboxContext
+from iotref.sandbox.http_errors import ApiError, read_json_object
+from iotref.sandbox.provisioning.certificate_authority import (
     CertificateAuthorities,
     CsrError,
     load_device_csr,
 )
-from iotref.sandbox.context import SandboxContext
-from iotref.sandbox.http_errors import ApiError, read_json_object
-from iotref.sandbox.things import CLIENT_ID_PATTERN, ThingRegistry
-
-if TYPE_CHECKING:
-    from iotref.sandbox.broker.supervisor import Broker
+from iotref.sandbox.provisioning.things import CLIENT_ID_PATTERN, ThingRegistry
 
 log = logging.getLogger(__name__)
 
 PROVISIONING_SCOPE = "Org.prinect.onprem.rw"
 MACHINE_REGION = "local"
-THING_REGISTERED = "thing_registered"
 _BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="iotref-sandbox"'}
 
 
@@ -58,6 +54,16 @@ class DirectoryLike(Protocol):
     def authenticate(self, authorization: str | None) -> AccessGrantLike | None: ...
 
     def site(self, site_id: str) -> SiteLike | None: ...
+
+
+class BrokerLike(Protocol):
+    """The part of :class:`iotref.sandbox.broker.supervisor.Broker` provisioning uses."""
+
+    async def apply_policies(self) -> None:
+        """Bring the broker's per-thing policies in line with the registry."""
+
+    async def revoke(self, client_id: str) -> None:
+        """Disconnect the thing and refuse it from now on."""
 
 
 class ClientIdConvertor(Convertor[str]):
@@ -85,7 +91,7 @@ class Provisioning:
         directory: DirectoryLike,
         cas: CertificateAuthorities,
         things: ThingRegistry,
-        broker: Broker,
+        broker: BrokerLike,
     ) -> None:
         self.ctx = ctx
         self.directory = directory

@@ -30,7 +30,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -38,19 +38,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from iotref.sandbox.certificate_authority import (
+from iotref.sandbox.context import THING_REGISTERED, SandboxContext
+from iotref.sandbox.http_errors import ApiError, read_json_object
+from iotref.sandbox.provisioning.certificate_authority import (
     CertificateAuthorities,
     CsrError,
     load_device_csr,
 )
-from iotref.sandbox.context import SandboxContext
-from iotref.sandbox.http_errors import ApiError, read_json_object
-from iotref.sandbox.provisioning import THING_REGISTERED, DirectoryLike
+from iotref.sandbox.provisioning.service import DirectoryLike, Provisioning
+from iotref.sandbox.provisioning.things import ThingRegistry
 from iotref.sandbox.seed import FIRST_SITE_ID
-from iotref.sandbox.things import ThingRegistry
-
-if TYPE_CHECKING:
-    from iotref.sandbox.provisioning import Provisioning
 
 log = logging.getLogger(__name__)
 
