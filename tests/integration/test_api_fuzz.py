@@ -52,6 +52,7 @@ from schemathesis.openapi.checks import RejectedPositiveData
 
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
+from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
 from iotref.sandbox.monitor import COOKIE_NAME, MONITOR_SESSION
 from iotref.sandbox.openapi import (
     ADMIN_BEARER,
@@ -61,7 +62,6 @@ from iotref.sandbox.openapi import (
     described_operations,
 )
 from iotref.sandbox.runner import Sandbox
-from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
 from tests.support.device_keys import make_csr, make_key
 from tests.support.fuzz_report import FuzzTally
 from tests.support.sandbox_process import SandboxProcess

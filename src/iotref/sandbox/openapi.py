@@ -35,7 +35,7 @@ from starlette.routing import BaseRoute, Route
 
 from iotref._version import __version__
 from iotref.protocol import shadow_document as sd
-from iotref.sandbox.directory_api import MAX_FIELD_LENGTH
+from iotref.sandbox.directory.api import MAX_FIELD_LENGTH
 from iotref.sandbox.provisioning.things import CLIENT_ID_PATTERN
 
 Fragment = dict[str, Any]

@@ -241,7 +241,7 @@ class Sandbox:
 
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
         from iotref.sandbox.broker.supervisor import Broker
-        from iotref.sandbox.directory import Directory
+        from iotref.sandbox.directory.service import Directory
         from iotref.sandbox.ingestion import Ingestion
         from iotref.sandbox.monitor import Monitor
         from iotref.sandbox.provisioning.bulk import BulkProvisioning
@@ -309,7 +309,7 @@ class Sandbox:
 
     @staticmethod
     def _client_id() -> str:
-        from iotref.sandbox.seed import OAUTH_CLIENT_ID
+        from iotref.sandbox.directory.seed import OAUTH_CLIENT_ID
 
         return OAUTH_CLIENT_ID
 

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from iotref.sandbox.context import THING_REGISTERED, SandboxContext
+from iotref.sandbox.directory.seed import FIRST_SITE_ID
 from iotref.sandbox.http_errors import ApiError, read_json_object
 from iotref.sandbox.provisioning.certificate_authority import (
     CertificateAuthorities,
@@ -47,7 +48,6 @@ from iotref.sandbox.provisioning.certificate_authority import (
 )
 from iotref.sandbox.provisioning.service import DirectoryLike, Provisioning
 from iotref.sandbox.provisioning.things import ThingRegistry
-from iotref.sandbox.seed import FIRST_SITE_ID
 
 log = logging.getLogger(__name__)
 

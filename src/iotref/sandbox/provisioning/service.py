@@ -49,7 +49,7 @@ class SiteLike(Protocol):
 
 
 class DirectoryLike(Protocol):
-    """The part of :class:`iotref.sandbox.directory.Directory` provisioning uses."""
+    """The part of :class:`iotref.sandbox.directory.service.Directory` provisioning uses."""
 
     def authenticate(self, authorization: str | None) -> AccessGrantLike | None: ...
 

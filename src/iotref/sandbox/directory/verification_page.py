@@ -1,9 +1,11 @@
 """The device flow's verification page (``/oauth/device``): sign in, check the code, pick the
 organization, approve or deny.
 
-Plain server-rendered HTML without external assets; every dynamic value is HTML-escaped.
-Sessions live server-side in ``directory_sessions`` (the cookie holds a random id, the
-table its SHA-256); every form carries a CSRF token derived from the session id.
+Server-rendered HTML from the templates in ``verification_assets/`` (:mod:`string.Template`;
+every value HTML-escaped unless it is already rendered :class:`Html`), with the style sheet
+inlined: the page loads nothing else. Sessions live server-side in ``directory_sessions``
+(the cookie holds a random id, the table its SHA-256); every form carries a CSRF token
+derived from the session id.
 """
 
 from __future__ import annotations
@@ -11,26 +13,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from functools import cache
 from html import escape
-from typing import TYPE_CHECKING
+from importlib import resources
+from string import Template
 from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from iotref.sandbox.device_authorization import (
+from iotref.sandbox.directory.device_authorization import (
     ORG_PREFIX,
     ORGANIZATION,
     VERIFICATION_PATH,
+    OAuthServer,
     PendingAuthorization,
     hash_secret,
     normalize_user_code,
 )
+from iotref.sandbox.directory.records import DirectoryRecords, Organization
 from iotref.sandbox.http_errors import ApiError, read_form_or_json
-
-if TYPE_CHECKING:
-    from iotref.sandbox.directory import Directory, Organization
 
 SESSION_COOKIE = "iotref_directory_session"
 SESSION_TTL = 12 * 3600
@@ -67,51 +70,43 @@ HTML_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-_STYLE = """
-body{font-family:system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem;
-color:#1b1f24;background:#f6f7f9}
-main{background:#fff;border:1px solid #d8dde3;border-radius:8px;padding:1.5rem 2rem}
-h1{font-size:1.4rem;margin-top:0}label{display:block;margin:.8rem 0 .3rem;font-weight:600}
-input,select{width:100%;padding:.5rem;font-size:1rem;box-sizing:border-box}
-.code{font-family:monospace;font-size:1.6rem;letter-spacing:.2rem}
-.actions{display:flex;gap:1rem;margin-top:1.2rem}
-button{padding:.6rem 1.2rem;font-size:1rem;border-radius:6px;border:1px solid #888;cursor:pointer}
-button.primary{background:#0b5cad;color:#fff;border-color:#0b5cad}
-.message{padding:.7rem 1rem;border-radius:6px;margin-bottom:1rem}
-.error{background:#fde8e8;border:1px solid #e0a0a0}.ok{background:#e6f6ea;border:1px solid #9fd3ac}
-.muted{color:#5b6570;font-size:.9rem}form.inline{display:inline}
-"""
+ASSETS = "verification_assets"
+STYLE_SHEET = "verification.css"
 
 
-def purge_sessions(directory: Directory) -> None:
-    directory.db.ensure_schema(SCHEMA)
-    directory.db.execute(
-        "DELETE FROM directory_sessions WHERE expires_at < ?", (directory.clock(),)
-    )
+class Html(str):
+    """Markup already rendered (a template's output): inserted into a template as is."""
+
+
+@cache
+def _asset(name: str) -> str:
+    return (resources.files(__package__) / ASSETS / name).read_text("utf-8")
+
+
+@cache
+def _template(name: str) -> Template:
+    return Template(_asset(name).rstrip("\n"))
+
+
+def render(template: str, /, **values: str) -> Html:
+    """The template file ``template`` filled with ``values``: plain strings HTML-escaped,
+    :class:`Html` as is."""
+    escaped = {key: v if isinstance(v, Html) else escape(v) for key, v in values.items()}
+    return Html(_template(template).substitute(escaped))
 
 
 def _csrf_token(session_id: str) -> str:
     return hmac.new(session_id.encode(), b"iotref-directory-csrf", hashlib.sha256).hexdigest()
 
 
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    html = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)} · iotref sandbox directory</title>"
-        f"<style>{_STYLE}</style></head><body><main>{body}</main>"
-        '<p class="muted">iotref sandbox: a local copy of the Zaikio directory.</p>'
-        "</body></html>\n"
-    )
+def _page(title: str, body: Html, status: int = 200) -> HTMLResponse:
+    style = Html(_asset(STYLE_SHEET))
+    html = render("layout.html", title=title, style=style, body=body) + "\n"
     return HTMLResponse(html, status_code=status, headers=HTML_HEADERS)
 
 
-def _message(text: str, kind: str = "error") -> str:
-    return f'<div class="message {kind}" role="alert">{escape(text)}</div>' if text else ""
-
-
-def _hidden(name: str, value: str) -> str:
-    return f'<input type="hidden" name="{escape(name)}" value="{escape(value)}">'
+def _message(text: str, kind: str = "error") -> Html:
+    return render("message.html", kind=kind, text=text) if text else Html("")
 
 
 class _Session:
@@ -122,12 +117,13 @@ class _Session:
 
 
 class VerificationPage:
-    """The ``/oauth/device`` pages of one :class:`~iotref.sandbox.directory.Directory`."""
+    """The ``/oauth/device`` pages: the person signs in to the directory's records and
+    decides on the device requests of ``oauth``."""
 
-    def __init__(self, directory: Directory) -> None:
-        self.directory = directory
-        self.db = directory.db
-        self.oauth = directory.oauth
+    def __init__(self, records: DirectoryRecords, oauth: OAuthServer) -> None:
+        self.records = records
+        self.db = records.db
+        self.oauth = oauth
         self.db.ensure_schema(SCHEMA)
 
     def routes(self) -> list[BaseRoute]:
@@ -140,13 +136,19 @@ class VerificationPage:
 
     # -- sessions ---------------------------------------------------------------------------
 
+    def purge_sessions(self) -> None:
+        """Forget the sessions that have expired."""
+        self.db.execute(
+            "DELETE FROM directory_sessions WHERE expires_at < ?", (self.records.clock(),)
+        )
+
     def _session(self, request: Request) -> _Session | None:
         session_id = request.cookies.get(SESSION_COOKIE, "")
         if not session_id or len(session_id) > 128:
             return None
         row = self.db.query_one(
             "SELECT person_id FROM directory_sessions WHERE id_hash = ? AND expires_at > ?",
-            (hash_secret(session_id), self.directory.clock()),
+            (hash_secret(session_id), self.records.clock()),
         )
         if row is None:
             return None
@@ -154,7 +156,7 @@ class VerificationPage:
 
     def _new_session(self, person_id: str | None) -> _Session:
         session_id = secrets.token_urlsafe(32)
-        now = self.directory.clock()
+        now = self.records.clock()
         self.db.execute(
             "INSERT INTO directory_sessions (id_hash, person_id, created_at, expires_at) "
             "VALUES (?, ?, ?, ?)",
@@ -194,42 +196,27 @@ class VerificationPage:
     def _sign_in_page(
         self, session: _Session, user_code: str, message: str = "", status: int = 200
     ) -> HTMLResponse:
-        body = (
-            "<h1>Connect a device</h1>"
-            f"{_message(message)}"
-            "<p>Sign in to the directory to approve the device.</p>"
-            f'<form method="post" action="{SIGN_IN_PATH}">'
-            f"{_hidden('csrf_token', session.csrf)}{_hidden('user_code', user_code)}"
-            '<label for="email">Email</label>'
-            '<input id="email" name="email" type="email" autocomplete="username" required>'
-            '<label for="password">Password</label>'
-            '<input id="password" name="password" type="password" '
-            'autocomplete="current-password" required>'
-            '<div class="actions"><button class="primary" type="submit">Sign in</button></div>'
-            "</form>"
+        body = render(
+            "sign_in.html",
+            message=_message(message),
+            sign_in_path=SIGN_IN_PATH,
+            csrf_token=session.csrf,
+            user_code=user_code,
         )
         return _page("Sign in", body, status)
 
-    def _sign_out_form(self, session: _Session) -> str:
-        return (
-            f'<form class="inline" method="post" action="{SIGN_OUT_PATH}">'
-            f"{_hidden('csrf_token', session.csrf)}"
-            '<button type="submit">Sign out</button></form>'
-        )
+    def _sign_out_form(self, session: _Session) -> Html:
+        return render("sign_out.html", sign_out_path=SIGN_OUT_PATH, csrf_token=session.csrf)
 
     def _code_page(
         self, session: _Session, user_code: str = "", message: str = "", status: int = 200
     ) -> HTMLResponse:
-        body = (
-            "<h1>Connect a device</h1>"
-            f"{_message(message)}"
-            "<p>Enter the 8-digit code that your device shows.</p>"
-            f'<form method="get" action="{VERIFICATION_PATH}">'
-            '<label for="user_code">Code</label>'
-            f'<input id="user_code" name="user_code" class="code" inputmode="numeric" '
-            f'autocomplete="off" maxlength="12" value="{escape(user_code)}" required>'
-            '<div class="actions"><button class="primary" type="submit">Continue</button></div>'
-            f"</form><p>{self._sign_out_form(session)}</p>"
+        body = render(
+            "code.html",
+            message=_message(message),
+            verification_path=VERIFICATION_PATH,
+            user_code=user_code,
+            sign_out=self._sign_out_form(session),
         )
         return _page("Enter code", body, status)
 
@@ -241,54 +228,40 @@ class VerificationPage:
         message: str = "",
         status: int = 200,
     ) -> HTMLResponse:
-        person = self.directory.person_row(session.person_id or "")
+        person = self.records.person_row(session.person_id or "")
         who = f"{person['first_name']} {person['name']} ({person['email']})" if person else "?"
         scopes = "".join(
-            f"<li>{escape(SCOPE_TEXT.get(s.removeprefix(ORG_PREFIX), s))} "
-            f'<span class="muted">({escape(s)})</span></li>'
+            render("scope.html", text=SCOPE_TEXT.get(s.removeprefix(ORG_PREFIX), s), scope=s)
             for s in request_.scopes
         )
         if request_.bearer_type == ORGANIZATION:
             options = "".join(
-                f'<option value="{escape(org.id)}">{escape(org.name)}</option>'
+                render("organization_option.html", id=org.id, name=org.name)
                 for org in organizations
             )
-            chooser = (
-                '<label for="organization_id">Organization the device belongs to</label>'
-                f'<select id="organization_id" name="organization_id" required>{options}'
-                "</select>"
-            )
+            chooser = render("organization_chooser.html", options=Html(options))
         else:
-            chooser = "<p>The device will act on your behalf.</p>"
-        body = (
-            "<h1>Connect a device</h1>"
-            f"{_message(message)}"
-            f"<p>Check that your device shows this code:</p>"
-            f'<p class="code">{escape(request_.user_code)}</p>'
-            f"<p><strong>{escape(request_.client_name)}</strong> asks to:</p><ul>{scopes}</ul>"
-            f'<form method="post" action="{VERIFICATION_PATH}">'
-            f"{_hidden('csrf_token', session.csrf)}{_hidden('user_code', request_.user_code)}"
-            f"{chooser}"
-            '<div class="actions">'
-            '<button class="primary" type="submit" name="decision" value="approve">Approve'
-            "</button>"
-            '<button type="submit" name="decision" value="deny">Deny</button></div></form>'
-            f'<p class="muted">Signed in as {escape(who)}. {self._sign_out_form(session)}</p>'
+            chooser = render("person_chooser.html")
+        body = render(
+            "confirm.html",
+            message=_message(message),
+            user_code=request_.user_code,
+            client_name=request_.client_name,
+            scopes=Html(scopes),
+            verification_path=VERIFICATION_PATH,
+            csrf_token=session.csrf,
+            chooser=chooser,
+            who=who,
+            sign_out=self._sign_out_form(session),
         )
         return _page("Approve device", body, status)
 
     def _result_page(self, approved: bool) -> HTMLResponse:
         if approved:
-            body = (
-                "<h1>Device connected</h1>"
-                f"{_message('Approved. You can return to your device now.', 'ok')}"
-            )
+            heading, text = "Device connected", "Approved. You can return to your device now."
         else:
-            body = (
-                "<h1>Request denied</h1>"
-                f"{_message('Denied. The device was not given access.', 'ok')}"
-            )
-        return _page("Done", body)
+            heading, text = "Request denied", "Denied. The device was not given access."
+        return _page("Done", render("result.html", heading=heading, message=_message(text, "ok")))
 
     @staticmethod
     def _unknown_code(user_code: str) -> str:
@@ -312,7 +285,7 @@ class VerificationPage:
         pending = self.oauth.find_pending(user_code)
         if pending is None:
             return self._code_page(session, user_code, self._unknown_code(user_code), 400)
-        organizations = self.directory.organizations_of(session.person_id)
+        organizations = self.records.organizations_of(session.person_id)
         return self._confirm_page(session, pending, organizations)
 
     async def _sign_in(self, request: Request) -> Response:
@@ -320,7 +293,7 @@ class VerificationPage:
         form = await self._form(request, session)
         assert session is not None
         user_code = form.get("user_code", "").strip()[:32]
-        person_id = self.directory.check_login(
+        person_id = self.records.check_login(
             form.get("email", "")[:320], form.get("password", "")[:1024]
         )
         if person_id is None:
@@ -356,7 +329,7 @@ class VerificationPage:
         pending = self.oauth.find_pending(user_code)
         if pending is None:
             return self._code_page(session, user_code, self._unknown_code(user_code), 400)
-        organizations = self.directory.organizations_of(session.person_id)
+        organizations = self.records.organizations_of(session.person_id)
         organization_id: str | None = None
         if decision == "approve" and pending.bearer_type == ORGANIZATION:
             organization_id = form.get("organization_id", "").strip()

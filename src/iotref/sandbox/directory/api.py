@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from iotref.sandbox.device_authorization import ORGANIZATION, AccessGrant, iso_time
+from iotref.sandbox.directory.device_authorization import (
+    ORGANIZATION,
+    AccessGrant,
+    OAuthServer,
+    iso_time,
+)
+from iotref.sandbox.directory.records import DirectoryRecords, Site
 from iotref.sandbox.http_errors import ApiError, read_form_or_json, read_json_object
-
-if TYPE_CHECKING:
-    from iotref.sandbox.directory import Directory, Site
 
 MACHINE_KINDS = ("offset_press", "digital_press", "folder")
 MAX_FIELD_LENGTH = 255
@@ -87,11 +90,13 @@ def site_json(site: Site) -> dict[str, Any]:
 
 
 class DirectoryApi:
-    """The ``/api/v1`` routes over a :class:`~iotref.sandbox.directory.Directory`."""
+    """The ``/api/v1`` routes over the directory's records, for the bearers of the tokens
+    that ``oauth`` issued."""
 
-    def __init__(self, directory: Directory) -> None:
-        self.directory = directory
-        self.db = directory.db
+    def __init__(self, records: DirectoryRecords, oauth: OAuthServer) -> None:
+        self.records = records
+        self.oauth = oauth
+        self.db = records.db
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -119,7 +124,7 @@ class DirectoryApi:
                 "a bearer token is required",
                 headers={"WWW-Authenticate": 'Bearer realm="directory"'},
             )
-        grant = self.directory.authenticate(header)
+        grant = self.oauth.authenticate(header)
         if grant is None:
             raise ApiError(
                 401,
@@ -133,7 +138,7 @@ class DirectoryApi:
         """The organizations a bearer acts for: its own, or all of a person's."""
         if grant.bearer_type == ORGANIZATION:
             return [grant.organization_id] if grant.organization_id else []
-        return [org.id for org in self.directory.organizations_of(grant.person_id)]
+        return [org.id for org in self.records.organizations_of(grant.person_id)]
 
     # -- person and organization ------------------------------------------------------------
 
@@ -142,7 +147,7 @@ class DirectoryApi:
         if grant.bearer_type == ORGANIZATION:
             raise ApiError(403, "forbidden", "needs a Person bearer")
         _require_scope(grant, READ_PERSON)
-        person = self.directory.person_json(grant.person_id)
+        person = self.records.person_json(grant.person_id)
         if person is None:
             raise _not_found("person")
         return JSONResponse(person)
@@ -152,7 +157,7 @@ class DirectoryApi:
         if grant.bearer_type == ORGANIZATION:
             raise ApiError(403, "forbidden", "needs a Person bearer")
         _require_scope(grant, READ_PERSON)
-        person = self.directory.person_json(grant.person_id)
+        person = self.records.person_json(grant.person_id)
         if person is None:
             raise _not_found("person")
         return JSONResponse(person["organization_memberships"])
@@ -162,7 +167,7 @@ class DirectoryApi:
         if grant.bearer_type != ORGANIZATION or grant.organization_id is None:
             raise ApiError(403, "forbidden", "needs an Organization bearer")
         _require_scope(grant, READ_ORGANIZATION, READ_MACHINES)
-        org = self.directory.organization(grant.organization_id)
+        org = self.records.organization(grant.organization_id)
         if org is None:
             raise _not_found("organization")
         return JSONResponse(
@@ -180,7 +185,7 @@ class DirectoryApi:
         sites = [
             site_json(site)
             for org_id in self._organization_ids(grant)
-            for site in self.directory.sites_of(org_id)
+            for site in self.records.sites_of(org_id)
         ]
         return JSONResponse(sites)
 
@@ -205,7 +210,7 @@ class DirectoryApi:
 
     def _site_for(self, site_id: str, organization_ids: list[str]) -> bool:
         """Whether ``site_id`` names a site of one of ``organization_ids``."""
-        site: Site | None = self.directory.site(site_id) if _is_uuid(site_id) else None
+        site: Site | None = self.records.site(site_id) if _is_uuid(site_id) else None
         return site is not None and site.organization_id in organization_ids
 
     async def _create_machine(self, request: Request) -> Response:
@@ -232,7 +237,7 @@ class DirectoryApi:
         if site_id is not None and not self._site_for(site_id, self._organization_ids(grant)):
             errors["site_id"] = ["is not a site of this organization"]
         machine_id = str(uuid.uuid4())
-        now = self.directory.clock()
+        now = self.records.clock()
         try:
             with self.db.transaction() as conn:
                 taken = conn.execute(
@@ -334,7 +339,7 @@ class DirectoryApi:
         ):
             site_id = str(machine["site_id"])
         ownership_id = str(uuid.uuid4())
-        now = self.directory.clock()
+        now = self.records.clock()
         with self.db.transaction() as conn:
             active = conn.execute(
                 "SELECT 1 FROM directory_machine_ownerships WHERE machine_id = ? "
@@ -365,7 +370,7 @@ class DirectoryApi:
         organization_id = params.get("organization_id", "").strip()
         if not organization_id:
             raise _validation({"organization_id": ["can't be blank"]})
-        if not _is_uuid(organization_id) or not self.directory.is_member(
+        if not _is_uuid(organization_id) or not self.records.is_member(
             grant.person_id, organization_id
         ):
             raise _validation({"organization_id": ["is not an organization of this person"]})

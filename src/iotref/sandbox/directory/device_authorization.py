@@ -24,8 +24,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from iotref.sandbox.context import SandboxContext
+from iotref.sandbox.directory.seed import DEMO_PERSON_ID, FIRST_ORGANIZATION_ID
 from iotref.sandbox.http_errors import ApiError, read_form_or_json
-from iotref.sandbox.seed import DEMO_PERSON_ID, FIRST_ORGANIZATION_ID
 
 log = logging.getLogger(__name__)
 

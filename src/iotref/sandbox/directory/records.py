@@ -1,11 +1,6 @@
-"""The sandbox's Directory component: the local stand-in for the Zaikio directory.
-
-Owns the ``directory_*`` tables for people, organizations, sites, the OAuth app, machines
-and machine ownerships, seeds them on first start, and puts together the OAuth device flow
-(:mod:`iotref.sandbox.device_authorization`), the verification page
-(:mod:`iotref.sandbox.verification_page`) and the ``/api/v1`` API
-(:mod:`iotref.sandbox.directory_api`). Other components use :meth:`Directory.authenticate`,
-:meth:`Directory.site` and :meth:`Directory.sites_of`.
+"""The directory's records: people, organizations, memberships, sites, the OAuth app,
+machines and machine ownerships (the ``directory_*`` tables), seeded on first use
+(:mod:`~iotref.sandbox.directory.seed`), and the queries the directory's parts share.
 """
 
 from __future__ import annotations
@@ -17,26 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.routing import BaseRoute
-
-from iotref.sandbox.context import SandboxContext
-from iotref.sandbox.device_authorization import (
-    ORGANIZATION,
-    PERSON,
-    AccessGrant,
-    OAuthServer,
-    iso_time,
-)
-from iotref.sandbox.directory_api import DirectoryApi
-from iotref.sandbox.seed import check_password, seed_directory
-from iotref.sandbox.verification_page import VerificationPage, purge_sessions
-
-__all__ = ["ORGANIZATION", "PERSON", "AccessGrant", "Directory", "Organization", "Site"]
+from iotref.sandbox.database import Database
+from iotref.sandbox.directory.device_authorization import iso_time
+from iotref.sandbox.directory.seed import check_password, seed_directory
 
 log = logging.getLogger(__name__)
-
-# Ended device requests and tokens are kept this long (for inspection), then purged.
-RETENTION_SECONDS = 24 * 3600
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS directory_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -118,44 +98,25 @@ class Site:
 
 @dataclass(frozen=True)
 class Organization:
+    """An organization, as the verification page and ``/api/v1/organization`` show it."""
+
     id: str
     name: str
     created_at: float
     updated_at: float
 
 
-class Directory:
-    """People, organizations, sites, machines and OAuth; see the module docstring."""
+class DirectoryRecords:
+    """The ``directory_*`` tables of one database; see the module docstring."""
 
-    def __init__(self, ctx: SandboxContext, clock: Callable[[], float] = time.time) -> None:
-        self.ctx = ctx
-        self.db = ctx.db
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
         self.clock = clock
-        self.db.ensure_schema(SCHEMA)
-        if seed_directory(self.db):
+        db.ensure_schema(SCHEMA)
+        if seed_directory(db):
             log.info("directory seeded with the demo person and organizations")
-        self.oauth = OAuthServer(ctx, clock)
-        self.page = VerificationPage(self)
-        self.api = DirectoryApi(self)
 
-    # -- Component --------------------------------------------------------------------------
-
-    def routes(self) -> list[BaseRoute]:
-        return [*self.oauth.routes(), *self.page.routes(), *self.api.routes()]
-
-    async def start(self) -> None:
-        self.oauth.purge(self.clock() - RETENTION_SECONDS)
-        purge_sessions(self)
-
-    async def stop(self) -> None:
-        return None
-
-    # -- what other components use ----------------------------------------------------------
-
-    def authenticate(self, authorization: str | None) -> AccessGrant | None:
-        """The grant behind ``Authorization: Bearer <token>``; None if missing, unknown,
-        revoked or expired."""
-        return self.oauth.authenticate(authorization)
+    # -- sites ------------------------------------------------------------------------------
 
     def site(self, site_id: str) -> Site | None:
         row = self.db.query_one(
@@ -174,11 +135,6 @@ class Directory:
             (organization_id,),
         )
         return [_site(row) for row in rows]
-
-    def pending_authorizations(self) -> list[dict[str, Any]]:
-        """Undecided, unexpired device requests: user_code, created_at, expires_at (ISO-8601)
-        and verification_uri_complete, oldest first."""
-        return self.oauth.pending()
 
     # -- people and organizations -----------------------------------------------------------
 
