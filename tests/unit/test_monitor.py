@@ -22,7 +22,7 @@ from iotref.sandbox.database import Database
 from iotref.sandbox.ingestion import RecordBuilder, TelemetryFeed, ThingDirectory, event_of
 from iotref.sandbox.monitor import COOKIE_NAME, Monitor, sse_event
 from iotref.sandbox.provisioning.things import ThingRegistry
-from iotref.sandbox.shadow_store import ShadowStore
+from iotref.sandbox.shadow.store import ShadowStore
 from iotref.sandbox.telemetry_store import TelemetryStore
 from tests.unit.test_ingestion import CLIENT, ORG, TOPIC, message
 

@@ -249,7 +249,7 @@ class Sandbox:
         from iotref.sandbox.provisioning.service import Provisioning
         from iotref.sandbox.provisioning.things import ThingRegistry
         from iotref.sandbox.quota_meter import QuotaMeter
-        from iotref.sandbox.shadow_service import ShadowService
+        from iotref.sandbox.shadow.service import ShadowService
 
         cas = CertificateAuthorities(ctx.paths.ca_dir)
         cas.ensure()

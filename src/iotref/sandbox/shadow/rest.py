@@ -12,8 +12,8 @@ clients turn into ``ResourceNotFoundException``, ``ConflictException`` and so on
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from starlette.requests import Request
@@ -22,10 +22,8 @@ from starlette.routing import BaseRoute, Route
 
 from iotref.protocol import shadow_document as sd
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
-from iotref.sandbox import aws_sigv4
-
-if TYPE_CHECKING:
-    from iotref.sandbox.shadow_service import ShadowService
+from iotref.sandbox.shadow import aws_sigv4
+from iotref.sandbox.shadow.store import AwsCredentials
 
 ERROR_TYPES = {
     400: "InvalidRequestException",
@@ -42,6 +40,35 @@ ERROR_TYPES = {
 }
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 100
+
+
+class ShadowOperations(Protocol):
+    """What the data plane needs of the shadow service
+    (:class:`~iotref.sandbox.shadow.service.ShadowService`): the shadows' operations, the
+    platform's publish, and the credentials and region that signatures are checked with."""
+
+    @property
+    def credentials(self) -> AwsCredentials: ...
+
+    @property
+    def region(self) -> str: ...
+
+    async def get(self, thing: str, shadow: str | None) -> sd.JsonObject: ...
+
+    async def update(self, thing: str, shadow: str | None, payload: bytes) -> sd.JsonObject: ...
+
+    async def delete(self, thing: str, shadow: str | None) -> sd.JsonObject: ...
+
+    def named_shadows(self, thing: str) -> list[str]: ...
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False
+    ) -> bool: ...
+
+
+AdminCheck = Callable[[str | None], bool]
+"""Whether an ``Authorization`` header carries the admin token
+(:meth:`iotref.sandbox.context.SandboxContext.check_admin`)."""
 
 
 class RestError(Exception):
@@ -74,17 +101,18 @@ def _names(request: Request, *, shadow_name: bool = True) -> tuple[str, str | No
 
 
 class ShadowRest:
-    """Request handlers bound to one :class:`ShadowService`."""
+    """Request handlers over one shadow service's operations."""
 
-    def __init__(self, service: ShadowService) -> None:
+    def __init__(self, service: ShadowOperations, check_admin: AdminCheck) -> None:
         self.service = service
+        self.check_admin = check_admin
 
     async def _authorize(self, request: Request) -> bytes:
         """Read the body and check the caller; raise :class:`RestError` 403 if refused."""
         body = await request.body()
         authorization = request.headers.get("authorization")
         if authorization and authorization.lower().startswith("bearer "):
-            if self.service.ctx.check_admin(authorization):
+            if self.check_admin(authorization):
                 return body
             raise RestError(403, "Forbidden")
         if authorization and aws_sigv4.is_sigv4(authorization):
@@ -186,8 +214,9 @@ class ShadowRest:
         return _json_response(b'{"message":"OK"}')
 
 
-def shadow_routes(service: ShadowService) -> Sequence[BaseRoute]:
-    rest = ShadowRest(service)
+def shadow_routes(service: ShadowOperations, check_admin: AdminCheck) -> Sequence[BaseRoute]:
+    """The data plane's routes over ``service``; the admin token passes ``check_admin``."""
+    rest = ShadowRest(service, check_admin)
     return [
         Route("/things/{thingName}/shadow", rest.shadow, methods=["GET", "POST", "DELETE"]),
         Route(

@@ -4,7 +4,7 @@ It connects to the sandbox's Mosquitto as the platform identity (mutual TLS), su
 the request topics of every thing (``get``/``update``/``delete``, classic and named) and
 answers on ``/accepted``, ``/rejected``, ``update/delta`` and ``update/documents`` at QoS 1.
 Requests for one shadow are processed one after another, in arrival order; the REST data
-plane (:mod:`iotref.sandbox.shadow_rest`) and the ``thing_registered`` event go through the
+plane (:mod:`iotref.sandbox.shadow.rest`) and the ``thing_registered`` event go through the
 same operations and the same update path, so they publish the same messages. The connection is
 re-established whenever the broker goes away.
 
@@ -35,8 +35,9 @@ from iotref.protocol import shadow_document as sd
 from iotref.protocol.topics import SHADOW_OPERATIONS, parse_shadow_topic, shadow_topic
 from iotref.sandbox.context import LOOPBACK, THING_REGISTERED, SandboxContext
 from iotref.sandbox.quota_meter import QuotaMeter
-from iotref.sandbox.shadow_limits import ShadowRequestLimits
-from iotref.sandbox.shadow_store import AwsCredentials, ShadowStore
+from iotref.sandbox.shadow.request_limits import ShadowRequestLimits
+from iotref.sandbox.shadow.rest import shadow_routes
+from iotref.sandbox.shadow.store import AwsCredentials, ShadowStore
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,7 @@ class ShadowService:
     # ------------------------------------------------------------------ component
 
     def routes(self) -> Sequence[BaseRoute]:
-        from iotref.sandbox.shadow_rest import shadow_routes
-
-        return shadow_routes(self)
+        return shadow_routes(self, self.ctx.check_admin)
 
     def describe(self) -> dict[str, Any]:
         return {
