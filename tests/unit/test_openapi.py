@@ -28,7 +28,7 @@ from iotref.sandbox.monitor import Monitor
 from iotref.sandbox.provisioning.things import ThingRegistry
 from iotref.sandbox.runner import Sandbox
 from iotref.sandbox.shadow.store import ShadowStore
-from iotref.sandbox.telemetry_store import Record, TelemetryStore
+from iotref.sandbox.telemetry.store import Record, TelemetryStore
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

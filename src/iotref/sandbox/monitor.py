@@ -72,7 +72,8 @@ from iotref.sandbox.openapi import (
 from iotref.sandbox.quota_meter import QuotaMeter
 
 if TYPE_CHECKING:
-    from iotref.sandbox.ingestion import Ingestion, Subscription
+    from iotref.sandbox.telemetry.feed import Subscription
+    from iotref.sandbox.telemetry.ingestion import Ingestion
 
 COOKIE_NAME = "iotref_monitor"
 CSRF_HEADER = "x-csrf-token"

@@ -242,7 +242,6 @@ class Sandbox:
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
         from iotref.sandbox.broker.supervisor import Broker
         from iotref.sandbox.directory.service import Directory
-        from iotref.sandbox.ingestion import Ingestion
         from iotref.sandbox.monitor import Monitor
         from iotref.sandbox.provisioning.bulk import BulkProvisioning
         from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
@@ -250,6 +249,7 @@ class Sandbox:
         from iotref.sandbox.provisioning.things import ThingRegistry
         from iotref.sandbox.quota_meter import QuotaMeter
         from iotref.sandbox.shadow.service import ShadowService
+        from iotref.sandbox.telemetry.ingestion import Ingestion
 
         cas = CertificateAuthorities(ctx.paths.ca_dir)
         cas.ensure()

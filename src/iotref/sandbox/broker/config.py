@@ -30,7 +30,7 @@ PLATFORM_MAX_CONNECTIONS = 256
 MAX_QUEUED_MESSAGES = 100_000
 """QoS 1 messages Mosquitto holds per client beyond those in flight (its default: 1000,
 then it drops). The sandbox's ingestion connections ask for a modest receive maximum
-(see :mod:`iotref.sandbox.ingestion`), so a burst of telemetry waits here, not dropped."""
+(see :mod:`iotref.sandbox.telemetry.ingestion`), so a burst of telemetry waits here, not dropped."""
 
 _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
