@@ -53,7 +53,8 @@ from schemathesis.openapi.checks import RejectedPositiveData
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
-from iotref.sandbox.monitor import COOKIE_NAME, MONITOR_SESSION
+from iotref.sandbox.monitor.access import COOKIE_NAME
+from iotref.sandbox.monitor.openapi import MONITOR_SESSION
 from iotref.sandbox.openapi import (
     ADMIN_BEARER,
     AWS_SIGV4,

@@ -24,7 +24,7 @@ from iotref.sandbox import openapi
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.directory.service import Directory
-from iotref.sandbox.monitor import Monitor
+from iotref.sandbox.monitor.component import Monitor
 from iotref.sandbox.provisioning.things import ThingRegistry
 from iotref.sandbox.runner import Sandbox
 from iotref.sandbox.shadow.store import ShadowStore

@@ -242,7 +242,7 @@ class Sandbox:
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
         from iotref.sandbox.broker.supervisor import Broker
         from iotref.sandbox.directory.service import Directory
-        from iotref.sandbox.monitor import Monitor
+        from iotref.sandbox.monitor.component import Monitor
         from iotref.sandbox.provisioning.bulk import BulkProvisioning
         from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
         from iotref.sandbox.provisioning.service import Provisioning

@@ -1,9 +1,9 @@
 """The device flow's verification page (``/oauth/device``): sign in, check the code, pick the
 organization, approve or deny.
 
-Server-rendered HTML from the templates in ``verification_assets/`` (:mod:`string.Template`;
-every value HTML-escaped unless it is already rendered :class:`Html`), with the style sheet
-inlined: the page loads nothing else. Sessions live server-side in ``directory_sessions``
+Server-rendered HTML from the files in ``templates/``
+(:mod:`iotref.sandbox.html_templates`), with the style sheet inlined: the page loads
+nothing else. Sessions live server-side in ``directory_sessions``
 (the cookie holds a random id, the table its SHA-256); every form carries a CSRF token
 derived from the session id.
 """
@@ -13,10 +13,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from functools import cache
-from html import escape
-from importlib import resources
-from string import Template
 from urllib.parse import urlencode
 
 from starlette.requests import Request
@@ -33,6 +29,7 @@ from iotref.sandbox.directory.device_authorization import (
     normalize_user_code,
 )
 from iotref.sandbox.directory.records import DirectoryRecords, Organization
+from iotref.sandbox.html_templates import Html, Templates
 from iotref.sandbox.http_errors import ApiError, read_form_or_json
 
 SESSION_COOKIE = "iotref_directory_session"
@@ -70,29 +67,9 @@ HTML_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-ASSETS = "verification_assets"
 STYLE_SHEET = "verification.css"
-
-
-class Html(str):
-    """Markup already rendered (a template's output): inserted into a template as is."""
-
-
-@cache
-def _asset(name: str) -> str:
-    return (resources.files(__package__) / ASSETS / name).read_text("utf-8")
-
-
-@cache
-def _template(name: str) -> Template:
-    return Template(_asset(name).rstrip("\n"))
-
-
-def render(template: str, /, **values: str) -> Html:
-    """The template file ``template`` filled with ``values``: plain strings HTML-escaped,
-    :class:`Html` as is."""
-    escaped = {key: v if isinstance(v, Html) else escape(v) for key, v in values.items()}
-    return Html(_template(template).substitute(escaped))
+TEMPLATES = Templates("iotref.sandbox.directory")
+render = TEMPLATES.render
 
 
 def _csrf_token(session_id: str) -> str:
@@ -100,7 +77,7 @@ def _csrf_token(session_id: str) -> str:
 
 
 def _page(title: str, body: Html, status: int = 200) -> HTMLResponse:
-    style = Html(_asset(STYLE_SHEET))
+    style = Html(TEMPLATES.text(STYLE_SHEET))
     html = render("layout.html", title=title, style=style, body=body) + "\n"
     return HTMLResponse(html, status_code=status, headers=HTML_HEADERS)
 
