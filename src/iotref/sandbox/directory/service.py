@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute
 from iotref.sandbox.context import SandboxContext
 from iotref.sandbox.directory.api import DirectoryApi
 from iotref.sandbox.directory.device_authorization import AccessGrant, OAuthServer
+from iotref.sandbox.directory.openapi import directory_fragment
 from iotref.sandbox.directory.records import DirectoryRecords, Site
 from iotref.sandbox.directory.verification_page import VerificationPage
 
@@ -49,6 +50,10 @@ class Directory:
 
     async def stop(self) -> None:
         return None
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI fragments of the device flow, the verification page and the API."""
+        return directory_fragment()
 
     # -- what other components use ----------------------------------------------------------
 

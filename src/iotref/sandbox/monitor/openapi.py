@@ -8,7 +8,7 @@ from typing import Any
 from iotref.sandbox.monitor.access import COOKIE_NAME
 from iotref.sandbox.monitor.params import CLIENT_ID, MAX_LIMIT, SQLITE_MAX_INT
 from iotref.sandbox.monitor.schemas import monitor_schemas, object_schema
-from iotref.sandbox.openapi import (
+from iotref.sandbox.openapi_fragment import (
     ADMIN_BEARER,
     html_response,
     json_content,
@@ -16,6 +16,7 @@ from iotref.sandbox.openapi import (
     response_ref,
     schema_ref,
 )
+from iotref.sandbox.shadow.openapi import shadow_schemas, shadow_state_schemas
 
 TAG_MONITOR = "Monitor"
 MONITOR_SESSION = "monitorSession"
@@ -46,6 +47,14 @@ def _security_schemes() -> dict[str, Any]:
             "description": "The admin token in the monitor link: answered with a redirect "
             "that sets the session cookie.",
         },
+    }
+
+
+def shadow_schemas_used() -> dict[str, Any]:
+    """The shadow service's schemas that the monitor's answers refer to."""
+    return {
+        **shadow_state_schemas(),
+        "ShadowUpdateAccepted": shadow_schemas()["ShadowUpdateAccepted"],
     }
 
 
@@ -377,5 +386,9 @@ def monitor_fragment() -> dict[str, Any]:
     }
     return {
         "paths": paths,
-        "components": {"schemas": monitor_schemas(), "securitySchemes": _security_schemes()},
+        "components": {
+            # The shadow schemas the answers name, so that the fragment stands on its own.
+            "schemas": {**monitor_schemas(), **shadow_schemas_used()},
+            "securitySchemes": _security_schemes(),
+        },
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from iotref.sandbox.openapi import schema_ref
+from iotref.sandbox.openapi_fragment import schema_ref
 
 
 def nullable(schema: dict[str, Any]) -> dict[str, Any]:

@@ -41,11 +41,13 @@ from starlette.routing import BaseRoute, Route
 from iotref.sandbox.context import THING_REGISTERED, SandboxContext
 from iotref.sandbox.directory.seed import FIRST_SITE_ID
 from iotref.sandbox.http_errors import ApiError, read_json_object
+from iotref.sandbox.openapi_fragment import schema_ref
 from iotref.sandbox.provisioning.certificate_authority import (
     CertificateAuthorities,
     CsrError,
     load_device_csr,
 )
+from iotref.sandbox.provisioning.openapi import configuration_schema, unknown_site_response
 from iotref.sandbox.provisioning.service import DirectoryLike, Provisioning
 from iotref.sandbox.provisioning.things import ThingRegistry
 
@@ -248,9 +250,7 @@ class BulkProvisioning:
                                             "properties": {
                                                 "orgId": {"type": "string"},
                                                 "siteId": {"type": "string"},
-                                                "configuration": {
-                                                    "$ref": "#/components/schemas/Configuration"
-                                                },
+                                                "configuration": schema_ref("Configuration"),
                                                 "things": {"type": "array", "items": result_item},
                                             },
                                         }
@@ -264,7 +264,11 @@ class BulkProvisioning:
                         },
                     }
                 }
-            }
+            },
+            "components": {
+                "schemas": {"Configuration": configuration_schema()},
+                "responses": {"UnknownSite": unknown_site_response()},
+            },
         }
 
 

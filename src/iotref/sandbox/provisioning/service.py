@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from starlette.convertors import Convertor, register_url_convertor
@@ -25,6 +25,7 @@ from iotref.sandbox.provisioning.certificate_authority import (
     CsrError,
     load_device_csr,
 )
+from iotref.sandbox.provisioning.openapi import provisioning_service_fragment
 from iotref.sandbox.provisioning.things import CLIENT_ID_PATTERN, ThingRegistry
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class Provisioning:
 
     async def start(self) -> None:
         return None
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI fragment of the routes above (merged into ``/openapi.json``)."""
+        return provisioning_service_fragment()
 
     async def stop(self) -> None:
         return None

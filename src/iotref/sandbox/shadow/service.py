@@ -35,6 +35,7 @@ from iotref.protocol import shadow_document as sd
 from iotref.protocol.topics import SHADOW_OPERATIONS, parse_shadow_topic, shadow_topic
 from iotref.sandbox.context import LOOPBACK, THING_REGISTERED, SandboxContext
 from iotref.sandbox.quota_meter import QuotaMeter
+from iotref.sandbox.shadow.openapi import shadow_fragment
 from iotref.sandbox.shadow.request_limits import ShadowRequestLimits
 from iotref.sandbox.shadow.rest import shadow_routes
 from iotref.sandbox.shadow.store import AwsCredentials, ShadowStore
@@ -98,6 +99,10 @@ class ShadowService:
 
     def routes(self) -> Sequence[BaseRoute]:
         return shadow_routes(self, self.ctx.check_admin)
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI fragment of the REST data plane (merged into ``/openapi.json``)."""
+        return shadow_fragment()
 
     def describe(self) -> dict[str, Any]:
         return {
