@@ -2,7 +2,9 @@
 
 The table between the ``<!-- figures:begin -->`` and ``<!-- figures:end -->`` markers is
 replaced; the prose around it is kept. ``make bench`` runs this after the benchmarks, so
-the figures in the documentation always come from a run, never from hand.
+the figures in the documentation always come from a run, never from hand. A figure the
+results do not have (a partial run, ``make bench BENCH=cli``, in a checkout without
+``bench/results.json``) keeps its row from the earlier run.
 """
 
 from __future__ import annotations
@@ -24,23 +26,39 @@ def _value(value: float) -> str:
     return f"{value:.3g}"
 
 
-def render(results: dict[str, object]) -> str:
+def earlier_rows(table: str) -> dict[str, str]:
+    """The rows of a rendered table, by figure name."""
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| `") and "` |" in line:
+            rows[line[3 : line.index("` |")]] = line
+    return rows
+
+
+def render(results: dict[str, object], earlier: dict[str, str] | None = None) -> str:
     figures = results.get("figures", {})
     assert isinstance(figures, dict)
     machine = results.get("machine", {})
+    kept = {name: row for name, row in (earlier or {}).items() if name not in figures}
     lines = [
         BEGIN,
         "",
         f"Run of {results.get('generated_at', '?')} on {machine.get('platform', '?')}"  # type: ignore[union-attr]
-        f" (Python {machine.get('python', '?')}).",  # type: ignore[union-attr]
+        f" (Python {machine.get('python', '?')})"  # type: ignore[union-attr]
+        + (
+            f"; {len(kept)} figures not measured in that run are kept from an earlier run."
+            if kept
+            else "."
+        ),
         "",
         "| figure | value | unit | how |",
         "| --- | ---: | --- | --- |",
     ]
-    for name in sorted(figures):
-        fig = figures[name]
+    rows = dict(kept)
+    for name, fig in figures.items():
         note = str(fig.get("note", "")).replace("|", "\\|")
-        lines.append(f"| `{name}` | {_value(float(fig['value']))} | {fig['unit']} | {note} |")
+        rows[name] = f"| `{name}` | {_value(float(fig['value']))} | {fig['unit']} | {note} |"
+    lines += [rows[name] for name in sorted(rows)]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -50,13 +68,12 @@ def main() -> int:
         print(f"no {RESULTS}; run 'make bench' first", file=sys.stderr)
         return 1
     results = json.loads(RESULTS.read_text())
-    table = render(results)
     text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(head + table + tail)
+    old_table, tail = rest.split(END, 1)
+    DOC.write_text(head + render(results, earlier_rows(old_table)) + tail)
     print(f"updated {DOC}")
     return 0
 

@@ -117,5 +117,6 @@ def test_monitor_without_a_sandbox_says_so(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        f"iotref: no sandbox is running on {tmp_path} (start one with: iotref sandbox up)"
+        f"iotref: no sandbox is running on {tmp_path} "
+        f"(start one with: iotref sandbox up --data-dir {tmp_path})"
     ]

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotref.sandbox.database import Database
 from iotref.sandbox.provisioning.certificate_authority import (
+    DEVICE_CRL_PATH,
     OPERATOR_IDENTITY,
     PLATFORM_IDENTITY,
     CertificateAuthorities,
@@ -76,10 +77,11 @@ def test_chains(cas: CertificateAuthorities) -> None:
 def test_ensure_is_idempotent_and_reuses_everything(
     tmp_path: Path, cas: CertificateAuthorities
 ) -> None:
-    before = {p.name: p.read_bytes() for p in cas.ca_dir.iterdir() if p.name != "crl.pem"}
+    crls = {"crl.pem", "device.crl"}  # rewritten on every start (fresh dates)
+    before = {p.name: p.read_bytes() for p in cas.ca_dir.iterdir() if p.name not in crls}
     again = CertificateAuthorities(cas.ca_dir)
     again.ensure()
-    after = {p.name: p.read_bytes() for p in cas.ca_dir.iterdir() if p.name != "crl.pem"}
+    after = {p.name: p.read_bytes() for p in cas.ca_dir.iterdir() if p.name not in crls}
     assert after == before
 
 
@@ -185,6 +187,25 @@ def test_revocation_and_crls(cas: CertificateAuthorities) -> None:
     again = CertificateAuthorities(cas.ca_dir)
     again.ensure()
     assert again.is_revoked(cert.serial_number)
+
+
+def test_device_certificates_name_the_served_crl(cas: CertificateAuthorities) -> None:
+    """What ``iotref status`` reads: the certificate's CRL distribution point, and the
+    device CA's CRL alone in DER at the path served, listing a revoked certificate."""
+    plain = cas.sign_device_csr(load_device_csr(make_csr(make_key())), new_client_id())
+    with pytest.raises(x509.ExtensionNotFound):
+        plain.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    cas.device_crl_url = "http://127.0.0.1:8780" + DEVICE_CRL_PATH
+    cert = cas.sign_device_csr(load_device_csr(make_csr(make_key())), new_client_id())
+    points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [name.value for point in points for name in point.full_name or ()] == [
+        "http://127.0.0.1:8780/ca/device.crl"
+    ]
+    cas.revoke(cert.serial_number)
+    crl = x509.load_der_x509_crl(cas.device_crl_path.read_bytes())
+    assert crl.issuer == cas.device_ca_certificate.subject
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+    assert crl.get_revoked_certificate_by_serial_number(plain.serial_number) is None
 
 
 def test_thing_registry(tmp_path: Path) -> None:

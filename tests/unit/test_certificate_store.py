@@ -35,6 +35,7 @@ from iotref.device.directory_client import MachineSpec
 from iotref.device.environment import EnvironmentIdentity, load_environment
 from iotref.device.errors import StoreError
 from iotref.device.keys import KeyType, generate_private_key, private_key_pem
+from iotref.device.next_steps import Selection
 from iotref.device.onboarding import Onboarding
 from iotref.device.store_checks import check_store, environment_mismatch, issuer_fingerprint
 from iotref.device.token_store import TokenStore
@@ -401,10 +402,8 @@ def test_a_store_of_another_endpoint_says_which_and_how_to_use_it(
     made_with = EnvironmentIdentity("local", "http://127.0.0.1:46281", "aaaa0001")
     progress = _recorded(store, made_with, str(old_env))
     now_used = EnvironmentIdentity("local", "http://127.0.0.1:8780", "bbbb0002")
-    problem = environment_mismatch(
-        store.path, progress, now_used, selector="--env local",
-        store_option=Path("certificate_store/local"), command="run",
-    )  # fmt: skip
+    mine = Selection(("--env", "local"), Path("certificate_store/local"))
+    problem = environment_mismatch(store.path, progress, now_used, selection=mine, command="run")
     assert problem is not None and problem.code == "wrong_environment"
     assert problem.reason == (
         "the store certificate_store/local belongs to local at http://127.0.0.1:46281, "
@@ -418,7 +417,8 @@ def test_a_store_of_another_endpoint_says_which_and_how_to_use_it(
     )
     # The file that was used now describes another sandbox: it is not suggested.
     old_env.write_text(old_env.read_text().replace("aaaa0001", "cccc0003"))
-    problem = environment_mismatch(store.path, progress, now_used, selector="--env local")
+    local = Selection(("--env", "local"))
+    problem = environment_mismatch(store.path, progress, now_used, selection=local)
     assert problem is not None
     assert problem.next_step.startswith(
         "select local (http://127.0.0.1:46281) with its own --env or --env-file"
@@ -434,7 +434,8 @@ def test_a_store_of_an_earlier_sandbox_at_the_same_address(
     made_with = EnvironmentIdentity("local", "http://127.0.0.1:8780", "aaaa0001")
     _recorded(store, made_with, str(tmp_path / ".sandbox" / "env.local"))
     now_used = EnvironmentIdentity("local", "http://127.0.0.1:8780", "bbbb0002")
-    report = check_store(store, expected=now_used, now=NOW, selector="--env local")
+    store.selection = Selection(("--env", "local"))
+    report = check_store(store, expected=now_used, now=NOW)
     assert [p.code for p in report.problems] == ["wrong_environment"]
     problem = report.problems[0]
     assert "another sandbox" in problem.reason

@@ -364,7 +364,21 @@ def test_format_event_marks_valid_and_invalid() -> None:
     assert "✗" in lines[0][0]
     assert lines[1][0].strip().startswith("$.")
     assert "more" in lines[-1][0]
-    assert summarize({"valid": False}) == "unreadable message"
+    assert summarize({"valid": False}) == "invalid message"
+
+
+def test_schema_invalid_json_is_called_invalid_not_unreadable() -> None:
+    """Well-formed JSON that is not a telemetry message is invalid, with its first issue;
+    only a body that is not JSON is unreadable (the monitor called both unreadable)."""
+    builder = RecordBuilder(TelemetryStoreFree.validator(), ThingDirectory({CLIENT: ORG}.get))
+    invalid = event_of(builder.build(TOPIC, b'{"hello": "world"}', 1.0), 1)
+    head = format_event(invalid)[0][0]
+    assert "unreadable" not in head
+    assert "invalid message ($" in head
+    first = invalid["errors"][0]
+    assert f"{first['path']}: {first['reason']}" in head
+    garbage = event_of(builder.build(TOPIC, b"{not json", 1.0), 2)
+    assert "unreadable message (invalid JSON" in format_event(garbage)[0][0]
 
 
 def test_absurdly_nested_body_is_400(setup: Any) -> None:

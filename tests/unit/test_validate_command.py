@@ -126,7 +126,39 @@ def test_more_issues_are_counted(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     path.write_text(json.dumps(message))
     result = run(str(path))
-    assert f"{path}:1: $.assetid: required property is missing (+1 more)" in result.output
+    assert (
+        f"{path}:1: $.assetid: required property is missing (+1 more; --all shows them)"
+        in result.output
+    )
+
+
+def test_all_prints_every_issue_of_every_message(tmp_path: Path) -> None:
+    """The text mode hid the second issue behind "(+1 more)" with no way to see it but
+    --json; --all prints one line per issue, the same issues --json lists."""
+    message = bogus()
+    del message["assetid"]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([message, bogus()]))
+    result = run("--all", str(path))
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    report = json.loads(run("--json", str(path)).output)
+    expected = [
+        f"{path}:{entry['line']}: {issue['path']}: {issue['message']}"
+        for entry in report["messages"]
+        for issue in entry["issues"]
+    ]
+    assert len(expected) == 3
+    assert lines == [*expected, "0 valid, 2 invalid"]
+    assert "more" not in result.output
+
+
+def test_global_quiet_prints_only_the_summary(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([bogus(), good()]))
+    result = CliRunner().invoke(cli, ["--quiet", "validate", str(path)])
+    assert result.exit_code == 1
+    assert result.output == "1 valid, 1 invalid\n"
 
 
 def test_empty_inputs_have_no_messages(files: dict[str, Path]) -> None:

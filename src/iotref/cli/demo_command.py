@@ -47,6 +47,7 @@ from iotref.device.environment import (
 )
 from iotref.device.errors import IotrefError, LoginRequired, StoreError
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
+from iotref.device.next_steps import Selection, shell_word
 from iotref.device.onboarding import Onboarding, ProvisionOptions
 from iotref.device.simulator import Phase, PressSimulator
 
@@ -719,11 +720,12 @@ def demo(
                 _stop_sandbox(sandbox)
                 console.print("sandbox stopped")
             else:
+                use = Selection(("--env-file", str(data_dir / "env.local")), store)
                 console.print(
                     f"The sandbox keeps running for the monitor; stop it with "
-                    f"'iotref sandbox stop --data-dir {data_dir}'. Use it with "
-                    f"--env-file {data_dir / 'env.local'}, e.g. "
-                    f"'iotref run --env-file {data_dir / 'env.local'}'."
+                    f"'iotref sandbox stop --data-dir {shell_word(str(data_dir))}'. Use it with "
+                    f"{' '.join(shell_word(word) for word in use.env)}, e.g. "
+                    f"'{use.command('run')}'."
                 )
     if not ok:
         raise SystemExit(1)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from iotref.cli.output import is_quiet
 from iotref.device.environment import BUILTIN_ENVIRONMENTS, resolve_environment
 from iotref.device.errors import IotrefError
 from iotref.device.fleet import (
@@ -32,6 +33,7 @@ from iotref.device.fleet import (
     load_report,
     merge_reports,
 )
+from iotref.device.next_steps import Selection
 
 PROGRESS_INTERVAL_S = 0.5
 PLATFORM_POLL_S = 2.0
@@ -129,13 +131,13 @@ async def _run_with_progress(run: FleetRun, show: bool) -> FleetReport:
     "env_name",
     type=click.Choice(BUILTIN_ENVIRONMENTS),
     default=None,
-    help="Built-in environment (default: local).",
+    help="Built-in environment (default: local). [env: IOTREF_ENV]",
 )
 @click.option(
     "--env-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="An environment file; a sandbox.json next to it marks a sandbox.",
+    help="An environment file; a sandbox.json next to it marks a sandbox. [env: IOTREF_ENV_FILE]",
 )
 @click.option(
     "--sandbox-dir",
@@ -189,7 +191,8 @@ def fleet(
 
     Each device has its own key and certificate, kept in a store under --store-root and
     reused by later runs. Against the sandbox new devices are provisioned in bulk;
-    against a real platform (log in first with 'iotref login') one by one.
+    against a real platform (log in first with 'iotref login' and the same --env or
+    --env-file) one by one.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -216,10 +219,11 @@ def fleet(
             tune_malloc=True,
         )
         run = FleetRun(env, options, sandbox=sandbox)
-        show = not no_progress and sys.stderr.isatty()
+        show = not no_progress and not is_quiet() and sys.stderr.isatty()
         report = asyncio.run(_run_with_progress(run, show))
     except IotrefError as exc:
-        raise click.ClickException(exc.one_line()) from None
+        selection = Selection.from_options(env_name, env_file, None)
+        raise click.ClickException(exc.one_line(selection)) from None
     document = report.to_json()
     if report_file is not None:
         report_file.write_text(json.dumps(document, indent=2) + "\n")

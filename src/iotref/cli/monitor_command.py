@@ -17,6 +17,8 @@ from typing import Any
 import click
 import httpx
 
+from iotref.cli.output import is_quiet
+from iotref.device.next_steps import shell_word
 from iotref.sandbox.context import DEFAULT_DATA_DIR
 from iotref.sandbox.runner import read_running
 
@@ -77,8 +79,23 @@ def summarize(event: dict[str, Any]) -> str:
         if event.get(key) is not None:
             parts.append(f"{label} {_num(event[key])}")
     if not parts:
-        parts.append("message" if event.get("valid") else "unreadable message")
+        parts.append(_kind_of(event))
     return " · ".join(parts)
+
+
+def _kind_of(event: dict[str, Any]) -> str:
+    """What a message without recognisable fields is: valid, unreadable (not JSON) or
+    invalid (JSON, but not a telemetry message), with the first issue."""
+    if event.get("valid"):
+        return "message"
+    issues = [i for i in event.get("errors") or [] if isinstance(i, dict)]
+    first = issues[0] if issues else None
+    reason = str(first.get("reason", "")) if first else ""
+    if reason.startswith("invalid JSON"):
+        return f"unreadable message ({reason})"
+    if first is None:
+        return "invalid message"
+    return f"invalid message ({first.get('path')}: {reason})"
 
 
 def format_event(event: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -110,9 +127,10 @@ def _sandbox(data_dir: Path) -> tuple[str, str]:
     url = info.get("http_url")
     token = info.get("admin_token")
     if running.pid is None or not isinstance(url, str) or not isinstance(token, str):
-        raise click.ClickException(
-            f"no sandbox is running on {data_dir} (start one with: iotref sandbox up)"
-        )
+        start = "iotref sandbox up"
+        if data_dir != DEFAULT_DATA_DIR:
+            start += f" --data-dir {shell_word(str(data_dir))}"
+        raise click.ClickException(f"no sandbox is running on {data_dir} (start one with: {start})")
     return url, token
 
 
@@ -146,11 +164,12 @@ def monitor(data_dir: Path, device: str | None, invalid_only: bool, as_json: boo
                 response.read()
                 raise click.ClickException(_refusal(response))
             what = f"device {device}" if device else "all devices"
-            click.echo(
-                f"following {what}{' (invalid only)' if invalid_only else ''} "
-                f"at {url}; Ctrl-C to stop",
-                err=True,
-            )
+            if not is_quiet():
+                click.echo(
+                    f"following {what}{' (invalid only)' if invalid_only else ''} "
+                    f"at {url}; Ctrl-C to stop",
+                    err=True,
+                )
             for event, data in sse_events(response.iter_lines()):
                 if event == "message":
                     _print(data, as_json)

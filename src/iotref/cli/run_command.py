@@ -61,6 +61,7 @@ from iotref.cli.onboarding_commands import (
     _expected_errors,
     _store_option,
 )
+from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import (
@@ -74,6 +75,7 @@ from iotref.device.connection import ConnectionState, ConnectionTakenOver
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
+from iotref.device.next_steps import Selection, provision_new_machine
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
@@ -101,11 +103,8 @@ def load_identity(
 ) -> DeviceIdentity:
     """The store's identity, or a :class:`StoreError` with what to do."""
     path = store or default_store_path(env.name)
-    command = f"iotref provision {env.cli_selector}"
-    if store is not None:
-        command += f" --store {store}"
-    provision = f"run '{command}'"
-    certificate_store = CertificateStore(path)
+    provision = provision_new_machine().within(Selection.of(env, store))
+    certificate_store = CertificateStore(path, selection=Selection.of(env, store))
     if not path.is_dir() or certificate_store.is_empty():
         raise StoreError(f"there is no certificate store at {path}", provision, path=path)
     identity = certificate_store.load()
@@ -115,16 +114,11 @@ def load_identity(
             None
             if progress is None
             else environment_mismatch(
-                path,
-                progress,
-                env.identity,
-                selector=env.cli_selector,
-                store_option=store,
-                command="run",
+                path, progress, env.identity, selection=Selection.of(env, store), command="run"
             )
         )
         if mismatch is not None:
-            raise StoreError(mismatch.reason, mismatch.next_step, path=path)
+            raise StoreError(mismatch.reason, mismatch.hint or mismatch.next_step, path=path)
     return identity
 
 
@@ -310,10 +304,12 @@ def summary_record(
 
 
 class Display:
-    """The live status line on a terminal, periodic plain lines otherwise."""
+    """The live status line on a terminal, periodic plain lines otherwise; nothing with
+    ``iotref --quiet`` (``shown`` false)."""
 
-    def __init__(self, live: bool, every_s: float, out: TextIO) -> None:
-        self.live_mode = live
+    def __init__(self, live: bool, every_s: float, out: TextIO, shown: bool = True) -> None:
+        self.live_mode = live and shown
+        self.shown = shown
         self.every_s = every_s
         self.out = out
         self._live: Any = None
@@ -345,6 +341,8 @@ class Display:
     ) -> None:
         if self._live is not None:
             self._live.update(status_renderable(stats, counters, elapsed))
+            return
+        if not self.shown:
             return
         text = status_text(stats, counters, elapsed)
         now = time.monotonic()
@@ -615,18 +613,20 @@ async def run_sender(
         presses = make_presses(identity, options)
         began = time.monotonic()
         props = identity.properties
-        out.write(
-            f"Running sender {props.client_id} ({client.settings.where()}), "
-            + (
-                "reading JSON lines from stdin"
-                if options.from_stdin
-                else f"{options.assets} simulated press(es), every {options.interval:g} s"
+        quiet = is_quiet()
+        if not quiet:
+            out.write(
+                f"Running sender {props.client_id} ({client.settings.where()}), "
+                + (
+                    "reading JSON lines from stdin"
+                    if options.from_stdin
+                    else f"{options.assets} simulated press(es), every {options.interval:g} s"
+                )
+                + f", policy {client.options.policy}. Stop with Ctrl-C.\n"
             )
-            + f", policy {client.options.policy}. Stop with Ctrl-C.\n"
-        )
-        out.flush()
+            out.flush()
         service.ready(status_text(client.stats(), counters, 0.0))
-        with Display(out.isatty(), options.status_every, out) as display:
+        with Display(out.isatty(), options.status_every, out, shown=not quiet) as display:
             if options.from_stdin:
                 feeder = read_stdin(client, presses[0][0], options.version, counters, stop)
             else:

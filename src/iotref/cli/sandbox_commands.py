@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from iotref.cli import log_setup
+from iotref.cli.output import result
 from iotref.cli.sandbox_limit_options import limit_options, limits_from
 from iotref.protocol.limits import (
     DEFAULT_SESSION_EXPIRY_SECONDS,
@@ -23,7 +25,7 @@ from iotref.sandbox.context import (
     DEFAULT_MQTT_PORT,
     SandboxSettings,
 )
-from iotref.sandbox.runner import read_running, run_sandbox
+from iotref.sandbox.runner import monitor_url, read_running, run_sandbox
 
 _data_dir = click.option(
     "--data-dir",
@@ -144,6 +146,7 @@ def up(
     **limits: int,
 ) -> int:
     """Start the sandbox and run until Ctrl-C or SIGTERM."""
+    log_setup.as_server()
     settings = SandboxSettings(
         data_dir=data_dir,
         http_port=http_port,
@@ -179,10 +182,12 @@ def status(data_dir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"sandbox running on {data_dir} (pid {running.pid})")
+    result(f"sandbox running on {data_dir} (pid {running.pid})")
     for key in ("http_url", "mqtt_host", "mqtt_port", "env_file", "ca_file"):
         if key in info:
-            click.echo(f"  {key}: {info[key]}")
+            result(f"  {key}: {info[key]}")
+    if "http_url" in info and "admin_token" in info:
+        result(f"  monitor: {monitor_url(info)}")
 
 
 @sandbox.command()

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from iotref.cli.output import is_quiet
 from iotref.protocol.message_schemas import (
     MessageValidator,
     ValidationIssue,
@@ -140,10 +141,15 @@ def _read(name: str) -> bytes:
 
 
 def _check_file(
-    name: str, display: str, validator: MessageValidator, report: _Report
+    name: str,
+    display: str,
+    validator: MessageValidator,
+    report: _Report,
+    every_issue: bool = False,
 ) -> Iterator[str]:
-    """Validate one file, recording into ``report``; yield the text lines to print.
-    Raises OSError if the file cannot be read."""
+    """Validate one file, recording into ``report``; yield the text lines to print: one
+    per invalid message with its first issue and how many more, or with ``every_issue``
+    one per issue. Raises OSError if the file cannot be read."""
     data = _read(name)
     try:
         text = data.decode("utf-8-sig")
@@ -168,7 +174,11 @@ def _check_file(
                 "issues": [_issue_json(issue) for issue in issues],
             }
         )
-        more = f" (+{len(issues) - 1} more)" if len(issues) > 1 else ""
+        if every_issue:
+            for issue in issues:
+                yield f"{display}:{entry.line}: {issue}"
+            continue
+        more = f" (+{len(issues) - 1} more; --all shows them)" if len(issues) > 1 else ""
         yield f"{display}:{entry.line}: {issues[0]}{more}"
 
 
@@ -184,27 +194,40 @@ def _check_file(
     "--json", "as_json", is_flag=True, help="Print one JSON report instead of text lines."
 )
 @click.option(
+    "--all",
+    "every_issue",
+    is_flag=True,
+    help="One line per issue (default: each invalid message's first issue and a count).",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Also require millisecond timestamps and a UUID sendereventuuid (contract rules).",
 )
 @click.pass_context
 def validate(
-    ctx: click.Context, files: tuple[str, ...], quiet: bool, as_json: bool, strict: bool
+    ctx: click.Context,
+    files: tuple[str, ...],
+    quiet: bool,
+    as_json: bool,
+    every_issue: bool,
+    strict: bool,
 ) -> None:
     """Check telemetry messages against the platform's schemas.
 
     Each FILE ('-' for stdin) holds a JSON object, an array of objects, or JSON lines.
-    Prints one line per invalid message (file:line: path: reason) and a summary.
+    Prints one line per invalid message (file:line: path: reason; --all: one per issue)
+    and a summary (alone with 'iotref --quiet validate').
     Exit status 0 if all are valid, 1 if any is invalid, 2 if a file cannot be read.
     """
+    lines_too = not quiet and not as_json and not is_quiet()
     validator = MessageValidator(strict=True) if strict else default_validator()
     report = _Report()
     for name in files:
         display = "<stdin>" if name == "-" else name
         try:
-            for line in _check_file(name, display, validator, report):
-                if not quiet and not as_json:
+            for line in _check_file(name, display, validator, report, every_issue):
+                if lines_too:
                     click.echo(line)
         except OSError as exc:
             reason = exc.strerror or str(exc)

@@ -14,6 +14,7 @@ from iotref.device.device_flow import Clock, DeviceFlowClient, TokenSet
 from iotref.device.environment import Environment
 from iotref.device.errors import LoginRequired, StoreError
 from iotref.device.files import LockBusy
+from iotref.device.next_steps import NextStep, Selection, run
 from iotref.device.token_store import TokenStore
 
 #: Refresh this long before the access token's stated expiry.
@@ -106,5 +107,5 @@ class Authenticator:
             yield
 
 
-def _login_step(env: Environment) -> str:
-    return f"run 'iotref login {env.cli_selector}'"
+def _login_step(env: Environment) -> NextStep:
+    return run("login").within(Selection.of(env))

@@ -36,6 +36,7 @@ from iotref.device.files import (
     write_atomic,
     write_file_synced,
 )
+from iotref.device.next_steps import NextStep, Selection, run
 from iotref.device.stdlib_compat import StrEnum
 
 ROOT_CA_FILE = "amazonRootCA1.pem"
@@ -226,8 +227,10 @@ class DeviceIdentity:
 class CertificateStore:
     """One environment's store folder."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, selection: Selection | None = None) -> None:
         self.path = path
+        #: The options that select this store in next steps (default: ``--store PATH``).
+        self.selection = selection or Selection(store=path)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -239,7 +242,9 @@ class CertificateStore:
     def is_empty(self) -> bool:
         return not self.present_files() and not self.file(PROGRESS_FILE).exists()
 
-    def _error(self, reason: str, next_step: str | None = None) -> StoreError:
+    def _error(self, reason: str, next_step: str | NextStep | None = None) -> StoreError:
+        if isinstance(next_step, NextStep):
+            next_step = next_step.within(self.selection)
         return StoreError(reason, next_step, path=self.path)
 
     # -- progress -----------------------------------------------------------------------------
@@ -323,7 +328,7 @@ class CertificateStore:
         except OSError as exc:
             raise self._error(
                 f"cannot write the store {self.path}: {exc.strerror or exc}",
-                "free disk space or fix permissions, then run 'iotref provision' again",
+                run("provision", before="free disk space or fix permissions, then", then="again"),
             ) from None
 
     def _roll_forward(self, staging: Path) -> None:
@@ -360,17 +365,15 @@ class CertificateStore:
         try:
             data = json.loads(path.read_bytes())
         except FileNotFoundError:
-            raise self._error(f"{path} is missing", "run 'iotref provision'") from None
+            raise self._error(f"{path} is missing", run("provision")) from None
         except OSError as exc:
             raise self._error(f"cannot read {path}: {exc.strerror}") from None
         except ValueError:
-            raise self._error(
-                f"{path} is not valid JSON", "run 'iotref provision --renew'"
-            ) from None
+            raise self._error(f"{path} is not valid JSON", run("provision", "--renew")) from None
         try:
             return DeviceProperties.from_json(data)
         except ValueError as exc:
-            raise self._error(f"{path}: {exc}", "run 'iotref provision --renew'") from None
+            raise self._error(f"{path}: {exc}", run("provision", "--renew")) from None
 
     def load(self) -> DeviceIdentity:
         """The store's identity for connecting; :class:`StoreError` if files are missing or
@@ -380,7 +383,7 @@ class CertificateStore:
         if missing:
             raise self._error(
                 f"the certificate store {self.path} is incomplete (missing {', '.join(missing)})",
-                "run 'iotref provision'",
+                run("provision"),
             )
         return DeviceIdentity(
             store_path=self.path,

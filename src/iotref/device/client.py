@@ -64,6 +64,7 @@ from iotref.device.certificate_store import CertificateStore, DeviceIdentity, De
 from iotref.device.connection import (
     Connection,
     ConnectionEvent,
+    ConnectionFailed,
     ConnectionSettings,
     ConnectionState,
     ConnectionTakenOver,
@@ -832,9 +833,11 @@ class AsyncClient:
         discarded by ``policy="drop"`` (``"dropped_no_permission"``); the platform need not
         be reachable. Raises :class:`InvalidMessageError`, :class:`MessageTooLargeError`
         (over the platform's 128 KB per message), :class:`OutboxFullError`,
-        :class:`ClientClosed`, and
+        :class:`ClientClosed`,
         :class:`~iotref.device.connection.ConnectionTakenOver` once another process took
-        this identity's session over (nothing is queued then).
+        this identity's session over, and
+        :class:`~iotref.device.connection.ConnectionFailed` (``revoked``) once the broker
+        refused the certificate as revoked (nothing is queued then).
         ``payload`` may be a plain dict (a Status payload of ``payloadversion``, default 2).
         """
         message = build_message(
@@ -875,6 +878,14 @@ class AsyncClient:
 
     def _raise_if_taken_over(self) -> None:
         connection = self._connection
+        refused = connection.refused if connection is not None else None
+        if refused is not None:
+            raise ConnectionFailed(
+                refused.reason,
+                refused.hint or refused.next_step,
+                kind=refused.kind,
+                revoked=refused.revoked,
+            )
         if connection is not None and connection.taken_over:
             raise ConnectionTakenOver(
                 f"client id {self.client_id!r} is in use by another connection: "

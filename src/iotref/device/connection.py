@@ -62,6 +62,7 @@ from awscrt import io, mqtt5
 
 from iotref.device import stdlib_compat
 from iotref.device.errors import IotrefError, StoreError
+from iotref.device.next_steps import NextStep, run
 from iotref.device.reconnect import ReconnectSchedule
 from iotref.device.thread_state import keep_thread_state
 
@@ -116,20 +117,23 @@ class ConnectionFailed(MqttError):
     failed: wrong CA, certificate not accepted, host name mismatch), ``"refused"`` (the
     broker refused the CONNECT or closed the connection during it), ``"unreachable"``
     (DNS, no route, nothing listening, timeout) or ``"other"``. ``error_name`` is awscrt's
-    error name when there is one.
+    error name when there is one. ``revoked`` is true when the broker refused the device
+    certificate as revoked (a ``"tls"`` failure).
     """
 
     def __init__(
         self,
         reason: str,
-        next_step: str | None = None,
+        next_step: str | NextStep | None = None,
         *,
         kind: str = "other",
         error_name: str | None = None,
+        revoked: bool = False,
     ) -> None:
         super().__init__(reason, next_step)
         self.kind = kind
         self.error_name = error_name
+        self.revoked = revoked
 
 
 class ConnectionTakenOver(MqttError):
@@ -503,6 +507,8 @@ def diagnose_tls(settings: ConnectionSettings, timeout_s: float = 3.0) -> Connec
         return ConnectionFailed(reason, step, kind="tls")
     except ssl.SSLError as exc:
         text = (exc.reason or str(exc)).lower()
+        if "revoked" in text:
+            return revoked_failure(where, exc.reason or str(exc))
         if any(w in text for w in ("certificate", "unknown_ca", "unknown ca", "bad cert")):
             return ConnectionFailed(
                 f"{where} did not accept the device certificate ({exc.reason or exc})",
@@ -526,6 +532,25 @@ def diagnose_tls(settings: ConnectionSettings, timeout_s: float = 3.0) -> Connec
             kind="unreachable",
         )
     return None
+
+
+#: What to do about a revoked device certificate.
+REVOKED_NEXT_STEP = run(
+    "provision",
+    "--renew",
+    before="a revoked certificate is never accepted again:",
+    then="for a new key and certificate",
+)
+
+
+def revoked_failure(where: str, detail: str) -> ConnectionFailed:
+    """The broker refused the device certificate because it is revoked."""
+    return ConnectionFailed(
+        f"{where} refused the device certificate: it is revoked ({detail})",
+        REVOKED_NEXT_STEP,
+        kind="tls",
+        revoked=True,
+    )
 
 
 def _fatal(failure: ConnectionFailed, connack_code: int | None) -> bool:
@@ -900,6 +925,7 @@ class Connection:
         "_raw_publish",
         "_reconnect_due",
         "_reconnect_timer",
+        "_refused",
         "_schedule",
         "_session_present",
         "_started",
@@ -954,6 +980,8 @@ class Connection:
         self._diagnosis: asyncio.TimerHandle | None = None
         self._takeover_reason: str | None = None
         self._takeover_lock = threading.Lock()
+        # Set when the broker refused the certificate as revoked: no attempt can succeed.
+        self._refused: ConnectionFailed | None = None
         # Whether awscrt reported the client stopped (set on the loop, by _on_stopped),
         # and the future stop() waits on for that: made only by stop(), which spares
         # every connection a threading.Event (a Condition with a deque: ~1.1 kB).
@@ -987,6 +1015,12 @@ class Connection:
     @property
     def taken_over(self) -> bool:
         return self._state is ConnectionState.TAKEN_OVER
+
+    @property
+    def refused(self) -> ConnectionFailed | None:
+        """Why the platform refuses this identity for good (its certificate is revoked),
+        found while starting offline; the connection then stopped trying."""
+        return self._refused
 
     @property
     def stats(self) -> ConnectionStats:
@@ -1093,8 +1127,21 @@ class Connection:
             )
             await self.stop()
             raise ConnectionFailed(
-                failure.reason, failure.next_step, kind=failure.kind, error_name=failure.error_name
+                failure.reason,
+                failure.hint or failure.next_step,
+                kind=failure.kind,
+                error_name=failure.error_name,
+                revoked=failure.revoked,
             ) from None
+        except ConnectionFailed as exc:
+            await self.stop()
+            if exc.kind == "tls" and not exc.revoked:
+                # awscrt's TLS errors are generic (AWS_IO_TLS_ERROR_READ_FAILURE); Python's
+                # handshake names the cause, e.g. the broker's "certificate revoked" alert.
+                found = await asyncio.to_thread(diagnose_tls, self.settings, 3.0)
+                if found is not None and found.kind in ("tls", "config"):
+                    raise found from None
+            raise
         except MqttError:
             await self.stop()
             raise
@@ -1607,9 +1654,10 @@ class Connection:
                     waiter.set_exception(
                         ConnectionFailed(
                             failure.reason,
-                            failure.next_step,
+                            failure.hint or failure.next_step,
                             kind=failure.kind,
                             error_name=failure.error_name,
+                            revoked=failure.revoked,
                         )
                     )
             self._attempt.waiters.clear()
@@ -1708,6 +1756,19 @@ class Connection:
 
     def _on_diagnosis(self, found: ConnectionFailed) -> None:
         if self._ever_connected or self._stopping or self._state.terminal:
+            return
+        if found.revoked:
+            # A revoked certificate is never accepted again: stop trying, and say so to
+            # whoever sends next (the caller shows it with its own next step).
+            log.warning(
+                "connection: client id %s: %s; stopping",
+                self.settings.client_id,
+                found.reason,
+            )
+            self._refused = found
+            self._counters.last_error = found.reason
+            self._attempt.last_failure = found
+            self._spawn(self.stop())
             return
         if found.kind in ("tls", "config"):
             log.error(

@@ -29,6 +29,7 @@ from iotref.device.errors import (
     ProtocolError,
 )
 from iotref.device.http_client import error_code, json_object, require_str, send
+from iotref.device.next_steps import NextStep, Selection, run
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +276,16 @@ class DeviceFlowClient:
             elif error == "access_denied":
                 raise AuthorizationDenied(
                     "login denied: the request was denied on the verification page",
-                    "run 'iotref login' again and approve the request",
+                    run("login", then="again and approve the request").within(
+                        Selection.of(self.env)
+                    ),
                 )
             elif error == "expired_token":
-                raise _expired()
+                raise _expired(self.env)
             else:
                 raise _oauth_failure(response, what)
             if now > authorization.expires_at + LOCAL_EXPIRY_GRACE:
-                raise _expired()
+                raise _expired(self.env)
             if on_pending is not None:
                 on_pending(PollEvent(outcome, interval, authorization.seconds_left(now), attempt))
 
@@ -313,14 +316,16 @@ class DeviceFlowClient:
         raise _oauth_failure(response, what)
 
 
-def _login_step(env: Environment) -> str:
-    return f"run 'iotref login {env.cli_selector}'"
+def _login_step(env: Environment) -> NextStep:
+    return run("login").within(Selection.of(env))
 
 
-def _expired() -> AuthorizationExpired:
+def _expired(env: Environment) -> AuthorizationExpired:
     return AuthorizationExpired(
         "login expired: the code was not approved in time",
-        "run 'iotref login' again and approve the new code before it expires",
+        run("login", then="again and approve the new code before it expires").within(
+            Selection.of(env)
+        ),
     )
 
 

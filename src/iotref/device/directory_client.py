@@ -25,6 +25,7 @@ from iotref.device.errors import (
     ValidationFailed,
 )
 from iotref.device.http_client import json_object, json_value, require_str, send
+from iotref.device.next_steps import Selection, run, steps
 
 MACHINE_KINDS = ("offset_press", "digital_press", "folder")
 
@@ -117,7 +118,7 @@ class DirectoryClient:
             if response.status_code == 401:
                 raise LoginRequired(
                     f"{what}: the directory does not accept this device's login",
-                    "run 'iotref login' again",
+                    run("login", then="again").within(Selection.of(self.env)),
                 )
         if response.status_code >= 400:
             raise _api_error(response, what)
@@ -234,8 +235,11 @@ def _api_error(response: httpx.Response, what: str) -> ApiError:
     if status == 403:
         return PermissionDenied(
             f"{what}: the directory refused access (HTTP 403)",
-            "log in again and approve the request for an organization "
-            "('iotref logout', then 'iotref login')",
+            steps(
+                "log in again and approve the request for an organization ({}, then {})",
+                ("logout",),
+                ("login",),
+            ),
             status=status,
         )
     if status == 404:

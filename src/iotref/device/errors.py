@@ -1,7 +1,9 @@
 """The device library's exceptions: one small hierarchy under :class:`IotrefError`.
 
 Every error carries a ``reason`` (what went wrong, one sentence) and, where there is one, a
-``next_step`` (what the person should do). Messages never contain secrets: no tokens,
+``next_step`` (what the person should do); a next step that names ``iotref`` commands is a
+:class:`~iotref.device.next_steps.NextStep` too (``hint``), which a command line renders
+with the person's own environment and store options. Messages never contain secrets: no tokens,
 device codes, refresh tokens or key material, and no raw answers of the token endpoint.
 """
 
@@ -10,23 +12,34 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from iotref.device.next_steps import NextStep, Selection
+
 
 class IotrefError(Exception):
     """Base class of every expected failure of the device library."""
 
-    def __init__(self, reason: str, next_step: str | None = None) -> None:
+    def __init__(self, reason: str, next_step: str | NextStep | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.next_step = next_step
+        self.hint = next_step if isinstance(next_step, NextStep) else None
+        self.next_step = next_step.render() if isinstance(next_step, NextStep) else next_step
 
     def __str__(self) -> str:
         return self.reason
 
-    def one_line(self) -> str:
-        """The reason and the next step on one line, for a CLI."""
+    def next_step_for(self, selection: Selection | None) -> str | None:
+        """The next step, its commands with ``selection``'s options where it names any."""
+        if self.hint is not None and selection is not None:
+            return self.hint.render(selection)
+        return self.next_step
+
+    def one_line(self, selection: Selection | None = None) -> str:
+        """The reason and the next step on one line, for a CLI (commands in the next step
+        carry ``selection``'s options)."""
         text = " ".join(self.reason.split())
-        if self.next_step:
-            text += f" (next: {' '.join(self.next_step.split())})"
+        next_step = self.next_step_for(selection)
+        if next_step:
+            text += f" (next: {' '.join(next_step.split())})"
         return text
 
 
@@ -57,7 +70,9 @@ class AuthorizationExpired(AuthError):
 class AuthorizationFailed(AuthError):
     """The directory refused the device flow for another reason (``invalid_client``...)."""
 
-    def __init__(self, reason: str, next_step: str | None = None, *, error: str = "") -> None:
+    def __init__(
+        self, reason: str, next_step: str | NextStep | None = None, *, error: str = ""
+    ) -> None:
         super().__init__(reason, next_step)
         self.error = error
 
@@ -70,7 +85,9 @@ class LoginRequired(AuthError):
 class ApiError(IotrefError):
     """A directory, configuration or provisioning call answered with an error status."""
 
-    def __init__(self, reason: str, next_step: str | None = None, *, status: int = 0) -> None:
+    def __init__(
+        self, reason: str, next_step: str | NextStep | None = None, *, status: int = 0
+    ) -> None:
         super().__init__(reason, next_step)
         self.status = status
 
@@ -89,7 +106,7 @@ class ValidationFailed(ApiError):
     def __init__(
         self,
         reason: str,
-        next_step: str | None = None,
+        next_step: str | NextStep | None = None,
         *,
         status: int = 422,
         errors: Mapping[str, Sequence[str]] | None = None,
@@ -106,7 +123,7 @@ class StoreError(IotrefError):
     """A certificate or token store that is missing, broken, foreign or not writable."""
 
     def __init__(
-        self, reason: str, next_step: str | None = None, *, path: Path | None = None
+        self, reason: str, next_step: str | NextStep | None = None, *, path: Path | None = None
     ) -> None:
         super().__init__(reason, next_step)
         self.path = path

@@ -113,6 +113,7 @@ from iotref.device.messages import (
     StatusV2,
     build_message,
 )
+from iotref.device.next_steps import shell_word
 from iotref.device.outbox import (
     AppendResult,
     Durability,
@@ -593,8 +594,9 @@ class SandboxInfo:
                 pid=int(data["pid"]) if data.get("pid") else None,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
+            start = f"iotref sandbox up --data-dir {shell_word(str(path.parent))}"
             raise FleetError(
-                f"cannot use {path}: {exc}", "is the sandbox running? ('iotref sandbox up')"
+                f"cannot use {path}: {exc}", f"is the sandbox running? ('{start}')"
             ) from None
 
 

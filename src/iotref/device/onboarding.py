@@ -73,6 +73,7 @@ from iotref.device.keys import (
     key_matches_certificate,
     private_key_pem,
 )
+from iotref.device.next_steps import Selection, run, steps
 from iotref.device.provisioning_client import ProvisioningClient
 from iotref.device.store_checks import (
     DEFAULT_EXPIRY_THRESHOLD_DAYS,
@@ -168,9 +169,13 @@ class Onboarding:
         on_step: StepCallback | None = None,
     ) -> None:
         self.env = env
-        #: ``store_path`` as given (None: the default), for hints that name it.
+        #: ``store_path`` as given (None: the default), and with the environment the
+        #: selection that next steps carry, so that they run as printed.
         self.store_option = store_path
-        self.store = CertificateStore(store_path or default_store_path(env.name))
+        self.selection = Selection.of(env, store_path)
+        self.store = CertificateStore(
+            store_path or default_store_path(env.name), selection=self.selection
+        )
         self.token_store = token_store or TokenStore()
         self._owns_http = http is None
         self.http = http or create_http_client()
@@ -254,8 +259,6 @@ class Onboarding:
             self.store,
             expected=self.env.identity,
             threshold_days=threshold_days,
-            selector=self.env.cli_selector,
-            store_option=self.store_option,
         )
 
     # -- provisioning -------------------------------------------------------------------------
@@ -280,7 +283,7 @@ class Onboarding:
             ):
                 raise ProvisioningError(
                     f"nothing to renew: the store {self.store.path} holds no provisioned machine",
-                    "run 'iotref provision' without --renew",
+                    run("provision", then="without --renew").within(self.selection),
                 )
             return await self._provision(progress, options)
 
@@ -296,15 +299,12 @@ class Onboarding:
                 )
             return None
         mismatch = environment_mismatch(
-            self.store.path,
-            progress,
-            self.env.identity,
-            selector=self.env.cli_selector,
-            store_option=self.store_option,
-            command="run",
+            self.store.path, progress, self.env.identity, selection=self.selection, command="run"
         )
         if mismatch is not None:
-            raise StoreError(mismatch.reason, mismatch.next_step, path=self.store.path)
+            raise StoreError(
+                mismatch.reason, mismatch.hint or mismatch.next_step, path=self.store.path
+            )
         return progress
 
     def _reuse(self, progress: Progress) -> ProvisionResult:
@@ -315,7 +315,9 @@ class Onboarding:
             reasons = "; ".join(p.reason for p in blocking) or "properties.json is unusable"
             raise StoreError(
                 f"the store {self.store.path} cannot be reused: {reasons}",
-                first.next_step if first else "run 'iotref provision --renew'",
+                (first.hint or first.next_step)
+                if first
+                else run("provision", "--renew").within(self.selection),
                 path=self.store.path,
             )
         warnings = tuple(p.reason for p in report.problems)
@@ -352,8 +354,11 @@ class Onboarding:
                 raise ProvisioningError(
                     f"this login is for organization {bearer_org}, but the store's machine "
                     f"belongs to organization {progress.organization_id}",
-                    "log in again and pick that organization ('iotref logout', then "
-                    "'iotref login')",
+                    steps(
+                        "log in again and pick that organization ({}, then {})",
+                        ("logout",),
+                        ("login",),
+                    ).within(self.selection),
                 )
             if resumed:
                 self._step(
@@ -491,8 +496,10 @@ class Onboarding:
                     raise ProvisioningError(
                         "an earlier, interrupted run may already have created this machine "
                         f"(serial number {spec.serial_number} of {spec.manufacturer} is taken)",
-                        "find the machine's id in the directory and run 'iotref provision "
-                        "--machine-id ID'",
+                        steps(
+                            "find the machine's id in the directory and run {} with it",
+                            ("provision", "--machine-id", "MACHINE_ID"),
+                        ).within(self.selection),
                     ) from None
                 raise
             created = True

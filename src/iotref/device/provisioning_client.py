@@ -21,6 +21,7 @@ from iotref.device.errors import (
     ValidationFailed,
 )
 from iotref.device.http_client import error_detail, json_object, require_str, send
+from iotref.device.next_steps import Selection, run, steps
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class ProvisioningClient:
         else:
             raise LoginRequired(
                 f"{what}: the service does not accept this device's login",
-                "run 'iotref login' again",
+                run("login", then="again").within(Selection.of(self.env)),
             )
         if response.status_code >= 400:
             raise _service_error(response, what)
@@ -121,8 +122,11 @@ def _service_error(response: httpx.Response, what: str) -> ApiError:
     if status == 403:
         return PermissionDenied(
             f"{what}: the service refused access ({detail})",
-            "log in again for the organization that owns the site "
-            "('iotref logout', then 'iotref login')",
+            steps(
+                "log in again for the organization that owns the site ({}, then {})",
+                ("logout",),
+                ("login",),
+            ),
             status=status,
         )
     if status == 404:

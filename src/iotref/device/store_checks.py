@@ -1,4 +1,6 @@
-"""Checks of a certificate store, without the network: what ``iotref status`` reports.
+"""Checks of a certificate store, without the network: what ``iotref status`` reports
+about the store itself (the platform's view of the certificate is
+:mod:`iotref.device.revocation`).
 
 Each problem comes with a code, the reason and a next step. Checked: the environment the
 store belongs to; that every file is there and parses; ``properties.json`` has exactly the
@@ -30,7 +32,6 @@ checked:
 from __future__ import annotations
 
 import os
-import shlex
 import sqlite3
 import stat
 import time
@@ -56,6 +57,14 @@ from iotref.device.certificate_store import (
 from iotref.device.environment import EnvironmentIdentity, load_environment_file
 from iotref.device.errors import ConfigurationError, StoreError
 from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
+from iotref.device.next_steps import (
+    NextStep,
+    Selection,
+    provision_new_machine,
+    run,
+    shell_word,
+    steps,
+)
 from iotref.device.outbox import OUTBOX_FILE_NAME
 from iotref.device.outbox_integrity import (
     DAMAGED_INFIX,
@@ -69,16 +78,19 @@ from iotref.device.outbox_salvage import read_reports
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
-RENEW = "run 'iotref provision --renew' for a new key and certificate"
+RENEW = run("provision", "--renew", then="for a new key and certificate")
 
 
 @dataclass(frozen=True)
 class StoreProblem:
-    """One finding: a stable ``code``, the ``reason`` and the ``next_step``."""
+    """One finding: a stable ``code``, the ``reason`` and the ``next_step``; ``hint`` is
+    the next step as a :class:`~iotref.device.next_steps.NextStep` where it names
+    ``iotref`` commands (for a command line to render with the person's options)."""
 
     code: str
     reason: str
     next_step: str
+    hint: NextStep | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,8 @@ class StoreReport:
     missing: list[str] = field(default_factory=list)
     problems: list[StoreProblem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The options that selected this store, for next steps that run as printed.
+    selection: Selection | None = None
     outbox: str | None = None
     """The outbox in one line (queued, refused, in use), or None when there is none."""
 
@@ -119,8 +133,12 @@ class StoreReport:
     def environment(self) -> EnvironmentIdentity | None:
         return None if self.progress is None else self.progress.environment
 
-    def add(self, code: str, reason: str, next_step: str) -> None:
-        self.problems.append(StoreProblem(code, reason, next_step))
+    def add(self, code: str, reason: str, next_step: str | NextStep) -> None:
+        if isinstance(next_step, NextStep):
+            hint = next_step.within(self.selection) if self.selection else next_step
+            self.problems.append(StoreProblem(code, reason, hint.render(), hint))
+        else:
+            self.problems.append(StoreProblem(code, reason, next_step))
 
 
 def _read_pem_certificates(path: Path) -> list[x509.Certificate]:
@@ -177,28 +195,28 @@ def check_store(
     expected: EnvironmentIdentity | None = None,
     threshold_days: float = DEFAULT_EXPIRY_THRESHOLD_DAYS,
     now: datetime | None = None,
-    selector: str | None = None,
-    store_option: Path | None = None,
 ) -> StoreReport:
     """Inspect ``store`` locally. ``expected`` is the environment in use: a store of another
-    environment is a problem, whose next step names ``selector`` and ``store_option`` (see
-    :func:`environment_mismatch`). Never raises for a broken store; reports it."""
+    environment is a problem (see :func:`environment_mismatch`). Next steps carry the
+    store's :attr:`~CertificateStore.selection`. Never raises for a broken store; reports
+    it."""
     now = now or datetime.now(timezone.utc)
-    report = StoreReport(path=store.path)
+    report = StoreReport(path=store.path, selection=store.selection)
     if not store.path.exists() or store.is_empty():
         report.add(
-            "absent", f"there is no certificate store at {store.path}", "run 'iotref provision'"
+            "absent", f"there is no certificate store at {store.path}", provision_new_machine()
         )
         return report
 
-    _check_environment(store, report, expected, selector, store_option)
+    _check_environment(store, report, expected)
     report.missing = [name for name in STORE_FILES if not store.file(name).is_file()]
     progress = report.progress
     if report.missing:
         if progress is not None and progress.state is not ProgressState.PROVISIONED:
-            step = "run 'iotref provision' to finish provisioning"
+            then = "to finish provisioning"
             if progress.machine_id:
-                step += f" (it continues with machine {progress.machine_id})"
+                then += f" (it continues with machine {progress.machine_id})"
+            step = run("provision", then=then)
             report.add(
                 "incomplete",
                 f"provisioning has not finished (state {progress.state.value}); missing "
@@ -209,7 +227,7 @@ def check_store(
             report.add(
                 "incomplete",
                 f"the store is incomplete: missing {', '.join(report.missing)}",
-                RENEW if progress is not None and progress.machine_id else "run 'iotref provision'",
+                RENEW if progress is not None and progress.machine_id else provision_new_machine(),
             )
 
     _check_properties(store, report)
@@ -264,7 +282,7 @@ def _check_outbox(path: Path, report: StoreReport) -> None:
         report.add(
             "outbox_damaged",
             f"the outbox is damaged: {found.damage.detail}",
-            "the next 'iotref run' sets it aside and recovers every readable message",
+            steps("the next {} sets it aside and recovers every readable message", ("run",)),
         )
         report.outbox = "damaged"
         return
@@ -275,13 +293,11 @@ def _check_environment(
     store: CertificateStore,
     report: StoreReport,
     expected: EnvironmentIdentity | None,
-    selector: str | None,
-    store_option: Path | None,
 ) -> None:
     try:
         report.progress = store.read_progress()
     except StoreError as exc:
-        report.add("progress_unreadable", exc.reason, exc.next_step or "")
+        report.add("progress_unreadable", exc.reason, exc.hint or exc.next_step or "")
         return
     progress = report.progress
     if progress is None:
@@ -290,35 +306,36 @@ def _check_environment(
                 "unknown_environment",
                 "the store has no record of its environment (not made by iotref, or the "
                 f"record {store.file('.progress.json').name} was removed)",
-                "move the folder away and run 'iotref provision', or pass --store for a "
-                "store of this environment",
+                run(
+                    "provision",
+                    before="move the folder away and",
+                    then="or pass --store for a store of this environment",
+                ),
             )
         return
     if expected is not None:
         problem = environment_mismatch(
-            store.path, progress, expected, selector=selector, store_option=store_option,
-            command="status",
-        )  # fmt: skip
+            store.path, progress, expected, selection=store.selection, command="status"
+        )
         if problem is not None:
             report.problems.append(problem)
 
 
 def _shown(path: Path) -> str:
-    """``path`` for a message: relative to the working directory when inside it, quoted
-    for the shell when needed."""
+    """``path`` for a message: relative to the working directory when inside it."""
     text = str(path)
     if path.is_absolute():
         with_cwd = os.path.relpath(path)
         if not with_cwd.startswith(".."):
             text = with_cwd
-    return shlex.quote(text)
+    return text
 
 
-def _own_selector(progress: Progress) -> str | None:
+def _own_selection(progress: Progress) -> tuple[str, ...] | None:
     """The option that selects the environment a store was made for, if it still does."""
     recorded, source = progress.environment, progress.environment_source
     if source == "built-in":
-        return f"--env {recorded.name}"
+        return ("--env", recorded.name)
     if not source:
         return None
     try:
@@ -327,7 +344,7 @@ def _own_selector(progress: Progress) -> str | None:
         return None
     if not env.identity.matches(recorded):
         return None  # the file now describes something else (e.g. a restarted sandbox)
-    return f"--env-file {_shown(Path(source))}"
+    return ("--env-file", _shown(Path(source)))
 
 
 def environment_mismatch(
@@ -335,38 +352,35 @@ def environment_mismatch(
     progress: Progress,
     current: EnvironmentIdentity,
     *,
-    selector: str | None = None,
-    store_option: Path | None = None,
+    selection: Selection | None = None,
     command: str = "run",
 ) -> StoreProblem | None:
     """``wrong_environment`` if the store was made for another environment than
     ``current``: the reason says what differs (environment, endpoint or sandbox); the next
-    step names commands with the user's options, ``selector`` (``--env NAME`` or
-    ``--env-file PATH`` in use) and ``store_option`` (``--store`` as given, or None):
-    ``iotref COMMAND`` with the store's own environment, or provisioning for this one."""
+    step is ``iotref COMMAND`` with the store's own environment, or provisioning for this
+    one, with ``selection`` (the person's ``--env``/``--env-file`` and ``--store``)."""
     recorded = progress.environment
     if recorded.matches(current):
         return None
     store = _shown(store_path)
-    store_arg = f" --store {_shown(store_option)}" if store_option is not None else ""
-    provision = (
-        f"'iotref provision {selector}{store_arg}'"
-        if selector
-        else ("'iotref provision' with this environment's --env or --env-file")
-    )
-    move = f"move it away ('mv {store} {store}.old') and run {provision}"
+    mv = f"mv {shell_word(store)} {shell_word(store + '.old')}".replace("{", "{{")
+    move = f"move it away ('{mv.replace('}', '}}')}') and run {{}}"
     reason = f"the store {store} belongs to {recorded.difference(current)}"
     if (recorded.name, recorded.directory_host) == (current.name, current.directory_host):
-        step = f"its certificate is not valid with the sandbox there now: {move}"
+        text = f"its certificate is not valid with the sandbox there now: {move}"
     else:
-        own = _own_selector(progress)
+        own = _own_selection(progress)
         use = (
-            f"run 'iotref {command} {own} --store {store}'"
+            f"run '{Selection(own, Path(store)).command(command)}'"
             if own
             else f"select {recorded} with its own --env or --env-file"
         )
-        step = f"{use} to use it with the environment it was made for, or {move} for this one"
-    return StoreProblem("wrong_environment", reason, step)
+        text = (
+            f"{use.replace('{', '{{').replace('}', '}}')} to use it with the environment it "
+            f"was made for, or {move} for this one"
+        )
+    hint = NextStep(text, (("provision",),), selection)
+    return StoreProblem("wrong_environment", reason, hint.render(), hint)
 
 
 def _check_properties(store: CertificateStore, report: StoreReport) -> None:
@@ -459,7 +473,12 @@ def _check_certificate(
             "certificate_not_yet_valid",
             f"the certificate is valid only from {info.not_before:%Y-%m-%d %H:%M} UTC "
             "(is the clock right?)",
-            "check the system clock, then " + RENEW,
+            run(
+                "provision",
+                "--renew",
+                before="check the system clock, then",
+                then="for a new key and certificate",
+            ),
         )
     elif now > info.not_after:
         report.add(
@@ -553,7 +572,12 @@ def _check_permissions(store: CertificateStore, report: StoreReport) -> None:
                 report.add(
                     "insecure_permissions",
                     f"{PRIVATE_KEY_FILE} is readable by others (mode {key_mode:o})",
-                    f"chmod 600 {key_path}; if others may have copied it, " + RENEW,
+                    run(
+                        "provision",
+                        "--renew",
+                        before=f"chmod 600 {key_path}; if others may have copied it,",
+                        then="for a new key and certificate",
+                    ),
                 )
     except OSError as exc:
         report.add(

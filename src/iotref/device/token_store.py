@@ -31,6 +31,7 @@ from iotref.device.files import (
     remove_durably,
     write_atomic,
 )
+from iotref.device.next_steps import Selection, run, steps
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class TokenStore:
         except OSError as exc:
             raise StoreError(
                 f"cannot read the token file {path}: {exc.strerror}",
-                "check its owner and permissions, or run 'iotref logout' and log in again",
+                steps(
+                    "check its owner and permissions, or run {} and log in again", ("logout",)
+                ).within(Selection.of(env)),
                 path=path,
             ) from None
         if not is_private(path):
@@ -94,7 +97,7 @@ class TokenStore:
             ):
                 raise StoreError(
                     f"the token file {path} belongs to another environment",
-                    "run 'iotref logout' and log in again",
+                    run("logout", then="and log in again").within(Selection.of(env)),
                     path=path,
                 )
             saved_sandbox = environment.get("sandbox_id")
@@ -112,7 +115,7 @@ class TokenStore:
         except (ValueError, TypeError, AttributeError):
             raise StoreError(
                 f"the token file {path} is damaged",
-                "run 'iotref logout' and 'iotref login' again",
+                steps("run {} and {} again", ("logout",), ("login",)).within(Selection.of(env)),
                 path=path,
             ) from None
 

@@ -154,20 +154,25 @@ def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     os.replace(tmp, path)
 
 
-def _configure_logging(paths: SandboxPaths, stream: TextIO) -> None:
+def _configure_logging(paths: SandboxPaths, stream: TextIO) -> logging.Handler:
+    """Info and up into ``logs/sandbox.log``; on ``stream`` too unless the caller (the
+    ``iotref`` command, by its -v/--quiet) already logs somewhere. Returns the file's
+    handler."""
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    console = logging.StreamHandler(stream)
-    console.setFormatter(formatter)
-    root.addHandler(console)
+    if not root.handlers:
+        console = logging.StreamHandler(stream)
+        console.setFormatter(formatter)
+        console.setLevel(logging.INFO)
+        root.addHandler(console)
     file_handler = logging.FileHandler(paths.log_dir / "sandbox.log")
     file_handler.setFormatter(formatter)
+    file_handler.setLevel(logging.INFO)
     root.addHandler(file_handler)
+    root.setLevel(min(handler.level or logging.DEBUG for handler in root.handlers))
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    return file_handler
 
 
 class Sandbox:
@@ -244,7 +249,10 @@ class Sandbox:
         from iotref.sandbox.directory.service import Directory
         from iotref.sandbox.monitor.component import Monitor
         from iotref.sandbox.provisioning.bulk import BulkProvisioning
-        from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+        from iotref.sandbox.provisioning.certificate_authority import (
+            DEVICE_CRL_PATH,
+            CertificateAuthorities,
+        )
         from iotref.sandbox.provisioning.service import Provisioning
         from iotref.sandbox.provisioning.things import ThingRegistry
         from iotref.sandbox.quota_meter import QuotaMeter
@@ -253,6 +261,7 @@ class Sandbox:
 
         cas = CertificateAuthorities(ctx.paths.ca_dir)
         cas.ensure()
+        cas.device_crl_url = f"{ctx.http_url}{DEVICE_CRL_PATH}"
         self.cas = cas
         things = ThingRegistry(ctx.db)
         directory = Directory(ctx)
@@ -314,21 +323,39 @@ class Sandbox:
         return OAUTH_CLIENT_ID
 
 
+def monitor_url(info: dict[str, Any]) -> str:
+    """The monitor's address with the admin token, from ``sandbox.json``'s values."""
+    return f"{info['http_url']}/monitor?token={info['admin_token']}"
+
+
+def banner(info: dict[str, Any], sandbox_json: Path, auto_approve: bool) -> str:
+    """What ``iotref sandbox up`` prints once the sandbox is ready."""
+    from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD
+
+    sign_in = f"{DEMO_EMAIL}, password {DEMO_PASSWORD}"
+    if auto_approve:
+        sign_in += " (not needed: --auto-approve approves every request as this person)"
+    else:
+        sign_in += " (on the page 'iotref login' opens)"
+    return (
+        f"sandbox ready: {info['http_url']}  mqtts://{info['mqtt_host']}:{info['mqtt_port']}\n"
+        f"  monitor:    {monitor_url(info)}\n"
+        f"  sign in:    {sign_in}\n"
+        f"  env file:   {info['env_file']}\n"
+        f"  details:    {sandbox_json.resolve()}\n"
+        "Press Ctrl-C to stop.\n"
+    )
+
+
 def run_sandbox(settings: SandboxSettings, out: TextIO = sys.stdout) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit code."""
     paths = SandboxPaths(settings.data_dir)
     paths.data_dir.mkdir(parents=True, exist_ok=True)
-    _configure_logging(paths, sys.stderr)
+    log_file = _configure_logging(paths, sys.stderr)
     sandbox = Sandbox(settings)
 
     def ready(info: dict[str, Any]) -> None:
-        out.write(
-            f"sandbox ready: {info['http_url']}  mqtts://{info['mqtt_host']}:{info['mqtt_port']}\n"
-            f"  monitor:    {info['http_url']}/monitor?token={info['admin_token']}\n"
-            f"  env file:   {info['env_file']}\n"
-            f"  details:    {paths.sandbox_json.resolve()}\n"
-            "Press Ctrl-C to stop.\n"
-        )
+        out.write(banner(info, paths.sandbox_json, settings.auto_approve))
         out.flush()
 
     async def main() -> None:
@@ -342,5 +369,8 @@ def run_sandbox(settings: SandboxSettings, out: TextIO = sys.stdout) -> int:
     except SandboxError as exc:
         sys.stderr.write(f"iotref sandbox: {exc}\n")
         return 1
+    finally:
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
     out.write("sandbox stopped\n")
     return 0

@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any
 
 from iotref.sandbox.directory.api import MAX_FIELD_LENGTH
-from iotref.sandbox.directory.verification_page import SESSION_COOKIE
+from iotref.sandbox.directory.verification_page import DEMO_ACCOUNT_PATH, SESSION_COOKIE
 from iotref.sandbox.openapi_fragment import (
     DIRECTORY_BEARER,
     HTTP_METHODS,
@@ -306,6 +306,28 @@ def verification_page_fragment() -> Fragment:
                         "401": html_response("Wrong email or password."),
                         "403": csrf_refused,
                         "413": response_ref("PayloadTooLarge"),
+                    },
+                }
+            },
+            DEMO_ACCOUNT_PATH: {
+                "get": {
+                    "tags": [TAG_PAGE],
+                    "operationId": "demoAccount",
+                    "summary": "The sandbox's seeded demo account, to sign in with (sandbox only)",
+                    "security": [],
+                    "responses": {
+                        "200": json_response(
+                            "The demo person's email and password.",
+                            {
+                                "type": "object",
+                                "required": ["email", "password"],
+                                "properties": {
+                                    "email": {"type": "string"},
+                                    "password": {"type": "string"},
+                                },
+                                "additionalProperties": False,
+                            },
+                        )
                     },
                 }
             },

@@ -1,11 +1,11 @@
 """The device flow's verification page (``/oauth/device``): sign in, check the code, pick the
-organization, approve or deny.
+organization, approve or deny. The sign-in page names the seeded demo account, which
+``GET /oauth/device/demo_account`` also answers (for ``iotref login`` on the sandbox).
 
-Server-rendered HTML from the files in ``templates/``
-(:mod:`iotref.sandbox.html_templates`), with the style sheet inlined: the page loads
-nothing else. Sessions live server-side in ``directory_sessions``
-(the cookie holds a random id, the table its SHA-256); every form carries a CSRF token
-derived from the session id.
+Server-rendered HTML from the files in ``templates/`` (:mod:`iotref.sandbox.html_templates`),
+with the style sheet inlined: the page loads nothing else. Sessions live server-side in
+``directory_sessions`` (the cookie holds a random id, the table its SHA-256); every form
+carries a CSRF token derived from the session id.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import secrets
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from iotref.sandbox.directory.device_authorization import (
@@ -29,6 +29,7 @@ from iotref.sandbox.directory.device_authorization import (
     normalize_user_code,
 )
 from iotref.sandbox.directory.records import DirectoryRecords, Organization
+from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD
 from iotref.sandbox.html_templates import Html, Templates
 from iotref.sandbox.http_errors import ApiError, read_form_or_json
 
@@ -36,6 +37,7 @@ SESSION_COOKIE = "iotref_directory_session"
 SESSION_TTL = 12 * 3600
 SIGN_IN_PATH = VERIFICATION_PATH + "/sign_in"
 SIGN_OUT_PATH = VERIFICATION_PATH + "/sign_out"
+DEMO_ACCOUNT_PATH = VERIFICATION_PATH + "/demo_account"
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS directory_sessions (
@@ -109,6 +111,7 @@ class VerificationPage:
             Route(VERIFICATION_PATH, self._decide, methods=["POST"]),
             Route(SIGN_IN_PATH, self._sign_in, methods=["POST"]),
             Route(SIGN_OUT_PATH, self._sign_out, methods=["POST"]),
+            Route(DEMO_ACCOUNT_PATH, self._demo_account, methods=["GET"]),
         ]
 
     # -- sessions ---------------------------------------------------------------------------
@@ -176,6 +179,8 @@ class VerificationPage:
         body = render(
             "sign_in.html",
             message=_message(message),
+            demo_email=DEMO_EMAIL,
+            demo_password=DEMO_PASSWORD,
             sign_in_path=SIGN_IN_PATH,
             csrf_token=session.csrf,
             user_code=user_code,
@@ -283,6 +288,11 @@ class VerificationPage:
         if code is not None:
             target += "?" + urlencode({"user_code": code})
         return self._set_cookie(RedirectResponse(target, status_code=303), session)
+
+    async def _demo_account(self, request: Request) -> Response:
+        """The seeded demo account, for a command line to show beside the code (the
+        sandbox serves loopback only; its sign-in page shows the same)."""
+        return JSONResponse({"email": DEMO_EMAIL, "password": DEMO_PASSWORD})
 
     async def _sign_out(self, request: Request) -> Response:
         session = self._session(request)

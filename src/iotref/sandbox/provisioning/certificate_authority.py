@@ -35,6 +35,8 @@ DEFAULT_DEVICE_CERT_DAYS = 365
 CA_DAYS = 20 * 365
 SERVICE_CERT_DAYS = 5 * 365
 CRL_DAYS = 365
+#: The HTTP path of the device CA's CRL (DER), named in device certificates.
+DEVICE_CRL_PATH = "/ca/device.crl"
 RENEW_BEFORE = dt.timedelta(days=30)
 CLOCK_SKEW = dt.timedelta(minutes=5)
 MAX_CSR_CHARS = 64 * 1024
@@ -188,6 +190,9 @@ class CertificateAuthorities:
         self._server_root: _Authority | None = None
         self._device_ca: _Authority | None = None
         self._platform_ca: _Authority | None = None
+        #: Where the device CA's CRL is served (``GET /ca/device.crl``), named in the device
+        #: certificates issued from then on; None: not named.
+        self.device_crl_url: str | None = None
 
     # --- file layout -----------------------------------------------------------------
 
@@ -258,6 +263,11 @@ class CertificateAuthorities:
         """One PEM file with a CRL of the device CA and one of the platform CA."""
         return self.ca_dir / "crl.pem"
 
+    @property
+    def device_crl_path(self) -> Path:
+        """The device CA's CRL alone, DER, as served at :data:`DEVICE_CRL_PATH`."""
+        return self.ca_dir / "device.crl"
+
     # --- public API --------------------------------------------------------------------
 
     @property
@@ -324,7 +334,8 @@ class CertificateAuthorities:
     def sign_device_csr(
         self, csr: x509.CertificateSigningRequest, client_id: str
     ) -> x509.Certificate:
-        """A device certificate for the CSR's key: CN = ``client_id``, clientAuth only."""
+        """A device certificate for the CSR's key: CN = ``client_id``, clientAuth only; it
+        names :attr:`device_crl_url` as its CRL distribution point when that is set."""
         check_device_public_key(csr)
         ca = self._device()
         public_key = csr.public_key()
@@ -347,6 +358,14 @@ class CertificateAuthorities:
                 critical=False,
             )
         )
+        if self.device_crl_url:
+            point = x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(self.device_crl_url)],
+                relative_name=None,
+                reasons=None,
+                crl_issuer=None,
+            )
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
         return builder.sign(ca.key, hashes.SHA256())
 
     def revoke(self, serial: int) -> None:
@@ -390,6 +409,7 @@ class CertificateAuthorities:
             serialization.Encoding.PEM
         )
         write_file_atomic(self.crl_path, pem)
+        write_file_atomic(self.device_crl_path, device.public_bytes(serialization.Encoding.DER))
 
     # --- internals ---------------------------------------------------------------------
 

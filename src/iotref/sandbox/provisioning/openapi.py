@@ -17,6 +17,7 @@ from iotref.sandbox.openapi_fragment import (
     response_ref,
     schema_ref,
 )
+from iotref.sandbox.provisioning.certificate_authority import DEVICE_CRL_PATH
 from iotref.sandbox.provisioning.things import CLIENT_ID_PATTERN
 
 TAG_PROVISIONING = "Configuration and provisioning"
@@ -102,6 +103,26 @@ def provisioning_fragment() -> Fragment:
                         "403": response_ref("Forbidden"),
                         "413": response_ref("PayloadTooLarge"),
                         "422": response_ref("UnknownSite"),
+                    },
+                }
+            },
+            DEVICE_CRL_PATH: {
+                "get": {
+                    "tags": [TAG_PROVISIONING],
+                    "operationId": "deviceCrl",
+                    "summary": "The device CA's certificate revocation list (sandbox only)",
+                    "description": "DER (RFC 5280); every device certificate names this URL "
+                    "as its CRL distribution point. AWS IoT Core's certificates name none.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "The CRL.",
+                            "content": {
+                                "application/pkix-crl": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                }
+                            },
+                        }
                     },
                 }
             },

@@ -2,7 +2,8 @@
 
 Owns ``GET /v3/configuration``, ``POST /v4/provisioning`` (bearer token from the
 directory, CSR checked and signed by the device CA, one new thing per call) and the
-admin routes ``GET /admin/things`` and ``POST /admin/things/{client_id}/revoke``.
+admin routes ``GET /admin/things`` and ``POST /admin/things/{client_id}/revoke``, and the
+device CA's CRL at ``GET /ca/device.crl`` (named in every device certificate).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import serialization
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from iotref.sandbox.context import THING_REGISTERED, SandboxContext
 from iotref.sandbox.http_errors import ApiError, read_json_object
 from iotref.sandbox.provisioning.certificate_authority import (
+    DEVICE_CRL_PATH,
     CertificateAuthorities,
     CsrError,
     load_device_csr,
@@ -109,6 +111,7 @@ class Provisioning:
             Route(
                 "/admin/things/{client_id:client_id}/revoke", self.admin_revoke, methods=["POST"]
             ),
+            Route(DEVICE_CRL_PATH, self.device_crl, methods=["GET"]),
         ]
 
     async def start(self) -> None:
@@ -219,6 +222,15 @@ class Provisioning:
         if thing is None:
             raise ApiError(404, "not_found", "no such thing")
         return JSONResponse(thing.to_json(with_certificate=True))
+
+    async def device_crl(self, request: Request) -> Response:
+        """The device CA's CRL (DER), which device certificates name as their CRL
+        distribution point; public, like a real CA's."""
+        return Response(
+            self.cas.device_crl_path.read_bytes(),
+            media_type="application/pkix-crl",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     async def admin_revoke(self, request: Request) -> JSONResponse:
         """Revoke the thing's certificate: CRL first, then the registry, then the broker

@@ -163,17 +163,26 @@ class Receiver(threading.Thread):
         return records
 
     def _state(self, index: int, subscribed: bool, level: int, text: str) -> None:
-        log.log(level, "%s (connection %d)", text, index)
+        # One connection's subscription is a detail; all of them subscribed is one line.
+        log.log(logging.DEBUG if subscribed else level, "%s (connection %d)", text, index)
         if subscribed:
             self._connections.add(index)
         else:
             self._connections.discard(index)
-        if len(self._connections) == len(self.settings.client_ids):
-            if not self.subscribed.is_set() and self.on_subscribed is not None:
-                try:
-                    self.on_subscribed()
-                except Exception:
-                    log.exception("ingestion: the subscribed callback failed")
+        total = len(self.settings.client_ids)
+        if len(self._connections) == total:
+            if not self.subscribed.is_set():
+                log.info(
+                    "ingestion subscribed to %s on %d connection%s",
+                    self.settings.topic_filter,
+                    total,
+                    "" if total == 1 else "s",
+                )
+                if self.on_subscribed is not None:
+                    try:
+                        self.on_subscribed()
+                    except Exception:
+                        log.exception("ingestion: the subscribed callback failed")
             self.subscribed.set()
         else:
             self.subscribed.clear()
