@@ -1,27 +1,10 @@
 """Bulk provisioning: the sandbox's fast path for fleets (``iotref fleet``).
 
 ``POST /admin/things/bulk`` (admin token) certifies many device keys for one site in one
-call: each CSR is checked and signed by the device CA exactly as ``POST /v4/provisioning``
-does, each becomes a new thing in the registry, and ``thing_registered`` is emitted for each
-(so the shadow service sets ``desired.sendTelemetryData`` and ingestion learns the thing's
-organization). The answer carries the configuration document as well, so a fleet needs no
-other call to fill its certificate stores.
-
-The real platform has no such route: there, every device goes through the directory
-(machine, ownership) and ``/v4/provisioning``. This exists only so that a simulated fleet
-of thousands of machines can be set up in seconds instead of minutes.
-
-Request::
-
-    {"siteId": "...", "devices": [{"certificateSigningRequest": PEM, "machineId": "..."}]}
-
-``siteId`` defaults to the seeded organization's first site; ``machineId`` is optional
-(recorded on the thing). Answer (200), in request order::
-
-    {"orgId", "siteId", "configuration": {...as GET /v3/configuration...},
-     "things": [{"clientId", "deviceCert", "machineId"}]}
-
-All or nothing: one unusable CSR refuses the whole batch with 400 naming its index.
+call, each exactly as ``POST /v4/provisioning`` does (a new thing, ``thing_registered``),
+all or nothing, and answers with the configuration document too. The real platform has no
+such route; it exists so that a simulated fleet of thousands of machines is set up in
+seconds. Its request and answer are described by :meth:`BulkProvisioning.openapi`.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
-"""The sandbox's Device Shadow service: AWS IoT shadow semantics over MQTT.
+"""The sandbox's Device Shadow service (a component): AWS IoT shadow semantics over MQTT.
 
 It connects to the sandbox's Mosquitto as the platform identity (mutual TLS), subscribes to
 the request topics of every thing (``get``/``update``/``delete``, classic and named) and
-answers on ``/accepted``, ``/rejected``, ``update/delta`` and ``update/documents`` at QoS 1.
-Requests for one shadow are processed one after another, in arrival order; the REST data
-plane (:mod:`iotref.sandbox.shadow.rest`) and the ``thing_registered`` event go through the
-same operations and the same update path, so they publish the same messages. The connection is
-re-established whenever the broker goes away.
-
-Latency (the shadow round trip of ``make bench``): a request is handled as the MQTT client
-reads it, and its operation runs at once, without a task hand-off (operations are short and
-synchronous: SQLite in WAL mode with ``synchronous=NORMAL``, no fsync per commit); the
-messages of one operation go to the broker back to back, in order, without waiting for each
-PUBACK in between; the connection sets ``TCP_NODELAY`` so that Nagle's algorithm never holds
-the second of them back until the broker's ACK.
+answers on ``/accepted``, ``/rejected``, ``update/delta`` and ``update/documents`` at QoS 1,
+one request after another per shadow; the REST data plane
+(:mod:`~iotref.sandbox.shadow.rest`) and the ``thing_registered`` event use the same
+operations. docs/architecture.md ("State sync") says how it keeps the round trip short.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Where the monitor keeps telemetry: its own SQLite file (``telemetry.db`` in the data
-dir, WAL) with one row per distinct message, and per-device counters.
-
-Messages are deduplicated by ``sendereventuuid`` with a unique index: the first copy is
-stored, later copies are only counted. Invalid messages are stored too, with their issues
-(JSON path + reason). One writer (the ingestion's writer thread) inserts whole batches in
-one transaction each; readers (the monitor's HTTP handlers) use their own connection, so
-WAL lets them read while the writer writes.
-
-Retention (:class:`Retention`): the store keeps at most ``max_messages`` messages and/or
-none older than ``max_age_seconds`` (by ``received_at``); the oldest (lowest ids) go first.
-:meth:`TelemetryStore.maybe_prune` runs on the writer thread between batches, at most
-every :data:`PRUNE_INTERVAL_SECONDS`, and deletes in transactions of at most
-:data:`PRUNE_CHUNK` rows (``DELETE ... WHERE id <= ?``) for at most
-:data:`PRUNE_PASS_SECONDS` per pass, so ingestion never waits long. Only stored messages
-go: the counters (received, valid, invalid, duplicates, per device) count what arrived and
-never go down. A copy of a pruned message arriving later is no longer recognised as a
-duplicate (the ``sendereventuuid`` index forgot it) and is stored again as a new message.
+dir, WAL) with one row per distinct message (deduplicated by ``sendereventuuid``; invalid
+ones too, with their issues), the per-device counters of what arrived, and the retention
+that prunes stored messages (:class:`Retention`, :meth:`TelemetryStore.maybe_prune`; the
+rules are in docs/configuration.md, "Telemetry retention"). One writer thread inserts
+whole batches; readers use their own connection.
 """
 
 from __future__ import annotations
