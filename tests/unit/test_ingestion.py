@@ -37,12 +37,14 @@ from iotref.sandbox.telemetry.connection_options import (
     client_options,
     subscription_granted,
 )
+from iotref.sandbox.telemetry.counters import bump_rate, rate_series
 from iotref.sandbox.telemetry.feed import TelemetryFeed, event_of
 from iotref.sandbox.telemetry.inbox import Inbox
 from iotref.sandbox.telemetry.receiver import Receiver
 from iotref.sandbox.telemetry.receiving_process import ReceivingClients
+from iotref.sandbox.telemetry.record import Record
 from iotref.sandbox.telemetry.record_builder import RecordBuilder, ThingDirectory
-from iotref.sandbox.telemetry.store import Record, TelemetryStore, bump_rate, rate_series
+from iotref.sandbox.telemetry.store import TelemetryStore
 
 ORG = "org-1"
 CLIENT = "iotref-0123456789abcdef0123"

@@ -29,7 +29,8 @@ from iotref.sandbox.monitor.component import Monitor
 from iotref.sandbox.provisioning.things import ThingRegistry
 from iotref.sandbox.runner import Sandbox
 from iotref.sandbox.shadow.store import ShadowStore
-from iotref.sandbox.telemetry.store import Record, TelemetryStore
+from iotref.sandbox.telemetry.record import Record
+from iotref.sandbox.telemetry.store import TelemetryStore
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

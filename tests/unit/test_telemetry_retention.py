@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from iotref.sandbox.telemetry.store import NO_RETENTION, Record, Retention, TelemetryStore
+from iotref.sandbox.telemetry.record import Record
+from iotref.sandbox.telemetry.store import NO_RETENTION, Retention, TelemetryStore
 from iotref.sandbox.telemetry.writer import BatchWriter
 
 CLIENT = "iotref-0123456789abcdef0123"

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterable
 from typing import Any
 
-from iotref.sandbox.telemetry.store import Record
+from iotref.sandbox.telemetry.record import Record
 
 FEED_QUEUE_SIZE = 2000
 

@@ -24,8 +24,8 @@ from iotref.sandbox.telemetry.connection_options import (
     ReceiverSettings,
 )
 from iotref.sandbox.telemetry.receiving_process import STOP_WAIT_SECONDS
+from iotref.sandbox.telemetry.record import Record
 from iotref.sandbox.telemetry.record_builder import RecordBuilder
-from iotref.sandbox.telemetry.store import Record
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Checking a received telemetry message: parse and validate it with the platform's
 schemas, check its topic against the thing registry (``{telemetryTopic}/{orgId}/{clientId}``)
-and pick out what the monitor shows, into a :class:`~iotref.sandbox.telemetry.store.Record`.
+and pick out what the monitor shows, into a :class:`~iotref.sandbox.telemetry.record.Record`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from iotref.protocol.message_schemas import MessageValidator, parse_json
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from iotref.sandbox.telemetry.store import Record
+from iotref.sandbox.telemetry.record import Record
 
 log = logging.getLogger(__name__)
 

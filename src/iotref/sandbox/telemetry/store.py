@@ -15,14 +15,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iotref.sandbox.telemetry.counters import (
+    DEVICE_COLUMNS,
+    DeviceCounters,
+    bump_rate,
+    rate_series,
+)
+from iotref.sandbox.telemetry.record import Record
+
 log = logging.getLogger(__name__)
 
-RATE_WINDOW_SECONDS = 600
-"""How far back the per-second message-rate series reach (kept in memory)."""
 
 PAGE_SIZE = 16384
 """Database page size of a new ``telemetry.db`` (SQLite's default is 4096). Each message
@@ -135,26 +141,10 @@ _INSERT = (
 
 _MAX_ID = "SELECT max(id) FROM telemetry_messages"
 
-_DEVICE_COLUMNS = (
-    "client_id",
-    "org_id",
-    "topic_problem",
-    "received",
-    "valid",
-    "invalid",
-    "duplicates",
-    "first_seen",
-    "last_seen",
-    "last_status",
-    "last_speed",
-    "last_productioncounter",
-    "last_totalproductioncounter",
-    "last_assettimestamp",
-)
 
 _UPSERT_DEVICE = (
-    f"INSERT OR REPLACE INTO telemetry_devices ({', '.join(_DEVICE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _DEVICE_COLUMNS)})"
+    f"INSERT OR REPLACE INTO telemetry_devices ({', '.join(DEVICE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in DEVICE_COLUMNS)})"
 )
 
 _MESSAGE_COLUMNS = (
@@ -162,97 +152,6 @@ _MESSAGE_COLUMNS = (
     "eventtype, eventsubtype, payloadversion, assetid, assettimestamp, status, speed, "
     "productioncounter, totalproductioncounter"
 )
-
-
-@dataclass(slots=True)
-class Record:
-    """One received message, parsed and checked, ready to be stored."""
-
-    received_at: float
-    topic: str
-    client_id: str
-    org_id: str | None
-    topic_problem: str | None
-    sendereventuuid: str | None
-    valid: bool
-    errors: list[dict[str, str]] | None
-    eventtype: str | None
-    eventsubtype: str | None
-    payloadversion: int | None
-    assetid: str | None
-    assettimestamp: str | None
-    status: str | None
-    speed: float | None
-    productioncounter: float | None
-    totalproductioncounter: float | None
-    body: bytes
-
-    def row(self) -> tuple[Any, ...]:
-        return (
-            self.received_at,
-            self.topic,
-            self.client_id,
-            self.org_id,
-            self.topic_problem,
-            self.sendereventuuid,
-            1 if self.valid else 0,
-            json.dumps(self.errors) if self.errors else None,
-            self.eventtype,
-            self.eventsubtype,
-            self.payloadversion,
-            self.assetid,
-            self.assettimestamp,
-            self.status,
-            self.speed,
-            self.productioncounter,
-            self.totalproductioncounter,
-            self.body,
-        )
-
-
-@dataclass(slots=True)
-class DeviceCounters:
-    """What the monitor knows about one device (by the client id in the topic)."""
-
-    client_id: str
-    org_id: str | None = None
-    topic_problem: str | None = None
-    received: int = 0
-    valid: int = 0
-    invalid: int = 0
-    duplicates: int = 0
-    first_seen: float | None = None
-    last_seen: float | None = None
-    last_status: str | None = None
-    last_speed: float | None = None
-    last_productioncounter: float | None = None
-    last_totalproductioncounter: float | None = None
-    last_assettimestamp: str | None = None
-    rate: deque[list[int]] = field(default_factory=deque)  # [second, count] pairs
-
-    def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _DEVICE_COLUMNS}
-
-    def row(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in _DEVICE_COLUMNS)
-
-
-def bump_rate(rate: deque[list[int]], second: int, count: int = 1) -> None:
-    """Add ``count`` to the per-second series ``rate`` and forget what is too old."""
-    if rate and rate[-1][0] == second:
-        rate[-1][1] += count
-    else:
-        rate.append([second, count])
-    while rate and rate[0][0] <= second - RATE_WINDOW_SECONDS:
-        rate.popleft()
-
-
-def rate_series(rate: Iterable[list[int]], now: float, seconds: int) -> list[list[int]]:
-    """The last ``seconds`` whole seconds before ``now`` as ``[second, count]``, gaps as 0."""
-    end = int(now)
-    start = end - seconds + 1
-    counts = {sec: n for sec, n in rate if start <= sec <= end}
-    return [[sec, counts.get(sec, 0)] for sec in range(start, end + 1)]
 
 
 class TelemetryStore:
@@ -303,10 +202,10 @@ class TelemetryStore:
 
     def _load_devices(self) -> None:
         rows = self._write.execute(
-            f"SELECT {', '.join(_DEVICE_COLUMNS)} FROM telemetry_devices"
+            f"SELECT {', '.join(DEVICE_COLUMNS)} FROM telemetry_devices"
         ).fetchall()
         for row in rows:
-            counters = DeviceCounters(**{name: row[name] for name in _DEVICE_COLUMNS})
+            counters = DeviceCounters(**{name: row[name] for name in DEVICE_COLUMNS})
             self.devices[counters.client_id] = counters
             self.received += counters.received
             self.duplicates += counters.duplicates

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from iotref.sandbox.telemetry.feed import event_of
-from iotref.sandbox.telemetry.store import Record, TelemetryStore
+from iotref.sandbox.telemetry.record import Record
+from iotref.sandbox.telemetry.store import TelemetryStore
 
 log = logging.getLogger(__name__)
 
