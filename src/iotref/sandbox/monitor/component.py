@@ -1,15 +1,15 @@
 """The sandbox's debug monitor (a component): a web page, its JSON API and a live stream,
-all under ``/monitor`` and all behind the admin token (:mod:`~.access`).
+all under ``/monitor`` and all behind the admin token (``access.py``). Its routes:
 
-* ``GET /monitor`` the page; ``GET /monitor/assets/{name}`` its static files (:mod:`~.page`).
+* ``GET /monitor`` the page; ``GET /monitor/assets/{name}`` its static files (``page.py``).
 * ``GET /monitor/api/summary``, ``.../devices/{clientId}``, ``.../devices/{clientId}/messages``
   and ``.../messages/{id}``: devices, totals, rates, pending approvals, stored messages
-  (:mod:`~.api`).
+  (``api.py``).
 * ``GET|POST .../devices/{clientId}/shadow``, ``POST .../shadow/validate`` and
-  ``POST .../send-telemetry``: the shadow and its desired state (:mod:`~.shadow_actions`).
-* ``GET /monitor/api/stream``: server-sent events (:mod:`~.stream`).
+  ``POST .../send-telemetry``: the shadow and its desired state (``shadow_actions.py``).
+* ``GET /monitor/api/stream``: server-sent events (``stream.py``).
 
-:meth:`Monitor.openapi` describes these routes (:mod:`~.openapi`).
+:meth:`Monitor.openapi` describes them (``openapi.py``).
 """
 
 from __future__ import annotations

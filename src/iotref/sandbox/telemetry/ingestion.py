@@ -40,7 +40,7 @@ CONNECT_WAIT_SECONDS = 15.0
 
 
 class Ingestion:
-    """Sandbox component: receives, checks and stores all telemetry (see module doc)."""
+    """Sandbox component: receives, checks and stores all telemetry."""
 
     def __init__(
         self,
