@@ -267,6 +267,11 @@ def test_device_refuses_tls_below_1_2(
     ) as old:
         # control: the server does speak TLS 1.1 with the platform's own root and name
         assert tls11_handshake_possible(old.port, Path(sandbox.info["ca_file"]))
+        # The server thread counts the control's handshake a moment after the client saw it.
+        deadline = time.monotonic() + 5
+        while old.handshakes_ok < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert old.handshakes_ok == 1, "the control handshake was not counted"
         before = old.handshakes_ok
         failure = _connect_fails(_settings(sandbox, device, port=old.port, fail_fast=fail_fast))
         time.sleep(0.3)
