@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from iotref.device.connection import Connection, ConnectionFailed, ConnectionSettings
-from iotref.sandbox.certificate_authority import CertificateAuthorities
-from iotref.sandbox.things import new_client_id
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory
 from tests.integration.test_broker_acl import device_probe, operator_probe, telemetry
 from tests.reliability.harness import record
