@@ -41,7 +41,7 @@ from iotref.device.messages import (
     build_message,
     to_json,
 )
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 
 MESSAGES = int(os.environ.get("IOTREF_BENCH_INGEST_MESSAGES", "100000"))
 PUBLISHERS = int(os.environ.get("IOTREF_BENCH_PUBLISHERS", "4"))

@@ -46,7 +46,7 @@ from bench.harness import BenchContext, Figure, percentile
 from iotref.device import stdlib_compat
 from iotref.device.connection import Connection, ConnectionSettings, IncomingMessage
 from iotref.device.shadow import SHADOW_QOS, ShadowSync
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 
 CHANGES = 1000
 RAW_ROUNDS = 1000

@@ -70,7 +70,7 @@ from iotref.device.telemetry import PermissionFlag, Telemetry
 from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 
 N = 20_000
 ROUNDS = 3

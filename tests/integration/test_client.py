@@ -38,7 +38,7 @@ from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.telemetry import SendStatus
 from iotref.device.token_store import TokenStore
 from iotref.protocol.message_schemas import MessageValidator
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration

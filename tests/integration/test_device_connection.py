@@ -35,7 +35,7 @@ from iotref.device.connection import (
     IncomingMessage,
     PublishFailed,
 )
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device

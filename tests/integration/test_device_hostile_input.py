@@ -24,7 +24,7 @@ from iotref.device.connection import (
 from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
-from iotref.sandbox.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.integration.test_broker_acl import operator_probe
 from tests.reliability.harness import device_topic, record, status_message
 from tests.reliability.tls_servers import TlsServer

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from iotref.protocol.environment_file import DEFAULT_SCOPE
-from iotref.sandbox.device_authorization import DEVICE_CODE_GRANT
-from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
+from iotref.sandbox.directory.device_authorization import DEVICE_CODE_GRANT
+from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
 from tests.support.directory_harness import assert_conforms
 from tests.support.sandbox_process import SandboxProcess
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from bench.bench_ingestion import Job, device_messages, publish_all
 
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.mqtt_probe import connect, device_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from iotref.device.connection import Connection, ConnectionFailed, ConnectionSettings
-from iotref.sandbox.certificate_authority import CertificateAuthorities
-from iotref.sandbox.things import new_client_id
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory
 from tests.integration.test_broker_acl import device_probe, operator_probe, telemetry
 from tests.reliability.harness import record
@@ -267,6 +267,11 @@ def test_device_refuses_tls_below_1_2(
     ) as old:
         # control: the server does speak TLS 1.1 with the platform's own root and name
         assert tls11_handshake_possible(old.port, Path(sandbox.info["ca_file"]))
+        # The server thread counts the control's handshake a moment after the client saw it.
+        deadline = time.monotonic() + 5
+        while old.handshakes_ok < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert old.handshakes_ok == 1, "the control handshake was not counted"
         before = old.handshakes_ok
         failure = _connect_fails(_settings(sandbox, device, port=old.port, fail_fast=fail_fast))
         time.sleep(0.3)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.mqtt_probe import device_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device

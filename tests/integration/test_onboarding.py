@@ -46,7 +46,12 @@ from iotref.device.onboarding import (
     ProvisionOptions,
 )
 from iotref.device.token_store import TokenStore
-from iotref.sandbox.seed import DEMO_EMAIL, DEMO_PASSWORD, FIRST_ORGANIZATION_ID, FIRST_SITE_ID
+from iotref.sandbox.directory.seed import (
+    DEMO_EMAIL,
+    DEMO_PASSWORD,
+    FIRST_ORGANIZATION_ID,
+    FIRST_SITE_ID,
+)
 from tests.conftest import SandboxFactory
 from tests.support.sandbox_process import SandboxProcess
 

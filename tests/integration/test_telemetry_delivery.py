@@ -62,7 +62,7 @@ from iotref.device.telemetry import (
     Telemetry,
 )
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of
 from tests.support.counted_messages import status_message as counted_message
 from tests.support.device_keys import DeviceFiles

@@ -53,7 +53,7 @@ from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of
 from tests.support.counted_messages import status_message as counted_message
 from tests.support.device_keys import DeviceFiles

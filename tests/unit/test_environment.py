@@ -40,7 +40,7 @@ def test_live_environment_has_the_contract_values() -> None:
 
 
 def test_local_environment_points_at_the_default_sandbox() -> None:
-    from iotref.sandbox.seed import OAUTH_CLIENT_ID
+    from iotref.sandbox.directory.seed import OAUTH_CLIENT_ID
 
     env = load_environment("local")
     assert env.base_url == "http://127.0.0.1:8780"

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
+# The variables, re-exported (the command line reads them from here too).
+from iotref.device.environment_variables import ENV_FILE_VAR as ENV_FILE_VAR
+from iotref.device.environment_variables import ENV_VAR as ENV_VAR
 from iotref.device.errors import ConfigurationError
 from iotref.protocol.environment_file import (
     BASE_URL,
@@ -38,8 +41,6 @@ from iotref.protocol.environment_file import (
 
 BUILTIN_ENVIRONMENTS = ("local", "test", "live")
 DEFAULT_ENVIRONMENT = "local"
-ENV_VAR = "IOTREF_ENV"
-ENV_FILE_VAR = "IOTREF_ENV_FILE"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
