@@ -77,6 +77,7 @@ from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.next_steps import Selection, provision_new_machine
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
+from iotref.device.rate_limit import pacing
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
@@ -160,6 +161,50 @@ def _earlier(stats: ClientStats) -> str:
 StatusPart = tuple[str, str]
 """A piece of the status line and its colour on a terminal (``""``: none)."""
 
+DRAIN_SHOWN_FROM_S: Final = 2.0
+"""The status line shows the drain rate and the time left once the outbox holds at least
+this many seconds of sending (a backlog, not the few messages a steady run has queued)."""
+
+
+def duration_text(seconds: float) -> str:
+    """``45 s``, ``3 min 20 s``, ``2 h 05 min``: a time left, to the second below an hour."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def draining_part(stats: ClientStats) -> StatusPart | None:
+    """``draining 96/s, 3 min 20 s left`` while a backlog is being sent (connected,
+    permitted, messages acknowledged at ``ack_rate``); ``None`` otherwise."""
+    if not (stats.connected and stats.permission and stats.queued and stats.ack_rate > 0):
+        return None
+    left = stats.queued / stats.ack_rate
+    if left < DRAIN_SHOWN_FROM_S:
+        return None
+    return (f"draining {stats.ack_rate:.0f}/s, {duration_text(left)} left", "")
+
+
+def pacing_text(limit: float | None) -> str:
+    """What the intro line says about the connection's pace."""
+    if not limit:
+        return "publishes not paced"
+    rate, _ = pacing(limit)
+    return f"publishes paced at {rate:g}/s (quota {limit:g}/s)"
+
+
+def throttled_part(stats: ClientStats) -> StatusPart | None:
+    """How often the platform throttled a publish (PUBACK "quota exceeded"), and the slower
+    pace while it holds; ``None`` if it never did."""
+    if not stats.throttled:
+        return None
+    text = f"throttled by platform {stats.throttled}"
+    if stats.slowed and stats.pace is not None:
+        text += f" (pacing {stats.pace:.0f}/s)"
+    return (text, "yellow")
+
 
 def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
     """The status line, built once for :func:`status_text` (plain, periodic lines and
@@ -184,6 +229,9 @@ def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
         (f"acked {stats.acked}", ""),
         (queued, "yellow" if stats.held else ""),
     ]
+    for part in (draining_part(stats), throttled_part(stats)):
+        if part is not None:
+            parts.append(part)
     if stats.dropped_overflow:
         parts.append((f"evicted {stats.dropped_overflow}", "red"))
     if stats.dropped_no_permission:
@@ -296,6 +344,8 @@ def summary_record(
         "stdin_lines": counters.lines if from_stdin else None,
         "connects": stats.connects,
         "disconnects": stats.disconnects,
+        "throttled": stats.throttled,
+        "publish_rate_limit": client.options.publish_rate_limit,
         "last_error": stats.last_error,
     }
 
@@ -622,7 +672,9 @@ async def run_sender(
                     if options.from_stdin
                     else f"{options.assets} simulated press(es), every {options.interval:g} s"
                 )
-                + f", policy {client.options.policy}. Stop with Ctrl-C.\n"
+                + f", policy {client.options.policy}, "
+                + pacing_text(client.options.publish_rate_limit)
+                + ". Stop with Ctrl-C.\n"
             )
             out.flush()
         service.ready(status_text(client.stats(), counters, 0.0))
@@ -809,6 +861,14 @@ def _finish(
     "on port 443.",
 )
 @click.option(
+    "--publish-rate-limit",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="The platform's quota of publishes a second on the connection, paced to stay "
+    "under it; 0: no pacing. Default: the environment's PUBLISH_RATE_LIMIT, else 100 "
+    "(AWS IoT Core's quota).",
+)
+@click.option(
     "--json",
     "json_output",
     is_flag=True,
@@ -834,6 +894,7 @@ def run(
     fail_fast: bool,
     port: int | None,
     alpn: bool,
+    publish_rate_limit: float | None,
     json_output: bool,
 ) -> int:
     """Run this machine's sender: simulated presses (or stdin) until stopped.
@@ -862,6 +923,9 @@ def run(
         json_output=json_output,
     )
     sender = Sender(SenderType.SYSTEM, "iotref run", __version__)
+    quotas = env.client_limits()
+    if publish_rate_limit is not None:
+        quotas["publish_rate_limit"] = publish_rate_limit or None
     client = AsyncClient(
         identity,
         sender=sender,
@@ -870,6 +934,7 @@ def run(
         fail_fast=fail_fast,
         port=port,
         alpn=alpn,
+        **quotas,
     )
     notifier = SystemdNotifier.from_environment()
     try:

@@ -26,8 +26,10 @@ from iotref.protocol.environment_file import (
     DEFAULT_SCOPE,
     DIRECTORY_HOST,
     DIRECTORY_OAUTH_CLIENT_ID,
+    PUBLISH_RATE_LIMIT,
     SANDBOX_ID,
     SCOPE,
+    THROUGHPUT_LIMIT,
     format_env_file,
 )
 from iotref.sandbox.app import Component, build_app
@@ -286,6 +288,9 @@ class Sandbox:
             DIRECTORY_OAUTH_CLIENT_ID: self._client_id(),
             SCOPE: DEFAULT_SCOPE,
             SANDBOX_ID: ctx.sandbox_id,
+            # The quotas this sandbox measures: a device using this file paces to them.
+            PUBLISH_RATE_LIMIT: str(ctx.settings.limits.publish_rate),
+            THROUGHPUT_LIMIT: str(ctx.settings.limits.throughput),
         }
         _write_atomic(
             self.paths.env_file,
