@@ -288,11 +288,12 @@ def test_broker_sigkill_three_times_the_device_is_back_within_a_second(
 def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
     platform: Platform, store: Path
 ) -> None:
-    """3,000 messages fed to ``iotref run --stdin`` at 80/s (under the platform's 100
-    publishes a second, which the device paces to, so that it catches up after each
-    outage) while Mosquitto is SIGKILLed three times (10 s apart: the sandbox restarts it
-    after 0.5, 1 and 2 s): the run ends on its own when the input ends, and every message
-    is in the platform's store.
+    """3,000 messages fed to ``iotref run --stdin`` at 100/s while Mosquitto is SIGKILLed
+    three times (10 s apart: the sandbox restarts it after 0.5, 1 and 2 s): the run ends on
+    its own when the input ends, and every message is in the platform's store. The device
+    paces itself under the platform's 100 publishes a second, so the input outruns it and
+    the outages add to the backlog: at the end of input the run sends on while the
+    platform acknowledges (:class:`iotref.cli.run_command.EndOfInputDrain`).
 
     The device reaches the broker through a TCP door (:class:`FaultProxy`) that keeps it
     out after each kill until the sandbox's ingestion has subscribed again: Mosquitto 2.0
@@ -306,7 +307,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
     props["mqtt_port"] = proxy.port
     properties.write_text(json.dumps(props))
     run = Run("--store", str(store), "--stdin", "--status-every", "1", stdin=True)
-    feeder = run.feed(lines, 80.0)
+    feeder = run.feed(lines, 100.0)
     kills = []
     try:
         for at in (5.0, 15.0, 25.0):
@@ -327,7 +328,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
     stored = wait_stored(platform, client_id, uuids, 30)
     left = outbox_depth(store)
     figures = {
-        "scenario": "iotref run --stdin, 3,000 at 80/s, broker SIGKILL x3",
+        "scenario": "iotref run --stdin, 3,000 at 100/s, broker SIGKILL x3",
         "fed": len(uuids),
         "stored": len(stored),
         "left_in_outbox": left,
@@ -338,7 +339,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
     }
     record("defaults", figures)
     assert code == 0, run.transcript()
-    assert stored == uuids, figures
+    assert stored == uuids, (figures, run.transcript()[-3000:])
     assert left == 0, figures
     assert "outbox empty" in run.summary(), figures
 
@@ -512,7 +513,7 @@ def test_offline_boot_queues_and_delivers_once_the_platform_is_back(
     record("defaults", figures)
     assert waiting, run.transcript()
     assert code == 0, run.transcript()
-    assert stored == uuids, figures
+    assert stored == uuids, (figures, run.transcript()[-3000:])
     assert figures["left_in_outbox"] == 0, figures
 
 

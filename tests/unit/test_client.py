@@ -17,6 +17,7 @@ from iotref.cli.run_command import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
+    EndOfInputDrain,
     RunCounters,
     duration_text,
     exit_code_of,
@@ -337,6 +338,26 @@ def test_status_line_counts_add_up_with_earlier_runs() -> None:
     assert "accepted 10 (+5 from earlier runs) | acked 12 | queued 3" in line, line
     summary = summary_text(earlier, RunCounters(), 1.0)
     assert "accepted 10 (+5 from earlier runs), acked 12, 3 left in the outbox" in summary
+
+
+def test_end_of_input_drains_while_the_platform_acknowledges() -> None:
+    drain = EndOfInputDrain(10.0)
+    # Acknowledgements keep coming: the run goes on past the patience, 60 s in all.
+    for second in range(60):
+        assert drain.goes_on(stats(queued=3000 - 50 * second, acked=50 * second), second)
+    # An empty outbox ends it at once.
+    assert not drain.goes_on(stats(queued=0, acked=3000), 60.0)
+    # No acknowledgement for the patience (platform gone, no permission): it stops.
+    stalled = EndOfInputDrain(10.0)
+    assert stalled.goes_on(stats(queued=500, acked=100), 0.0)
+    assert stalled.goes_on(stats(queued=500, acked=100), 9.9)
+    assert not stalled.goes_on(stats(queued=500, acked=100), 10.0)
+    # An acknowledgement restarts the patience.
+    assert stalled.goes_on(stats(queued=499, acked=101), 10.5)
+    assert stalled.goes_on(stats(queued=499, acked=101), 20.4)
+    assert not stalled.goes_on(stats(queued=499, acked=101), 20.5)
+    # A run with --close-timeout 0 stops at the end of input.
+    assert not EndOfInputDrain(0.0).goes_on(stats(queued=5, acked=1), 0.0)
 
 
 def test_a_stopped_client_is_shown_stopped() -> None:

@@ -7,9 +7,11 @@ helpers as ``iotref provision``), feeding it with simulated presses
 (rich on a terminal, periodic plain lines otherwise; on stderr with ``--json``), and a
 clean stop on Ctrl-C, SIGTERM, ``--duration`` or the end of stdin: the outbox gets up to
 ``--close-timeout`` seconds to drain (reconnecting meanwhile if the platform is out of
-reach), the rest stays in the outbox for the next run, and a summary says what was
-accepted into the outbox, acknowledged by the platform and left in the outbox (``--json``:
-also as one JSON object on stdout). One signal is enough; a second one exits at once.
+reach; at the end of stdin the run first goes on sending for as long as the platform keeps
+acknowledging, see :class:`EndOfInputDrain`), the rest stays in the outbox for the next
+run, and a summary says what was accepted into the outbox, acknowledged by the platform
+and left in the outbox (``--json``: also as one JSON object on stdout). One signal is
+enough; a second one exits at once.
 
 Exit status: 0 when everything fed was accepted, 3 when some input was refused (an
 invalid line or message, the outbox full), 1 on an error or when another process runs with
@@ -506,7 +508,8 @@ async def read_stdin(
     counters: RunCounters,
     stop: asyncio.Event,
 ) -> None:
-    """Send what stdin says until it ends (then set ``stop``) or ``stop`` is set."""
+    """Send what stdin says until it ends or ``stop`` is set (the run notices the end by
+    this coroutine's return, see :class:`EndOfInputDrain`)."""
     lines: asyncio.Queue[bytes | None] = asyncio.Queue()
     _start_stdin_reader(asyncio.get_running_loop(), lines)
     stopped = asyncio.ensure_future(stop.wait())
@@ -519,7 +522,6 @@ async def read_stdin(
                 return
             raw = getting.result()
             if raw is None:
-                stop.set()
                 return
             if not raw.strip():
                 continue
@@ -586,6 +588,29 @@ def make_presses(
         )
         presses.append((asset, PressSimulator(kind, seed=options.seed + i, start=start)))
     return presses
+
+
+class EndOfInputDrain:
+    """When the input ends (stdin closed), the run sends what it was fed before it stops:
+    it goes on while the outbox holds messages and the platform acknowledged one within
+    the last ``close_timeout`` seconds (a backlog drains at the publish quota, which can
+    take longer than any fixed timeout). Without acknowledgements for that long (the
+    platform out of reach, sending not permitted) it stops, and the close gets its usual
+    ``--close-timeout``. A signal or ``--duration`` stops at once, as always."""
+
+    def __init__(self, patience_s: float) -> None:
+        self._patience_s = patience_s
+        self._acked: int | None = None
+        self._since = 0.0
+
+    def goes_on(self, stats: ClientStats, now: float) -> bool:
+        """Whether to keep running after the end of input, given the client's ``stats``."""
+        if stats.queued == 0:
+            return False
+        if self._acked is None or stats.acked != self._acked:
+            self._acked = stats.acked
+            self._since = now
+        return now - self._since < self._patience_s
 
 
 STATUS_NOTIFY_EVERY_S: Final = 1.0
@@ -696,6 +721,7 @@ async def run_sender(
             if options.duration is not None:
                 loop.call_later(options.duration, stop.set)
             status_at = loop.time()
+            progress = EndOfInputDrain(options.close_timeout)
             try:
                 while not stop.is_set():
                     stats = client.stats()
@@ -704,7 +730,9 @@ async def run_sender(
                     if loop.time() >= status_at:
                         service.status(status_text(stats, counters, elapsed))
                         status_at = loop.time() + STATUS_NOTIFY_EVERY_S
-                    if stats.state is ConnectionState.TAKEN_OVER or feeding.done():
+                    if stats.state is ConnectionState.TAKEN_OVER:
+                        break
+                    if feeding.done() and not progress.goes_on(stats, loop.time()):
                         break
                     with contextlib.suppress(TimeoutError):
                         async with stdlib_compat.timeout(_TICK_S):
@@ -840,7 +868,9 @@ def _finish(
     default=10.0,
     show_default=True,
     help="On stop, at most this many seconds to send what is queued (reconnecting if "
-    "need be); the rest stays in the outbox for the next run.",
+    "need be); the rest stays in the outbox for the next run. At the end of stdin the run "
+    "first sends on while the platform acknowledges, and stops after this many seconds "
+    "without an acknowledgement.",
 )
 @click.option(
     "--fail-fast",
