@@ -52,16 +52,13 @@ from schemathesis.openapi.checks import RejectedPositiveData
 
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
-from iotref.sandbox.monitor import COOKIE_NAME, MONITOR_SESSION
-from iotref.sandbox.openapi import (
-    ADMIN_BEARER,
-    AWS_SIGV4,
-    DIRECTORY_BEARER,
-    describe_app,
-    described_operations,
-)
+from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
+from iotref.sandbox.monitor.access import COOKIE_NAME
+from iotref.sandbox.monitor.openapi import MONITOR_SESSION
+from iotref.sandbox.openapi import describe_app, described_operations
+from iotref.sandbox.openapi_fragment import ADMIN_BEARER, DIRECTORY_BEARER
 from iotref.sandbox.runner import Sandbox
-from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
+from iotref.sandbox.shadow.openapi import AWS_SIGV4
 from tests.support.device_keys import make_csr, make_key
 from tests.support.fuzz_report import FuzzTally
 from tests.support.sandbox_process import SandboxProcess

@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from iotref.sandbox.certificate_authority import CertificateAuthorities
-from iotref.sandbox.things import new_client_id
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import revoke
 from tests.support.device_keys import make_csr, make_key, write_device
@@ -88,7 +88,7 @@ def test_device_cannot_read_another_devices_shadow(sandbox: SandboxProcess) -> N
     with operator_probe(sandbox) as operator, device_probe(sandbox, a) as dev:
         assert dev.subscribe(f"{own}/get/accepted", f"{own}/update/delta") == [1, 1]
         # Mosquitto 2.0 grants SUBSCRIBE and filters when delivering (see the report in
-        # broker_config.render_acl): what matters is that nothing of b's arrives at a.
+        # broker.config.render_acl): what matters is that nothing of b's arrives at a.
         dev.subscribe(f"{other}/get/accepted", f"{other}/update/delta", f"{other}/#", "$aws/#", "#")
         for suffix in ("get/accepted", "update/delta", "update/documents"):
             operator.publish(f"{other}/{suffix}", b'{"state": {"secret": 1}}')

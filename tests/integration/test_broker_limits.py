@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from iotref.protocol.limits import MAX_KEEPALIVE_SECONDS, MAX_PAYLOAD_BYTES
-from iotref.sandbox.broker_config import PACKET_OVERHEAD_BYTES
+from iotref.sandbox.broker.config import PACKET_OVERHEAD_BYTES
 from tests.support.mqtt_probe import device_probe, device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device

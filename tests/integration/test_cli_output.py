@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from iotref.device.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
-from iotref.sandbox.seed import DEMO_EMAIL, DEMO_PASSWORD
+from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import run_iotref
 from tests.support.sandbox_process import SandboxProcess

@@ -23,7 +23,7 @@ from iotref.device.connection import (
 from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
-from iotref.sandbox.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.support.counted_messages import status_message
 from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy

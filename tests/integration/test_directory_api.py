@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID
+from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID
 from tests.support.directory_harness import assert_conforms
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import bearer, get_token

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from iotref.protocol.environment_file import DEFAULT_SCOPE, parse_env_file
-from iotref.sandbox.device_authorization import DEVICE_CODE_GRANT
-from iotref.sandbox.seed import (
+from iotref.sandbox.directory.device_authorization import DEVICE_CODE_GRANT
+from iotref.sandbox.directory.seed import (
     DEMO_EMAIL,
     DEMO_PASSWORD,
     FIRST_ORGANIZATION_ID,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from bench.bench_ingestion import Job, device_messages, publish_all
 
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.monitor_api import device_record, monitor_get
 from tests.support.mqtt_probe import device_probe, device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess

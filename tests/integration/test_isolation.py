@@ -22,9 +22,9 @@ from cryptography.x509.oid import NameOID
 
 from iotref.device.connection import Connection, ConnectionFailed, ConnectionSettings
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from iotref.sandbox.certificate_authority import CertificateAuthorities
-from iotref.sandbox.things import new_client_id
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import revoke
 from tests.support.device_connection import QUICK_RETRY, device_settings

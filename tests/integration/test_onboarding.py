@@ -44,7 +44,7 @@ from iotref.device.onboarding import (
     ProvisionOptions,
 )
 from iotref.device.token_store import TokenStore
-from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID
+from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID
 from tests.conftest import SandboxFactory
 from tests.support.onboarding import (
     decide_in_browser,

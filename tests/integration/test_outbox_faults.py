@@ -34,7 +34,7 @@ from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.telemetry import Telemetry
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.cli_process import start_iotref
 from tests.support.counted_messages import index_of
 from tests.support.onboarding import store_properties, store_topic

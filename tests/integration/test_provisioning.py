@@ -9,8 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from iotref.sandbox.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, THIRD_SITE_ID
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
+from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, THIRD_SITE_ID
 from tests.support.device_keys import corrupt_csr_signature, make_csr, make_key
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import bearer, cached_token, provision_device, provision_request

@@ -13,6 +13,7 @@ import httpx
 import psutil
 import pytest
 
+from iotref.device.environment import load_environment_file
 from iotref.protocol.environment_file import REQUIRED_KEYS, parse_env_file
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import run_iotref
@@ -46,6 +47,12 @@ def test_up_writes_sandbox_json_and_env_file(sandbox: SandboxProcess) -> None:
     assert set(REQUIRED_KEYS) <= set(env)
     assert env["base_url"] == info["http_url"]
     assert env["DIRECTORY_HOST"] == info["http_url"]
+    # The quotas it measures, for the devices that use this file to pace to.
+    assert (env["PUBLISH_RATE_LIMIT"], env["THROUGHPUT_LIMIT"]) == ("100", "524288")
+    assert load_environment_file(Path(info["env_file"])).client_limits() == {
+        "publish_rate_limit": 100.0,
+        "throughput_limit": 524288,
+    }
     health = httpx.get(f"{info['http_url']}/healthz", timeout=5)
     assert health.status_code == 200
     assert health.json()["status"] == "ok"

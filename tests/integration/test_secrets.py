@@ -27,7 +27,7 @@ from iotref.device.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.device.connection import Connection, ConnectionSettings
 from iotref.device.shadow import ShadowSync
 from iotref.device.token_store import TokenStore
-from iotref.sandbox.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import cli_environ, run_iotref
 from tests.support.figures import record

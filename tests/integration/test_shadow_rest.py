@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
-from iotref.sandbox.shadow_service import ShadowService
+from iotref.sandbox.shadow.service import ShadowService
 
 BASE = "http://testserver"
 

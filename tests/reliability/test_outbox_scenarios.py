@@ -32,7 +32,7 @@ from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.token_store import TokenStore
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.reliability.harness import (
     Platform,
     stored_telemetry,

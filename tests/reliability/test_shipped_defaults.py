@@ -30,7 +30,7 @@ from iotref.device.connection import ConnectionState
 from iotref.device.environment import Environment
 from iotref.device.messages import Asset, AssetType
 from iotref.device.token_store import TokenStore
-from iotref.sandbox.broker import STABLE_AFTER
+from iotref.sandbox.broker.supervisor import STABLE_AFTER
 from tests.reliability.harness import (
     Platform,
     Sender,
@@ -268,8 +268,11 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
     platform: Platform, store: Path
 ) -> None:
     """3,000 messages fed to ``iotref run --stdin`` at 100/s while Mosquitto is SIGKILLed
-    three times (10 s apart: the sandbox restarts it after 0.5, 1 and 2 s): the run ends
-    on its own when the input ends, and every message is in the platform's store.
+    three times (10 s apart: the sandbox restarts it after 0.5, 1 and 2 s): the run ends on
+    its own when the input ends, and every message is in the platform's store. The device
+    paces itself under the platform's 100 publishes a second, so the input outruns it and
+    the outages add to the backlog: at the end of input the run sends on while the
+    platform acknowledges (:class:`iotref.cli.run_command.EndOfInputDrain`).
 
     The device reaches the broker through a TCP door (:class:`FaultProxy`) that keeps it
     out after each kill until the sandbox's ingestion has subscribed again: Mosquitto 2.0
@@ -315,7 +318,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
     }
     record("defaults", figures)
     assert code == 0, run.transcript()
-    assert stored == uuids, figures
+    assert stored == uuids, (figures, run.transcript()[-3000:])
     assert left == 0, figures
     assert "outbox empty" in run.summary(), figures
 
@@ -485,7 +488,7 @@ def test_offline_boot_queues_and_delivers_once_the_platform_is_back(
     record("defaults", figures)
     assert waiting, run.transcript()
     assert code == 0, run.transcript()
-    assert stored == uuids, figures
+    assert stored == uuids, (figures, run.transcript()[-3000:])
     assert figures["left_in_outbox"] == 0, figures
 
 

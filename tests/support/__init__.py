@@ -6,8 +6,10 @@
   directory in-process).
 - MQTT: ``mqtt_probe`` (paho probes as a device or the operator, ``mosquitto_sub``),
   ``telemetry_watcher`` (the independent subscriber that counts deliveries),
-  ``device_settings`` (the library's connection settings), ``counted_messages``,
-  ``pacing``.
+  ``device_connection`` (the library's connection settings), ``counted_messages`` (and a
+  backlog queued offline), ``arrivals`` (publishes stamped as the platform receives them,
+  counted per second), ``pacing``.
+- In-process sandbox parts: ``ingestion_inputs`` (a known device and its messages).
 - Keys and TLS: ``device_keys`` (keys, CSRs, self-signed certificates), ``tls_servers``,
   ``alpn_front``.
 - Faults and waiting: ``fault_proxy``, ``ports``, ``waiting``.

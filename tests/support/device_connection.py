@@ -23,6 +23,11 @@ QUICK_RETRY: dict[str, float] = {
 """Shorter connect timeout and backoff, for tests of something other than reconnecting
 (the shipped ones are tested in tests/reliability/test_shipped_defaults.py)."""
 
+UNPACED: dict[str, Any] = {"publish_rate_limit": None, "throughput_limit": None}
+"""Publishes not paced to the platform's per-connection quota (100 a second), for what
+measures raw cost or stands for a platform without that quota (the pace as shipped is
+tested in tests/integration/test_device_quotas.py)."""
+
 
 def device_settings(
     info: Mapping[str, Any],

@@ -23,15 +23,15 @@ from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from iotref.protocol.environment_file import DEFAULT_SCOPE
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
-from iotref.sandbox.device_authorization import DEVICE_CODE_GRANT
-from iotref.sandbox.directory import Directory
-from iotref.sandbox.seed import (
+from iotref.sandbox.directory.device_authorization import DEVICE_CODE_GRANT
+from iotref.sandbox.directory.seed import (
     DEMO_EMAIL,
     DEMO_PASSWORD,
     DEMO_PERSON_ID,
     FIRST_ORGANIZATION_ID,
     OAUTH_CLIENT_ID,
 )
+from iotref.sandbox.directory.service import Directory
 from tests.support.fake_clock import FakeClock
 
 with warnings.catch_warnings():

@@ -19,8 +19,8 @@ from iotref.device.onboarding import BlockingOnboarding, LoginResult, ProvisionO
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.token_store import TokenStore
 from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker_config import TELEMETRY_TOPIC
-from iotref.sandbox.seed import DEMO_EMAIL, DEMO_PASSWORD, FIRST_ORGANIZATION_ID
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
+from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD, FIRST_ORGANIZATION_ID
 from tests.support.sandbox_process import SandboxProcess
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from iotref.protocol.environment_file import DEFAULT_SCOPE
-from iotref.sandbox.seed import FIRST_SITE_ID, OAUTH_CLIENT_ID
+from iotref.sandbox.directory.seed import FIRST_SITE_ID, OAUTH_CLIENT_ID
 from tests.support.device_keys import DeviceFiles, make_csr, make_key, write_device
 from tests.support.sandbox_process import SandboxProcess
 

@@ -8,7 +8,7 @@ import pytest
 
 from iotref.protocol.limits import MAX_KEEPALIVE_SECONDS, MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import SHADOW_RESPONSE_SUFFIXES
-from iotref.sandbox.broker_config import (
+from iotref.sandbox.broker.config import (
     MAX_QUEUED_MESSAGES,
     PACKET_OVERHEAD_BYTES,
     TELEMETRY_TOPIC,

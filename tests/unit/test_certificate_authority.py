@@ -13,7 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from iotref.sandbox.certificate_authority import (
+from iotref.sandbox.database import Database
+from iotref.sandbox.provisioning.certificate_authority import (
     DEVICE_CRL_PATH,
     OPERATOR_IDENTITY,
     PLATFORM_IDENTITY,
@@ -21,8 +22,7 @@ from iotref.sandbox.certificate_authority import (
     CsrError,
     load_device_csr,
 )
-from iotref.sandbox.database import Database
-from iotref.sandbox.things import ThingRegistry, is_client_id, new_client_id
+from iotref.sandbox.provisioning.things import ThingRegistry, is_client_id, new_client_id
 from tests.support.device_keys import corrupt_csr_signature, make_csr, make_key
 
 

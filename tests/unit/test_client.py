@@ -17,7 +17,9 @@ from iotref.cli.run_command import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
+    EndOfInputDrain,
     RunCounters,
+    duration_text,
     exit_code_of,
     status_renderable,
     status_text,
@@ -84,6 +86,10 @@ def test_options_defaults_and_checks() -> None:
         ClientOptions(port=70000)
     with pytest.raises(ValueError, match="max_backoff_s"):
         ClientOptions(min_backoff_s=5, max_backoff_s=1)
+    # Publishes are paced under AWS IoT Core's per-connection quotas unless turned off.
+    assert (o.publish_rate_limit, o.throughput_limit) == (100.0, 512 * 1024)
+    with pytest.raises(ValueError, match="publish_rate_limit must be 0"):
+        ClientOptions(publish_rate_limit=-5)
 
 
 def test_from_store_reads_identity_and_options(tmp_path: Path) -> None:
@@ -100,6 +106,14 @@ def test_from_store_reads_identity_and_options(tmp_path: Path) -> None:
     assert AsyncClient.from_store(store, sender=named).sender.siteid == "elsewhere"
     options = ClientOptions(max_messages=10)
     assert AsyncClient.from_store(store, options=options, window=5).options.max_messages == 10
+    # The connection gets the quotas it paces to; 0 turns pacing off.
+    assert (client.settings.publish_rate_limit, client.settings.throughput_limit) == (
+        100.0,
+        512 * 1024,
+    )
+    unpaced = AsyncClient.from_store(store, publish_rate_limit=0, throughput_limit=0)
+    assert unpaced.settings.publish_rate_limit is None
+    assert unpaced.settings.throughput_limit is None
 
 
 def test_missing_or_incomplete_store_is_a_store_error(tmp_path: Path) -> None:
@@ -326,12 +340,70 @@ def test_status_line_counts_add_up_with_earlier_runs() -> None:
     assert "accepted 10 (+5 from earlier runs), acked 12, 3 left in the outbox" in summary
 
 
+def test_end_of_input_drains_while_the_platform_acknowledges() -> None:
+    drain = EndOfInputDrain(10.0)
+    # Acknowledgements keep coming: the run goes on past the patience, 60 s in all.
+    for second in range(60):
+        assert drain.goes_on(stats(queued=3000 - 50 * second, acked=50 * second), second)
+    # An empty outbox ends it at once.
+    assert not drain.goes_on(stats(queued=0, acked=3000), 60.0)
+    # No acknowledgement for the patience (platform gone, no permission): it stops.
+    stalled = EndOfInputDrain(10.0)
+    assert stalled.goes_on(stats(queued=500, acked=100), 0.0)
+    assert stalled.goes_on(stats(queued=500, acked=100), 9.9)
+    assert not stalled.goes_on(stats(queued=500, acked=100), 10.0)
+    # An acknowledgement restarts the patience.
+    assert stalled.goes_on(stats(queued=499, acked=101), 10.5)
+    assert stalled.goes_on(stats(queued=499, acked=101), 20.4)
+    assert not stalled.goes_on(stats(queued=499, acked=101), 20.5)
+    # A run with --close-timeout 0 stops at the end of input.
+    assert not EndOfInputDrain(0.0).goes_on(stats(queued=5, acked=1), 0.0)
+
+
 def test_a_stopped_client_is_shown_stopped() -> None:
     final = stats(state=ConnectionState.STOPPED, connected=False, queued=0)
     line = status_text(final, RunCounters(), 5.0)
     assert "| stopped |" in line and "connected" not in line, line
     renderable = status_renderable(final, RunCounters(), 5.0)
     assert "stopped" in renderable.plain and "connected" not in renderable.plain
+
+
+def test_a_backlog_shows_its_drain_rate_and_the_time_left() -> None:
+    line = status_text(stats(queued=19_200, ack_rate=96.0, acked=800), RunCounters(), 9.0)
+    assert "| queued 19200 | draining 96/s, 3 min 20 s left |" in line, line
+    # The last few seconds of a backlog, to the second.
+    assert "draining 96/s, 5 s left" in status_text(
+        stats(queued=480, ack_rate=96.0), RunCounters(), 1
+    )
+    # Not a backlog (a steady run's few queued messages), not sending, or no rate yet.
+    for quiet in (
+        stats(queued=1, ack_rate=5.0),
+        stats(queued=100, ack_rate=96.0),  # about one second: not shown
+        stats(queued=5000, ack_rate=0.0),
+        stats(queued=5000, ack_rate=96.0, permission=False, held=5000),
+        stats(queued=5000, ack_rate=96.0, connected=False, state=ConnectionState.DISCONNECTED),
+    ):
+        assert "draining" not in status_text(quiet, RunCounters(), 1.0)
+    # The live terminal line says the same.
+    live = status_renderable(stats(queued=19_200, ack_rate=96.0), RunCounters(), 9.0)
+    assert "draining 96/s, 3 min 20 s left" in live.plain
+
+
+def test_throttling_by_the_platform_shows_on_the_status_line() -> None:
+    slowed = stats(throttled=3, pace=48.0, slowed=True)
+    assert "| throttled by platform 3 (pacing 48/s)" in status_text(slowed, RunCounters(), 1)
+    recovered = status_text(stats(throttled=3, pace=96.0), RunCounters(), 1)
+    assert "| throttled by platform 3 |" in recovered and "pacing" not in recovered, recovered
+    assert "throttled" not in status_text(stats(), RunCounters(), 1)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0 s"), (44.6, "45 s"), (59.4, "59 s"), (60, "1 min 0 s"), (200, "3 min 20 s"),
+     (3599, "59 min 59 s"), (3600, "1 h 00 min"), (7530, "2 h 05 min")],
+)  # fmt: skip
+def test_duration_text(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
 
 
 def test_exit_codes_say_what_was_refused() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from iotref.sandbox.seed import (
+from iotref.sandbox.directory.seed import (
     DEMO_EMAIL,
     DEMO_PERSON_ID,
     FIRST_ORGANIZATION_ID,

@@ -10,14 +10,14 @@ import pytest
 
 from iotref.device.stdlib_compat import fromisoformat
 from iotref.protocol.environment_file import DEFAULT_SCOPE
-from iotref.sandbox.device_authorization import (
+from iotref.sandbox.directory.device_authorization import (
     DEVICE_CODE_GRANT,
     AccessGrant,
     hash_secret,
     normalize_user_code,
     parse_scopes,
 )
-from iotref.sandbox.seed import (
+from iotref.sandbox.directory.seed import (
     DEMO_PERSON_ID,
     FIRST_ORGANIZATION_ID,
     OAUTH_CLIENT_ID,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from iotref.sandbox.seed import (
+from iotref.sandbox.directory.seed import (
     DEMO_EMAIL,
     DEMO_PASSWORD,
     DEMO_PERSON_ID,
@@ -27,7 +27,7 @@ from tests.support.fake_clock import FakeClock
 
 
 def test_seed_has_demo_person_two_organizations_and_three_sites(harness: Harness) -> None:
-    d = harness.directory
+    d = harness.directory.records
     assert [o.id for o in d.organizations_of(DEMO_PERSON_ID)] == [
         FIRST_ORGANIZATION_ID,
         SECOND_ORGANIZATION_ID,
@@ -54,7 +54,7 @@ def test_seed_runs_once_and_survives_reopening(tmp_path: Path, clock: FakeClock)
     first.close()
     second = make_harness(tmp_path, clock)
     try:
-        org = second.directory.organization(FIRST_ORGANIZATION_ID)
+        org = second.directory.records.organization(FIRST_ORGANIZATION_ID)
         assert org is not None
         assert org.name == "Renamed"  # not re-seeded over
         count = second.ctx.db.query_one("SELECT COUNT(*) AS n FROM directory_people")

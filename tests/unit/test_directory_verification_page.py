@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from iotref.sandbox.seed import DEMO_PERSON_ID, FIRST_ORGANIZATION_ID, SECOND_ORGANIZATION_ID
-from iotref.sandbox.verification_page import SESSION_COOKIE
+from iotref.sandbox.directory.seed import (
+    DEMO_PERSON_ID,
+    FIRST_ORGANIZATION_ID,
+    SECOND_ORGANIZATION_ID,
+)
+from iotref.sandbox.directory.verification_page import SESSION_COOKIE
 from tests.support.directory_harness import (  # noqa: F401
     Harness,
     clock_fixture,

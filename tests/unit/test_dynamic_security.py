@@ -9,8 +9,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from iotref.sandbox import dynamic_security as dynsec
-from iotref.sandbox.certificate_authority import OPERATOR_IDENTITY, PLATFORM_IDENTITY
+from iotref.sandbox.broker import dynamic_security as dynsec
+from iotref.sandbox.provisioning.certificate_authority import OPERATOR_IDENTITY, PLATFORM_IDENTITY
 
 
 def _read(path: Path) -> dict[str, Any]:

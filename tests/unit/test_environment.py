@@ -53,7 +53,7 @@ def test_shipped_environment_has_the_contract_values(
 
 
 def test_local_environment_points_at_the_default_sandbox() -> None:
-    from iotref.sandbox.seed import OAUTH_CLIENT_ID
+    from iotref.sandbox.directory.seed import OAUTH_CLIENT_ID
 
     env = load_environment("local")
     assert env.base_url == "http://127.0.0.1:8780"
@@ -224,3 +224,27 @@ def test_with_sandbox_id_ties_an_environment_to_one_sandbox() -> None:
     )
     assert with_sandbox_id(local, None) is local
     assert with_sandbox_id(local, "not an id!") is local
+
+
+def test_an_environment_file_may_set_the_platforms_quotas(tmp_path: Path) -> None:
+    env = load_environment_file(
+        _write_env(tmp_path / "env.plant", PUBLISH_RATE_LIMIT="50", THROUGHPUT_LIMIT="65536")
+    )
+    assert (env.publish_rate_limit, env.throughput_limit) == (50.0, 65536)
+    assert env.client_limits() == {"publish_rate_limit": 50.0, "throughput_limit": 65536}
+    off = load_environment_file(_write_env(tmp_path / "env.off", PUBLISH_RATE_LIMIT="0"))
+    assert off.client_limits() == {"publish_rate_limit": None}  # not paced
+    # Not given (the shipped files, most hand-written ones): the client's defaults.
+    for env in (load_environment("live"), load_environment_file(_write_env(tmp_path / "env.x"))):
+        assert env.publish_rate_limit is None and env.client_limits() == {}
+    for key, value in (
+        ("PUBLISH_RATE_LIMIT", "fast"),
+        ("PUBLISH_RATE_LIMIT", "-1"),
+        ("PUBLISH_RATE_LIMIT", "inf"),
+        ("THROUGHPUT_LIMIT", "1.5"),
+    ):
+        with pytest.raises(ConfigurationError, match=f"{key} in .* is not usable") as info:
+            load_environment_file(_write_env(tmp_path / "env.bad", **{key: value}))
+        assert (
+            info.value.next_step is not None and "0 to send without pacing" in info.value.next_step
+        )

@@ -17,17 +17,23 @@ import pytest
 from awscrt import io
 
 from iotref.device import connection as connection_module
+from iotref.device.certificate_store import DeviceProperties
 from iotref.device.connection import (
     Connection,
     ConnectionFailed,
     ConnectionSettings,
     build_tls_context,
 )
+from iotref.device.environment import load_environment
 from iotref.device.fleet import (
+    DEFAULT_CONNECT_RATE,
     REPORT_FORMAT,
+    FleetDevice,
+    FleetDeviceIdentity,
     FleetLimitError,
     FleetOptions,
     FleetReport,
+    FleetRun,
     Histogram,
     MemoryOutbox,
     OutboxTotals,
@@ -42,6 +48,7 @@ from iotref.device.fleet import (
     without_system_trust_store,
 )
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.protocol import limits
 from iotref.protocol.message_schemas import default_validator
 from tests.support.device_keys import self_signed
 
@@ -90,6 +97,43 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError):
         FleetOptions(devices=1, rate=0, duration_s=1)
     assert FleetOptions(devices=5, rate=0.5, duration_s=10).messages_per_device == 5
+    with pytest.raises(ValueError, match="connect rate"):
+        FleetOptions(devices=1, rate=1, duration_s=1, connect_rate=-1)
+
+
+def _identity(tmp_path: Path, index: int) -> FleetDeviceIdentity:
+    props = DeviceProperties(
+        "127.0.0.1", 8883, "", "connectprint/telemetry", f"fleet-{index}", "org", "m", "site"
+    )
+    return FleetDeviceIdentity(index, device_name(index), tmp_path / device_name(index), props)
+
+
+def test_a_fleet_stays_under_the_connect_quota_and_each_device_under_its_own(
+    tmp_path: Path,
+) -> None:
+    env = load_environment("local")
+    options = FleetOptions(devices=3, rate=1, duration_s=1, store_root=tmp_path)
+    assert options.connect_rate == DEFAULT_CONNECT_RATE == 100
+    run = FleetRun(env, options, validator=default_validator())
+    assert run.connect_gate is not None and run.connect_gate.rate == 100
+    # Every device paces its publishes like a single device (the same limiter).
+    settings = FleetDevice(_identity(tmp_path, 0), run).settings()
+    assert settings.publish_rate_limit == limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
+    assert settings.throughput_limit == limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
+    unlimited = FleetRun(
+        env,
+        FleetOptions(
+            devices=3,
+            rate=1,
+            duration_s=1,
+            store_root=tmp_path,
+            connect_rate=0,
+            publish_rate_limit=None,
+        ),
+        validator=default_validator(),
+    )
+    assert unlimited.connect_gate is None
+    assert FleetDevice(_identity(tmp_path, 1), unlimited).settings().publish_rate_limit is None
 
 
 # --------------------------------------------------------------------------- histogram
@@ -277,6 +321,7 @@ def _report(shard: Shard, devices: int, latencies: list[float], **extra: Any) ->
             "connected": devices,
             "failed": 0,
             "concurrency": 10,
+            "connect_rate": 100.0,
             "all_connected_s": 1.0 + shard.index,
             "histogram_us": conn.to_json(),
             "synced": devices,
@@ -319,6 +364,8 @@ def test_merged_shards_sum_counts_and_recompute_percentiles() -> None:
     assert merged["errors"] == {"disconnected": 2}
     assert merged["cpu_s"] == {"connecting": 2.0}
     assert merged["connect"]["all_connected_s"] == 2.0
+    # Two shards at 100 connects/s each, at the same time: 200 a second in all.
+    assert merged["connect"]["connect_rate"] == 200
     assert merged["memory"] == {"peak_rss_mb": 51.0, "peak_rss_mb_sum": 101.0}
     whole = Histogram()
     for v in lat_a + lat_b:
@@ -345,6 +392,7 @@ def test_report_text_mentions_the_figures() -> None:
     assert "5 devices" in text
     assert "0 by the independent subscriber" in text
     assert "p99" in text
+    assert "(concurrency 10, at most 100 connects/s)" in text
 
 
 # --------------------------------------------------------------------------- TLS contexts

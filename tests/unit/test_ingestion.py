@@ -18,49 +18,24 @@ import pytest
 from awscrt import mqtt5
 
 from iotref.device import thread_state
-from iotref.device.messages import (
-    Asset,
-    AssetType,
-    DeviceStatusV2,
-    Sender,
-    SenderType,
-    StatusV2,
-    build_message,
-    to_json,
-)
 from iotref.protocol.message_schemas import MessageValidator
-from iotref.sandbox import ingestion
-from iotref.sandbox.ingestion import (
+from iotref.sandbox.telemetry import record_builder
+from iotref.sandbox.telemetry.connection_options import (
     RECEIVE_MAXIMUM,
     SESSION_EXPIRY_SECONDS,
-    Inbox,
-    Receiver,
     ReceiverSettings,
-    ReceivingClients,
-    RecordBuilder,
-    TelemetryFeed,
-    ThingDirectory,
     client_options,
-    event_of,
     subscription_granted,
 )
-from iotref.sandbox.telemetry_store import Record, TelemetryStore, bump_rate, rate_series
-
-ORG = "org-1"
-CLIENT = "iotref-0123456789abcdef0123"
-TOPIC = f"connectprint/telemetry/{ORG}/{CLIENT}"
-
-
-def message(speed: float = 100.0, counter: float = 1.0) -> bytes:
-    sender = Sender(SenderType.PRESS, "unit", "1.0")
-    asset = Asset("press-1", "SN-1", AssetType.SHEETFED_PRESS)
-    payload = StatusV2(
-        status=DeviceStatusV2.PRODUCTION,
-        speed=speed,
-        totalproductioncounter=1000 + counter,
-        productioncounter=counter,
-    )
-    return to_json(build_message(sender, asset, payload))
+from iotref.sandbox.telemetry.counters import bump_rate, rate_series
+from iotref.sandbox.telemetry.feed import TelemetryFeed, event_of
+from iotref.sandbox.telemetry.inbox import Inbox
+from iotref.sandbox.telemetry.receiver import Receiver
+from iotref.sandbox.telemetry.receiving_process import ReceivingClients
+from iotref.sandbox.telemetry.record import Record
+from iotref.sandbox.telemetry.record_builder import RecordBuilder, ThingDirectory
+from iotref.sandbox.telemetry.store import TelemetryStore
+from tests.support.ingestion_inputs import CLIENT, ORG, TOPIC, message
 
 
 def builder(known: dict[str, str] | None = None) -> RecordBuilder:
@@ -232,7 +207,7 @@ def test_receiver_stores_what_has_arrived_meanwhile_as_one_batch() -> None:
 
 
 def test_receiver_batches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotref.sandbox.ingestion.WRITE_BATCH_LIMIT", 2)
+    monkeypatch.setattr("iotref.sandbox.telemetry.receiver.WRITE_BATCH_LIMIT", 2)
     ours, theirs = Pipe()
     batches: list[list[Record]] = []
     receiver = Receiver(settings(1), builder(), batches.append)
@@ -322,7 +297,7 @@ def test_topic_checks() -> None:
 def test_checked_topics_are_remembered_and_problems_looked_at_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ingestion, "TOPIC_CACHE_LIMIT", 3)
+    monkeypatch.setattr(record_builder, "TOPIC_CACHE_LIMIT", 3)
     lookups: list[str] = []
     table: dict[str, str] = {}
 

@@ -19,12 +19,15 @@ from iotref.protocol import shadow_document as sd
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.database import Database
-from iotref.sandbox.ingestion import RecordBuilder, TelemetryFeed, ThingDirectory, event_of
-from iotref.sandbox.monitor import COOKIE_NAME, Monitor, sse_event
-from iotref.sandbox.shadow_store import ShadowStore
-from iotref.sandbox.telemetry_store import TelemetryStore
-from iotref.sandbox.things import ThingRegistry
-from tests.unit.test_ingestion import CLIENT, ORG, TOPIC, message
+from iotref.sandbox.monitor.access import COOKIE_NAME
+from iotref.sandbox.monitor.component import Monitor
+from iotref.sandbox.monitor.stream import sse_event
+from iotref.sandbox.provisioning.things import ThingRegistry
+from iotref.sandbox.shadow.store import ShadowStore
+from iotref.sandbox.telemetry.feed import TelemetryFeed, event_of
+from iotref.sandbox.telemetry.record_builder import RecordBuilder, ThingDirectory
+from iotref.sandbox.telemetry.store import TelemetryStore
+from tests.support.ingestion_inputs import CLIENT, ORG, TOPIC, message
 
 TOKEN = "admin-token-for-tests"
 

@@ -20,15 +20,17 @@ import yaml
 from starlette.routing import BaseRoute, Route
 
 from iotref.protocol import shadow_document as sd
-from iotref.sandbox import openapi
+from iotref.sandbox import openapi, openapi_fragment
 from iotref.sandbox.app import build_app
 from iotref.sandbox.context import SandboxContext, SandboxSettings
-from iotref.sandbox.directory import Directory
-from iotref.sandbox.monitor import Monitor
+from iotref.sandbox.directory.openapi import zaikio_description
+from iotref.sandbox.directory.service import Directory
+from iotref.sandbox.monitor.component import Monitor
+from iotref.sandbox.provisioning.things import ThingRegistry
 from iotref.sandbox.runner import Sandbox
-from iotref.sandbox.shadow_store import ShadowStore
-from iotref.sandbox.telemetry_store import Record, TelemetryStore
-from iotref.sandbox.things import ThingRegistry
+from iotref.sandbox.shadow.store import ShadowStore
+from iotref.sandbox.telemetry.record import Record
+from iotref.sandbox.telemetry.store import TelemetryStore
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -62,9 +64,51 @@ def document(sandbox_app: tuple[list[BaseRoute], Any]) -> dict[str, Any]:
     return openapi.describe_app(routes, components)
 
 
-def test_builtin_fragments_alone_make_a_description() -> None:
-    document = openapi.build_description(openapi.builtin_fragments())
+def test_the_fragments_alone_make_a_description(sandbox_app: tuple[list[BaseRoute], Any]) -> None:
+    _, components = sandbox_app
+    fragments = [*openapi.base_fragments(), *openapi.component_fragments(components)]
+    document = openapi.build_description(fragments)
     assert "/things/{thingName}/shadow" in document["paths"]
+    assert {"/healthz", "/openapi.json", "/monitor/api/summary"} <= set(document["paths"])
+
+
+def _references(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _references(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _references(value)
+
+
+def test_each_components_fragment_stands_on_its_own(
+    sandbox_app: tuple[list[BaseRoute], Any],
+) -> None:
+    """With the common fragment, a component's fragment resolves every reference it makes
+    and names only security schemes it or the common fragment defines: an application of
+    that component alone describes itself completely."""
+    _, components = sandbox_app
+    contributing = [c for c in components if callable(getattr(c, "openapi", None))]
+    assert {type(c).__name__ for c in contributing} >= {
+        "Directory",
+        "Provisioning",
+        "BulkProvisioning",
+        "ShadowService",
+        "Monitor",
+    }
+    for component in contributing:
+        merged = openapi_fragment.merge([openapi_fragment.common_fragment(), component.openapi()])
+        label = type(component).__name__
+        for reference in _references(merged):
+            _, _, kind, name = reference.split("/")
+            assert name in merged["components"].get(kind, {}), (label, reference)
+        schemes = set(merged["components"]["securitySchemes"])
+        for item in merged["paths"].values():
+            for op in item.values():
+                for requirement in op.get("security", []):
+                    assert set(requirement) <= schemes, (label, requirement)
 
 
 def _openapi_30_metaschema() -> dict[str, Any]:
@@ -80,28 +124,18 @@ def test_the_description_is_valid_openapi_30(document: dict[str, Any]) -> None:
 
 
 def test_every_reference_resolves(document: dict[str, Any]) -> None:
-    def refs(node: Any) -> Iterator[str]:
-        if isinstance(node, dict):
-            if isinstance(node.get("$ref"), str):
-                yield node["$ref"]
-            for value in node.values():
-                yield from refs(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from refs(value)
-
-    for reference in refs(document):
+    for reference in _references(document):
         assert reference.startswith("#/components/"), reference
         _, _, kind, name = reference.split("/")
         assert name in document["components"].get(kind, {}), reference
 
 
 def test_the_packaged_zaikio_description_is_the_published_one() -> None:
-    assert openapi.zaikio_description() == yaml.safe_load(ZAIKIO_YAML.read_text())
+    assert zaikio_description() == yaml.safe_load(ZAIKIO_YAML.read_text())
 
 
 def test_zaikio_schemas_are_reused_unchanged(document: dict[str, Any]) -> None:
-    zaikio = openapi.zaikio_description()["components"]["schemas"]
+    zaikio = zaikio_description()["components"]["schemas"]
     for name, schema in zaikio.items():
         assert document["components"]["schemas"][name] == schema, name
     success = {
@@ -211,13 +245,15 @@ class _Extra:
                 "/extra/{name}": {
                     "get": {
                         "operationId": "extra",
-                        "security": [{openapi.ADMIN_BEARER: []}],
+                        "security": [{openapi_fragment.ADMIN_BEARER: []}],
                         "parameters": [
                             {"in": "path", "name": "name", "required": True, "schema": {}}
                         ],
                         "responses": {
-                            "200": openapi.json_response("x", openapi.schema_ref("Extra")),
-                            "401": openapi.response_ref("Unauthorized"),
+                            "200": openapi_fragment.json_response(
+                                "x", openapi_fragment.schema_ref("Extra")
+                            ),
+                            "401": openapi_fragment.response_ref("Unauthorized"),
                         },
                     }
                 },
@@ -246,19 +282,19 @@ def test_components_contribute_fragments() -> None:
 def test_conflicting_fragments_are_refused() -> None:
     op = {"responses": {"200": {"description": "a"}}}
     other = {"responses": {"200": {"description": "b"}}}
-    with pytest.raises(openapi.FragmentConflict, match="GET /a"):
-        openapi.merge([{"paths": {"/a": {"get": op}}}, {"paths": {"/a": {"get": other}}}])
-    with pytest.raises(openapi.FragmentConflict, match="schemas/X"):
-        openapi.merge(
+    with pytest.raises(openapi_fragment.FragmentConflict, match="GET /a"):
+        openapi_fragment.merge([{"paths": {"/a": {"get": op}}}, {"paths": {"/a": {"get": other}}}])
+    with pytest.raises(openapi_fragment.FragmentConflict, match="schemas/X"):
+        openapi_fragment.merge(
             [
                 {"components": {"schemas": {"X": {"type": "string"}}}},
                 {"components": {"schemas": {"X": {"type": "integer"}}}},
             ]
         )
-    with pytest.raises(openapi.FragmentConflict):
-        openapi.merge([{"info": {}}])
+    with pytest.raises(openapi_fragment.FragmentConflict):
+        openapi_fragment.merge([{"info": {}}])
     # The same definition twice is fine; different methods of one path merge.
-    merged = openapi.merge(
+    merged = openapi_fragment.merge(
         [
             {"paths": {"/a": {"get": op}}, "components": {"schemas": {"X": {}}}},
             {"paths": {"/a": {"get": op, "post": other}}, "components": {"schemas": {"X": {}}}},

@@ -12,11 +12,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from iotref.sandbox.app import build_app
-from iotref.sandbox.broker import Broker
-from iotref.sandbox.certificate_authority import CertificateAuthorities
+from iotref.sandbox.broker.supervisor import Broker
 from iotref.sandbox.context import SandboxContext, SandboxSettings
-from iotref.sandbox.provisioning import Provisioning
-from iotref.sandbox.things import Thing, ThingRegistry
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
+from iotref.sandbox.provisioning.service import Provisioning
+from iotref.sandbox.provisioning.things import Thing, ThingRegistry
 from tests.support.device_keys import make_csr, make_key
 
 

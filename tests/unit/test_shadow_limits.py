@@ -14,8 +14,8 @@ from iotref.protocol import shadow_document as sd
 from iotref.sandbox.context import SandboxContext, SandboxSettings
 from iotref.sandbox.limits import SandboxLimits
 from iotref.sandbox.quota_meter import QuotaMeter
-from iotref.sandbox.shadow_limits import PRUNE_EVERY, ShadowRequestLimits
-from iotref.sandbox.shadow_service import ShadowService
+from iotref.sandbox.shadow.request_limits import PRUNE_EVERY, ShadowRequestLimits
+from iotref.sandbox.shadow.service import ShadowService
 from tests.support.fake_clock import FakeClock
 
 

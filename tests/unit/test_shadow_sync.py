@@ -14,6 +14,7 @@ import pytest
 
 from iotref.device.connection import IncomingMessage, topic_matches
 from iotref.device.shadow import (
+    RESPONSE_SUFFIXES,
     DesiredChange,
     DesiredChangeRefused,
     Refuse,
@@ -51,11 +52,22 @@ class FakeShadowConnection:
         self.published: list[tuple[str, dict[str, Any]]] = []
         self.answer = True  # False: requests vanish (a slow or lost service)
         self.reject_next: sd.ShadowError | None = None
+        self.reject_times = 1  # how many requests in a row reject_next refuses
+        self.rejected: list[tuple[str, int]] = []  # (operation, code) of each refusal
         self.tasks: set[asyncio.Future[Any]] = set()
+        self.subscribes: list[list[str]] = []  # the topic filters of each SUBSCRIBE
+        self.paced = 0  # requests that asked the connection's pace first
 
     # -- the Connection API used by the shadow module
     async def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        self.subs.append((topic_filter, handler))
+        await self.subscribe_many([(topic_filter, handler)], qos)
+
+    async def subscribe_many(self, subscriptions: list[tuple[str, Handler]], qos: int = 1) -> None:
+        self.subscribes.append([f for f, _ in subscriptions])
+        self.subs.extend(subscriptions)
+
+    async def pace(self) -> None:
+        self.paced += 1
 
     async def unsubscribe(self, topic_filter: str, handler: Handler | None = None) -> None:
         self.subs = [(f, h) for f, h in self.subs if not (f == topic_filter and h == handler)]
@@ -121,7 +133,11 @@ class FakeShadowConnection:
         now = int(time.time())
         try:
             if self.reject_next is not None:
-                error, self.reject_next = self.reject_next, None
+                error = self.reject_next
+                self.reject_times -= 1
+                if self.reject_times <= 0:
+                    self.reject_next, self.reject_times = None, 1
+                self.rejected.append((op, error.code))
                 token = sd.parse_simple(payload, strict=False).client_token
                 raise sd.ShadowError(error.code, error.message, token)
             if op == "get":
@@ -433,6 +449,29 @@ async def test_throttled_sync_is_retried() -> None:
     async with sync_for(conn, first_sync_timeout_s=5) as sync:
         assert sync.reported == {"a": 1}
         assert "429" in (sync.last_error or "")
+
+
+async def test_throttled_reports_are_retried_with_backoff_and_lose_nothing() -> None:
+    conn = FakeShadowConnection()
+    async with sync_for(conn) as sync:
+        assert conn.subscribes == [[shadow_topic(THING, s) for s in RESPONSE_SUFFIXES]]
+        conn.reject_next = sd.ShadowError(429, "Too Many Requests")
+        conn.reject_times = 3
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sync.set_reported("mode", "production")
+        await sync.flush(10)
+        waited = loop.time() - started
+        assert conn.reported() == {"mode": "production"}
+        assert conn.rejected == [("update", 429)] * 3
+        updates = conn.updates()
+        assert len(updates) == 4  # three refused, the fourth accepted
+        assert all(u["state"] == {"reported": {"mode": "production"}} for u in updates)
+        assert "429" in (sync.last_error or "")
+        # Full-jitter delays below 0.2, 0.4 and 0.8 s: some waiting, less than their sum.
+        assert 0 < waited < 1.4 + 0.5
+        # Every request (the sync's get, the four updates) asked the connection's pace.
+        assert conn.paced == len(conn.published)
 
 
 async def test_reported_update_rejected_surfaces_in_flush() -> None:

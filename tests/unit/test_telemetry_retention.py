@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from iotref.sandbox.ingestion import BatchWriter
-from iotref.sandbox.telemetry_store import NO_RETENTION, Record, Retention, TelemetryStore
+from iotref.sandbox.telemetry.record import Record
+from iotref.sandbox.telemetry.store import NO_RETENTION, Retention, TelemetryStore
+from iotref.sandbox.telemetry.writer import BatchWriter
 
 CLIENT = "iotref-0123456789abcdef0123"
 TOPIC = f"connectprint/telemetry/org-1/{CLIENT}"
@@ -168,7 +169,7 @@ def test_the_writer_prunes_between_batches_and_logs_once_per_pass(
 ) -> None:
     store = store_with(tmp_path, max_messages=3, max_age_seconds=None, interval_seconds=0)
     writer = BatchWriter(store, lambda events: None, lambda: False)
-    with caplog.at_level(logging.INFO, logger="iotref.sandbox.telemetry_store"):
+    with caplog.at_level(logging.INFO, logger="iotref.sandbox.telemetry.store"):
         writer([record(T0 + i) for i in range(5)])
         writer([record(T0 + 5)])
     assert store.count_rows() == 3

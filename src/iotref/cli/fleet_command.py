@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from iotref.device.environment import BUILTIN_ENVIRONMENTS, resolve_environment
 from iotref.device.errors import IotrefError
 from iotref.device.fleet import (
     DEFAULT_CONNECT_CONCURRENCY,
+    DEFAULT_CONNECT_RATE,
     FleetOptions,
     FleetProgress,
     FleetReport,
@@ -153,6 +155,15 @@ async def _run_with_progress(run: FleetRun, show: bool) -> FleetReport:
     help="TLS handshakes in flight at once while connecting.",
 )
 @click.option(
+    "--connect-rate",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_CONNECT_RATE,
+    show_default=True,
+    help="Connection attempts a second of all devices together, first connects and "
+    "reconnects (the account's connect quota: AWS IoT Core allows 500 by default); "
+    "0: not limited. Shards run at the same time add up.",
+)
+@click.option(
     "--watchers",
     type=click.IntRange(min=0),
     default=1,
@@ -181,6 +192,7 @@ def fleet(
     env_file: Path | None,
     sandbox_dir: Path | None,
     connect_concurrency: int,
+    connect_rate: float,
     watchers: int,
     site: str | None,
     no_bulk: bool,
@@ -212,12 +224,15 @@ def fleet(
             shard=parsed_shard,
             store_root=store_root,
             connect_concurrency=connect_concurrency,
+            connect_rate=connect_rate,
             watchers=watchers if sandbox is not None else 0,
             site=site,
             bulk=not no_bulk,
             seed=seed,
             tune_malloc=True,
         )
+        # The environment's quotas (PUBLISH_RATE_LIMIT, THROUGHPUT_LIMIT), if it sets them.
+        options = dataclasses.replace(options, **env.client_limits())
         run = FleetRun(env, options, sandbox=sandbox)
         show = not no_progress and not is_quiet() and sys.stderr.isatty()
         report = asyncio.run(_run_with_progress(run, show))

@@ -7,9 +7,11 @@ helpers as ``iotref provision``), feeding it with simulated presses
 (rich on a terminal, periodic plain lines otherwise; on stderr with ``--json``), and a
 clean stop on Ctrl-C, SIGTERM, ``--duration`` or the end of stdin: the outbox gets up to
 ``--close-timeout`` seconds to drain (reconnecting meanwhile if the platform is out of
-reach), the rest stays in the outbox for the next run, and a summary says what was
-accepted into the outbox, acknowledged by the platform and left in the outbox (``--json``:
-also as one JSON object on stdout). One signal is enough; a second one exits at once.
+reach; at the end of stdin the run first goes on sending for as long as the platform keeps
+acknowledging, see :class:`EndOfInputDrain`), the rest stays in the outbox for the next
+run, and a summary says what was accepted into the outbox, acknowledged by the platform
+and left in the outbox (``--json``: also as one JSON object on stdout). One signal is
+enough; a second one exits at once.
 
 Exit status: 0 when everything fed was accepted, 3 when some input was refused (an
 invalid line or message, the outbox full), 1 on an error or when another process runs with
@@ -77,6 +79,7 @@ from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.next_steps import Selection, provision_new_machine
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
+from iotref.device.rate_limit import pacing
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
@@ -160,6 +163,50 @@ def _earlier(stats: ClientStats) -> str:
 StatusPart = tuple[str, str]
 """A piece of the status line and its colour on a terminal (``""``: none)."""
 
+DRAIN_SHOWN_FROM_S: Final = 2.0
+"""The status line shows the drain rate and the time left once the outbox holds at least
+this many seconds of sending (a backlog, not the few messages a steady run has queued)."""
+
+
+def duration_text(seconds: float) -> str:
+    """``45 s``, ``3 min 20 s``, ``2 h 05 min``: a time left, to the second below an hour."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def draining_part(stats: ClientStats) -> StatusPart | None:
+    """``draining 96/s, 3 min 20 s left`` while a backlog is being sent (connected,
+    permitted, messages acknowledged at ``ack_rate``); ``None`` otherwise."""
+    if not (stats.connected and stats.permission and stats.queued and stats.ack_rate > 0):
+        return None
+    left = stats.queued / stats.ack_rate
+    if left < DRAIN_SHOWN_FROM_S:
+        return None
+    return (f"draining {stats.ack_rate:.0f}/s, {duration_text(left)} left", "")
+
+
+def pacing_text(limit: float | None) -> str:
+    """What the intro line says about the connection's pace."""
+    if not limit:
+        return "publishes not paced"
+    rate, _ = pacing(limit)
+    return f"publishes paced at {rate:g}/s (quota {limit:g}/s)"
+
+
+def throttled_part(stats: ClientStats) -> StatusPart | None:
+    """How often the platform throttled a publish (PUBACK "quota exceeded"), and the slower
+    pace while it holds; ``None`` if it never did."""
+    if not stats.throttled:
+        return None
+    text = f"throttled by platform {stats.throttled}"
+    if stats.slowed and stats.pace is not None:
+        text += f" (pacing {stats.pace:.0f}/s)"
+    return (text, "yellow")
+
 
 def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
     """The status line, built once for :func:`status_text` (plain, periodic lines and
@@ -184,6 +231,9 @@ def status_parts(stats: ClientStats, counters: RunCounters) -> list[StatusPart]:
         (f"acked {stats.acked}", ""),
         (queued, "yellow" if stats.held else ""),
     ]
+    for part in (draining_part(stats), throttled_part(stats)):
+        if part is not None:
+            parts.append(part)
     if stats.dropped_overflow:
         parts.append((f"evicted {stats.dropped_overflow}", "red"))
     if stats.dropped_no_permission:
@@ -296,6 +346,8 @@ def summary_record(
         "stdin_lines": counters.lines if from_stdin else None,
         "connects": stats.connects,
         "disconnects": stats.disconnects,
+        "throttled": stats.throttled,
+        "publish_rate_limit": client.options.publish_rate_limit,
         "last_error": stats.last_error,
     }
 
@@ -456,7 +508,8 @@ async def read_stdin(
     counters: RunCounters,
     stop: asyncio.Event,
 ) -> None:
-    """Send what stdin says until it ends (then set ``stop``) or ``stop`` is set."""
+    """Send what stdin says until it ends or ``stop`` is set (the run notices the end by
+    this coroutine's return, see :class:`EndOfInputDrain`)."""
     lines: asyncio.Queue[bytes | None] = asyncio.Queue()
     _start_stdin_reader(asyncio.get_running_loop(), lines)
     stopped = asyncio.ensure_future(stop.wait())
@@ -469,7 +522,6 @@ async def read_stdin(
                 return
             raw = getting.result()
             if raw is None:
-                stop.set()
                 return
             if not raw.strip():
                 continue
@@ -536,6 +588,29 @@ def make_presses(
         )
         presses.append((asset, PressSimulator(kind, seed=options.seed + i, start=start)))
     return presses
+
+
+class EndOfInputDrain:
+    """When the input ends (stdin closed), the run sends what it was fed before it stops:
+    it goes on while the outbox holds messages and the platform acknowledged one within
+    the last ``close_timeout`` seconds (a backlog drains at the publish quota, which can
+    take longer than any fixed timeout). Without acknowledgements for that long (the
+    platform out of reach, sending not permitted) it stops, and the close gets its usual
+    ``--close-timeout``. A signal or ``--duration`` stops at once, as always."""
+
+    def __init__(self, patience_s: float) -> None:
+        self._patience_s = patience_s
+        self._acked: int | None = None
+        self._since = 0.0
+
+    def goes_on(self, stats: ClientStats, now: float) -> bool:
+        """Whether to keep running after the end of input, given the client's ``stats``."""
+        if stats.queued == 0:
+            return False
+        if self._acked is None or stats.acked != self._acked:
+            self._acked = stats.acked
+            self._since = now
+        return now - self._since < self._patience_s
 
 
 STATUS_NOTIFY_EVERY_S: Final = 1.0
@@ -622,7 +697,9 @@ async def run_sender(
                     if options.from_stdin
                     else f"{options.assets} simulated press(es), every {options.interval:g} s"
                 )
-                + f", policy {client.options.policy}. Stop with Ctrl-C.\n"
+                + f", policy {client.options.policy}, "
+                + pacing_text(client.options.publish_rate_limit)
+                + ". Stop with Ctrl-C.\n"
             )
             out.flush()
         service.ready(status_text(client.stats(), counters, 0.0))
@@ -644,6 +721,7 @@ async def run_sender(
             if options.duration is not None:
                 loop.call_later(options.duration, stop.set)
             status_at = loop.time()
+            progress = EndOfInputDrain(options.close_timeout)
             try:
                 while not stop.is_set():
                     stats = client.stats()
@@ -652,7 +730,9 @@ async def run_sender(
                     if loop.time() >= status_at:
                         service.status(status_text(stats, counters, elapsed))
                         status_at = loop.time() + STATUS_NOTIFY_EVERY_S
-                    if stats.state is ConnectionState.TAKEN_OVER or feeding.done():
+                    if stats.state is ConnectionState.TAKEN_OVER:
+                        break
+                    if feeding.done() and not progress.goes_on(stats, loop.time()):
                         break
                     with contextlib.suppress(TimeoutError):
                         async with stdlib_compat.timeout(_TICK_S):
@@ -788,7 +868,9 @@ def _finish(
     default=10.0,
     show_default=True,
     help="On stop, at most this many seconds to send what is queued (reconnecting if "
-    "need be); the rest stays in the outbox for the next run.",
+    "need be); the rest stays in the outbox for the next run. At the end of stdin the run "
+    "first sends on while the platform acknowledges, and stops after this many seconds "
+    "without an acknowledgement.",
 )
 @click.option(
     "--fail-fast",
@@ -807,6 +889,14 @@ def _finish(
     is_flag=True,
     help="Offer ALPN x-amzn-mqtt-ca in the TLS handshake, as AWS IoT Core needs for MQTT "
     "on port 443.",
+)
+@click.option(
+    "--publish-rate-limit",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="The platform's quota of publishes a second on the connection, paced to stay "
+    "under it; 0: no pacing. Default: the environment's PUBLISH_RATE_LIMIT, else 100 "
+    "(AWS IoT Core's quota).",
 )
 @click.option(
     "--json",
@@ -834,6 +924,7 @@ def run(
     fail_fast: bool,
     port: int | None,
     alpn: bool,
+    publish_rate_limit: float | None,
     json_output: bool,
 ) -> int:
     """Run this machine's sender: simulated presses (or stdin) until stopped.
@@ -862,6 +953,9 @@ def run(
         json_output=json_output,
     )
     sender = Sender(SenderType.SYSTEM, "iotref run", __version__)
+    quotas = env.client_limits()
+    if publish_rate_limit is not None:
+        quotas["publish_rate_limit"] = publish_rate_limit or None
     client = AsyncClient(
         identity,
         sender=sender,
@@ -870,6 +964,7 @@ def run(
         fail_fast=fail_fast,
         port=port,
         alpn=alpn,
+        **quotas,
     )
     notifier = SystemdNotifier.from_environment()
     try:

@@ -95,6 +95,7 @@ from iotref.device.telemetry import (
     Telemetry,
     TelemetryClosed,
 )
+from iotref.protocol import limits
 from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
 from iotref.protocol.topics import telemetry_topic
 
@@ -290,6 +291,14 @@ class ClientOptions:
     timestamps, UUID ``sendereventuuid``)."""
     initial_reported: Mapping[str, Any] | None = None
     """Local state reported to the shadow at the first sync."""
+    publish_rate_limit: float | None = float(limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION)
+    """The platform's quota of publishes a second on the connection (AWS IoT Core: 100, not
+    adjustable). Every publish (telemetry and shadow requests) is paced a little below it,
+    so that no second the platform counts holds more (:mod:`iotref.device.rate_limit`); a
+    backlog drains at that pace. ``None`` or 0: not paced."""
+    throughput_limit: int | None = limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
+    """The platform's quota of bytes a second on the connection (topic plus payload; AWS IoT
+    Core: 512 KiB), paced the same way. ``None`` or 0: not paced."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -312,6 +321,10 @@ class ClientOptions:
             problems.append("close_timeout_s must be >= 0")
         if self.max_backoff_s < self.min_backoff_s:
             problems.append("max_backoff_s must be >= min_backoff_s")
+        for name in ("publish_rate_limit", "throughput_limit"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                problems.append(f"{name} must be 0 (off) or more")
         if problems:
             raise ValueError("invalid client options: " + "; ".join(problems))
 
@@ -338,6 +351,8 @@ class ClientOptionsArgs(TypedDict, total=False):
     window: int
     strict_validation: bool
     initial_reported: Mapping[str, Any] | None
+    publish_rate_limit: float | None
+    throughput_limit: int | None
 
 
 def _options(options: ClientOptions | None, overrides: Mapping[str, Any]) -> ClientOptions:
@@ -411,6 +426,14 @@ class ClientStats:
     into the outbox's ``refused`` table, this run."""
     refused_kept: int = 0
     """Messages kept in the outbox's ``refused`` table (earlier runs included)."""
+    throttled: int = 0
+    """Publishes the platform answered with "quota exceeded" (PUBACK 0x97) this run; each
+    was published again, and the pace slowed down for a few seconds."""
+    pace: float | None = None
+    """Publishes a second the connection is paced at now (``None``: not paced); below the
+    usual pace for a few seconds after the platform throttled a publish."""
+    slowed: bool = False
+    """Whether the pace is still below its usual value after a "quota exceeded" answer."""
 
     @property
     def connection_status(self) -> str:
@@ -535,6 +558,8 @@ class AsyncClient:
             "connect_timeout_s": o.connect_timeout_s,
             "keepalive_s": o.keepalive_s,
             "fail_fast": True,  # errors retrying cannot fix end a waiting start at once
+            "publish_rate_limit": o.publish_rate_limit or None,
+            "throughput_limit": o.throughput_limit or None,
         }
         if o.port is not None:
             conn_overrides["port"] = o.port
@@ -968,6 +993,12 @@ class AsyncClient:
             and not state.terminal
         )
         connection_error = conn_stats.last_error if conn_stats else None
+        limiter = conn.rate_limiter if conn is not None else None
+        pacing: dict[str, Any] = {
+            "throttled": conn_stats.throttled if conn_stats else 0,
+            "pace": limiter.pace if limiter is not None else None,
+            "slowed": limiter is not None and limiter.slowed,
+        }
         if tel is not None and self._outbox is not None and not self._outbox.closed:
             t = tel.stats()
             return ClientStats(
@@ -999,6 +1030,7 @@ class AsyncClient:
                 rejected_too_large=t.rejected_too_large,
                 refused=t.refused,
                 refused_kept=t.refused_kept,
+                **pacing,
             )
         depth = 0
         if self._outbox is not None and not self._outbox.closed:
@@ -1028,6 +1060,7 @@ class AsyncClient:
             waiting_for_platform=waiting,
             connection_error=connection_error,
             carried_over=self._carried_over,
+            **pacing,
         )
 
 

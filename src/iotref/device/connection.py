@@ -50,7 +50,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,15 +63,23 @@ from awscrt import io, mqtt5
 from iotref.device import stdlib_compat
 from iotref.device.errors import IotrefError, StoreError
 from iotref.device.next_steps import NextStep, run
+from iotref.device.rate_limit import ConnectGate, PublishLimiter
 from iotref.device.reconnect import ReconnectSchedule
 from iotref.device.thread_state import keep_thread_state
+from iotref.protocol import limits
 
 log = logging.getLogger("iotref.connection")
 
 ALPN_PROTOCOL = "x-amzn-mqtt-ca"
 """ALPN protocol name with which AWS IoT Core accepts MQTT with client certificates on 443."""
-MAX_FILTERS_PER_SUBSCRIBE = 8
-"""AWS IoT Core accepts at most 8 topic filters in one SUBSCRIBE."""
+MAX_FILTERS_PER_SUBSCRIBE = limits.MAX_TOPIC_FILTERS_PER_SUBSCRIBE
+"""Topic filters sent in one SUBSCRIBE at most (AWS IoT Core accepts 8)."""
+MAX_SUBSCRIPTIONS = limits.MAX_SUBSCRIPTIONS_PER_CONNECTION
+"""Topic filters one connection holds at most (AWS IoT Core: 50); more are refused with
+:class:`SubscribeFailed` before anything is sent."""
+QUOTA_EXCEEDED = 0x97
+"""PUBACK reason code "Quota exceeded": the publish was throttled; it is retried and the
+connection's :class:`~iotref.device.rate_limit.PublishLimiter` slows down."""
 STOP_TIMEOUT_S = 5.0
 """Longest wait for awscrt to report the client stopped, on :meth:`Connection.stop`."""
 UNSUBSCRIBE_TIMEOUT_S = 5.0
@@ -204,6 +212,13 @@ class ConnectionSettings:
     client id) instead of retrying until ``connect_timeout_s``. After the first success
     the connection never gives up."""
     ping_timeout_s: float = 10.0
+    publish_rate_limit: float | None = float(limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION)
+    """The platform's quota of publishes a second on this connection, which every publish
+    is paced to stay under (:class:`~iotref.device.rate_limit.PublishLimiter`); ``None`` or
+    0: not paced."""
+    throughput_limit: int | None = limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
+    """The platform's quota of bytes a second (topic plus payload) on this connection, paced
+    the same way; ``None`` or 0: not paced."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -223,6 +238,10 @@ class ConnectionSettings:
             problems.append("connect_timeout_s must be > 0")
         if self.takeover_limit < 0 or self.takeover_window_s <= 0:
             problems.append("takeover_limit must be >= 0 and takeover_window_s > 0")
+        for name in ("publish_rate_limit", "throughput_limit"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                problems.append(f"{name} must be 0 (off) or more")
         if problems:
             raise ValueError("invalid connection settings: " + "; ".join(problems))
 
@@ -325,6 +344,8 @@ class ConnectionStats:
     publish_failures: int = 0
     messages_received: int = 0
     last_error: str | None = None
+    throttled: int = 0
+    """Publishes the platform answered with "quota exceeded" (PUBACK 0x97)."""
 
 
 MessageHandler = Callable[[IncomingMessage], Awaitable[None] | None]
@@ -889,6 +910,7 @@ class _Counters:
     publish_failures: int = 0
     messages_received: int = 0
     last_error: str | None = None
+    throttled: int = 0
 
 
 @dataclass(slots=True)
@@ -912,11 +934,13 @@ class Connection:
         "_bridge",
         "_client",
         "_client_stopped",
+        "_connect_gate",
         "_connected_callbacks",
         "_counters",
         "_detector",
         "_diagnosis",
         "_ever_connected",
+        "_limiter",
         "_loop",
         "_next_callback_key",
         "_on_event",
@@ -947,12 +971,18 @@ class Connection:
         *,
         on_event: Callable[[ConnectionEvent], None] | None = None,
         tls_context: io.ClientTlsContext | None = None,
+        connect_gate: ConnectGate | None = None,
     ) -> None:
         """``tls_context``: a context already built for ``settings`` (e.g. by
         :func:`build_tls_context`, ahead of time or on another thread); without it,
         :meth:`start` builds one from ``settings``. The client keeps it while it lives (it
-        is needed for every reconnect)."""
+        is needed for every reconnect). ``connect_gate``: start times shared with other
+        connections (a fleet's account-level connect rate), taken by every attempt."""
         self.settings = settings
+        self._connect_gate = connect_gate
+        self._limiter = PublishLimiter.from_limits(
+            settings.publish_rate_limit, settings.throughput_limit
+        )
         self._on_event = on_event
         self._tls_context = tls_context
         self._state = ConnectionState.STOPPED
@@ -1017,6 +1047,12 @@ class Connection:
         return self._state is ConnectionState.TAKEN_OVER
 
     @property
+    def rate_limiter(self) -> PublishLimiter | None:
+        """The pace of this connection's publishes (``None``: not paced). Every publish is
+        charged to it; publishers that hold a queue ask it how many may go now."""
+        return self._limiter
+
+    @property
     def refused(self) -> ConnectionFailed | None:
         """Why the platform refuses this identity for good (its certificate is revoked),
         found while starting offline; the connection then stopped trying."""
@@ -1034,6 +1070,7 @@ class Connection:
             publish_failures=c.publish_failures,
             messages_received=c.messages_received,
             last_error=c.last_error,
+            throttled=c.throttled,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -1092,6 +1129,13 @@ class Connection:
             self.settings.client_id,
             self.settings.where(),
         )
+        gate = self._connect_gate
+        if gate is not None:
+            await gate.wait()
+            if self._stopping:
+                if wait:
+                    raise ConnectionClosed("the connection was stopped before it connected")
+                return
         self._set_state(ConnectionState.CONNECTING)
         self._schedule.attempt_started()
         self._client.start()
@@ -1281,6 +1325,8 @@ class Connection:
             fut.set_exception(PublishFailed(f"cannot publish to {topic}: {name}", error_name=name))
             return fut
         self._counters.publishes += 1
+        if self._limiter is not None:
+            self._limiter.spend(len(topic) + len(payload))
         self._pending.add(fut)
         bridge = self._bridge
         assert bridge is not None
@@ -1290,7 +1336,19 @@ class Connection:
         return fut
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Wait for room in the connection's pace (:meth:`pace`), publish, and wait for the
+        PUBACK (QoS 1) or until written (QoS 0); raises :class:`PublishFailed`."""
+        await self.pace()
         await self.publish_nowait(topic, payload, qos)
+
+    async def pace(self) -> None:
+        """Return once the connection's pace lets one more publish go (at once when it is
+        not paced). :meth:`publish_nowait` and :meth:`publish_callback` do not wait: every
+        publish is charged to the pace, and a publisher that holds a queue waits here (or
+        asks :attr:`rate_limiter` how many may go) before it publishes."""
+        limiter = self._limiter
+        if limiter is not None:
+            await limiter.wait()
 
     def publish_callback(
         self, topic: str, payload: bytes, callback: PublishCallback, qos: int = 1
@@ -1335,6 +1393,8 @@ class Connection:
             self._counters.publishes += 1
             self._next_callback_key = key + 1
             self._pending_callbacks[key] = callback
+            if self._limiter is not None:
+                self._limiter.spend(len(topic) + len(payload))
             return
         try:
             crt_future = client.publish(
@@ -1344,6 +1404,8 @@ class Connection:
             name = _error_name(exc)
             raise PublishFailed(f"cannot publish to {topic}: {name}", error_name=name) from None
         self._counters.publishes += 1
+        if self._limiter is not None:
+            self._limiter.spend(len(topic) + len(payload))
         key = self._next_callback_key
         self._next_callback_key = key + 1
         self._pending_callbacks[key] = callback
@@ -1411,6 +1473,8 @@ class Connection:
         if qos == 1:
             if code is not None and int(code) >= 0x80:
                 self._counters.publish_failures += 1
+                if int(code) == QUOTA_EXCEEDED:
+                    self._on_quota_exceeded(topic)
                 label = getattr(code, "name", str(int(code)))
                 return PublishFailed(
                     f"the broker refused the publish to {topic}: {label} (0x{int(code):02X})",
@@ -1419,32 +1483,74 @@ class Connection:
             self._counters.pubacks += 1
         return None
 
+    def _on_quota_exceeded(self, topic: str) -> None:
+        """The platform throttled a publish: slow the pace down (the publisher retries)."""
+        self._counters.throttled += 1
+        limiter = self._limiter
+        if limiter is None:
+            log.warning(
+                "connection: the platform throttled a publish to %s (quota exceeded, 0x97) "
+                "and publishes are not paced (publish_rate_limit is off)",
+                topic,
+            )
+        elif limiter.throttled():
+            log.warning(
+                "connection: the platform throttled a publish to %s (quota exceeded, 0x97); "
+                "pacing publishes at %.0f/s for now, back to %.0f/s over the next seconds",
+                topic,
+                limiter.pace or 0.0,
+                limiter.full_pace or 0.0,
+            )
+
     async def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
         """Add ``handler`` for messages matching ``topic_filter``; SUBSCRIBE if the filter is
         new (waits for the SUBACK when connected; otherwise the subscription is made on
         connect). Synchronous handlers run inline on the loop; ``async`` handlers run one
-        message at a time, in order, per filter. Raises :class:`SubscribeFailed`."""
-        sub = self._subs.get(topic_filter)
-        if sub is not None and sub.acked:
+        message at a time, in order, per filter. Raises :class:`SubscribeFailed`, also when
+        the connection would hold more than :data:`MAX_SUBSCRIPTIONS` topic filters."""
+        await self.subscribe_many([(topic_filter, handler)], qos)
+
+    async def subscribe_many(
+        self, subscriptions: Sequence[tuple[str, MessageHandler]], qos: int = 1
+    ) -> None:
+        """:meth:`subscribe` for several ``(topic_filter, handler)`` pairs at once: the new
+        topic filters go to the broker together, in SUBSCRIBEs of at most
+        :data:`MAX_FILTERS_PER_SUBSCRIBE` filters. Nothing is added when the connection
+        would hold more than :data:`MAX_SUBSCRIPTIONS` filters; when the broker refuses a
+        SUBSCRIBE, the handlers given here are removed again."""
+        subs = self._subs
+        stopped = self._started and (self._client is None or self._state.terminal)
+        if stopped and any(f not in subs or not subs[f].acked for f, _ in subscriptions):
+            raise SubscribeFailed("cannot subscribe: the connection is stopped")
+        new = {f for f, _ in subscriptions if f not in subs}
+        if len(subs) + len(new) > MAX_SUBSCRIPTIONS:
+            raise SubscribeFailed(
+                f"subscribing to {', '.join(sorted(new))} would give this connection "
+                f"{len(subs) + len(new)} topic filters; the platform allows at most "
+                f"{MAX_SUBSCRIPTIONS} per connection",
+                "unsubscribe from topic filters no longer needed, or cover several topics "
+                "with one wildcard filter",
+            )
+        added: list[tuple[_Subscription, MessageHandler]] = []
+        to_send: list[_Subscription] = []
+        for topic_filter, handler in subscriptions:
+            sub = subs.get(topic_filter)
+            if sub is None:
+                sub = subs[topic_filter] = _Subscription(topic_filter, qos)
             sub.add(handler)
-            return
-        if sub is None:
-            sub = _Subscription(topic_filter, qos)
-            self._subs[topic_filter] = sub
-        sub.add(handler)
-        if self._client is None or self._state.terminal:
-            if self._started:
-                self._subs.pop(topic_filter, None)
-                raise SubscribeFailed("cannot subscribe: the connection is stopped")
-            return
-        if not self.connected:
+            added.append((sub, handler))
+            if not sub.acked and sub not in to_send:
+                to_send.append(sub)
+        if not to_send or not self.connected:
             return  # made by _after_connect
         try:
-            await self._send_subscribe([sub])
+            for i in range(0, len(to_send), MAX_FILTERS_PER_SUBSCRIBE):
+                await self._send_subscribe(to_send[i : i + MAX_FILTERS_PER_SUBSCRIBE])
         except BaseException:
-            sub.remove(handler)
-            if not sub.handlers and not sub.acked:
-                self._subs.pop(topic_filter, None)
+            for sub, handler in added:
+                sub.remove(handler)
+                if not sub.handlers and not sub.acked:
+                    subs.pop(sub.topic_filter, None)
             raise
 
     async def unsubscribe(
@@ -1709,6 +1815,8 @@ class Connection:
         if self._reconnect_due:
             return
         delay = self._schedule.next_delay()
+        if self._connect_gate is not None:
+            delay = self._connect_gate.delay(delay)
         log.info(
             "connection: next attempt for client id %s in %.2f s", self.settings.client_id, delay
         )

@@ -12,31 +12,35 @@ environment, nor with another sandbox that later serves the same address.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
+# The variables, re-exported (the command line reads them from here too).
+from iotref.device.environment_variables import ENV_FILE_VAR as ENV_FILE_VAR
+from iotref.device.environment_variables import ENV_VAR as ENV_VAR
 from iotref.device.errors import ConfigurationError
 from iotref.protocol.environment_file import (
     BASE_URL,
     DIRECTORY_HOST,
     DIRECTORY_OAUTH_CLIENT_ID,
+    PUBLISH_RATE_LIMIT,
     REQUIRED_KEYS,
     SANDBOX_ID,
     SCOPE,
+    THROUGHPUT_LIMIT,
     EnvironmentFileError,
     parse_env_file,
 )
 
 BUILTIN_ENVIRONMENTS = ("local", "test", "live")
 DEFAULT_ENVIRONMENT = "local"
-ENV_VAR = "IOTREF_ENV"
-ENV_FILE_VAR = "IOTREF_ENV_FILE"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -99,6 +103,13 @@ class EnvironmentIdentity:
         return f"{self.name} ({self.directory_host})"
 
 
+class ClientLimits(TypedDict, total=False):
+    """The per-connection quotas an environment sets, by their option names."""
+
+    publish_rate_limit: float | None
+    throughput_limit: int | None
+
+
 @dataclass(frozen=True)
 class Environment:
     """One environment: the contract's four keys plus a name and where it came from."""
@@ -111,6 +122,12 @@ class Environment:
     source: str = "built-in"
     #: The sandbox's id, from the ``SANDBOX_ID`` of the file it wrote; ``None`` otherwise.
     sandbox_id: str | None = None
+    #: The platform's quota of publishes a second per connection (``PUBLISH_RATE_LIMIT``;
+    #: 0: not paced); ``None``: not given, the client's default.
+    publish_rate_limit: float | None = None
+    #: The platform's quota of bytes a second per connection (``THROUGHPUT_LIMIT``; 0: not
+    #: paced); ``None``: not given, the client's default.
+    throughput_limit: int | None = None
 
     @property
     def identity(self) -> EnvironmentIdentity:
@@ -122,6 +139,16 @@ class Environment:
         if self.source == "built-in":
             return f"--env {self.name}"
         return f"--env-file {self.source}"
+
+    def client_limits(self) -> ClientLimits:
+        """The quotas this environment sets, as :class:`~iotref.device.client.ClientOptions`
+        fields (only those it sets; 0 becomes ``None``: not paced)."""
+        given: ClientLimits = {}
+        if self.publish_rate_limit is not None:
+            given["publish_rate_limit"] = self.publish_rate_limit or None
+        if self.throughput_limit is not None:
+            given["throughput_limit"] = self.throughput_limit or None
+        return given
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -198,6 +225,8 @@ def environment_from_values(
             "use up to 64 letters, digits and '-' (a sandbox writes it; leave it as written)",
         )
     return Environment(
+        publish_rate_limit=_limit(values, PUBLISH_RATE_LIMIT, source, float),
+        throughput_limit=_limit(values, THROUGHPUT_LIMIT, source, int),
         name=name,
         base_url=check_service_url(values[BASE_URL], BASE_URL, source=source),
         directory_host=check_service_url(values[DIRECTORY_HOST], DIRECTORY_HOST, source=source),
@@ -206,6 +235,24 @@ def environment_from_values(
         source=source,
         sandbox_id=sandbox_id,
     )
+
+
+def _limit(values: Mapping[str, str], key: str, source: str, kind: type[float] | type[int]) -> Any:
+    """The quota ``key`` of an environment file: a number >= 0, or ``None`` if absent."""
+    text = values.get(key, "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = -1
+    if not (math.isfinite(value) and value >= 0):
+        unit = "publishes a second" if kind is float else "bytes a second (a whole number)"
+        raise ConfigurationError(
+            f"{key} in {source} is not usable: {text!r}",
+            f"give the platform's quota in {unit}, or 0 to send without pacing",
+        )
+    return value
 
 
 def load_environment(name: str) -> Environment:

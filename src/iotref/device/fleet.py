@@ -123,9 +123,11 @@ from iotref.device.outbox import (
     OutboxStats,
     OverflowPolicy,
 )
+from iotref.device.rate_limit import ConnectGate
 from iotref.device.shadow import ShadowError, ShadowSync
 from iotref.device.store_checks import issuer_fingerprint
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
+from iotref.protocol import limits
 from iotref.protocol.topics import telemetry_topic
 
 log = logging.getLogger("iotref.fleet")
@@ -144,6 +146,11 @@ HTTP, watchers, logs)."""
 BROKER_RESERVE: Final = 16
 """Connections on the device listener left for others (tests, the operator)."""
 DEFAULT_CONNECT_CONCURRENCY: Final = 100
+DEFAULT_CONNECT_RATE: Final = 100.0
+"""Connection attempts a second of the whole run (first connects and reconnects), under
+the account-level quota of AWS IoT Core ("Connect requests per second per account": 500,
+adjustable, lower in some regions), leaving the rest of it to the account's other devices
+and to other shards run at the same time; docs/fleet.md."""
 DEFAULT_CONNECT_TIMEOUT_S: Final = 60.0
 DEFAULT_SYNC_TIMEOUT_S: Final = 60.0
 DEFAULT_DRAIN_TIMEOUT_S: Final = 60.0
@@ -1180,13 +1187,20 @@ class FleetDevice:
             max_backoff_s=10.0,
             connect_timeout_s=self.run.options.connect_timeout_s,
             fail_fast=False,
+            publish_rate_limit=self.run.options.publish_rate_limit,
+            throughput_limit=self.run.options.throughput_limit,
         )
 
     async def connect(self) -> None:
         """Set up and connect; the shadow subscriptions ride on the first CONNACK."""
         run = self.run
         tls_context, self.tls_context = self.tls_context, None  # the client keeps it
-        connection = Connection(self.settings(), on_event=self._on_event, tls_context=tls_context)
+        connection = Connection(
+            self.settings(),
+            on_event=self._on_event,
+            tls_context=tls_context,
+            connect_gate=run.connect_gate,
+        )
         shadow = ShadowSync(connection, self.client_id, timeout_s=run.options.shadow_timeout_s)
         await shadow.client.subscribe()  # registered now, one SUBSCRIBE on connect
         await shadow.start(wait=False)
@@ -1578,6 +1592,12 @@ class FleetOptions:
     shard: Shard = Shard()
     store_root: Path = Path("certificate_store") / "fleet"
     connect_concurrency: int = DEFAULT_CONNECT_CONCURRENCY
+    connect_rate: float = DEFAULT_CONNECT_RATE
+    """Connection attempts a second of all devices together (0: not limited)."""
+    publish_rate_limit: float | None = float(limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION)
+    """Each device's publish quota, paced as a single device's (``None``: not paced)."""
+    throughput_limit: int | None = limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
+    """Each device's throughput quota in bytes a second (``None``: not paced)."""
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
@@ -1598,6 +1618,8 @@ class FleetOptions:
             raise ValueError("rate and duration must be positive")
         if self.connect_concurrency < 1:
             raise ValueError("connect concurrency must be at least 1")
+        if not self.connect_rate >= 0:
+            raise ValueError("connect rate must be 0 (not limited) or more")
 
     @property
     def messages_per_device(self) -> int:
@@ -1670,6 +1692,8 @@ class FleetRun:
             validator = default_validator()
         self.validator = validator
         self.outbox_totals = OutboxTotals()
+        # One gate for every device's attempts: the run's share of the account's quota.
+        self.connect_gate = ConnectGate(options.connect_rate) if options.connect_rate else None
         self.errors: Counter[str] = Counter()
         self.devices: list[FleetDevice] = []
         self.indices = options.shard.indices(options.devices)
@@ -2150,6 +2174,7 @@ class FleetRun:
                     "connected": connected,
                     "failed": self.failed,
                     "concurrency": opts.connect_concurrency,
+                    "connect_rate": opts.connect_rate,
                     "all_connected_s": round(all_connected_s, 3),
                     "histogram_us": self.connect_hist.to_json(),
                     "synced": self.synced,
@@ -2239,7 +2264,8 @@ class FleetReport:
             f" {d['provisioning']['reused']} reused, {d['provisioning']['seconds']:.1f} s",
             f"  connect       {c['connected']} connected, {c['failed']} failed; p50 "
             f"{ms(c['p50_ms'])}, p99 {ms(c['p99_ms'])}; all connected in "
-            f"{c['all_connected_s']:.1f} s (concurrency {c['concurrency']})",
+            f"{c['all_connected_s']:.1f} s (concurrency {c['concurrency']}, "
+            f"{_connect_rate_text(c.get('connect_rate'))})",
             f"  shadow sync   {c['synced']} synced; p50 {ms(c['sync']['p50_ms'])}, p99 "
             f"{ms(c['sync']['p99_ms'])} after CONNACK",
             f"  telemetry     {t['generated']} of {t['expected']} sent, {t['acknowledged']} "
@@ -2283,6 +2309,12 @@ class FleetReport:
                 f"{limits['broker_nofile'] or '?'}; local ports {limits['ephemeral_ports'] or '?'}"
             )
         return "\n".join(lines)
+
+
+def _connect_rate_text(rate: float | None) -> str:
+    if rate is None:
+        return "connect rate not recorded"
+    return f"at most {rate:g} connects/s" if rate else "connect rate not limited"
 
 
 def merge_reports(reports: Sequence[FleetReport]) -> FleetReport:
@@ -2354,6 +2386,13 @@ def merge_reports(reports: Sequence[FleetReport]) -> FleetReport:
             "connected": total("connect.connected"),
             "failed": total("connect.failed"),
             "concurrency": sum(doc["connect"]["concurrency"] for doc in docs),
+            # Each shard paces its own attempts: together they make the sum (0: one was
+            # not limited, so neither is the whole).
+            "connect_rate": (
+                0.0
+                if any(not doc["connect"].get("connect_rate") for doc in docs)
+                else sum(doc["connect"]["connect_rate"] for doc in docs)
+            ),
             "all_connected_s": max(doc["connect"]["all_connected_s"] for doc in docs),
             "histogram_us": merged_hist("connect", "histogram_us"),
             "synced": total("connect.synced"),

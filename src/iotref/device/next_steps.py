@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from iotref.device.environment_variables import ENV_FILE_VAR, ENV_VAR
+
 if TYPE_CHECKING:
     from iotref.device.environment import Environment
 
@@ -64,8 +66,6 @@ class Selection:
     ) -> Selection:
         """The selection from a command's options, else from ``IOTREF_ENV_FILE`` or
         ``IOTREF_ENV`` (named in the hint, so that it also runs where they are not set)."""
-        from iotref.device.environment import ENV_FILE_VAR, ENV_VAR
-
         environ = os.environ if environ is None else environ
         if env_file:
             return cls(("--env-file", str(env_file)), store)

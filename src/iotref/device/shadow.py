@@ -272,10 +272,13 @@ class ShadowClient:
         async with self._subscribe_lock:
             if self._subscribed:
                 return
-            for suffix in RESPONSE_SUFFIXES:
-                handler = self._handler_for(suffix)
-                self._handlers[suffix] = handler
-                await self.connection.subscribe(self.topic(suffix), handler, qos=self.qos)
+            handlers = {suffix: self._handler_for(suffix) for suffix in RESPONSE_SUFFIXES}
+            # One SUBSCRIBE for all seven (within the platform's 8 filters per SUBSCRIBE).
+            await self.connection.subscribe_many(
+                [(self.topic(suffix), handler) for suffix, handler in handlers.items()],
+                qos=self.qos,
+            )
+            self._handlers.update(handlers)
             self._subscribed = True
 
     async def close(self) -> None:
@@ -365,6 +368,9 @@ class ShadowClient:
         self._pending[token] = (operation, fut)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
+            # The connection's pace covers shadow requests too (a telemetry backlog draining
+            # at the quota leaves them their share).
+            await self.connection.pace()
             published = self.connection.publish_nowait(
                 self.topic(operation),
                 json.dumps(payload, separators=(",", ":")).encode(),

@@ -62,6 +62,7 @@ from iotref.device import stdlib_compat
 from iotref.device.messages import to_json
 from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
 from iotref.device.publish_refusals import permanent_refusal
+from iotref.device.rate_limit import PublishLimiter
 from iotref.device.stdlib_compat import StrEnum
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 
@@ -349,6 +350,7 @@ class Telemetry:
         "_in_flight",
         "_last_error",
         "_last_sender",
+        "_limiter",
         "_max_payload",
         "_outbox",
         "_permission",
@@ -435,6 +437,9 @@ class Telemetry:
         self._in_flight: set[int] = set()
         self._idle_waiter: asyncio.Future[None] | None = None
         self._publish_cb: Callable[..., None] | None = getattr(connection, "publish_callback", None)
+        # The connection's pace (see iotref.device.rate_limit): the drainer publishes only
+        # what it lets go now, and waits for the rest.
+        self._limiter: PublishLimiter | None = getattr(connection, "rate_limiter", None)
         self._hold_until = 0.0
         self._failures_in_row = 0
         self._waiting_room = False
@@ -808,6 +813,14 @@ class Telemetry:
                 await wake.wait()
                 continue
             want = min(room, self._batch)
+            limiter = self._limiter
+            if limiter is not None:
+                allowed = limiter.ready()
+                if allowed <= 0:
+                    # 0 with no delay: a shadow request waits for its turn (a millisecond).
+                    await asyncio.sleep(max(limiter.delay(), 0.001))
+                    continue
+                want = min(want, allowed)
             records: list[_Pending]
             tail = self._tail
             if tail:
@@ -834,10 +847,13 @@ class Telemetry:
                 else:
                     await wake.wait()
                 continue
-            self._publish(records)
+            self._publish(records, None if limiter is None else limiter.byte_room())
             await asyncio.sleep(0)
 
-    def _publish(self, records: Iterable[_Pending]) -> None:
+    def _publish(self, records: Iterable[_Pending], byte_room: float | None = None) -> None:
+        """Publish ``records`` in order while permitted; ``byte_room``: the bytes the
+        connection's throughput pace lets go now (``None``: not paced), after which the rest
+        waits (a publish may go while it is not negative)."""
         gen = self._gen
         first_again = last_again = 0
         permission = self._permission
@@ -861,6 +877,11 @@ class Telemetry:
                 )
                 self._cursor = seq
                 continue
+            if byte_room is not None:
+                if byte_room < 0:  # over the throughput pace: the rest is read again later
+                    self._forget_tail()
+                    break
+                byte_room -= len(topic) + len(payload)
             try:
                 if publish_cb is not None:
                     publish_cb(topic, payload, partial(on_ack, seq, gen), 1)

@@ -10,6 +10,11 @@ REQUIRED_KEYS = (BASE_URL, DIRECTORY_HOST, DIRECTORY_OAUTH_CLIENT_ID, SCOPE)
 #: iotref's own optional key: the id of the sandbox that wrote the file. A sandbox's data
 #: dir gets a new one, so a new sandbox at the same address is not taken for an old one.
 SANDBOX_ID = "SANDBOX_ID"
+#: iotref's own optional keys: the platform's per-connection quotas the device paces its
+#: publishes to, in publishes a second and bytes a second (0: not paced). Absent: the
+#: device's defaults (AWS IoT Core's quotas). A sandbox writes the quotas it measures.
+PUBLISH_RATE_LIMIT = "PUBLISH_RATE_LIMIT"
+THROUGHPUT_LIMIT = "THROUGHPUT_LIMIT"
 
 DEFAULT_SCOPE = "Org.prinect.onprem.rw,Org.directory.machines.rw,Org.directory.organization.r"
 

@@ -29,6 +29,12 @@ MQTT_HOST = "localhost"
 
 EventHandler = Callable[..., Awaitable[None] | None]
 
+THING_REGISTERED = "thing_registered"
+"""Event: provisioning registered a thing (``thing=`` the new
+:class:`~iotref.sandbox.provisioning.things.Thing`)."""
+INGESTION_SUBSCRIBED = "ingestion_subscribed"
+"""Event: all the ingestion's connections subscribed (again)."""
+
 
 @dataclass
 class SandboxSettings:
@@ -90,8 +96,9 @@ class SandboxPaths:
 
 
 class EventHub:
-    """In-process events between components, e.g. ``thing_registered`` from provisioning
-    to the shadow service. Handlers may be sync or async; errors are logged, not raised."""
+    """In-process events between components, e.g. :data:`THING_REGISTERED` from
+    provisioning to the shadow service. Handlers may be sync or async; errors are logged,
+    not raised."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, list[EventHandler]] = defaultdict(list)

@@ -4,7 +4,7 @@
 Mosquitto cannot throttle a connection, so the per-connection publish rate and throughput
 are measured (:mod:`iotref.sandbox.quota_meter`): what AWS IoT Core would have throttled is
 counted and shown, not refused. The shadow service enforces its own limits with AWS's error
-codes (:mod:`iotref.sandbox.shadow_limits`, :mod:`iotref.protocol.shadow_document`).
+codes (:mod:`iotref.sandbox.shadow.request_limits`, :mod:`iotref.protocol.shadow_document`).
 docs/configuration.md lists each limit, its source and how it is modelled.
 """
 

@@ -1,26 +1,9 @@
 """Per-connection publish rate and throughput against AWS IoT Core's quotas, measured as
-the platform receives the messages (Mosquitto cannot throttle, so nothing is refused).
-
-The platform sees a device's publishes in two places, both keyed by its client id (on the
-device port the MQTT client id is the certificate's CN, the thing name): the ingestion
-(telemetry topics end in the client id; counted per received batch) and the shadow
-service (shadow request topics carry the thing name). Both feed one :class:`QuotaMeter`.
-
-The rule for "AWS IoT Core would have throttled this message": a token bucket per
-connection (:class:`iotref.protocol.token_bucket.TokenBucket`) holding one second's worth
-of the quota (plus the slack below), refilled at the quota's rate, starting full; a
-message that finds no token (or, for throughput, not enough bytes of tokens) would have
-been throttled and takes none. It is the bucket AWS's device SDK uses to stay inside the
-same quotas, so a device that paces itself like that SDK is never counted. Beside it
-the meter keeps plain one-second windows (wall-clock seconds): the last complete
-second's messages and bytes (the rate shown against the quota), the busiest second, and
-how many seconds went over.
-
-Arrival times are the platform's, at batch granularity (the ingestion stamps each batch
-it forwards, a few milliseconds apart), so the buckets hold :data:`ARRIVAL_SLACK_SECONDS`
-of the quota more than one second's worth: messages sent evenly but stamped a little
-late together are not counted. When the ingestion falls behind a burst, the messages it
-reads later count later, so a measured rate can be lower than the device's.
+the platform receives the messages (Mosquitto cannot throttle, so nothing is refused): the
+ingestion and the shadow service feed one :class:`QuotaMeter`, keyed by client id. What
+counts as "would have been throttled" (a token bucket of one second's quota, plus
+:data:`ARRIVAL_SLACK_SECONDS`) and the one-second windows kept beside it:
+docs/configuration.md, "Publish rate and throughput: measured, not enforced".
 """
 
 from __future__ import annotations

@@ -26,18 +26,17 @@ from iotref.protocol.environment_file import (
     DEFAULT_SCOPE,
     DIRECTORY_HOST,
     DIRECTORY_OAUTH_CLIENT_ID,
+    PUBLISH_RATE_LIMIT,
     SANDBOX_ID,
     SCOPE,
+    THROUGHPUT_LIMIT,
     format_env_file,
 )
 from iotref.sandbox.app import Component, build_app
 from iotref.sandbox.context import LOOPBACK, SandboxContext, SandboxPaths, SandboxSettings
+from iotref.sandbox.errors import SandboxError
 
 log = logging.getLogger("iotref.sandbox")
-
-
-class SandboxError(Exception):
-    """A failure to start that deserves one clear line, not a traceback."""
 
 
 @dataclass
@@ -248,16 +247,19 @@ class Sandbox:
             self._lock.release()
 
     def _make_components(self, ctx: SandboxContext) -> list[Component]:
-        from iotref.sandbox.broker import Broker
-        from iotref.sandbox.bulk_provisioning import BulkProvisioning
-        from iotref.sandbox.certificate_authority import DEVICE_CRL_PATH, CertificateAuthorities
-        from iotref.sandbox.directory import Directory
-        from iotref.sandbox.ingestion import Ingestion
-        from iotref.sandbox.monitor import Monitor
-        from iotref.sandbox.provisioning import Provisioning
+        from iotref.sandbox.broker.supervisor import Broker
+        from iotref.sandbox.directory.service import Directory
+        from iotref.sandbox.monitor.component import Monitor
+        from iotref.sandbox.provisioning.bulk import BulkProvisioning
+        from iotref.sandbox.provisioning.certificate_authority import (
+            DEVICE_CRL_PATH,
+            CertificateAuthorities,
+        )
+        from iotref.sandbox.provisioning.service import Provisioning
+        from iotref.sandbox.provisioning.things import ThingRegistry
         from iotref.sandbox.quota_meter import QuotaMeter
-        from iotref.sandbox.shadow_service import ShadowService
-        from iotref.sandbox.things import ThingRegistry
+        from iotref.sandbox.shadow.service import ShadowService
+        from iotref.sandbox.telemetry.ingestion import Ingestion
 
         cas = CertificateAuthorities(ctx.paths.ca_dir)
         cas.ensure()
@@ -286,6 +288,9 @@ class Sandbox:
             DIRECTORY_OAUTH_CLIENT_ID: self._client_id(),
             SCOPE: DEFAULT_SCOPE,
             SANDBOX_ID: ctx.sandbox_id,
+            # The quotas this sandbox measures: a device using this file paces to them.
+            PUBLISH_RATE_LIMIT: str(ctx.settings.limits.publish_rate),
+            THROUGHPUT_LIMIT: str(ctx.settings.limits.throughput),
         }
         _write_atomic(
             self.paths.env_file,
@@ -318,7 +323,7 @@ class Sandbox:
 
     @staticmethod
     def _client_id() -> str:
-        from iotref.sandbox.seed import OAUTH_CLIENT_ID
+        from iotref.sandbox.directory.seed import OAUTH_CLIENT_ID
 
         return OAUTH_CLIENT_ID
 
@@ -330,7 +335,7 @@ def monitor_url(info: dict[str, Any]) -> str:
 
 def banner(info: dict[str, Any], sandbox_json: Path, auto_approve: bool) -> str:
     """What ``iotref sandbox up`` prints once the sandbox is ready."""
-    from iotref.sandbox.seed import DEMO_EMAIL, DEMO_PASSWORD
+    from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD
 
     sign_in = f"{DEMO_EMAIL}, password {DEMO_PASSWORD}"
     if auto_approve:
