@@ -30,29 +30,20 @@ from iotref.device.connection import (
     build_tls_context,
 )
 from iotref.device.environment import load_environment
-from iotref.device.fleet import (
-    DEFAULT_CONNECT_RATE,
-    REPORT_FORMAT,
-    FleetDevice,
-    FleetDeviceIdentity,
-    FleetLimitError,
-    FleetOptions,
-    FleetReport,
-    FleetRun,
-    Histogram,
-    MemoryOutbox,
-    OutboxTotals,
-    SandboxInfo,
-    Shard,
-    StatusGenerator,
-    build_tls_contexts,
-    check_limits,
-    device_name,
-    merge_reports,
-    messages_per_device,
-    without_system_trust_store,
-)
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.fleet.device import FleetDevice
+from iotref.fleet.errors import FleetLimitError
+from iotref.fleet.histogram import Histogram
+from iotref.fleet.memory_outbox import MemoryOutbox, OutboxTotals
+from iotref.fleet.names import Shard, device_name, messages_per_device
+from iotref.fleet.options import DEFAULT_CONNECT_RATE, FleetOptions
+from iotref.fleet.os_limits import check_limits
+from iotref.fleet.reports import REPORT_FORMAT, FleetReport, merge_reports
+from iotref.fleet.run import FleetRun
+from iotref.fleet.status_generator import StatusGenerator
+from iotref.fleet.stores import FleetDeviceIdentity
+from iotref.fleet.target import SandboxInfo
+from iotref.fleet.tls_contexts import build_tls_contexts, without_system_trust_store
 from iotref.protocol import limits
 from iotref.protocol.message_schemas import default_validator
 
@@ -515,7 +506,7 @@ def test_connection_uses_a_prebuilt_tls_context(
 
 _MMAP_PROBE = """
 import ctypes, json, re, sys
-from iotref.device.fleet import tune_malloc
+from iotref.fleet.memory import tune_malloc
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -583,7 +574,7 @@ def test_peak_rss_is_the_simulators_own_not_its_parents() -> None:
         big = bytearray(300 * 1024 * 1024)
         for i in range(0, len(big), 4096):
             big[i] = 1
-        child = "from iotref.device.fleet import peak_rss_mb; print(peak_rss_mb())"
+        child = "from iotref.fleet.memory import peak_rss_mb; print(peak_rss_mb())"
         print(subprocess.run([sys.executable, "-c", child], capture_output=True,
                              text=True, check=True).stdout.strip())
         """
