@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from iotref.device.connection import (
 )
 from iotref.device.environment import load_environment
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
 from iotref.fleet.device import FleetDevice
 from iotref.fleet.errors import FleetLimitError
 from iotref.fleet.histogram import Histogram
@@ -213,6 +215,52 @@ def test_memory_outbox_keeps_order_until_acked() -> None:
     assert box.last_seq == 5
     box.close()
     assert box.closed
+
+
+def test_memory_outbox_refuses_appends_in_groups_and_reads_bare_tuples() -> None:
+    totals = OutboxTotals()
+    box = MemoryOutbox(totals)
+    results = box.append_each([OutboxEntry("t", b"a"), OutboxEntry("t", b"b", "id-b")])
+    assert [r.seq for r in results if isinstance(r, AppendResult)] == [1, 2]
+    assert box.read_pending(0, 10) == [(1, "t", b"a"), (2, "t", b"b")]
+    assert box.refuse(1, "too large") is True
+    assert box.refuse(1, "too large") is False  # no longer queued
+    assert box.read_pending(0, 10) == [(2, "t", b"b")]
+    assert (totals.depth, totals.appended, totals.acked) == (1, 2, 0)
+    stats = box.stats()
+    assert (stats.depth, stats.accepted, stats.refused, stats.acked) == (1, 2, 1, 0)
+    assert box.pending_acks == 0 and box.flush_acks() == 0
+
+
+PUBLISHER_CALLS = (
+    "append",
+    "append_many",
+    "read_batch",
+    "read_pending",
+    "mark_attempted",
+    "ack",
+    "flush_acks",
+    "refuse",
+    "stats",
+    "close",
+)
+
+
+@pytest.mark.parametrize("name", PUBLISHER_CALLS)
+def test_memory_outbox_has_what_the_publisher_calls_on_an_outbox(name: str) -> None:
+    """It is no :class:`Outbox` (no SQLite parent left half made), but has every method the
+    publisher calls on one, with the same parameters."""
+    assert not issubclass(MemoryOutbox, Outbox)
+    ours = inspect.signature(getattr(MemoryOutbox, name))
+    theirs = inspect.signature(getattr(Outbox, name))
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert ours.return_annotation == theirs.return_annotation
+
+
+def test_memory_outbox_has_the_properties_the_publisher_reads() -> None:
+    box = MemoryOutbox()
+    box.append("t", b"x")
+    assert (box.closed, box.depth, box.pending_acks, box.durability) == (False, 1, 0, "process")
 
 
 # --------------------------------------------------------------------------- status generator

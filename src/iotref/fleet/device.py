@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from awscrt import io
 
@@ -18,6 +18,7 @@ from iotref.device.connection import (
     ConnectionState,
 )
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.outbox import Outbox
 from iotref.device.rate_limit import ConnectGate
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
@@ -134,7 +135,9 @@ class FleetDevice:
         props = self.identity.properties
         telemetry = Telemetry(
             connection,
-            self.outbox,
+            # The publisher's parameter is typed as the durable Outbox; MemoryOutbox has
+            # every method it calls, with the same signatures (tests/unit/test_fleet.py).
+            cast("Outbox", self.outbox),
             telemetry_topic(props.telemetry_topic, props.org_id, props.client_id),
             validator=run.validator,
             permission=ShadowPermission(shadow),

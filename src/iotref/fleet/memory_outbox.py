@@ -7,17 +7,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Final
 
 from iotref.device.outbox import (
     AppendResult,
     Durability,
-    Outbox,
     OutboxEntry,
+    OutboxFull,
     OutboxRecord,
     OutboxStats,
     OverflowPolicy,
 )
+
+UNBOUNDED: Final = 1 << 62
 
 
 @dataclass
@@ -29,19 +31,30 @@ class OutboxTotals:
     acked: int = 0
 
 
-class MemoryOutbox(Outbox):
-    """The :class:`~iotref.device.outbox.Outbox` interface kept in memory: an ordered
-    queue of unacknowledged messages, removed on acknowledgement. Not durable; unbounded."""
+class MemoryOutbox:
+    """An outbox kept in memory: an ordered queue of unacknowledged messages, removed on
+    acknowledgement or refusal, with every method the publisher
+    (:class:`~iotref.device.telemetry.Telemetry`) calls on the durable
+    :class:`~iotref.device.outbox.Outbox`. Not durable (``durability`` is ``"process"``),
+    unbounded, and acknowledgements are never buffered."""
+
+    __slots__ = (
+        "_accepted",
+        "_acked_count",
+        "_closed",
+        "_last_seq",
+        "_refused_count",
+        "_rows",
+        "_totals",
+    )
 
     # The same for every instance: on the class, not in each of thousands of instances.
-    path = Path(":memory:")
-    max_messages = 1 << 62
-    max_bytes = 1 << 62
-    overflow: OverflowPolicy = "reject_new"
-    durability: Durability = "process"
+    max_messages: Final = UNBOUNDED
+    max_bytes: Final = UNBOUNDED
+    overflow: Final[OverflowPolicy] = "reject_new"
+    durability: Final[Durability] = "process"
 
     def __init__(self, totals: OutboxTotals | None = None) -> None:
-        # The SQLite parent is deliberately not initialised: nothing of it is used.
         self._rows: dict[int, OutboxRecord] = {}
         self._last_seq = 0
         self._closed = False
@@ -58,6 +71,7 @@ class MemoryOutbox(Outbox):
         self._closed = True
 
     def append(self, topic: str, payload: bytes, message_id: str | None = None) -> AppendResult:
+        """Queue one message; its ``seq`` is one more than the last one's."""
         seq = self._last_seq + 1
         self._last_seq = seq
         self._rows[seq] = OutboxRecord(seq, topic, payload, time.time(), 0, message_id)
@@ -69,7 +83,12 @@ class MemoryOutbox(Outbox):
     def append_many(self, entries: Sequence[OutboxEntry]) -> list[AppendResult]:
         return [self.append(e.topic, e.payload, e.message_id) for e in entries]
 
+    def append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
+        """The outcome of each append: always a result (the queue is unbounded)."""
+        return list(self.append_many(entries))
+
     def read_batch(self, after_seq: int = 0, limit: int = 500) -> list[OutboxRecord]:
+        """Up to ``limit`` queued messages with ``seq > after_seq``, in ``seq`` order."""
         out: list[OutboxRecord] = []
         for seq, record in self._rows.items():
             if seq > after_seq:
@@ -78,8 +97,12 @@ class MemoryOutbox(Outbox):
                     break
         return out
 
+    def read_pending(self, after_seq: int = 0, limit: int = 500) -> list[tuple[int, str, bytes]]:
+        """:meth:`read_batch` as bare ``(seq, topic, payload)`` tuples."""
+        return [(r.seq, r.topic, r.payload) for r in self.read_batch(after_seq, limit)]
+
     def mark_attempted(self, first_seq: int, last_seq: int) -> None:
-        return None
+        """Attempts are not counted here."""
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -108,6 +131,7 @@ class MemoryOutbox(Outbox):
 
     @property
     def pending_acks(self) -> int:
+        """Always 0: an acknowledgement removes the message at once."""
         return 0
 
     def stats(self) -> OutboxStats:
