@@ -154,7 +154,7 @@ _DEPRECATED: dict[str, tuple[str, str]] = {
     "ShadowClient": ("iotref.device.shadow", "ShadowClient"),
     "ShadowSync": ("iotref.device.shadow", "ShadowSync"),
     "MessageValidator": ("iotref.protocol.message_schemas", "MessageValidator"),
-    "PressSimulator": ("iotref.device.simulator", "PressSimulator"),
+    "PressSimulator": ("iotref.fleet.press", "PressSimulator"),
 }
 
 
