@@ -45,7 +45,7 @@ from tests.support.tokens import provision_device
 from bench.harness import BenchContext, Figure, percentile
 from iotref.device import stdlib_compat
 from iotref.device.connection import Connection, ConnectionSettings, IncomingMessage
-from iotref.device.shadow import SHADOW_QOS, ShadowSync
+from iotref.device.shadow.sync import SHADOW_QOS, ShadowSync
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 
 CHANGES = 1000

@@ -79,7 +79,7 @@ if TYPE_CHECKING:
         build_message,
     )
     from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
-    from iotref.device.shadow import (
+    from iotref.device.shadow.sync import (
         DesiredChange,
         Refuse,
         ShadowClient,
@@ -161,7 +161,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "Onboarding",
         "ProvisionOptions",
     ),
-    "iotref.device.shadow": (
+    "iotref.device.shadow.sync": (
         "DesiredChange",
         "Refuse",
         "ShadowClient",

@@ -13,7 +13,13 @@ import httpx
 import pytest
 
 from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
-from iotref.device.shadow import DesiredChange, Refuse, ShadowClient, ShadowRejected, ShadowSync
+from iotref.device.shadow.sync import (
+    DesiredChange,
+    Refuse,
+    ShadowClient,
+    ShadowRejected,
+    ShadowSync,
+)
 from tests.integration.test_device_connection import (
     FlakyLink,
     mosquitto_of,

@@ -50,7 +50,7 @@ from iotref.device.messages import (
     Sender as SenderIdentity,
 )
 from iotref.device.outbox import Outbox
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 
 from iotref.device.connection import IncomingMessage, topic_matches
-from iotref.device.shadow import (
+from iotref.device.shadow.sync import (
     RESPONSE_SUFFIXES,
     DesiredChange,
     DesiredChangeRefused,

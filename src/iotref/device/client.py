@@ -7,7 +7,7 @@ one MQTT connection), from a certificate store (contract section 5):
    store is refused before it could take the MQTT session over),
 2. the connection with mutual TLS (:mod:`iotref.device.connection`),
 3. the classic shadow kept in sync (desired -> local -> reported, after every reconnect;
-   :mod:`iotref.device.shadow`), whose ``sendTelemetryData`` is the permission to send,
+   :mod:`iotref.device.shadow.sync`), whose ``sendTelemetryData`` is the permission to send,
 4. the permission-gated publisher draining the outbox (:mod:`iotref.device.telemetry`).
 
 Starting needs no platform: when it cannot be reached, the client starts anyway ("waiting
@@ -83,7 +83,7 @@ from iotref.device.outbox import (
     OverflowPolicy,
 )
 from iotref.device.outbox_salvage import OutboxRecovery
-from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.shadow.sync import DesiredHandler, ShadowSync
 from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,

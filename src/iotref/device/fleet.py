@@ -124,7 +124,7 @@ from iotref.device.outbox import (
     OverflowPolicy,
 )
 from iotref.device.rate_limit import ConnectGate
-from iotref.device.shadow import ShadowError, ShadowSync
+from iotref.device.shadow.sync import ShadowError, ShadowSync
 from iotref.device.store_checks import issuer_fingerprint
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
 from iotref.protocol import limits
