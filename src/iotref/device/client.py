@@ -83,7 +83,8 @@ from iotref.device.outbox import (
     OverflowPolicy,
 )
 from iotref.device.outbox_salvage import OutboxRecovery
-from iotref.device.shadow.sync import DesiredHandler, ShadowSync
+from iotref.device.shadow.desired import DesiredHandler
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,
@@ -180,7 +181,7 @@ class ClientError(IotrefError):
     """Base class of the facade's own errors. (Connecting raises
     :class:`~iotref.device.connection.ConnectionFailed`, a broken store
     :class:`~iotref.device.errors.StoreError`, a refused shadow
-    :class:`~iotref.device.shadow.ShadowRejected`: all :class:`IotrefError` too.)"""
+    :class:`~iotref.device.shadow.errors.ShadowRejected`: all :class:`IotrefError` too.)"""
 
 
 class ClientClosed(ClientError):
@@ -669,7 +670,7 @@ class AsyncClient:
         Raises :class:`OutboxBusy`, :class:`ClientError` (outbox unusable),
         :class:`~iotref.device.connection.ConnectionFailed` (``kind="config"``: unusable
         certificate files; with ``fail_fast``, any failure to connect),
-        :class:`~iotref.device.shadow.ShadowRejected`; nothing is left running then."""
+        :class:`~iotref.device.shadow.errors.ShadowRejected`; nothing is left running then."""
         if self._started:
             raise ClientClosed("a client can be started only once", "make a new client")
         self._started = True

@@ -8,7 +8,7 @@ telemetry at a fixed rate per device, then reports what happened.
 
 Per device it runs the real library: a :class:`~iotref.device.connection.Connection`
 (awscrt MQTT 5, mutual TLS with the device's own certificate), a
-:class:`~iotref.device.shadow.ShadowSync` and a :class:`~iotref.device.telemetry.Telemetry`
+:class:`~iotref.device.shadow.sync.ShadowSync` and a :class:`~iotref.device.telemetry.Telemetry`
 gated by the shadow's ``sendTelemetryData``. What it shares, because per-device copies
 would not fit a small machine:
 
@@ -124,7 +124,8 @@ from iotref.device.outbox import (
     OverflowPolicy,
 )
 from iotref.device.rate_limit import ConnectGate
-from iotref.device.shadow.sync import ShadowError, ShadowSync
+from iotref.device.shadow.errors import ShadowError
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.store_checks import issuer_fingerprint
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
 from iotref.protocol import limits

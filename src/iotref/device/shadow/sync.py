@@ -1,416 +1,45 @@
-"""Device shadow on the device side (contract section 7): requests and state sync.
+"""Keeps a device's local state in step with one shadow (contract section 7).
 
-Owns:
-
-- :class:`ShadowClient`: ``get`` / ``update`` / ``delete`` of a classic or named shadow over
-  MQTT, each request correlated with its answer by a fresh ``clientToken``; an answer on
-  ``/rejected`` raises :class:`ShadowRejected` with the service's code and message, no
-  answer in time raises :class:`ShadowTimeout`.
-- :class:`ShadowSync`: keeps the device's local state in step with its shadow, following
-  the reference sequence (subscribe, ``get``, take ``state.desired`` into the local state,
-  report it back as ``state.reported``) on start and after EVERY reconnect, plus: deltas
-  applied as they come (any older than the version already applied is ignored), the
-  reported state published after every applied change, application callbacks that accept,
-  adjust or refuse a desired change, local changes reported, a way to await a value, and
-  the ``sendTelemetryData`` permission with a change callback.
-- :class:`BlockingShadowSync`: a small blocking facade for scripts.
-
-The document rules themselves (delta, JSON equality) come from
-:mod:`iotref.protocol.shadow_document`, shared with the sandbox's shadow service.
+On start and after every reconnect: subscribe, ``get``, take ``state.desired`` into the
+local state and report it back as ``state.reported``. Between syncs: deltas applied as they
+come (one older than the version applied is ignored), the reported state published after
+every applied or local change, a way to await a value, and the ``sendTelemetryData``
+permission with a change callback. The application decides desired changes through
+:mod:`iotref.device.shadow.desired`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import copy
 import inspect
-import json
 import logging
-import threading
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 from iotref.device import stdlib_compat
 from iotref.device.backoff import Backoff
-from iotref.device.connection import (
-    Connection,
-    ConnectionSettings,
-    IncomingMessage,
-    MqttError,
-    PublishFailed,
+from iotref.device.connection import Connection, MqttError, PublishFailed
+from iotref.device.shadow.desired import DesiredDecisions, DesiredHandler
+from iotref.device.shadow.errors import ShadowError, ShadowRejected, ShadowTimeout
+from iotref.device.shadow.requests import DEFAULT_TIMEOUT_S, ShadowClient
+from iotref.device.shadow.waiters import ANY, SECTIONS, ValueWaiters, matcher
+from iotref.protocol.shadow_document import (
+    compute_delta,
+    json_equal,
+    merge_section,
+    section_patch,
 )
-from iotref.device.errors import IotrefError
-from iotref.protocol.shadow_document import compute_delta, json_equal
-from iotref.protocol.topics import shadow_topic
 
 log = logging.getLogger("iotref.shadow")
 
 JsonObject = dict[str, Any]
 SEND_TELEMETRY_KEY = "sendTelemetryData"
-DEFAULT_TIMEOUT_S = 10.0
 RETRYABLE_CODES = frozenset({429, 500, 503})
 """Rejections worth retrying after a pause (throttled, internal error)."""
-SHADOW_QOS = 0
-"""QoS of shadow requests and of the answer and delta subscriptions. 0 on purpose: the
-answer is the acknowledgement (a lost request or answer times out and is retried, a retried
-update merges the same fields again; every reconnect does a fresh get, so a delta lost with
-a connection is recovered). QoS 1 costs latency for nothing: each QoS 1 message makes its
-receiver write a PUBACK right before its answer, and Nagle's algorithm (awscrt, like paho,
-does not set TCP_NODELAY) holds the answer back until the peer's delayed ACK, about 40 ms
-per hop."""
-SUBSCRIBE_QOS = SHADOW_QOS
-RESPONSE_SUFFIXES = (
-    "get/accepted",
-    "get/rejected",
-    "update/accepted",
-    "update/rejected",
-    "update/delta",
-    "delete/accepted",
-    "delete/rejected",
-)
-
-T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class ShadowError(IotrefError):
-    """Base class of shadow failures."""
-
-
-class ShadowRejected(ShadowError):
-    """The shadow service answered on ``/rejected``: ``code`` (HTTP-style) and ``message``
-    as documented in "Device Shadow error messages"."""
-
-    def __init__(self, code: int, message: str, client_token: str | None = None) -> None:
-        super().__init__(f"shadow request rejected: {code} {message}")
-        self.code = code
-        self.message = message
-        self.client_token = client_token
-
-
-class ShadowTimeout(ShadowError):
-    """No answer to a shadow request in time (not connected, or the service is slow)."""
-
-
-class DesiredChangeRefused(ShadowError):
-    """Raise from a desired-change handler to refuse the change (or return :class:`Refuse`)."""
-
-
-@dataclass(frozen=True)
-class Refuse:
-    """Return from a desired-change handler to refuse the change."""
-
-    reason: str = "refused by the application"
-
-
-@dataclass(frozen=True)
-class DesiredChange:
-    """What a desired-change handler is asked about.
-
-    For a key handler: ``key``, its full desired ``value``, the ``delta`` part that differs
-    from reported, and the currently ``reported`` value (``None`` if absent). For a
-    whole-delta handler (``key`` is ``None``): ``value`` maps every undecided key to its
-    desired value, ``delta`` is the delta of those keys, ``reported`` the reported section.
-    """
-
-    key: str | None
-    value: Any
-    delta: Any
-    reported: Any
-    version: int
-
-
-DesiredHandler = Callable[[DesiredChange], Any]
-"""Returns ``None`` to accept, another value to adjust (that value is applied and
-reported), or :class:`Refuse` / raises to refuse. May be ``async``."""
 TelemetryCallback = Callable[[bool], Awaitable[None] | None]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def new_client_token() -> str:
-    """A fresh clientToken: 32 hex digits (the service allows up to 64 bytes)."""
-    return uuid.uuid4().hex
-
-
-def merge_into(target: JsonObject, patch: Mapping[str, Any]) -> None:
-    """Merge ``patch`` into ``target`` the way the shadow service merges an update: objects
-    recursively, ``None`` removes, everything else replaces; emptied objects disappear."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict):
-            child = target.get(key)
-            if not isinstance(child, dict):
-                child = {}
-            merge_into(child, value)
-            if child:
-                target[key] = child
-            else:
-                target.pop(key, None)
-        else:
-            target[key] = copy.deepcopy(value)
-
-
-def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> JsonObject:
-    """The smallest update that turns ``old`` into ``new`` under :func:`merge_into`:
-    changed fields, objects recursively, ``None`` for fields that are gone."""
-    patch: JsonObject = {}
-    for key, value in new.items():
-        if key not in old:
-            patch[key] = copy.deepcopy(value)
-            continue
-        before = old[key]
-        if isinstance(value, dict) and isinstance(before, dict):
-            sub = merge_patch(before, value)
-            if sub:
-                patch[key] = sub
-            elif not value and before:
-                patch[key] = None
-        elif not json_equal(value, before):
-            patch[key] = copy.deepcopy(value)
-    for key in old:
-        if key not in new:
-            patch[key] = None
-    return patch
-
-
-def _decode(payload: bytes) -> JsonObject | None:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _section(doc: Mapping[str, Any], name: str) -> JsonObject:
-    state = doc.get("state")
-    if not isinstance(state, dict):
-        return {}
-    value = state.get(name)
-    return copy.deepcopy(value) if isinstance(value, dict) else {}
-
-
-def _without_refused(patch: JsonObject, refused: Mapping[str, Any]) -> JsonObject:
-    """``patch`` less the leaves that were refused with the very same value (a leaf that
-    changed since is reported again)."""
-    out: JsonObject = {}
-    for key, value in patch.items():
-        if key not in refused:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(refused[key], dict):
-            rest = _without_refused(value, refused[key])
-            if rest:
-                out[key] = rest
-        elif not json_equal(value, refused[key]):
-            out[key] = value
-    return out
-
-
-def _version(doc: Mapping[str, Any]) -> int | None:
-    value = doc.get("version")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-# --------------------------------------------------------------------------- requests
-
-
-ShadowListener = Callable[[str, JsonObject, bool], None]
-"""``listener(suffix, document, own)``: every answer or delta; ``own`` if it answers one of
-this client's requests."""
-
-
-class ShadowClient:
-    """Requests to one classic (``shadow_name=None``) or named shadow of ``thing_name``."""
-
-    def __init__(
-        self,
-        connection: Connection,
-        thing_name: str,
-        shadow_name: str | None = None,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        qos: int = SHADOW_QOS,
-    ) -> None:
-        self.connection = connection
-        self.thing_name = thing_name
-        self.shadow_name = shadow_name
-        self.timeout_s = timeout_s
-        self.qos = qos
-        self._pending: dict[str, tuple[str, asyncio.Future[JsonObject]]] = {}
-        self._listeners: list[ShadowListener] = []
-        self._subscribed = False
-        self._subscribe_lock = asyncio.Lock()
-        self._handlers: dict[str, Callable[[IncomingMessage], None]] = {}
-
-    def topic(self, suffix: str) -> str:
-        return shadow_topic(self.thing_name, suffix, self.shadow_name)
-
-    @property
-    def label(self) -> str:
-        name = "classic" if self.shadow_name is None else f"named {self.shadow_name!r}"
-        return f"{name} shadow of {self.thing_name}"
-
-    def add_listener(self, listener: ShadowListener) -> None:
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: ShadowListener) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
-
-    async def subscribe(self) -> None:
-        """Subscribe to the answer topics (once; the connection keeps them across
-        reconnects). Raises :class:`~iotref.device.connection.SubscribeFailed`."""
-        async with self._subscribe_lock:
-            if self._subscribed:
-                return
-            handlers = {suffix: self._handler_for(suffix) for suffix in RESPONSE_SUFFIXES}
-            # One SUBSCRIBE for all seven (within the platform's 8 filters per SUBSCRIBE).
-            await self.connection.subscribe_many(
-                [(self.topic(suffix), handler) for suffix, handler in handlers.items()],
-                qos=self.qos,
-            )
-            self._handlers.update(handlers)
-            self._subscribed = True
-
-    async def close(self) -> None:
-        """Unsubscribe this client's handlers and fail its outstanding requests."""
-        for suffix, handler in self._handlers.items():
-            with contextlib.suppress(MqttError):
-                await self.connection.unsubscribe(self.topic(suffix), handler)
-        self._handlers.clear()
-        self._subscribed = False
-        for _, fut in self._pending.values():
-            if not fut.done():
-                fut.cancel()
-        self._pending.clear()
-
-    def _handler_for(self, suffix: str) -> Callable[[IncomingMessage], None]:
-        def handle(message: IncomingMessage) -> None:
-            self._on_message(suffix, message)
-
-        return handle
-
-    def _on_message(self, suffix: str, message: IncomingMessage) -> None:
-        doc = _decode(message.payload)
-        if doc is None:
-            log.warning("%s: ignoring a non-JSON message on %s", self.label, suffix)
-            return
-        token = doc.get("clientToken")
-        own = False
-        if isinstance(token, str) and token in self._pending:
-            operation, fut = self._pending[token]
-            if suffix.startswith(operation + "/") and suffix != "update/delta":
-                own = True
-                del self._pending[token]
-                if not fut.done():
-                    if suffix.endswith("/rejected"):
-                        code = doc.get("code")
-                        fut.set_exception(
-                            ShadowRejected(
-                                int(code) if isinstance(code, int) else 0,
-                                str(doc.get("message", "")),
-                                token,
-                            )
-                        )
-                    else:
-                        fut.set_result(doc)
-        for listener in list(self._listeners):
-            try:
-                listener(suffix, doc, own)
-            except Exception:
-                log.exception("%s: listener failed", self.label)
-
-    async def get(self, *, timeout_s: float | None = None) -> JsonObject:
-        """The shadow document (``state`` with ``desired``/``reported``/``delta``,
-        ``metadata``, ``version``...). 404 (no shadow) raises :class:`ShadowRejected`."""
-        return await self.request("get", {}, timeout_s=timeout_s)
-
-    async def update(
-        self,
-        state: Mapping[str, Any],
-        *,
-        version: int | None = None,
-        timeout_s: float | None = None,
-    ) -> JsonObject:
-        """Update ``state`` (``{"desired": {...}, "reported": {...}}``); ``version`` makes
-        it conditional. Returns the ``update/accepted`` document."""
-        body: JsonObject = {"state": dict(state)}
-        if version is not None:
-            body["version"] = version
-        return await self.request("update", body, timeout_s=timeout_s)
-
-    async def delete(self, *, timeout_s: float | None = None) -> JsonObject:
-        """Delete the shadow; returns the ``delete/accepted`` document."""
-        return await self.request("delete", {}, timeout_s=timeout_s)
-
-    async def request(
-        self, operation: str, body: Mapping[str, Any], *, timeout_s: float | None = None
-    ) -> JsonObject:
-        """Publish ``body`` (plus a fresh clientToken) to ``operation`` and await the
-        correlated answer."""
-        if operation not in ("get", "update", "delete"):
-            raise ValueError(f"unknown shadow operation {operation!r}")
-        await self.subscribe()
-        token = new_client_token()
-        payload = dict(body)
-        payload["clientToken"] = token
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[JsonObject] = loop.create_future()
-        self._pending[token] = (operation, fut)
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            # The connection's pace covers shadow requests too (a telemetry backlog draining
-            # at the quota leaves them their share).
-            await self.connection.pace()
-            published = self.connection.publish_nowait(
-                self.topic(operation),
-                json.dumps(payload, separators=(",", ":")).encode(),
-                self.qos,
-            )
-            published.add_done_callback(lambda f: self._on_published(f, token))
-            try:
-                async with stdlib_compat.timeout(timeout):
-                    return await fut
-            except TimeoutError:
-                raise ShadowTimeout(
-                    f"no answer to {operation} on the {self.label} within {timeout:g} s",
-                    "check the connection; the request is retried on the next sync",
-                ) from None
-        finally:
-            self._pending.pop(token, None)
-
-    def _on_published(self, published: asyncio.Future[None], token: str) -> None:
-        if published.cancelled():
-            return
-        exc = published.exception()
-        if exc is None:
-            return
-        entry = self._pending.pop(token, None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_exception(exc)
-
-
-# --------------------------------------------------------------------------- sync
-
-
-@dataclass
-class _Waiter:
-    section: str
-    key: str
-    predicate: Callable[[Any], bool]
-    future: asyncio.Future[Any]
-
-
-_ANY = object()
 
 
 class ShadowSync:
@@ -439,7 +68,7 @@ class ShadowSync:
         self.client = client or ShadowClient(
             connection, thing_name, shadow_name, timeout_s=timeout_s
         )
-        self.accept_unhandled = accept_unhandled
+        self._decisions = DesiredDecisions(accept_unhandled)
         self.first_sync_timeout_s = (
             timeout_s if first_sync_timeout_s is None else first_sync_timeout_s
         )
@@ -447,12 +76,9 @@ class ShadowSync:
         self._reported: JsonObject = copy.deepcopy(dict(initial_reported or {}))
         self._cloud_reported: JsonObject | None = None  # None: not synced yet
         self._version = -1
-        self._decided: JsonObject = {}
-        self._key_handlers: dict[str, DesiredHandler] = {}
-        self._delta_handler: DesiredHandler | None = None
         self._telemetry_callbacks: list[TelemetryCallback] = []
         self._telemetry_allowed = False
-        self._waiters: list[_Waiter] = []
+        self._waiters = ValueWaiters()
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._lock = asyncio.Lock()
         self._report_needed = asyncio.Event()
@@ -503,6 +129,15 @@ class ShadowSync:
         else the reported one; ``False`` while unknown."""
         return self._telemetry_allowed
 
+    @property
+    def accept_unhandled(self) -> bool:
+        """Whether desired keys without a handler are applied as they come."""
+        return self._decisions.accept_unhandled
+
+    @accept_unhandled.setter
+    def accept_unhandled(self, value: bool) -> None:
+        self._decisions.accept_unhandled = value
+
     # ------------------------------------------------------------------ registration
 
     @overload
@@ -518,9 +153,9 @@ class ShadowSync:
         if isinstance(key, str):
             if handler is None:
                 raise TypeError("on_desired(key, handler) needs a handler")
-            self._key_handlers[key] = handler
+            self._decisions.on_key(key, handler)
         else:
-            self._delta_handler = key
+            self._decisions.on_delta(key)
 
     def on_send_telemetry_changed(self, callback: TelemetryCallback) -> None:
         """``callback(allowed)`` whenever :attr:`send_telemetry_allowed` changes."""
@@ -579,8 +214,7 @@ class ShadowSync:
                     await task
         self._tasks.clear()
         await self.client.close()
-        for waiter in self._waiters:
-            waiter.future.cancel()
+        self._waiters.cancel()
         for fut in self._flush_waiters:
             fut.cancel()
 
@@ -602,7 +236,7 @@ class ShadowSync:
 
     def update_local(self, changes: Mapping[str, Any]) -> None:
         """Merge ``changes`` into the local state (``None`` removes) and report them."""
-        merge_into(self._reported, changes)
+        merge_section(self._reported, changes)
         self._after_local_change()
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -622,7 +256,7 @@ class ShadowSync:
     async def wait_for(
         self,
         key: str,
-        value: Any = _ANY,
+        value: Any = ANY,
         *,
         section: str = "reported",
         predicate: Callable[[Any], bool] | None = None,
@@ -631,38 +265,19 @@ class ShadowSync:
         """Wait until ``section`` (``"reported"``: applied locally, or ``"desired"``) has
         ``key`` equal to ``value`` (any value if omitted, or matching ``predicate``);
         return the value."""
-        if section not in ("reported", "desired"):
+        if section not in SECTIONS:
             raise ValueError("section is 'reported' or 'desired'")
-        if predicate is None:
-            if value is _ANY:
-
-                def predicate(_: Any) -> bool:
-                    return True
-
-            else:
-
-                def predicate(v: Any) -> bool:
-                    return json_equal(v, value)
-
+        matches = matcher(value, predicate)
         current = self._reported if section == "reported" else self._desired
-        if key in current and predicate(current[key]):
+        if key in current and matches(current[key]):
             return copy.deepcopy(current[key])
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(section, key, predicate, fut)
-        self._waiters.append(waiter)
-        try:
-            async with stdlib_compat.timeout(timeout):
-                return await fut
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+        return await self._waiters.wait(section, key, matches, timeout)
 
     async def reconcile(self, keys: list[str] | None = None) -> None:
         """Offer the outstanding desired changes (of ``keys``, or all) to the handlers
         again, e.g. after a refusal whose cause went away."""
         async with self._lock:
-            for key in keys if keys is not None else list(self._decided):
-                self._decided.pop(key, None)
+            self._decisions.forget(keys)
             delta = compute_delta(self._desired, self._reported)
             if keys is not None:
                 delta = {k: v for k, v in delta.items() if k in keys}
@@ -737,7 +352,7 @@ class ShadowSync:
             # point; local values set before it win.
             local = self._reported
             self._reported = copy.deepcopy(cloud_reported)
-            merge_into(self._reported, local)
+            merge_section(self._reported, local)
         self._cloud_reported = cloud_reported
         if version is not None and version < self._version:
             # The get answer is the shadow as it is now, and versions only grow (a delete
@@ -750,7 +365,7 @@ class ShadowSync:
                 version,
                 self._version,
             )
-            self._decided.clear()
+            self._decisions.forget()
         self._desired = _section(doc, "desired")
         applied_version = version if version is not None else self._version
         self._after_desired_change()
@@ -792,7 +407,7 @@ class ShadowSync:
                 return
             raw = doc.get("state")
             state: JsonObject = copy.deepcopy(raw) if isinstance(raw, dict) else {}
-            merge_into(self._desired, state)
+            merge_section(self._desired, state)
             self._after_desired_change()
             relevant = {
                 k: v for k, v in compute_delta(self._desired, self._reported).items() if k in state
@@ -817,7 +432,7 @@ class ShadowSync:
             removals = _removals(desired)
             if not removals:
                 return
-            merge_into(self._desired, removals)
+            merge_section(self._desired, removals)
         else:
             return
         self._after_desired_change()
@@ -827,85 +442,20 @@ class ShadowSync:
         self._desired = {}
         self._cloud_reported = {} if self._cloud_reported is not None else None
         self._version = -1
-        self._decided.clear()
+        self._decisions.forget()
         self._after_desired_change()
 
     async def _apply_delta(self, delta: JsonObject, version: int) -> None:
         """Offer ``delta`` (desired keys that differ from local) to the handlers and apply
         what they accept. Called with the lock held."""
-        undecided: JsonObject = {}
-        for key in delta:
-            want = self._desired.get(key)
-            if key in self._decided and json_equal(self._decided[key], want):
-                continue
-            undecided[key] = want
-        if not undecided:
-            return
-        applied: JsonObject = {}
-        rest: JsonObject = {}
-        for key, want in undecided.items():
-            handler = self._key_handlers.get(key)
-            if handler is None:
-                rest[key] = want
-                continue
-            change = DesiredChange(
-                key,
-                copy.deepcopy(want),
-                copy.deepcopy(delta[key]),
-                copy.deepcopy(self._reported.get(key)),
-                version,
-            )
-            outcome = await self._decide(handler, change)
-            self._decided[key] = copy.deepcopy(want)
-            if isinstance(outcome, Refuse):
-                log.warning("%s: desired %s refused: %s", self.client.label, key, outcome.reason)
-                continue
-            applied[key] = want if outcome is None else outcome
-        if rest:
-            if self._delta_handler is not None:
-                change = DesiredChange(
-                    None,
-                    copy.deepcopy(rest),
-                    {k: copy.deepcopy(delta[k]) for k in rest},
-                    copy.deepcopy(self._reported),
-                    version,
-                )
-                outcome = await self._decide(self._delta_handler, change)
-                for key, want in rest.items():
-                    self._decided[key] = copy.deepcopy(want)
-                if isinstance(outcome, Refuse):
-                    log.warning(
-                        "%s: desired %s refused: %s",
-                        self.client.label,
-                        ", ".join(rest),
-                        outcome.reason,
-                    )
-                elif outcome is None:
-                    applied.update(rest)
-                elif isinstance(outcome, Mapping):
-                    applied.update(outcome)
-                    refused = [k for k in rest if k not in outcome]
-                    if refused:
-                        log.warning(
-                            "%s: desired %s not applied (left out by the handler)",
-                            self.client.label,
-                            ", ".join(refused),
-                        )
-                else:
-                    log.error(
-                        "%s: whole-delta handler returned %s; nothing applied",
-                        self.client.label,
-                        type(outcome).__name__,
-                    )
-            elif self.accept_unhandled:
-                applied.update(rest)
-                for key, want in rest.items():
-                    self._decided[key] = copy.deepcopy(want)
+        applied = await self._decisions.decide(
+            delta, self._desired, self._reported, version, self.client.label
+        )
         if not applied:
             return
         for key, value in applied.items():
             if isinstance(value, dict) and isinstance(self._reported.get(key), dict):
-                merge_into(self._reported[key], value)
+                merge_section(self._reported[key], value)
             elif value is None:
                 self._reported.pop(key, None)
             else:
@@ -918,33 +468,21 @@ class ShadowSync:
         )
         self._after_local_change()
 
-    async def _decide(self, handler: DesiredHandler, change: DesiredChange) -> Any:
-        try:
-            outcome = handler(change)
-            if inspect.isawaitable(outcome):
-                outcome = await outcome
-        except DesiredChangeRefused as exc:
-            return Refuse(exc.reason)
-        except Exception as exc:
-            log.exception("%s: desired-change handler failed", self.client.label)
-            return Refuse(f"handler failed: {type(exc).__name__}: {exc}")
-        return outcome
-
     # ------------------------------------------------------------------ reporting
 
     def _report_pending(self) -> bool | None:
         """Whether local state differs from the shadow's reported (``None``: unknown)."""
         if self._cloud_reported is None:
             return None
-        return bool(merge_patch(self._cloud_reported, self._reported))
+        return bool(section_patch(self._cloud_reported, self._reported))
 
     def _after_local_change(self) -> None:
         self._report_needed.set()
-        self._check_waiters()
+        self._waiters.check(self._reported, self._desired)
         self._check_telemetry()
 
     def _after_desired_change(self) -> None:
-        self._check_waiters()
+        self._waiters.check(self._reported, self._desired)
         self._check_telemetry()
 
     async def _reporter(self) -> None:
@@ -956,7 +494,7 @@ class ShadowSync:
             self._report_needed.clear()
             if self._cloud_reported is None or not self.connection.connected:
                 continue  # the next sync sets _report_needed again
-            patch = merge_patch(self._cloud_reported, self._reported)
+            patch = section_patch(self._cloud_reported, self._reported)
             if self._refused_patch:
                 patch = _without_refused(patch, self._refused_patch)
             if not patch:
@@ -988,8 +526,8 @@ class ShadowSync:
             backoff.reset()
             self.reports += 1
             if self._cloud_reported is not None:
-                merge_into(self._cloud_reported, patch)
-            if merge_patch(self._cloud_reported or {}, self._reported):
+                merge_section(self._cloud_reported, patch)
+            if section_patch(self._cloud_reported or {}, self._reported):
                 self._report_needed.set()
             else:
                 self._resolve_flush()
@@ -1007,20 +545,6 @@ class ShadowSync:
         self._flush_waiters.clear()
 
     # ------------------------------------------------------------------ notifications
-
-    def _check_waiters(self) -> None:
-        for waiter in list(self._waiters):
-            current = self._reported if waiter.section == "reported" else self._desired
-            if waiter.future.done() or waiter.key not in current:
-                continue
-            value = current[waiter.key]
-            try:
-                matched = waiter.predicate(value)
-            except Exception as exc:
-                waiter.future.set_exception(exc)
-                continue
-            if matched:
-                waiter.future.set_result(copy.deepcopy(value))
 
     def _check_telemetry(self) -> None:
         source = self._desired if SEND_TELEMETRY_KEY in self._desired else self._reported
@@ -1063,133 +587,33 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
         log.error("shadow task failed", exc_info=task.exception())
 
 
-# --------------------------------------------------------------------------- blocking
+def _section(doc: Mapping[str, Any], name: str) -> JsonObject:
+    state = doc.get("state")
+    if not isinstance(state, dict):
+        return {}
+    value = state.get(name)
+    return copy.deepcopy(value) if isinstance(value, dict) else {}
 
 
-class BlockingShadowSync:
-    """A blocking facade for scripts: a connection and a :class:`ShadowSync` on a private
-    event loop in a background thread.
-
-    ``with BlockingShadowSync(ConnectionSettings.from_store(d)) as shadow:
-    shadow.set_reported("speed", 5); shadow.wait_for("mode", "run", timeout=30)``
-    """
-
-    def __init__(
-        self,
-        settings: ConnectionSettings,
-        thing_name: str | None = None,
-        shadow_name: str | None = None,
-        **sync_options: Any,
-    ) -> None:
-        self.settings = settings
-        self._thing = thing_name or settings.client_id
-        self._shadow_name = shadow_name
-        self._options = sync_options
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._connection: Connection | None = None
-        self._sync: ShadowSync | None = None
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return fut.result(timeout)
-
-    def __enter__(self) -> BlockingShadowSync:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        self._thread.start()
-
-        async def go() -> None:
-            self._connection = Connection(self.settings)
-            await self._connection.start()
-            self._sync = ShadowSync(
-                self._connection, self._thing, self._shadow_name, **self._options
-            )
-            await self._sync.start()
-
-        try:
-            self._call(go())
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-
-        async def down() -> None:
-            if self._sync is not None:
-                await self._sync.stop()
-            if self._connection is not None:
-                await self._connection.stop()
-
-        try:
-            self._call(down(), 30)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
-
-    @property
-    def sync(self) -> ShadowSync:
-        assert self._sync is not None, "not started"
-        return self._sync
-
-    @property
-    def desired(self) -> JsonObject:
-        return self._call(_value(lambda: self.sync.desired))
-
-    @property
-    def reported(self) -> JsonObject:
-        return self._call(_value(lambda: self.sync.reported))
-
-    @property
-    def send_telemetry_allowed(self) -> bool:
-        return self.sync.send_telemetry_allowed
-
-    def set_reported(self, key: str, value: Any) -> None:
-        self._call(_value(lambda: self.sync.set_reported(key, value)))
-
-    def update_local(self, changes: Mapping[str, Any]) -> None:
-        self._call(_value(lambda: self.sync.update_local(changes)))
-
-    def flush(self, timeout: float | None = None) -> None:
-        self._call(self.sync.flush(timeout))
-
-    def wait_for(
-        self, key: str, value: Any = _ANY, *, timeout: float | None = None, **kw: Any
-    ) -> Any:
-        return self._call(self.sync.wait_for(key, value, timeout=timeout, **kw))
-
-    def get(self) -> JsonObject:
-        return self._call(self.sync.client.get())
-
-    def update(self, state: Mapping[str, Any], version: int | None = None) -> JsonObject:
-        return self._call(self.sync.client.update(state, version=version))
+def _version(doc: Mapping[str, Any]) -> int | None:
+    value = doc.get("version")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-async def _value(fn: Callable[[], T]) -> T:
-    return fn()
+def _without_refused(patch: JsonObject, refused: Mapping[str, Any]) -> JsonObject:
+    """``patch`` less the leaves that were refused with the very same value (a leaf that
+    changed since is reported again)."""
+    out: JsonObject = {}
+    for key, value in patch.items():
+        if key not in refused:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(refused[key], dict):
+            rest = _without_refused(value, refused[key])
+            if rest:
+                out[key] = rest
+        elif not json_equal(value, refused[key]):
+            out[key] = value
+    return out
 
 
-__all__ = [
-    "SEND_TELEMETRY_KEY",
-    "BlockingShadowSync",
-    "DesiredChange",
-    "DesiredChangeRefused",
-    "DesiredHandler",
-    "Refuse",
-    "ShadowClient",
-    "ShadowError",
-    "ShadowRejected",
-    "ShadowSync",
-    "ShadowTimeout",
-    "merge_into",
-    "merge_patch",
-    "new_client_token",
-]
+__all__ = ["SEND_TELEMETRY_KEY", "ShadowSync", "TelemetryCallback"]
