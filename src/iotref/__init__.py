@@ -79,14 +79,10 @@ if TYPE_CHECKING:
         build_message,
     )
     from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
-    from iotref.device.shadow import (
-        DesiredChange,
-        Refuse,
-        ShadowClient,
-        ShadowRejected,
-        ShadowSync,
-        ShadowTimeout,
-    )
+    from iotref.device.shadow.desired import DesiredChange, Refuse
+    from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
+    from iotref.device.shadow.requests import ShadowClient
+    from iotref.device.shadow.sync import ShadowSync
     from iotref.device.store_checks import check_store
     from iotref.device.telemetry import SendResult, SendStatus
     from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
@@ -160,14 +156,16 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "Onboarding",
         "ProvisionOptions",
     ),
-    "iotref.device.shadow": (
+    "iotref.device.shadow.desired": (
         "DesiredChange",
         "Refuse",
-        "ShadowClient",
+    ),
+    "iotref.device.shadow.errors": (
         "ShadowRejected",
-        "ShadowSync",
         "ShadowTimeout",
     ),
+    "iotref.device.shadow.requests": ("ShadowClient",),
+    "iotref.device.shadow.sync": ("ShadowSync",),
     "iotref.device.store_checks": ("check_store",),
     "iotref.device.telemetry": (
         "SendResult",

@@ -7,7 +7,7 @@ one MQTT connection), from a certificate store (contract section 5):
    store is refused before it could take the MQTT session over),
 2. the connection with mutual TLS (:mod:`iotref.device.connection`),
 3. the classic shadow kept in sync (desired -> local -> reported, after every reconnect;
-   :mod:`iotref.device.shadow`), whose ``sendTelemetryData`` is the permission to send,
+   :mod:`iotref.device.shadow.sync`), whose ``sendTelemetryData`` is the permission to send,
 4. the permission-gated publisher draining the outbox (:mod:`iotref.device.telemetry`).
 
 Starting needs no platform: when it cannot be reached, the client starts anyway ("waiting
@@ -83,7 +83,8 @@ from iotref.device.outbox import (
     OverflowPolicy,
 )
 from iotref.device.outbox_salvage import OutboxRecovery
-from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.shadow.desired import DesiredHandler
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
     DEFAULT_WINDOW,
@@ -180,7 +181,7 @@ class ClientError(IotrefError):
     """Base class of the facade's own errors. (Connecting raises
     :class:`~iotref.device.connection.ConnectionFailed`, a broken store
     :class:`~iotref.device.errors.StoreError`, a refused shadow
-    :class:`~iotref.device.shadow.ShadowRejected`: all :class:`IotrefError` too.)"""
+    :class:`~iotref.device.shadow.errors.ShadowRejected`: all :class:`IotrefError` too.)"""
 
 
 class ClientClosed(ClientError):
@@ -669,7 +670,7 @@ class AsyncClient:
         Raises :class:`OutboxBusy`, :class:`ClientError` (outbox unusable),
         :class:`~iotref.device.connection.ConnectionFailed` (``kind="config"``: unusable
         certificate files; with ``fail_fast``, any failure to connect),
-        :class:`~iotref.device.shadow.ShadowRejected`; nothing is left running then."""
+        :class:`~iotref.device.shadow.errors.ShadowRejected`; nothing is left running then."""
         if self._started:
             raise ClientClosed("a client can be started only once", "make a new client")
         self._started = True
