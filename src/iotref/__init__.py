@@ -75,7 +75,8 @@ if TYPE_CHECKING:
     from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
     from iotref.device.options import ClientOptions, ClientStats
     from iotref.device.raw_payload import RawPayload
-    from iotref.device.shadow import DesiredChange, Refuse, ShadowRejected, ShadowTimeout
+    from iotref.device.shadow.desired import DesiredChange, Refuse
+    from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
     from iotref.device.store_checks import check_store
     from iotref.device.telemetry import SendResult, SendStatus
     from iotref.protocol.message_schemas import ValidationIssue
@@ -89,7 +90,8 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "iotref.device.client": ("AssetChannel", "AsyncClient"),
     "iotref.device.options": ("ClientOptions", "ClientStats"),
     "iotref.device.telemetry": ("SendResult", "SendStatus"),
-    "iotref.device.shadow": ("DesiredChange", "Refuse", "ShadowRejected", "ShadowTimeout"),
+    "iotref.device.shadow.desired": ("DesiredChange", "Refuse"),
+    "iotref.device.shadow.errors": ("ShadowRejected", "ShadowTimeout"),
     "iotref.device.connection": ("ConnectionFailed", "ConnectionState", "ConnectionTakenOver"),
     # messages
     "iotref.device.messages": (
@@ -151,8 +153,8 @@ _DEPRECATED: dict[str, tuple[str, str]] = {
     "ConnectionEvent": ("iotref.device.connection", "ConnectionEvent"),
     "ConnectionSettings": ("iotref.device.connection", "ConnectionSettings"),
     "PublishFailed": ("iotref.device.connection", "PublishFailed"),
-    "ShadowClient": ("iotref.device.shadow", "ShadowClient"),
-    "ShadowSync": ("iotref.device.shadow", "ShadowSync"),
+    "ShadowClient": ("iotref.device.shadow.requests", "ShadowClient"),
+    "ShadowSync": ("iotref.device.shadow.sync", "ShadowSync"),
     "MessageValidator": ("iotref.protocol.message_schemas", "MessageValidator"),
     "PressSimulator": ("iotref.fleet.press", "PressSimulator"),
 }

@@ -24,7 +24,8 @@ from iotref.device.messages import Asset, Sender
 from iotref.device.options import ClientOptions, ClientOptionsArgs, ClientStats
 from iotref.device.outbox_salvage import OutboxRecovery
 from iotref.device.raw_payload import PayloadLike
-from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.shadow.desired import DesiredHandler
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import SendResult
 

@@ -69,7 +69,7 @@ from iotref.device.outbox import (
 )
 from iotref.device.outbox_salvage import OutboxRecovery
 from iotref.device.raw_payload import PayloadLike, as_payload
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
     MessageTooLarge,
@@ -311,7 +311,7 @@ class AsyncClient:
         Raises :class:`OutboxBusy`, :class:`ClientError` (outbox unusable),
         :class:`~iotref.device.connection.ConnectionFailed` (``kind="config"``: unusable
         certificate files; with ``fail_fast``, any failure to connect),
-        :class:`~iotref.device.shadow.ShadowRejected`; nothing is left running then."""
+        :class:`~iotref.device.shadow.errors.ShadowRejected`; nothing is left running then."""
         if self._started:
             raise ClientClosed("a client can be started only once", "make a new client")
         self._started = True

@@ -137,7 +137,7 @@ class StoreError(IotrefError):
 class ClientError(IotrefError):
     """Base class of the client facade's own errors. (Connecting raises
     :class:`~iotref.device.connection.ConnectionFailed`, a broken store
-    :class:`StoreError`, a refused shadow :class:`~iotref.device.shadow.ShadowRejected`:
+    :class:`StoreError`, a refused shadow :class:`~iotref.device.shadow.errors.ShadowRejected`:
     all :class:`IotrefError` too.)"""
 
 

@@ -24,7 +24,7 @@ from iotref.protocol import limits
 if TYPE_CHECKING:
     from iotref.device.connection import Connection
     from iotref.device.outbox import Outbox
-    from iotref.device.shadow import ShadowSync
+    from iotref.device.shadow.sync import ShadowSync
     from iotref.device.telemetry import Telemetry
 
 __all__ = [

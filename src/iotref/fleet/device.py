@@ -20,7 +20,7 @@ from iotref.device.connection import (
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.outbox import Outbox
 from iotref.device.rate_limit import ConnectGate
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
 from iotref.fleet.memory_outbox import MemoryOutbox, OutboxTotals
 from iotref.fleet.options import FleetOptions

@@ -18,7 +18,7 @@ from iotref.device.connection import ConnectionFailed, MqttError
 from iotref.device.environment import Environment
 from iotref.device.errors import IotrefError
 from iotref.device.rate_limit import ConnectGate
-from iotref.device.shadow import ShadowError
+from iotref.device.shadow.errors import ShadowError
 from iotref.device.telemetry import MessageValidatorLike
 from iotref.fleet.device import FleetDevice
 from iotref.fleet.histogram import Histogram
