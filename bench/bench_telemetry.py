@@ -12,7 +12,7 @@ process of its own (see :func:`isolated`):
 (c) the full path at its documented high rate: build the messages, and hand them over with
     ``Telemetry.send_many()``, ``SEND_MANY`` at a time, which validates and serializes each
     and commits them to the durable outbox in one transaction before it returns; then
-    publish through :class:`iotref.device.connection.Connection`, PUBACK, delete;
+    publish through :class:`iotref.device.connection.connection.Connection`, PUBACK, delete;
 (c') the same full path with one ``await send()`` after the other, so that every message
     is its own commit (reported on its own, ``telemetry.full_path_sequential``).
 
@@ -54,7 +54,8 @@ from tests.support.device_keys import DeviceFiles
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.messages import (
     Asset,
     AssetType,

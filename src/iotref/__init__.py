@@ -39,15 +39,10 @@ if TYPE_CHECKING:
         OutboxFullError,
         SendRefused,
     )
-    from iotref.device.connection import (
-        Connection,
-        ConnectionEvent,
-        ConnectionFailed,
-        ConnectionSettings,
-        ConnectionState,
-        ConnectionTakenOver,
-        PublishFailed,
-    )
+    from iotref.device.connection.connection import Connection
+    from iotref.device.connection.errors import ConnectionFailed, ConnectionTakenOver, PublishFailed
+    from iotref.device.connection.settings import ConnectionSettings
+    from iotref.device.connection.state import ConnectionEvent, ConnectionState
     from iotref.device.directory_client import MachineSpec
     from iotref.device.environment import Environment, load_environment, load_environment_file
     from iotref.device.errors import (
@@ -113,14 +108,16 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "OutboxFullError",
         "SendRefused",
     ),
-    "iotref.device.connection": (
-        "Connection",
-        "ConnectionEvent",
+    "iotref.device.connection.connection": ("Connection",),
+    "iotref.device.connection.errors": (
         "ConnectionFailed",
-        "ConnectionSettings",
-        "ConnectionState",
         "ConnectionTakenOver",
         "PublishFailed",
+    ),
+    "iotref.device.connection.settings": ("ConnectionSettings",),
+    "iotref.device.connection.state": (
+        "ConnectionEvent",
+        "ConnectionState",
     ),
     "iotref.device.directory_client": ("MachineSpec",),
     "iotref.device.environment": (

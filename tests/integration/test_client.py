@@ -29,7 +29,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.client import AsyncClient, Client
-from iotref.device.connection import ConnectionState
+from iotref.device.connection.state import ConnectionState
 from iotref.device.directory_client import MachineSpec
 from iotref.device.environment import Environment, load_environment_file
 from iotref.device.messages import Asset, AssetType, DeviceStatusV2, Sender, SenderType, StatusV2

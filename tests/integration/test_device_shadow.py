@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from iotref.device.shadow import DesiredChange, Refuse, ShadowClient, ShadowRejected, ShadowSync
 from tests.integration.test_device_connection import (
     FlakyLink,

@@ -4,7 +4,7 @@ independent watcher counting what the platform delivers, the sandbox that can be
 on its data dir, the faults, and the figures a run records.
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
-:class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.ShadowSync`
+:class:`~iotref.device.connection.connection.Connection` + :class:`~iotref.device.shadow.ShadowSync`
 + :class:`~iotref.device.telemetry.Telemetry` over a durable
 :class:`~iotref.device.outbox.Outbox`, connected through a
 :class:`~tests.support.fault_proxy.FaultProxy`. The proxy is also the "door": while the
@@ -40,7 +40,9 @@ import paho.mqtt.client as paho
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iotref.device.connection import Connection, ConnectionEvent, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent
 from iotref.device.messages import (
     Asset,
     AssetType,

@@ -45,7 +45,7 @@ from iotref.device.client import (
     _LoopThread,
     raw_payload,
 )
-from iotref.device.connection import ConnectionState
+from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import IotrefError, StoreError
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox

@@ -12,7 +12,8 @@ from typing import Any, cast
 
 import pytest
 
-from iotref.device.connection import IncomingMessage, topic_matches
+from iotref.device.connection.state import IncomingMessage
+from iotref.device.connection.subscriptions import topic_matches
 from iotref.device.shadow import (
     RESPONSE_SUFFIXES,
     DesiredChange,

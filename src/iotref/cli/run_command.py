@@ -73,13 +73,14 @@ from iotref.device.client import (
     MessageTooLargeError,
     OutboxFullError,
 )
-from iotref.device.connection import ConnectionState, ConnectionTakenOver
+from iotref.device.connection.errors import ConnectionTakenOver
+from iotref.device.connection.rate_limit import pacing
+from iotref.device.connection.state import ConnectionState
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.next_steps import Selection, provision_new_machine
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
-from iotref.device.rate_limit import pacing
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier

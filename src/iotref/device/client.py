@@ -25,7 +25,7 @@ published by the next run. Nothing accepted is thrown away, unless the caller ch
 
 Another process running with the same identity (a copied store) takes the MQTT session
 over again and again; the connection notices and stops, and the client's ``send()`` then
-raises :class:`~iotref.device.connection.ConnectionTakenOver`.
+raises :class:`~iotref.device.connection.errors.ConnectionTakenOver`.
 
 :class:`Client` runs an :class:`AsyncClient` on an event loop in a private daemon thread
 and offers the same methods, blocking and thread-safe, for scripts.
@@ -61,14 +61,10 @@ from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
 from iotref._version import __version__
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
-from iotref.device.connection import (
-    Connection,
-    ConnectionEvent,
-    ConnectionFailed,
-    ConnectionSettings,
-    ConnectionState,
-    ConnectionTakenOver,
-)
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed, ConnectionTakenOver
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from iotref.device.errors import IotrefError
 from iotref.device.messages import Asset, Payload, Sender, SenderType, build_message
 from iotref.device.outbox import (
@@ -178,7 +174,7 @@ async def _first_outcome(connection: Connection, max_wait_s: float) -> None:
 
 class ClientError(IotrefError):
     """Base class of the facade's own errors. (Connecting raises
-    :class:`~iotref.device.connection.ConnectionFailed`, a broken store
+    :class:`~iotref.device.connection.errors.ConnectionFailed`, a broken store
     :class:`~iotref.device.errors.StoreError`, a refused shadow
     :class:`~iotref.device.shadow.ShadowRejected`: all :class:`IotrefError` too.)"""
 
@@ -269,7 +265,7 @@ class ClientOptions:
     """How long starting the client waits for the first connection (and one attempt may
     take); without one by then the client starts offline (see ``fail_fast``)."""
     fail_fast: bool = False
-    """``True``: starting raises :class:`~iotref.device.connection.ConnectionFailed` when
+    """``True``: starting raises :class:`~iotref.device.connection.errors.ConnectionFailed` when
     the platform cannot be reached within ``connect_timeout_s`` (at once for errors that
     retrying cannot fix: certificate refused, not authorized). ``False`` (default): the
     client starts offline, queues what is sent, and connects when it can."""
@@ -294,7 +290,7 @@ class ClientOptions:
     publish_rate_limit: float | None = float(limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION)
     """The platform's quota of publishes a second on the connection (AWS IoT Core: 100, not
     adjustable). Every publish (telemetry and shadow requests) is paced a little below it,
-    so that no second the platform counts holds more (:mod:`iotref.device.rate_limit`); a
+    so that no second the platform counts holds more (:mod:`iotref.device.connection.rate_limit`); a
     backlog drains at that pace. ``None`` or 0: not paced."""
     throughput_limit: int | None = limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
     """The platform's quota of bytes a second on the connection (topic plus payload; AWS IoT
@@ -667,7 +663,7 @@ class AsyncClient:
         the outbox is open and the first attempt is under way.
 
         Raises :class:`OutboxBusy`, :class:`ClientError` (outbox unusable),
-        :class:`~iotref.device.connection.ConnectionFailed` (``kind="config"``: unusable
+        :class:`~iotref.device.connection.errors.ConnectionFailed` (``kind="config"``: unusable
         certificate files; with ``fail_fast``, any failure to connect),
         :class:`~iotref.device.shadow.ShadowRejected`; nothing is left running then."""
         if self._started:
@@ -859,9 +855,9 @@ class AsyncClient:
         be reachable. Raises :class:`InvalidMessageError`, :class:`MessageTooLargeError`
         (over the platform's 128 KB per message), :class:`OutboxFullError`,
         :class:`ClientClosed`,
-        :class:`~iotref.device.connection.ConnectionTakenOver` once another process took
+        :class:`~iotref.device.connection.errors.ConnectionTakenOver` once another process took
         this identity's session over, and
-        :class:`~iotref.device.connection.ConnectionFailed` (``revoked``) once the broker
+        :class:`~iotref.device.connection.errors.ConnectionFailed` (``revoked``) once the broker
         refused the certificate as revoked (nothing is queued then).
         ``payload`` may be a plain dict (a Status payload of ``payloadversion``, default 2).
         """

@@ -6,7 +6,7 @@ the devices it does not have yet, connects them all with a bounded number of han
 flight, runs each device's shadow sync and sends simulated ``generic.signal``/``Status``
 telemetry at a fixed rate per device, then reports what happened.
 
-Per device it runs the real library: a :class:`~iotref.device.connection.Connection`
+Per device it runs the real library: a :class:`~iotref.device.connection.connection.Connection`
 (awscrt MQTT 5, mutual TLS with the device's own certificate), a
 :class:`~iotref.device.shadow.ShadowSync` and a :class:`~iotref.device.telemetry.Telemetry`
 gated by the shadow's ``sendTelemetryData``. What it shares, because per-device copies
@@ -89,16 +89,12 @@ from iotref.device.certificate_store import (
     Progress,
     ProgressState,
 )
-from iotref.device.connection import (
-    Connection,
-    ConnectionEvent,
-    ConnectionFailed,
-    ConnectionSettings,
-    ConnectionState,
-    MqttError,
-    build_client_options,
-    build_tls_context,
-)
+from iotref.device.connection.awscrt_options import build_client_options, build_tls_context
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed, MqttError
+from iotref.device.connection.rate_limit import ConnectGate
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from iotref.device.directory_client import MachineSpec
 from iotref.device.environment import Environment
 from iotref.device.errors import IotrefError
@@ -123,7 +119,6 @@ from iotref.device.outbox import (
     OutboxStats,
     OverflowPolicy,
 )
-from iotref.device.rate_limit import ConnectGate
 from iotref.device.shadow import ShadowError, ShadowSync
 from iotref.device.store_checks import issuer_fingerprint
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
@@ -1083,9 +1078,10 @@ def without_system_trust_store() -> Iterator[None]:
     """Within: new awscrt TLS contexts do not load the system's CA bundle first.
 
     Only for contexts that replace the trust store anyway (as
-    :func:`~iotref.device.connection.build_tls_context` does with ``ca_path``): a context
-    that relies on the system's CAs built here would trust nothing. It changes this
-    process's environment, so use it where nothing else is opening TLS connections.
+    :func:`~iotref.device.connection.awscrt_options.build_tls_context` does with
+    ``ca_path``): a context that relies on the system's CAs built here would trust nothing.
+    It changes this process's environment, so use it where nothing else is opening TLS
+    connections.
     """
     saved = {name: os.environ.get(name) for name in _DEFAULT_TRUST_VARIABLES}
     for name in _DEFAULT_TRUST_VARIABLES:

@@ -37,13 +37,10 @@ from typing import Any, TypeVar, overload
 
 from iotref.device import stdlib_compat
 from iotref.device.backoff import Backoff
-from iotref.device.connection import (
-    Connection,
-    ConnectionSettings,
-    IncomingMessage,
-    MqttError,
-    PublishFailed,
-)
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import MqttError, PublishFailed
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import IncomingMessage
 from iotref.device.errors import IotrefError
 from iotref.protocol.shadow_document import compute_delta, json_equal
 from iotref.protocol.topics import shadow_topic
@@ -268,7 +265,7 @@ class ShadowClient:
 
     async def subscribe(self) -> None:
         """Subscribe to the answer topics (once; the connection keeps them across
-        reconnects). Raises :class:`~iotref.device.connection.SubscribeFailed`."""
+        reconnects). Raises :class:`~iotref.device.connection.errors.SubscribeFailed`."""
         async with self._subscribe_lock:
             if self._subscribed:
                 return
