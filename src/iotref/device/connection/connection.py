@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -40,8 +41,9 @@ from iotref.device.connection.awscrt_options import build_tls_context, supervise
 from iotref.device.connection.diagnostics import (
     crt_error_name,
     describe_failure,
-    diagnose_tls,
     is_fatal,
+    probe_tls_in_background,
+    wait_first_connect,
 )
 from iotref.device.connection.errors import (
     ConnectionClosed,
@@ -291,45 +293,9 @@ class Connection:
             return
         waiter = self._loop.create_future()
         self._attempt.waiters.append(waiter)
-        timeout = self.settings.connect_timeout_s
-        try:
-            async with stdlib_compat.timeout(timeout):
-                if self.settings.fail_fast:
-                    # awscrt (s2n) reports TLS failures only after a "blinding" delay of
-                    # 10-30 s; a quick TLS probe tells at once what is wrong.
-                    done, _ = await asyncio.wait({waiter}, timeout=min(1.0, timeout / 4))
-                    if not done:
-                        found = await asyncio.to_thread(
-                            diagnose_tls, self.settings, max(1.0, timeout / 2)
-                        )
-                        if found is not None and found.kind in ("tls", "config"):
-                            if not waiter.done():
-                                waiter.cancel()
-                            raise found
-                await waiter
-        except TimeoutError:
-            failure = self._attempt.last_failure
-            if failure is None:
-                failure = await asyncio.to_thread(diagnose_tls, self.settings, 3.0)
-            failure = failure or ConnectionFailed(
-                f"no connection to {self.settings.where()} within {timeout:g} s",
-                "check the endpoint, the port and the network",
-                kind="unreachable",
-            )
-            await self.stop()
-            raise failure.copy() from None
-        except ConnectionFailed as exc:
-            await self.stop()
-            if exc.kind == "tls" and not exc.revoked:
-                # awscrt's TLS errors are generic (AWS_IO_TLS_ERROR_READ_FAILURE); Python's
-                # handshake names the cause, e.g. the broker's "certificate revoked" alert.
-                found = await asyncio.to_thread(diagnose_tls, self.settings, 3.0)
-                if found is not None and found.kind in ("tls", "config"):
-                    raise found from None
-            raise
-        except MqttError:
-            await self.stop()
-            raise
+        await wait_first_connect(
+            waiter, self.settings, lambda: self._attempt.last_failure, self.stop
+        )
 
     async def stop(self, max_wait_s: float | None = None) -> None:
         """Disconnect (DISCONNECT normal), stop reconnecting, fail what is pending. Waits
@@ -745,18 +711,7 @@ class Connection:
         self._diagnosis = None
         if self._ever_connected or self._stopping or self._state.terminal:
             return
-        settings = self.settings
-
-        def probe() -> None:
-            try:
-                found = diagnose_tls(settings, 3.0)
-            except Exception:  # a probe only: never let it take anything down
-                log.debug("connection: TLS probe failed", exc_info=True)
-                return
-            if found is not None:
-                self._post(self._on_diagnosis, found)
-
-        threading.Thread(target=probe, name="iotref-tls-probe", daemon=True).start()
+        probe_tls_in_background(self.settings, partial(self._post, self._on_diagnosis))
 
     def _on_diagnosis(self, found: ConnectionFailed) -> None:
         if self._ever_connected or self._stopping or self._state.terminal:

@@ -1,16 +1,23 @@
 """Why a connection failed, in words: awscrt's error names and CONNACK codes described
 (:func:`describe_failure`), a TLS probe with Python's own ``ssl`` that names what awscrt
-reports generically (:func:`diagnose_tls`), and a revoked device certificate."""
+reports generically (:func:`diagnose_tls`), a revoked device certificate, and the first
+connect of a start that fails fast on what retrying cannot fix (:func:`wait_first_connect`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import socket
 import ssl
+import threading
+from collections.abc import Awaitable, Callable
 
 from awscrt import mqtt5
 
-from iotref.device.connection.errors import ConnectionFailed
+from iotref.device import stdlib_compat
+from iotref.device.connection.errors import ConnectionFailed, MqttError
 from iotref.device.connection.settings import ALPN_PROTOCOL, ConnectionSettings
 from iotref.device.connection.takeover import HANGUP_ERRORS
 from iotref.device.next_steps import run
@@ -26,6 +33,8 @@ FATAL_CONNACK_CODES = frozenset(
     }
 )
 """CONNACK reason codes that no retry can change."""
+
+log = logging.getLogger("iotref.connection")
 
 
 _CRT_ERROR_NAME = re.compile(r"\((AWS_ERROR_[A-Z0-9_]+)\)")
@@ -186,3 +195,70 @@ def revoked_failure(where: str, detail: str) -> ConnectionFailed:
         kind="tls",
         revoked=True,
     )
+
+
+def probe_tls_in_background(
+    settings: ConnectionSettings, on_found: Callable[[ConnectionFailed], None]
+) -> None:
+    """Run :func:`diagnose_tls` on a daemon thread and call ``on_found`` (on that thread)
+    with what is wrong, if anything."""
+
+    def probe() -> None:
+        try:
+            found = diagnose_tls(settings, 3.0)
+        except Exception:  # a probe only: never let it take anything down
+            log.debug("connection: TLS probe failed", exc_info=True)
+            return
+        if found is not None:
+            on_found(found)
+
+    threading.Thread(target=probe, name="iotref-tls-probe", daemon=True).start()
+
+
+async def wait_first_connect(
+    waiter: asyncio.Future[None],
+    settings: ConnectionSettings,
+    last_failure: Callable[[], ConnectionFailed | None],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
+    """Wait for ``waiter`` (the first CONNECTED) at most ``connect_timeout_s``; on failure
+    ``stop`` the connection and raise a :class:`ConnectionFailed` that says why (from
+    ``last_failure``, the last attempt's, or a TLS probe). With ``fail_fast``, a TLS probe
+    after a short wait gives up at once on a TLS or configuration error."""
+    timeout = settings.connect_timeout_s
+    try:
+        async with stdlib_compat.timeout(timeout):
+            if settings.fail_fast:
+                # awscrt (s2n) reports TLS failures only after a "blinding" delay of
+                # 10-30 s; a quick TLS probe tells at once what is wrong.
+                done, _ = await asyncio.wait({waiter}, timeout=min(1.0, timeout / 4))
+                if not done:
+                    found = await asyncio.to_thread(diagnose_tls, settings, max(1.0, timeout / 2))
+                    if found is not None and found.kind in ("tls", "config"):
+                        if not waiter.done():
+                            waiter.cancel()
+                        raise found
+            await waiter
+    except TimeoutError:
+        failure = last_failure()
+        if failure is None:
+            failure = await asyncio.to_thread(diagnose_tls, settings, 3.0)
+        failure = failure or ConnectionFailed(
+            f"no connection to {settings.where()} within {timeout:g} s",
+            "check the endpoint, the port and the network",
+            kind="unreachable",
+        )
+        await stop()
+        raise failure.copy() from None
+    except ConnectionFailed as exc:
+        await stop()
+        if exc.kind == "tls" and not exc.revoked:
+            # awscrt's TLS errors are generic (AWS_IO_TLS_ERROR_READ_FAILURE); Python's
+            # handshake names the cause, e.g. the broker's "certificate revoked" alert.
+            found = await asyncio.to_thread(diagnose_tls, settings, 3.0)
+            if found is not None and found.kind in ("tls", "config"):
+                raise found from None
+        raise
+    except MqttError:
+        await stop()
+        raise
