@@ -82,7 +82,6 @@ if TYPE_CHECKING:
         ShadowSync,
         ShadowTimeout,
     )
-    from iotref.device.simulator import PressSimulator
     from iotref.device.store_checks import check_store
     from iotref.device.telemetry import SendResult, SendStatus
     from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
@@ -166,7 +165,6 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "ShadowSync",
         "ShadowTimeout",
     ),
-    "iotref.device.simulator": ("PressSimulator",),
     "iotref.device.store_checks": ("check_store",),
     "iotref.device.telemetry": (
         "SendResult",
@@ -237,7 +235,6 @@ __all__ = [
     "OutboxBusy",
     "OutboxFullError",
     "Part",
-    "PressSimulator",
     "ProvisionOptions",
     "ProvisioningError",
     "PublishFailed",

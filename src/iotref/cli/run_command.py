@@ -3,7 +3,7 @@
 Owns the command line around :class:`iotref.device.client.AsyncClient`: finding the
 certificate store (``--store``, or the one of ``--env``/``--env-file``, with the same
 helpers as ``iotref provision``), feeding it with simulated presses
-(:mod:`iotref.device.simulator`) or with JSON lines read from stdin, the live status line
+(:mod:`iotref.fleet.press`) or with JSON lines read from stdin, the live status line
 (rich on a terminal, periodic plain lines otherwise; on stderr with ``--json``), and a
 clean stop on Ctrl-C, SIGTERM, ``--duration`` or the end of stdin: the outbox gets up to
 ``--close-timeout`` seconds to drain (reconnecting meanwhile if the platform is out of
@@ -81,10 +81,10 @@ from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.next_steps import Selection, provision_new_machine
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
-from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import SendStatus
+from iotref.fleet.press import PressEvent, PressKind, PressSimulator, profile_for
 
 Kind = Literal["offset", "digital", "mixed"]
 READ_CHUNK = 65536
