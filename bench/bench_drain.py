@@ -32,9 +32,9 @@ from tests.support.monitor_api import device_record
 from tests.support.onboarding import client_id_of, logged_in, provision_store
 
 from bench.harness import BenchContext, Figure
+from iotref.device.connection.rate_limit import pacing
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.rate_limit import pacing
 from iotref.protocol import limits
 
 BACKLOG = 20_000

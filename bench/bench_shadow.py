@@ -46,8 +46,11 @@ from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure, percentile
 from iotref.device import stdlib_compat
-from iotref.device.connection import Connection, ConnectionSettings, IncomingMessage
-from iotref.device.shadow import SHADOW_QOS, ShadowSync
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import IncomingMessage
+from iotref.device.shadow.requests import SHADOW_QOS
+from iotref.device.shadow.sync import ShadowSync
 
 CHANGES = 1000
 RAW_ROUNDS = 1000

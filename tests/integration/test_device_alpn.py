@@ -12,7 +12,8 @@ import contextlib
 
 import pytest
 
-from iotref.device.connection import Connection, ConnectionFailed
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
 from tests.support.alpn_front import ALPN, AlpnFront, offered_alpn
 from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.device_keys import DeviceFiles

@@ -15,13 +15,11 @@ from typing import Any
 
 import pytest
 
-from iotref.device.connection import (
-    Connection,
-    ConnectionFailed,
-    ConnectionState,
-)
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.state import ConnectionState
 from iotref.device.outbox import Outbox
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.support.counted_messages import status_message

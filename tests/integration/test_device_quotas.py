@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.connection import Connection
+from iotref.device.connection.connection import Connection
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.outbox import OUTBOX_FILE_NAME
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.protocol import limits
 from tests.support.arrivals import ArrivalRecorder, count_windows
 from tests.support.cli_process import start_iotref

@@ -12,8 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
-from iotref.device.shadow import DesiredChange, Refuse, ShadowClient, ShadowRejected, ShadowSync
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
+from iotref.device.shadow.desired import DesiredChange, Refuse
+from iotref.device.shadow.errors import ShadowRejected
+from iotref.device.shadow.requests import ShadowClient
+from iotref.device.shadow.sync import ShadowSync
 from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy
 from tests.support.sandbox_process import SandboxProcess

@@ -20,22 +20,17 @@ from iotref.device.certificate_store import (
     PRIVATE_KEY_FILE,
     ROOT_CA_FILE,
 )
-from iotref.device.connection import (
-    Connection,
-    ConnectionFailed,
-    ConnectionSettings,
-    build_tls_context,
-)
+from iotref.device.connection.awscrt_options import build_tls_context
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.environment import load_environment_file
-from iotref.device.fleet import (
-    FleetOptions,
-    FleetRun,
-    Histogram,
-    SandboxInfo,
-    device_name,
-    find_sandbox,
-    without_system_trust_store,
-)
+from iotref.fleet.histogram import Histogram
+from iotref.fleet.names import device_name
+from iotref.fleet.options import FleetOptions
+from iotref.fleet.run import FleetRun
+from iotref.fleet.target import SandboxInfo, find_sandbox
+from iotref.fleet.tls_contexts import without_system_trust_store
 from tests.support.cli_process import run_iotref, start_iotref
 from tests.support.device_keys import self_signed
 from tests.support.sandbox_process import SandboxProcess

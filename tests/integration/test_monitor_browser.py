@@ -219,7 +219,7 @@ class RunningSender(threading.Thread):
             self.ready.set()
 
     async def _main(self) -> None:
-        from iotref.device.connection import Connection
+        from iotref.device.connection.connection import Connection
         from iotref.device.messages import (
             Asset,
             AssetType,
@@ -230,7 +230,7 @@ class RunningSender(threading.Thread):
             build_message,
         )
         from iotref.device.outbox import Outbox
-        from iotref.device.shadow import ShadowSync
+        from iotref.device.shadow.sync import ShadowSync
         from iotref.device.telemetry import SendStatus, ShadowPermission, Telemetry
 
         settings = device_settings(self.sandbox.info, self.device)

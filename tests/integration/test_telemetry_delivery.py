@@ -39,13 +39,14 @@ from typing import Any
 
 import pytest
 
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.messages import (
     Asset,
     AssetType,
 )
 from iotref.device.outbox import Outbox, OutboxFull
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import (
     PermissionFlag,
     SendStatus,

@@ -5,7 +5,7 @@ The independent watcher that counts what the platform delivers is
 :class:`~tests.support.telemetry_watcher.TelemetryWatcher`.
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
-:class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.ShadowSync`
+:class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.sync.ShadowSync`
 + :class:`~iotref.device.telemetry.Telemetry` over a durable
 :class:`~iotref.device.outbox.Outbox`, connected through a
 :class:`~tests.support.fault_proxy.FaultProxy`. The proxy is also the "door": while the
@@ -32,13 +32,15 @@ from typing import Any
 
 import httpx
 
-from iotref.device.connection import Connection, ConnectionEvent, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent
 from iotref.device.messages import (
     Asset,
     AssetType,
 )
 from iotref.device.outbox import Outbox
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from tests.support.counted_messages import status_message
 from tests.support.sandbox_process import SandboxProcess

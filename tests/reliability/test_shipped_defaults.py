@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from iotref.device.connection import ConnectionState
+from iotref.device.connection.state import ConnectionState
 from iotref.device.environment import Environment
 from iotref.device.messages import Asset, AssetType
 from iotref.device.token_store import TokenStore

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from tests.support.device_keys import DeviceFiles
 from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
