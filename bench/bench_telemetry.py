@@ -55,7 +55,7 @@ from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure
 from iotref.device.connection import Connection, ConnectionSettings
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,
@@ -65,8 +65,8 @@ from iotref.device.messages import (
     build_message,
     to_json,
 )
-from iotref.device.outbox import Durability, Outbox, OutboxEntry
-from iotref.device.telemetry import PermissionFlag, Telemetry
+from iotref.device.telemetry.outbox import Durability, Outbox, OutboxEntry
+from iotref.device.telemetry.publisher import PermissionFlag, Telemetry
 from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.protocol.topics import telemetry_topic

@@ -61,7 +61,18 @@ if TYPE_CHECKING:
         StoreError,
     )
     from iotref.device.keys import KeyType
-    from iotref.device.messages import (
+    from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
+    from iotref.device.shadow import (
+        DesiredChange,
+        Refuse,
+        ShadowClient,
+        ShadowRejected,
+        ShadowSync,
+        ShadowTimeout,
+    )
+    from iotref.device.simulator import PressSimulator
+    from iotref.device.store_checks import check_store
+    from iotref.device.telemetry.messages import (
         Asset,
         AssetType,
         DeviceStatusV1,
@@ -78,18 +89,7 @@ if TYPE_CHECKING:
         StatusV2,
         build_message,
     )
-    from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
-    from iotref.device.shadow import (
-        DesiredChange,
-        Refuse,
-        ShadowClient,
-        ShadowRejected,
-        ShadowSync,
-        ShadowTimeout,
-    )
-    from iotref.device.simulator import PressSimulator
-    from iotref.device.store_checks import check_store
-    from iotref.device.telemetry import SendResult, SendStatus
+    from iotref.device.telemetry.publisher import SendResult, SendStatus
     from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
 
 #: Where each public name lives. Nothing is imported until a name is first used, so that
@@ -139,7 +139,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "StoreError",
     ),
     "iotref.device.keys": ("KeyType",),
-    "iotref.device.messages": (
+    "iotref.device.telemetry.messages": (
         "Asset",
         "AssetType",
         "DeviceStatusV1",
@@ -171,7 +171,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ),
     "iotref.device.simulator": ("PressSimulator",),
     "iotref.device.store_checks": ("check_store",),
-    "iotref.device.telemetry": (
+    "iotref.device.telemetry.publisher": (
         "SendResult",
         "SendStatus",
     ),

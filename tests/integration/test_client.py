@@ -32,10 +32,17 @@ from iotref.device.client import AsyncClient, Client
 from iotref.device.connection import ConnectionState
 from iotref.device.directory_client import MachineSpec
 from iotref.device.environment import Environment, load_environment_file
-from iotref.device.messages import Asset, AssetType, DeviceStatusV2, Sender, SenderType, StatusV2
 from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.telemetry import SendStatus
+from iotref.device.telemetry.messages import (
+    Asset,
+    AssetType,
+    DeviceStatusV2,
+    Sender,
+    SenderType,
+    StatusV2,
+)
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.publisher import SendStatus
 from iotref.device.token_store import TokenStore
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

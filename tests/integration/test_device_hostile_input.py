@@ -21,9 +21,9 @@ from iotref.device.connection import (
     ConnectionSettings,
     ConnectionState,
 )
-from iotref.device.outbox import Outbox
 from iotref.device.shadow import ShadowSync
-from iotref.device.telemetry import ShadowPermission, Telemetry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.publisher import ShadowPermission, Telemetry
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.integration.test_broker_acl import operator_probe
 from tests.reliability.harness import device_topic, record, status_message
@@ -218,7 +218,7 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
 
 
 def telemetry_asset() -> Any:
-    from iotref.device.messages import Asset, AssetType
+    from iotref.device.telemetry.messages import Asset, AssetType
 
     return Asset("press-hostile", "SN-HOSTILE", AssetType.SHEETFED_PRESS)
 

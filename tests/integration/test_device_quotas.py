@@ -30,9 +30,9 @@ import httpx
 import pytest
 
 from iotref.device.connection import Connection, ConnectionSettings
-from iotref.device.messages import Asset, AssetType, Sender, SenderType
-from iotref.device.outbox import OUTBOX_FILE_NAME
 from iotref.device.shadow import ShadowSync
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME
 from iotref.protocol import limits
 from tests.integration.test_client import (
     client_id_of,

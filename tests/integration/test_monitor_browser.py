@@ -240,7 +240,8 @@ class RunningSender(threading.Thread):
 
     async def _main(self) -> None:
         from iotref.device.connection import Connection, ConnectionSettings
-        from iotref.device.messages import (
+        from iotref.device.shadow import ShadowSync
+        from iotref.device.telemetry.messages import (
             Asset,
             AssetType,
             DeviceStatusV2,
@@ -249,9 +250,8 @@ class RunningSender(threading.Thread):
             StatusV2,
             build_message,
         )
-        from iotref.device.outbox import Outbox
-        from iotref.device.shadow import ShadowSync
-        from iotref.device.telemetry import SendStatus, ShadowPermission, Telemetry
+        from iotref.device.telemetry.outbox import Outbox
+        from iotref.device.telemetry.publisher import SendStatus, ShadowPermission, Telemetry
 
         settings = ConnectionSettings(
             endpoint=self.sandbox.info["mqtt_host"],

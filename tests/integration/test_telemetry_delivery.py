@@ -47,15 +47,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection import Connection, ConnectionSettings
-from iotref.device.messages import (
+from iotref.device.shadow import ShadowSync
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     Sender,
     SenderType,
 )
-from iotref.device.outbox import Outbox, OutboxFull
-from iotref.device.shadow import ShadowSync
-from iotref.device.telemetry import (
+from iotref.device.telemetry.outbox import Outbox, OutboxFull
+from iotref.device.telemetry.publisher import (
     PermissionFlag,
     SendStatus,
     ShadowPermission,

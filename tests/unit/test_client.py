@@ -47,8 +47,8 @@ from iotref.device.client import (
 )
 from iotref.device.connection import ConnectionState
 from iotref.device.errors import IotrefError, StoreError
-from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.protocol.message_schemas import ValidationIssue, default_validator
 
 PROPERTIES = {

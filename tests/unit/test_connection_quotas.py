@@ -31,10 +31,10 @@ from iotref.device.connection import (
     SubscribeFailed,
     _LoopBridge,
 )
-from iotref.device.outbox import Outbox, OutboxEntry
-from iotref.device.publish_refusals import permanent_refusal
 from iotref.device.rate_limit import ConnectGate
-from iotref.device.telemetry import PermissionFlag, Telemetry
+from iotref.device.telemetry.outbox import Outbox, OutboxEntry
+from iotref.device.telemetry.publish_refusals import permanent_refusal
+from iotref.device.telemetry.publisher import PermissionFlag, Telemetry
 from iotref.protocol import limits
 from iotref.protocol.token_bucket import TokenBucket
 

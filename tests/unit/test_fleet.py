@@ -52,7 +52,7 @@ from iotref.device.fleet import (
     messages_per_device,
     without_system_trust_store,
 )
-from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.protocol import limits
 from iotref.protocol.message_schemas import default_validator
 

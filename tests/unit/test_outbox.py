@@ -21,7 +21,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from iotref.device.outbox import (
+from iotref.device.telemetry.outbox import (
     Outbox,
     OutboxClosed,
     OutboxEntry,
@@ -282,7 +282,7 @@ def test_acks_in_any_order_delete_exactly_the_acked_rows(tmp_path: Path) -> None
 _CRASH_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from iotref.device.outbox import Outbox, OutboxEntry
+    from iotref.device.telemetry.outbox import Outbox, OutboxEntry
     path, durability, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ob = Outbox(path, durability=durability)
     for i in range(n):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from iotref.device.connection import PublishFailed, _error_name
-from iotref.device.publish_refusals import permanent_refusal
+from iotref.device.telemetry.publish_refusals import permanent_refusal
 
 
 @pytest.mark.parametrize("code", [0x87, 0x90, 0x95, 0x99])

@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 
-from iotref.device.messages import Asset, Sender, SenderType, StatusV1, StatusV2, build_message
 from iotref.device.simulator import (
     DIGITAL,
     OFFSET,
@@ -15,6 +14,14 @@ from iotref.device.simulator import (
     PressKind,
     PressSimulator,
     profile_for,
+)
+from iotref.device.telemetry.messages import (
+    Asset,
+    Sender,
+    SenderType,
+    StatusV1,
+    StatusV2,
+    build_message,
 )
 from iotref.protocol.message_schemas import MessageValidator
 

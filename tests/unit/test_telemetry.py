@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import pytest
 
 from iotref.device import stdlib_compat
-from iotref.device import telemetry as telemetry_module
-from iotref.device.messages import (
+from iotref.device.telemetry import publisher as telemetry_module
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,
@@ -25,8 +25,14 @@ from iotref.device.messages import (
     build_message,
     to_json,
 )
-from iotref.device.outbox import AppendResult, Outbox, OutboxEntry, OutboxFull, OutboxRecord
-from iotref.device.telemetry import (
+from iotref.device.telemetry.outbox import (
+    AppendResult,
+    Outbox,
+    OutboxEntry,
+    OutboxFull,
+    OutboxRecord,
+)
+from iotref.device.telemetry.publisher import (
     PermissionFlag,
     SendStatus,
     Telemetry,

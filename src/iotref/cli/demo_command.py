@@ -47,10 +47,10 @@ from iotref.device.environment import (
     resolve_environment,
 )
 from iotref.device.errors import IotrefError, LoginRequired, StoreError
-from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.next_steps import Selection, shell_word
 from iotref.device.onboarding import Onboarding, ProvisionOptions
 from iotref.device.simulator import Phase, PressSimulator
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 
 DEFAULT_DATA_DIR = Path(".sandbox")
 DEFAULT_HTTP_PORT = 8780

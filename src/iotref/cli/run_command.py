@@ -35,7 +35,8 @@ stderr, is counted as invalid, and the run goes on; so does a message over the p
 payload limit (counted as too large, its size named). Messages the platform refuses for
 good after they were queued are counted on the status line ("refused") and kept in the
 outbox's refused table. A damaged outbox found at start is reported in one line on stderr
-(see :mod:`iotref.device.outbox_integrity` and :mod:`iotref.device.outbox_salvage`).
+(see :mod:`iotref.device.telemetry.outbox_integrity` and
+:mod:`iotref.device.telemetry.outbox_salvage`).
 """
 
 from __future__ import annotations
@@ -76,14 +77,14 @@ from iotref.device.client import (
 from iotref.device.connection import ConnectionState, ConnectionTakenOver
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
-from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.next_steps import Selection, provision_new_machine
-from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.rate_limit import pacing
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
-from iotref.device.telemetry import SendStatus
+from iotref.device.telemetry.messages import Asset, Sender, SenderType
+from iotref.device.telemetry.outbox import RECOVERY_LOG_ATTRIBUTE
+from iotref.device.telemetry.publisher import SendStatus
 
 Kind = Literal["offset", "digital", "mixed"]
 READ_CHUNK = 65536
@@ -661,7 +662,7 @@ async def run_sender(
             loop.add_signal_handler(sig, on_signal)
 
     # A damaged outbox is said once, below, in the command's own words.
-    logging.getLogger("iotref.device.outbox").addFilter(
+    logging.getLogger("iotref.device.telemetry.outbox").addFilter(
         lambda record: not getattr(record, RECOVERY_LOG_ATTRIBUTE, False)
     )
     watchdog = asyncio.ensure_future(feed_watchdog(service))

@@ -8,14 +8,14 @@ one MQTT connection), from a certificate store (contract section 5):
 2. the connection with mutual TLS (:mod:`iotref.device.connection`),
 3. the classic shadow kept in sync (desired -> local -> reported, after every reconnect;
    :mod:`iotref.device.shadow`), whose ``sendTelemetryData`` is the permission to send,
-4. the permission-gated publisher draining the outbox (:mod:`iotref.device.telemetry`).
+4. the permission-gated publisher draining the outbox (:mod:`iotref.device.telemetry.publisher`).
 
 Starting needs no platform: when it cannot be reached, the client starts anyway ("waiting
 for the platform", with the last reason, in :meth:`AsyncClient.stats`), accepts and queues
 messages, and connects, syncs the shadow and publishes when it can (``fail_fast=True``
 makes an unreachable platform an error of :meth:`AsyncClient.start` instead).
 
-Sending builds the message (:func:`iotref.device.messages.build_message`), validates it
+Sending builds the message (:func:`iotref.device.telemetry.messages.build_message`), validates it
 against the platform schemas and commits it to the outbox before returning; publishing
 happens in the background. Closing is bounded by the close timeout: until then it keeps
 publishing until the outbox is empty (reconnecting on the way if the connection is down),
@@ -70,8 +70,10 @@ from iotref.device.connection import (
     ConnectionTakenOver,
 )
 from iotref.device.errors import IotrefError
-from iotref.device.messages import Asset, Payload, Sender, SenderType, build_message
-from iotref.device.outbox import (
+from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.stdlib_compat import Unpack
+from iotref.device.telemetry.messages import Asset, Payload, Sender, SenderType, build_message
+from iotref.device.telemetry.outbox import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_MESSAGES,
     OUTBOX_FILE_NAME,
@@ -82,10 +84,8 @@ from iotref.device.outbox import (
     OutboxLocked,
     OverflowPolicy,
 )
-from iotref.device.outbox_salvage import OutboxRecovery
-from iotref.device.shadow import DesiredHandler, ShadowSync
-from iotref.device.stdlib_compat import Unpack
-from iotref.device.telemetry import (
+from iotref.device.telemetry.outbox_salvage import OutboxRecovery
+from iotref.device.telemetry.publisher import (
     DEFAULT_WINDOW,
     MessageTooLarge,
     PermissionPolicy,
@@ -628,7 +628,7 @@ class AsyncClient:
     @property
     def outbox_recovery(self) -> OutboxRecovery | None:
         """What was found and done when the outbox was damaged at start (see
-        :mod:`iotref.device.outbox_integrity`); None when it was sound."""
+        :mod:`iotref.device.telemetry.outbox_integrity`); None when it was sound."""
         return None if self._outbox is None else self._outbox.recovery
 
     @property

@@ -8,7 +8,8 @@ telemetry at a fixed rate per device, then reports what happened.
 
 Per device it runs the real library: a :class:`~iotref.device.connection.Connection`
 (awscrt MQTT 5, mutual TLS with the device's own certificate), a
-:class:`~iotref.device.shadow.ShadowSync` and a :class:`~iotref.device.telemetry.Telemetry`
+:class:`~iotref.device.shadow.ShadowSync` and a
+:class:`~iotref.device.telemetry.publisher.Telemetry`
 gated by the shadow's ``sendTelemetryData``. What it shares, because per-device copies
 would not fit a small machine:
 
@@ -104,7 +105,11 @@ from iotref.device.environment import Environment
 from iotref.device.errors import IotrefError
 from iotref.device.http_client import create_http_client
 from iotref.device.keys import KeyType, build_csr, generate_private_key, private_key_pem
-from iotref.device.messages import (
+from iotref.device.next_steps import shell_word
+from iotref.device.rate_limit import ConnectGate
+from iotref.device.shadow import ShadowError, ShadowSync
+from iotref.device.store_checks import issuer_fingerprint
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,
@@ -113,8 +118,7 @@ from iotref.device.messages import (
     StatusV2,
     build_message,
 )
-from iotref.device.next_steps import shell_word
-from iotref.device.outbox import (
+from iotref.device.telemetry.outbox import (
     AppendResult,
     Durability,
     Outbox,
@@ -123,10 +127,7 @@ from iotref.device.outbox import (
     OutboxStats,
     OverflowPolicy,
 )
-from iotref.device.rate_limit import ConnectGate
-from iotref.device.shadow import ShadowError, ShadowSync
-from iotref.device.store_checks import issuer_fingerprint
-from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
+from iotref.device.telemetry.publisher import MessageValidatorLike, ShadowPermission, Telemetry
 from iotref.protocol import limits
 from iotref.protocol.topics import telemetry_topic
 
@@ -905,7 +906,7 @@ class OutboxTotals:
 
 
 class MemoryOutbox(Outbox):
-    """The :class:`~iotref.device.outbox.Outbox` interface kept in memory: an ordered
+    """The :class:`~iotref.device.telemetry.outbox.Outbox` interface kept in memory: an ordered
     queue of unacknowledged messages, removed on acknowledgement. Not durable (see the
     module docstring for why the simulator uses it); unbounded."""
 

@@ -43,12 +43,12 @@ are published once more after restart (at least once; the platform drops duplica
 ``sendereventuuid``). Until their deletion, acked rows are excluded from reads and from
 :meth:`Outbox.stats`.
 
-Messages the platform refuses for good (see :mod:`iotref.device.publish_refusals`) are
+Messages the platform refuses for good (see :mod:`iotref.device.telemetry.publish_refusals`) are
 moved by :meth:`Outbox.refuse` into a second table, ``refused``, kept for inspection
 (:meth:`Outbox.refused_records`): at most ``max_refused`` rows, the oldest removed beyond.
 
 Integrity: before opening, the files are checked and a damaged outbox is never replaced
-silently (:mod:`iotref.device.outbox_integrity`): the damaged files are renamed aside,
+silently (:mod:`iotref.device.telemetry.outbox_integrity`): the damaged files are renamed aside,
 every readable message is queued again in a fresh outbox with its own sequence number and
 message id, and :attr:`Outbox.recovery` says what happened (logged as a warning too). A
 sidecar marker ``<outbox>-mark`` records the highest sequence number and the depth after
@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from iotref.device.outbox_integrity import (
+from iotref.device.telemetry.outbox_integrity import (
     SHM_SUFFIX,
     WAL_SUFFIX,
     Inspection,
@@ -85,7 +85,7 @@ from iotref.device.outbox_integrity import (
     inspect_outbox,
     marker_path,
 )
-from iotref.device.outbox_salvage import (
+from iotref.device.telemetry.outbox_salvage import (
     OutboxRecovery,
     report_path,
     salvage_rows,

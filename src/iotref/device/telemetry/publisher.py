@@ -7,10 +7,11 @@
 
 ``send()`` validates the whole message (an invalid one raises
 :class:`~iotref.protocol.message_schemas.InvalidMessage` naming the JSON path and the reason,
-and is never queued), serializes it as compact JSON (:func:`iotref.device.messages.to_json`),
+and is never queued), serializes it as compact JSON
+(:func:`iotref.device.telemetry.messages.to_json`),
 refuses it with :class:`MessageTooLarge` when that is over the platform's payload limit
 (:data:`iotref.protocol.limits.MAX_PAYLOAD_BYTES`), appends it to the durable
-:class:`~iotref.device.outbox.Outbox` and wakes the drainer. When
+:class:`~iotref.device.telemetry.outbox.Outbox` and wakes the drainer. When
 it returns with ``SendResult.status == "queued"`` the message is committed and will be
 published at least once, through broker restarts, network cuts and crashes of this process.
 
@@ -22,9 +23,9 @@ duplicates are possible, gaps and reordering of first deliveries are not (the pl
 duplicates by ``sendereventuuid``).
 
 A message the platform refuses for good (a PUBACK reason code or an MQTT library error that
-no retry can change, see :mod:`iotref.device.publish_refusals`), and a stored message over
+no retry can change, see :mod:`iotref.device.telemetry.publish_refusals`), and a stored message over
 the payload limit (queued by an earlier version), never blocks the queue: it is moved to
-the outbox's ``refused`` table (:meth:`~iotref.device.outbox.Outbox.refuse`), counted in
+the outbox's ``refused`` table (:meth:`~iotref.device.telemetry.outbox.Outbox.refuse`), counted in
 :attr:`TelemetryStats.refused` and logged, and the messages after it go on in order. Every
 other failure is retried.
 
@@ -59,11 +60,11 @@ from functools import partial
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from iotref.device import stdlib_compat
-from iotref.device.messages import to_json
-from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
-from iotref.device.publish_refusals import permanent_refusal
 from iotref.device.rate_limit import PublishLimiter
 from iotref.device.stdlib_compat import StrEnum
+from iotref.device.telemetry.messages import to_json
+from iotref.device.telemetry.outbox import AppendResult, Outbox, OutboxEntry
+from iotref.device.telemetry.publish_refusals import permanent_refusal
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
@@ -561,7 +562,7 @@ class Telemetry:
 
         Raises :class:`~iotref.protocol.message_schemas.InvalidMessage` (nothing queued),
         :class:`MessageTooLarge` (nothing queued),
-        :class:`~iotref.device.outbox.OutboxFull` (``reject_new``; nothing queued, the
+        :class:`~iotref.device.telemetry.outbox.OutboxFull` (``reject_new``; nothing queued, the
         caller keeps the message) or :class:`TelemetryClosed`.
         """
         if self._closing:
