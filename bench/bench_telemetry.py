@@ -65,8 +65,10 @@ from iotref.device.telemetry.messages import (
     build_message,
     to_json,
 )
-from iotref.device.telemetry.outbox import Durability, Outbox, OutboxEntry
-from iotref.device.telemetry.publisher import PermissionFlag, Telemetry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_records import Durability, OutboxEntry
+from iotref.device.telemetry.permission import PermissionFlag
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.protocol.topics import telemetry_topic

@@ -89,7 +89,7 @@ if TYPE_CHECKING:
         StatusV2,
         build_message,
     )
-    from iotref.device.telemetry.publisher import SendResult, SendStatus
+    from iotref.device.telemetry.results import SendResult, SendStatus
     from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
 
 #: Where each public name lives. Nothing is imported until a name is first used, so that
@@ -171,7 +171,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ),
     "iotref.device.simulator": ("PressSimulator",),
     "iotref.device.store_checks": ("check_store",),
-    "iotref.device.telemetry.publisher": (
+    "iotref.device.telemetry.results": (
         "SendResult",
         "SendStatus",
     ),

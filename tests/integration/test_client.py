@@ -42,7 +42,7 @@ from iotref.device.telemetry.messages import (
     StatusV2,
 )
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.telemetry.publisher import SendStatus
+from iotref.device.telemetry.results import SendStatus
 from iotref.device.token_store import TokenStore
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

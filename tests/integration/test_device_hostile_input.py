@@ -23,7 +23,8 @@ from iotref.device.connection import (
 )
 from iotref.device.shadow import ShadowSync
 from iotref.device.telemetry.outbox import Outbox
-from iotref.device.telemetry.publisher import ShadowPermission, Telemetry
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.integration.test_broker_acl import operator_probe
 from tests.reliability.harness import device_topic, record, status_message

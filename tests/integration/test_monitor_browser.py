@@ -251,7 +251,9 @@ class RunningSender(threading.Thread):
             build_message,
         )
         from iotref.device.telemetry.outbox import Outbox
-        from iotref.device.telemetry.publisher import SendStatus, ShadowPermission, Telemetry
+        from iotref.device.telemetry.permission import ShadowPermission
+        from iotref.device.telemetry.publisher import Telemetry
+        from iotref.device.telemetry.results import SendStatus
 
         settings = ConnectionSettings(
             endpoint=self.sandbox.info["mqtt_host"],

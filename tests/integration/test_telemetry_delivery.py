@@ -54,13 +54,11 @@ from iotref.device.telemetry.messages import (
     Sender,
     SenderType,
 )
-from iotref.device.telemetry.outbox import Outbox, OutboxFull
-from iotref.device.telemetry.publisher import (
-    PermissionFlag,
-    SendStatus,
-    ShadowPermission,
-    Telemetry,
-)
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxFull
+from iotref.device.telemetry.permission import PermissionFlag, ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
+from iotref.device.telemetry.results import SendStatus
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of

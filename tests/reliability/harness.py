@@ -51,7 +51,8 @@ from iotref.device.telemetry.messages import (
     Sender as SenderIdentity,
 )
 from iotref.device.telemetry.outbox import Outbox
-from iotref.device.telemetry.publisher import ShadowPermission, Telemetry
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of

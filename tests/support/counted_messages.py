@@ -16,7 +16,8 @@ from iotref.device.telemetry.messages import (
     build_message,
     to_json,
 )
-from iotref.device.telemetry.outbox import Outbox, OutboxEntry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_records import OutboxEntry
 from iotref.protocol.topics import telemetry_topic
 
 

@@ -32,9 +32,11 @@ from iotref.device.connection import (
     _LoopBridge,
 )
 from iotref.device.rate_limit import ConnectGate
-from iotref.device.telemetry.outbox import Outbox, OutboxEntry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_records import OutboxEntry
+from iotref.device.telemetry.permission import PermissionFlag
 from iotref.device.telemetry.publish_refusals import permanent_refusal
-from iotref.device.telemetry.publisher import PermissionFlag, Telemetry
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.protocol import limits
 from iotref.protocol.token_bucket import TokenBucket
 

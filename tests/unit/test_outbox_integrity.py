@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.telemetry.outbox import Outbox, OutboxLocked
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxLocked
 from iotref.device.telemetry.outbox_integrity import inspect_outbox
 from iotref.device.telemetry.outbox_salvage import read_reports
 

@@ -82,9 +82,10 @@ from iotref.device.rate_limit import pacing
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
+from iotref.device.telemetry import outbox_opening
 from iotref.device.telemetry.messages import Asset, Sender, SenderType
-from iotref.device.telemetry.outbox import RECOVERY_LOG_ATTRIBUTE
-from iotref.device.telemetry.publisher import SendStatus
+from iotref.device.telemetry.outbox_opening import RECOVERY_LOG_ATTRIBUTE
+from iotref.device.telemetry.results import SendStatus
 
 Kind = Literal["offset", "digital", "mixed"]
 READ_CHUNK = 65536
@@ -662,7 +663,7 @@ async def run_sender(
             loop.add_signal_handler(sig, on_signal)
 
     # A damaged outbox is said once, below, in the command's own words.
-    logging.getLogger("iotref.device.telemetry.outbox").addFilter(
+    logging.getLogger(outbox_opening.__name__).addFilter(
         lambda record: not getattr(record, RECOVERY_LOG_ATTRIBUTE, False)
     )
     watchdog = asyncio.ensure_future(feed_watchdog(service))

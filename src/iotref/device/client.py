@@ -77,24 +77,14 @@ from iotref.device.telemetry.outbox import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_MESSAGES,
     OUTBOX_FILE_NAME,
-    Durability,
     Outbox,
-    OutboxError,
-    OutboxFull,
-    OutboxLocked,
-    OverflowPolicy,
 )
+from iotref.device.telemetry.outbox_errors import OutboxError, OutboxFull, OutboxLocked
+from iotref.device.telemetry.outbox_records import Durability, OverflowPolicy
 from iotref.device.telemetry.outbox_salvage import OutboxRecovery
-from iotref.device.telemetry.publisher import (
-    DEFAULT_WINDOW,
-    MessageTooLarge,
-    PermissionPolicy,
-    SendResult,
-    SendStatus,
-    ShadowPermission,
-    Telemetry,
-    TelemetryClosed,
-)
+from iotref.device.telemetry.permission import PermissionPolicy, ShadowPermission
+from iotref.device.telemetry.publisher import DEFAULT_WINDOW, Telemetry
+from iotref.device.telemetry.results import MessageTooLarge, SendResult, SendStatus, TelemetryClosed
 from iotref.protocol import limits
 from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
 from iotref.protocol.topics import telemetry_topic

@@ -118,16 +118,20 @@ from iotref.device.telemetry.messages import (
     StatusV2,
     build_message,
 )
-from iotref.device.telemetry.outbox import (
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxFull
+from iotref.device.telemetry.outbox_records import (
     AppendResult,
     Durability,
-    Outbox,
     OutboxEntry,
     OutboxRecord,
     OutboxStats,
     OverflowPolicy,
+    PendingMessage,
 )
-from iotref.device.telemetry.publisher import MessageValidatorLike, ShadowPermission, Telemetry
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
+from iotref.device.telemetry.seams import MessageValidatorLike
 from iotref.protocol import limits
 from iotref.protocol.topics import telemetry_topic
 
@@ -946,6 +950,9 @@ class MemoryOutbox(Outbox):
     def append_many(self, entries: Sequence[OutboxEntry]) -> list[AppendResult]:
         return [self.append(e.topic, e.payload, e.message_id) for e in entries]
 
+    def append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
+        return list(self.append_many(entries))  # unbounded: every append succeeds
+
     def read_batch(self, after_seq: int = 0, limit: int = 500) -> list[OutboxRecord]:
         out: list[OutboxRecord] = []
         for seq, record in self._rows.items():
@@ -954,6 +961,9 @@ class MemoryOutbox(Outbox):
                 if len(out) >= limit:
                     break
         return out
+
+    def read_pending(self, after_seq: int = 0, limit: int = 500) -> list[PendingMessage]:
+        return [(r.seq, r.topic, r.payload) for r in self.read_batch(after_seq, limit)]
 
     def mark_attempted(self, first_seq: int, last_seq: int) -> None:
         return None
