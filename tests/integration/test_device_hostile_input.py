@@ -21,7 +21,7 @@ from iotref.device.connection import (
     ConnectionSettings,
     ConnectionState,
 )
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.outbox import Outbox
 from iotref.device.telemetry.permission import ShadowPermission
 from iotref.device.telemetry.publisher import Telemetry

@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from iotref.device.connection import Connection, ConnectionSettings
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME
 from iotref.protocol import limits

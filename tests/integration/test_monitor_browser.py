@@ -240,7 +240,7 @@ class RunningSender(threading.Thread):
 
     async def _main(self) -> None:
         from iotref.device.connection import Connection, ConnectionSettings
-        from iotref.device.shadow import ShadowSync
+        from iotref.device.shadow.sync import ShadowSync
         from iotref.device.telemetry.messages import (
             Asset,
             AssetType,

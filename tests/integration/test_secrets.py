@@ -25,7 +25,7 @@ import pytest
 
 from iotref.device.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.device.connection import Connection, ConnectionSettings
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.token_store import TokenStore
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.conftest import SandboxFactory

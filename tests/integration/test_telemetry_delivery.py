@@ -47,7 +47,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection import Connection, ConnectionSettings
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.messages import (
     Asset,
     AssetType,

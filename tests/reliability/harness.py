@@ -4,7 +4,7 @@ independent watcher counting what the platform delivers, the sandbox that can be
 on its data dir, the faults, and the figures a run records.
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
-:class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.ShadowSync`
+:class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.sync.ShadowSync`
 + :class:`~iotref.device.telemetry.publisher.Telemetry` over a durable
 :class:`~iotref.device.telemetry.outbox.Outbox`, connected through a
 :class:`~tests.support.fault_proxy.FaultProxy`. The proxy is also the "door": while the
@@ -41,7 +41,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection import Connection, ConnectionEvent, ConnectionSettings
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.messages import (
     Asset,
     AssetType,

@@ -7,14 +7,6 @@ import itertools
 
 import pytest
 
-from iotref.device.simulator import (
-    DIGITAL,
-    OFFSET,
-    Phase,
-    PressKind,
-    PressSimulator,
-    profile_for,
-)
 from iotref.device.telemetry.messages import (
     Asset,
     Sender,
@@ -22,6 +14,14 @@ from iotref.device.telemetry.messages import (
     StatusV1,
     StatusV2,
     build_message,
+)
+from iotref.fleet.press import (
+    DIGITAL,
+    OFFSET,
+    Phase,
+    PressKind,
+    PressSimulator,
+    profile_for,
 )
 from iotref.protocol.message_schemas import MessageValidator
 

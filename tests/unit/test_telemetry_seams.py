@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from iotref.device.fleet import MemoryOutbox
 from iotref.device.telemetry.messages import to_json
 from iotref.device.telemetry.outbox import Outbox
 from iotref.device.telemetry.outbox_errors import OutboxFull
@@ -25,6 +24,7 @@ from iotref.device.telemetry.outbox_records import (
 )
 from iotref.device.telemetry.publisher import Telemetry
 from iotref.device.telemetry.seams import MessageStore
+from iotref.fleet.memory_outbox import MemoryOutbox
 from tests.support.telemetry_fakes import FakeConnection, counter_of, message, settle
 
 TOPIC = "telemetry/org-1/client-1"

@@ -49,8 +49,8 @@ from iotref.device.environment import (
 from iotref.device.errors import IotrefError, LoginRequired, StoreError
 from iotref.device.next_steps import Selection, shell_word
 from iotref.device.onboarding import Onboarding, ProvisionOptions
-from iotref.device.simulator import Phase, PressSimulator
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
+from iotref.fleet.press import Phase, PressSimulator
 
 DEFAULT_DATA_DIR = Path(".sandbox")
 DEFAULT_HTTP_PORT = 8780

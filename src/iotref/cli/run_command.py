@@ -3,7 +3,7 @@
 Owns the command line around :class:`iotref.device.client.AsyncClient`: finding the
 certificate store (``--store``, or the one of ``--env``/``--env-file``, with the same
 helpers as ``iotref provision``), feeding it with simulated presses
-(:mod:`iotref.device.simulator`) or with JSON lines read from stdin, the live status line
+(:mod:`iotref.fleet.press`) or with JSON lines read from stdin, the live status line
 (rich on a terminal, periodic plain lines otherwise; on stderr with ``--json``), and a
 clean stop on Ctrl-C, SIGTERM, ``--duration`` or the end of stdin: the outbox gets up to
 ``--close-timeout`` seconds to drain (reconnecting meanwhile if the platform is out of
@@ -67,25 +67,25 @@ from iotref.cli.onboarding_commands import (
 from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
-from iotref.device.client import (
-    AsyncClient,
-    ClientStats,
+from iotref.device.client import AsyncClient
+from iotref.device.connection import ConnectionState, ConnectionTakenOver
+from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
+from iotref.device.errors import (
     InvalidMessageError,
     MessageTooLargeError,
     OutboxFullError,
+    StoreError,
 )
-from iotref.device.connection import ConnectionState, ConnectionTakenOver
-from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
-from iotref.device.errors import StoreError
 from iotref.device.next_steps import Selection, provision_new_machine
+from iotref.device.options import ClientStats
 from iotref.device.rate_limit import pacing
-from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import outbox_opening
 from iotref.device.telemetry.messages import Asset, Sender, SenderType
 from iotref.device.telemetry.outbox_opening import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.telemetry.results import SendStatus
+from iotref.fleet.press import PressEvent, PressKind, PressSimulator, profile_for
 
 Kind = Literal["offset", "digital", "mixed"]
 READ_CHUNK = 65536

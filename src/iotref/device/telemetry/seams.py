@@ -161,7 +161,7 @@ class PermissionSource(Protocol):
 
 
 class ShadowPermissionLike(Protocol):
-    """What :class:`iotref.device.shadow.ShadowSync` offers about the permission."""
+    """What :class:`iotref.device.shadow.sync.ShadowSync` offers about the permission."""
 
     @property
     def send_telemetry_allowed(self) -> bool: ...
