@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME

@@ -26,12 +26,10 @@ from iotref.device.certificate_store import (
     PRIVATE_KEY_FILE,
     ROOT_CA_FILE,
 )
-from iotref.device.connection import (
-    Connection,
-    ConnectionFailed,
-    ConnectionSettings,
-    build_tls_context,
-)
+from iotref.device.connection.awscrt_options import build_tls_context
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.environment import load_environment_file
 from iotref.fleet.histogram import Histogram
 from iotref.fleet.names import device_name

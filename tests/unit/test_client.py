@@ -33,7 +33,7 @@ from iotref.device.certificate_store import (
     ROOT_CA_FILE,
 )
 from iotref.device.client import AsyncClient
-from iotref.device.connection import ConnectionState
+from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import (
     ClientClosed,
     ClientError,

@@ -68,7 +68,9 @@ from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import AsyncClient
-from iotref.device.connection import ConnectionState, ConnectionTakenOver
+from iotref.device.connection.errors import ConnectionTakenOver
+from iotref.device.connection.rate_limit import pacing
+from iotref.device.connection.state import ConnectionState
 from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import (
     InvalidMessageError,
@@ -78,7 +80,6 @@ from iotref.device.errors import (
 )
 from iotref.device.next_steps import Selection, provision_new_machine
 from iotref.device.options import ClientStats
-from iotref.device.rate_limit import pacing
 from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import outbox_opening

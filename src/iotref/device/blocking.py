@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
 from iotref.device.client import AsyncClient
-from iotref.device.connection import ConnectionEvent
+from iotref.device.connection.state import ConnectionEvent
 from iotref.device.errors import ClientClosed
 from iotref.device.options import ClientOptions, ClientOptionsArgs, ClientStats
 from iotref.device.raw_payload import PayloadLike

@@ -24,7 +24,8 @@ import httpx
 from cryptography import x509
 
 from iotref.device.certificate_store import DeviceIdentity
-from iotref.device.connection import REVOKED_NEXT_STEP, ConnectionSettings, diagnose_tls
+from iotref.device.connection.diagnostics import REVOKED_NEXT_STEP, diagnose_tls
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.environment import check_service_url
 from iotref.device.errors import ConfigurationError
 from iotref.device.next_steps import NextStep

@@ -181,8 +181,8 @@ class Telemetry:
         # The seqs published in the current generation and not yet acknowledged.
         self._in_flight: set[int] = set()
         self._idle_waiter: asyncio.Future[None] | None = None
-        # The connection's pace (see iotref.device.rate_limit): the drainer publishes only
-        # what it lets go now, and waits for the rest.
+        # The connection's pace (see iotref.device.connection.rate_limit): the drainer
+        # publishes only what it lets go now, and waits for the rest.
         self._limiter: PublishPace | None = connection.rate_limiter
         self._hold_until = 0.0
         self._failures_in_row = 0

@@ -26,7 +26,7 @@ why it failed."""
 
 class PublishPace(Protocol):
     """The connection's pace under the platform's per-connection quotas, as
-    :class:`iotref.device.rate_limit.PublishLimiter` keeps it. The publisher asks before
+    :class:`iotref.device.connection.rate_limit.PublishLimiter` keeps it. The publisher asks before
     each batch; every publish is charged to it by the connection."""
 
     def ready(self) -> int:
@@ -45,7 +45,7 @@ class PublishPace(Protocol):
 
 class TelemetryConnection(Protocol):
     """What the publisher needs of the MQTT connection
-    (:class:`iotref.device.connection.Connection`)."""
+    (:class:`iotref.device.connection.connection.Connection`)."""
 
     @property
     def connected(self) -> bool: ...
