@@ -36,7 +36,8 @@ from iotref.device.connection.state import ConnectionState
 from iotref.device.directory_client import MachineSpec
 from iotref.device.environment import Environment, load_environment_file
 from iotref.device.errors import InvalidMessageError
-from iotref.device.messages import (
+from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,
@@ -45,9 +46,8 @@ from iotref.device.messages import (
     StatusV2,
     build_message,
 )
-from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.telemetry import SendStatus
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.results import SendStatus
 from iotref.device.token_store import TokenStore
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

@@ -30,9 +30,9 @@ import pytest
 
 from iotref.device.directory_client import MachineSpec
 from iotref.device.environment import load_environment_file
-from iotref.device.messages import Asset, AssetType, to_json
 from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.messages import Asset, AssetType, to_json
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.token_store import TokenStore
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic

@@ -31,8 +31,8 @@ import pytest
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionState
 from iotref.device.environment import Environment, load_environment_file
-from iotref.device.messages import Asset, AssetType
 from iotref.device.onboarding import BlockingOnboarding
+from iotref.device.telemetry.messages import Asset, AssetType
 from iotref.device.token_store import TokenStore
 from iotref.sandbox.broker.supervisor import STABLE_AFTER
 from tests.integration.test_client import client_id_of, outbox_depth, provision_store
