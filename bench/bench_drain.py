@@ -33,8 +33,8 @@ from tests.support.onboarding import client_id_of, logged_in, provision_store
 
 from bench.harness import BenchContext, Figure
 from iotref.device.connection.rate_limit import pacing
-from iotref.device.messages import Asset, AssetType, Sender, SenderType
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.protocol import limits
 
 BACKLOG = 20_000

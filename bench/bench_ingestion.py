@@ -32,7 +32,7 @@ import httpx
 from tests.support.mqtt_probe import device_topic
 
 from bench.harness import BenchContext, Figure
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,

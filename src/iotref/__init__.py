@@ -56,7 +56,13 @@ if TYPE_CHECKING:
         StoreError,
     )
     from iotref.device.keys import KeyType
-    from iotref.device.messages import (
+    from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
+    from iotref.device.options import ClientOptions, ClientStats
+    from iotref.device.raw_payload import RawPayload
+    from iotref.device.shadow.desired import DesiredChange, Refuse
+    from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
+    from iotref.device.store_checks import check_store
+    from iotref.device.telemetry.messages import (
         Asset,
         AssetType,
         DeviceStatusV1,
@@ -73,13 +79,7 @@ if TYPE_CHECKING:
         StatusV2,
         build_message,
     )
-    from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
-    from iotref.device.options import ClientOptions, ClientStats
-    from iotref.device.raw_payload import RawPayload
-    from iotref.device.shadow.desired import DesiredChange, Refuse
-    from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
-    from iotref.device.store_checks import check_store
-    from iotref.device.telemetry import SendResult, SendStatus
+    from iotref.device.telemetry.results import SendResult, SendStatus
     from iotref.protocol.message_schemas import ValidationIssue
 
 #: Where each public name lives. Nothing is imported until a name is first used, so that
@@ -90,13 +90,13 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "iotref.device.blocking": ("BlockingAssetChannel", "Client"),
     "iotref.device.client": ("AssetChannel", "AsyncClient"),
     "iotref.device.options": ("ClientOptions", "ClientStats"),
-    "iotref.device.telemetry": ("SendResult", "SendStatus"),
+    "iotref.device.telemetry.results": ("SendResult", "SendStatus"),
     "iotref.device.shadow.desired": ("DesiredChange", "Refuse"),
     "iotref.device.shadow.errors": ("ShadowRejected", "ShadowTimeout"),
     "iotref.device.connection.errors": ("ConnectionFailed", "ConnectionTakenOver"),
     "iotref.device.connection.state": ("ConnectionState",),
     # messages
-    "iotref.device.messages": (
+    "iotref.device.telemetry.messages": (
         "Asset",
         "AssetType",
         "DeviceStatusV1",

@@ -27,7 +27,7 @@ from iotref.device.blocking import Client
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import InvalidMessageError
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,
@@ -36,7 +36,7 @@ from iotref.device.messages import (
     StatusV2,
     build_message,
 )
-from iotref.device.telemetry import SendStatus
+from iotref.device.telemetry.results import SendStatus
 from iotref.protocol.message_schemas import MessageValidator
 from tests.support.onboarding import client_id_of, outbox_depth
 from tests.support.sandbox_process import SandboxProcess

@@ -18,9 +18,10 @@ import pytest
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
 from iotref.device.connection.state import ConnectionState
-from iotref.device.outbox import Outbox
 from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry import ShadowPermission, Telemetry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.support.counted_messages import status_message
 from tests.support.device_connection import QUICK_RETRY, device_settings
@@ -183,7 +184,7 @@ def _publish_delta(sandbox: SandboxProcess, thing: str, delta: dict[str, Any]) -
 
 
 def telemetry_asset() -> Any:
-    from iotref.device.messages import Asset, AssetType
+    from iotref.device.telemetry.messages import Asset, AssetType
 
     return Asset("press-hostile", "SN-HOSTILE", AssetType.SHEETFED_PRESS)
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 
 from iotref.device.connection.connection import Connection
-from iotref.device.messages import Asset, AssetType, Sender, SenderType
-from iotref.device.outbox import OUTBOX_FILE_NAME
 from iotref.device.shadow.sync import ShadowSync
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME
 from iotref.protocol import limits
 from tests.support.arrivals import ArrivalRecorder, count_windows
 from tests.support.cli_process import start_iotref

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.messages import Asset, AssetType
+from iotref.device.telemetry.messages import Asset, AssetType
 from tests.support.counted_messages import status_message
 
 pytestmark = pytest.mark.integration

@@ -220,7 +220,8 @@ class RunningSender(threading.Thread):
 
     async def _main(self) -> None:
         from iotref.device.connection.connection import Connection
-        from iotref.device.messages import (
+        from iotref.device.shadow.sync import ShadowSync
+        from iotref.device.telemetry.messages import (
             Asset,
             AssetType,
             DeviceStatusV2,
@@ -229,9 +230,10 @@ class RunningSender(threading.Thread):
             StatusV2,
             build_message,
         )
-        from iotref.device.outbox import Outbox
-        from iotref.device.shadow.sync import ShadowSync
-        from iotref.device.telemetry import SendStatus, ShadowPermission, Telemetry
+        from iotref.device.telemetry.outbox import Outbox
+        from iotref.device.telemetry.permission import ShadowPermission
+        from iotref.device.telemetry.publisher import Telemetry
+        from iotref.device.telemetry.results import SendStatus
 
         settings = device_settings(self.sandbox.info, self.device)
         sender = Sender(SenderType.PRESS, "monitor-test", "1.0")

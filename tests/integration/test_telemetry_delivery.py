@@ -41,18 +41,16 @@ import pytest
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.messages import (
+from iotref.device.shadow.sync import ShadowSync
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
 )
-from iotref.device.outbox import Outbox, OutboxFull
-from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry import (
-    PermissionFlag,
-    SendStatus,
-    ShadowPermission,
-    Telemetry,
-)
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxFull
+from iotref.device.telemetry.permission import PermissionFlag, ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
+from iotref.device.telemetry.results import SendStatus
 from tests.support.counted_messages import status_message
 from tests.support.device_connection import UNPACED, device_settings
 from tests.support.device_keys import DeviceFiles

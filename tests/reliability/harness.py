@@ -6,8 +6,8 @@ The independent watcher that counts what the platform delivers is
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
 :class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.sync.ShadowSync`
-+ :class:`~iotref.device.telemetry.Telemetry` over a durable
-:class:`~iotref.device.outbox.Outbox`, connected through a
++ :class:`~iotref.device.telemetry.publisher.Telemetry` over a durable
+:class:`~iotref.device.telemetry.outbox.Outbox`, connected through a
 :class:`~tests.support.fault_proxy.FaultProxy`. The proxy is also the "door": while the
 sandbox side is down, it keeps the device out until the watcher and the sandbox's ingestion
 have subscribed again (Mosquitto keeps no messages for a subscriber whose session died
@@ -35,13 +35,11 @@ import httpx
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionEvent
-from iotref.device.messages import (
-    Asset,
-    AssetType,
-)
-from iotref.device.outbox import Outbox
 from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry import ShadowPermission, Telemetry
+from iotref.device.telemetry.messages import Asset, AssetType
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
 from tests.support.counted_messages import status_message
 from tests.support.sandbox_process import SandboxProcess
 

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from iotref.device.environment import Environment
-from iotref.device.messages import Asset, AssetType, to_json
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.messages import Asset, AssetType, to_json
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.token_store import TokenStore
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic

@@ -28,7 +28,7 @@ import pytest
 
 from iotref.device.connection.state import ConnectionState
 from iotref.device.environment import Environment
-from iotref.device.messages import Asset, AssetType
+from iotref.device.telemetry.messages import Asset, AssetType
 from iotref.device.token_store import TokenStore
 from iotref.sandbox.broker.supervisor import STABLE_AFTER
 from tests.reliability.harness import (

@@ -3,7 +3,7 @@ device (its organization, client id and telemetry topic) and a valid message of 
 
 from __future__ import annotations
 
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,

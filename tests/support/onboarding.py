@@ -16,7 +16,7 @@ import httpx
 from iotref.device.directory_client import MachineSpec
 from iotref.device.environment import Environment, load_environment_file
 from iotref.device.onboarding import BlockingOnboarding, LoginResult, ProvisionOptions
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.token_store import TokenStore
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

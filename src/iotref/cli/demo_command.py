@@ -47,9 +47,9 @@ from iotref.device.environment import (
     resolve_environment,
 )
 from iotref.device.errors import IotrefError, LoginRequired, StoreError
-from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.next_steps import Selection, shell_word
 from iotref.device.onboarding import Onboarding, ProvisionOptions
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.fleet.press import Phase, PressSimulator
 
 DEFAULT_DATA_DIR = Path(".sandbox")

@@ -20,14 +20,14 @@ from iotref.device.certificate_store import CertificateStore, DeviceIdentity, De
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionEvent
 from iotref.device.errors import ClientClosed
-from iotref.device.messages import Asset, Sender
 from iotref.device.options import ClientOptions, ClientOptionsArgs, ClientStats
-from iotref.device.outbox_salvage import OutboxRecovery
 from iotref.device.raw_payload import PayloadLike
 from iotref.device.shadow.desired import DesiredHandler
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
-from iotref.device.telemetry import SendResult
+from iotref.device.telemetry.messages import Asset, Sender
+from iotref.device.telemetry.outbox_salvage import OutboxRecovery
+from iotref.device.telemetry.results import SendResult
 
 __all__ = ["BlockingAssetChannel", "BlockingShadow", "Client"]
 

@@ -7,7 +7,7 @@ store belongs to; that every file is there and parses; ``properties.json`` has e
 contract's keys; the certificate belongs to the private key; validity and the expiry
 threshold; the key's and folder's permissions; and what can honestly be said about who
 signed the certificate; and the outbox kept in the store: whether it is sound (read only,
-the same checks as at start, see :mod:`iotref.device.outbox_integrity`), how many messages
+the same checks as at start, see :mod:`iotref.device.telemetry.outbox_integrity`), how many messages
 are queued and refused, and every damaged outbox that was set aside and not yet removed.
 
 On the signature (a deliberate decision): ``amazonRootCA1.pem`` is the *server* root CA
@@ -65,8 +65,8 @@ from iotref.device.next_steps import (
     shell_word,
     steps,
 )
-from iotref.device.outbox import OUTBOX_FILE_NAME
-from iotref.device.outbox_integrity import (
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME
+from iotref.device.telemetry.outbox_integrity import (
     DAMAGED_INFIX,
     MARKER_SUFFIX,
     REPORT_SUFFIX,
@@ -74,7 +74,7 @@ from iotref.device.outbox_integrity import (
     WAL_SUFFIX,
     inspect_outbox,
 )
-from iotref.device.outbox_salvage import read_reports
+from iotref.device.telemetry.outbox_salvage import read_reports
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 
