@@ -36,7 +36,7 @@ from tests.reliability.harness import (
     Sender,
     stored_telemetry,
 )
-from tests.support.cli_process import start_iotref
+from tests.support.cli_process import revoke, start_iotref
 from tests.support.counted_messages import status_message
 from tests.support.device_connection import device_settings
 from tests.support.device_keys import DeviceFiles
@@ -424,12 +424,12 @@ def test_revoked_certificate_stop_is_bounded(platform: Platform, store: Path) ->
     lines, _ = counted_lines(60, f"revoked-{uuid.uuid4().hex[:6]}")
     client_id = client_id_of(store)
 
-    def revoke(run: Run) -> None:
+    def revoke_once_connected(run: Run) -> None:
         wait_until(lambda: any("| connected |" in line for _, line in run.out), 30, "connected")
         result = revoke(platform.data_dir, client_id)
         assert result.returncode == 0, result.stderr
 
-    first, first_code = _bounded_run(store, lines, revoke)
+    first, first_code = _bounded_run(store, lines, revoke_once_connected)
     second, second_code = _bounded_run(store, lines[:10])
     figures = {
         "scenario": "certificate revoked: iotref run --duration 6 --close-timeout 2",
