@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 from iotref._version import __version__
 
 if TYPE_CHECKING:
-    from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
     from iotref.device.client import (
         AsyncClient,
         Client,
@@ -48,8 +47,6 @@ if TYPE_CHECKING:
         ConnectionTakenOver,
         PublishFailed,
     )
-    from iotref.device.directory_client import MachineSpec
-    from iotref.device.environment import Environment, load_environment, load_environment_file
     from iotref.device.errors import (
         AuthorizationDenied,
         AuthorizationExpired,
@@ -60,7 +57,6 @@ if TYPE_CHECKING:
         ProvisioningError,
         StoreError,
     )
-    from iotref.device.keys import KeyType
     from iotref.device.messages import (
         Asset,
         AssetType,
@@ -78,7 +74,20 @@ if TYPE_CHECKING:
         StatusV2,
         build_message,
     )
-    from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
+    from iotref.device.onboarding.certificate_store import (
+        CertificateStore,
+        DeviceIdentity,
+        DeviceProperties,
+    )
+    from iotref.device.onboarding.directory_client import MachineSpec
+    from iotref.device.onboarding.environment import (
+        Environment,
+        load_environment,
+        load_environment_file,
+    )
+    from iotref.device.onboarding.keys import KeyType
+    from iotref.device.onboarding.service import BlockingOnboarding, Onboarding, ProvisionOptions
+    from iotref.device.onboarding.store_checks import check_store
     from iotref.device.shadow import (
         DesiredChange,
         Refuse,
@@ -88,7 +97,6 @@ if TYPE_CHECKING:
         ShadowTimeout,
     )
     from iotref.device.simulator import PressSimulator
-    from iotref.device.store_checks import check_store
     from iotref.device.telemetry import SendResult, SendStatus
     from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
 
@@ -96,7 +104,7 @@ if TYPE_CHECKING:
 #: ``import iotref`` (and the ``iotref`` command) stays quick; :func:`__getattr__` imports
 #: the module then.
 _LAZY: dict[str, tuple[str, ...]] = {
-    "iotref.device.certificate_store": (
+    "iotref.device.onboarding.certificate_store": (
         "CertificateStore",
         "DeviceIdentity",
         "DeviceProperties",
@@ -122,8 +130,8 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "ConnectionTakenOver",
         "PublishFailed",
     ),
-    "iotref.device.directory_client": ("MachineSpec",),
-    "iotref.device.environment": (
+    "iotref.device.onboarding.directory_client": ("MachineSpec",),
+    "iotref.device.onboarding.environment": (
         "Environment",
         "load_environment",
         "load_environment_file",
@@ -138,7 +146,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "ProvisioningError",
         "StoreError",
     ),
-    "iotref.device.keys": ("KeyType",),
+    "iotref.device.onboarding.keys": ("KeyType",),
     "iotref.device.messages": (
         "Asset",
         "AssetType",
@@ -156,7 +164,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "StatusV2",
         "build_message",
     ),
-    "iotref.device.onboarding": (
+    "iotref.device.onboarding.service": (
         "BlockingOnboarding",
         "Onboarding",
         "ProvisionOptions",
@@ -170,7 +178,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "ShadowTimeout",
     ),
     "iotref.device.simulator": ("PressSimulator",),
-    "iotref.device.store_checks": ("check_store",),
+    "iotref.device.onboarding.store_checks": ("check_store",),
     "iotref.device.telemetry": (
         "SendResult",
         "SendStatus",

@@ -30,13 +30,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.client import AsyncClient, Client
 from iotref.device.connection import ConnectionState
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment, load_environment_file
 from iotref.device.messages import Asset, AssetType, DeviceStatusV2, Sender, SenderType, StatusV2
-from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.service import BlockingOnboarding, ProvisionOptions
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.telemetry import SendStatus
-from iotref.device.token_store import TokenStore
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.sandbox_process import SandboxProcess

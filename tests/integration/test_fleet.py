@@ -21,18 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from iotref.device.certificate_store import (
-    CERTIFICATE_FILE,
-    PRIVATE_KEY_FILE,
-    ROOT_CA_FILE,
-)
 from iotref.device.connection import (
     Connection,
     ConnectionFailed,
     ConnectionSettings,
     build_tls_context,
 )
-from iotref.device.environment import load_environment_file
 from iotref.device.fleet import (
     FleetOptions,
     FleetRun,
@@ -42,6 +36,12 @@ from iotref.device.fleet import (
     find_sandbox,
     without_system_trust_store,
 )
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    ROOT_CA_FILE,
+)
+from iotref.device.onboarding.environment import load_environment_file
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration

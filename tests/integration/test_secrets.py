@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.onboarding.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.shadow import ShadowSync
-from iotref.device.token_store import TokenStore
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.conftest import SandboxFactory
 from tests.integration.test_onboarding import machine_spec, sandbox_env
@@ -42,8 +42,8 @@ CRASH_SCRIPT = textwrap.dedent(
     import asyncio, logging, sys
     from pathlib import Path
     from iotref.device.connection import Connection, ConnectionSettings
-    from iotref.device.environment import load_environment_file
-    from iotref.device.token_store import TokenStore
+    from iotref.device.onboarding.environment import load_environment_file
+    from iotref.device.onboarding.token_store import TokenStore
 
     logging.basicConfig(level=logging.DEBUG)
     store = Path(sys.argv[1])

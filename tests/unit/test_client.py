@@ -25,12 +25,6 @@ from iotref.cli.run_command import (
     status_text,
     summary_text,
 )
-from iotref.device.certificate_store import (
-    CERTIFICATE_FILE,
-    PRIVATE_KEY_FILE,
-    PROPERTIES_FILE,
-    ROOT_CA_FILE,
-)
 from iotref.device.client import (
     AsyncClient,
     Client,
@@ -48,6 +42,12 @@ from iotref.device.client import (
 from iotref.device.connection import ConnectionState
 from iotref.device.errors import IotrefError, StoreError
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    PROPERTIES_FILE,
+    ROOT_CA_FILE,
+)
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.protocol.message_schemas import ValidationIssue, default_validator
 

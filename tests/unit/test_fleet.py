@@ -22,14 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from iotref.device import connection as connection_module
-from iotref.device.certificate_store import DeviceProperties
 from iotref.device.connection import (
     Connection,
     ConnectionFailed,
     ConnectionSettings,
     build_tls_context,
 )
-from iotref.device.environment import load_environment
 from iotref.device.fleet import (
     DEFAULT_CONNECT_RATE,
     REPORT_FORMAT,
@@ -53,6 +51,8 @@ from iotref.device.fleet import (
     without_system_trust_store,
 )
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.onboarding.certificate_store import DeviceProperties
+from iotref.device.onboarding.environment import load_environment
 from iotref.protocol import limits
 from iotref.protocol.message_schemas import default_validator
 

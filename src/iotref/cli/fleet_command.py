@@ -21,7 +21,6 @@ from rich.live import Live
 from rich.table import Table
 
 from iotref.cli.output import is_quiet
-from iotref.device.environment import BUILTIN_ENVIRONMENTS, resolve_environment
 from iotref.device.errors import IotrefError
 from iotref.device.fleet import (
     DEFAULT_CONNECT_CONCURRENCY,
@@ -35,7 +34,8 @@ from iotref.device.fleet import (
     load_report,
     merge_reports,
 )
-from iotref.device.next_steps import Selection
+from iotref.device.onboarding.environment import BUILTIN_ENVIRONMENTS, resolve_environment
+from iotref.device.onboarding.next_steps import Selection
 
 PROGRESS_INTERVAL_S = 0.5
 PLATFORM_POLL_S = 2.0

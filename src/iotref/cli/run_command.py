@@ -65,7 +65,6 @@ from iotref.cli.onboarding_commands import (
 )
 from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
-from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import (
     AsyncClient,
     ClientStats,
@@ -74,14 +73,19 @@ from iotref.device.client import (
     OutboxFullError,
 )
 from iotref.device.connection import ConnectionState, ConnectionTakenOver
-from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
-from iotref.device.next_steps import Selection, provision_new_machine
+from iotref.device.onboarding.certificate_store import (
+    CertificateStore,
+    DeviceIdentity,
+    default_store_path,
+)
+from iotref.device.onboarding.environment import ENV_FILE_VAR, ENV_VAR, Environment
+from iotref.device.onboarding.next_steps import Selection, provision_new_machine
+from iotref.device.onboarding.store_checks import environment_mismatch
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.rate_limit import pacing
 from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
-from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import SendStatus
 

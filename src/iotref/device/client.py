@@ -60,7 +60,6 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, TypedDict, TypeVar
 
 from iotref._version import __version__
-from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
 from iotref.device.connection import (
     Connection,
     ConnectionEvent,
@@ -71,6 +70,11 @@ from iotref.device.connection import (
 )
 from iotref.device.errors import IotrefError
 from iotref.device.messages import Asset, Payload, Sender, SenderType, build_message
+from iotref.device.onboarding.certificate_store import (
+    CertificateStore,
+    DeviceIdentity,
+    DeviceProperties,
+)
 from iotref.device.outbox import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_MESSAGES,

@@ -62,7 +62,7 @@ from awscrt import io, mqtt5
 
 from iotref.device import stdlib_compat
 from iotref.device.errors import IotrefError, StoreError
-from iotref.device.next_steps import NextStep, run
+from iotref.device.onboarding.next_steps import NextStep, run
 from iotref.device.rate_limit import ConnectGate, PublishLimiter
 from iotref.device.reconnect import ReconnectSchedule
 from iotref.device.thread_state import keep_thread_state

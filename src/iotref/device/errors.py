@@ -2,7 +2,7 @@
 
 Every error carries a ``reason`` (what went wrong, one sentence) and, where there is one, a
 ``next_step`` (what the person should do); a next step that names ``iotref`` commands is a
-:class:`~iotref.device.next_steps.NextStep` too (``hint``), which a command line renders
+:class:`~iotref.device.onboarding.next_steps.NextStep` too (``hint``), which a command line renders
 with the person's own environment and store options. Messages never contain secrets: no tokens,
 device codes, refresh tokens or key material, and no raw answers of the token endpoint.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from iotref.device.next_steps import NextStep, Selection
+from iotref.device.onboarding.next_steps import NextStep, Selection
 
 
 class IotrefError(Exception):

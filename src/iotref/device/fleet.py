@@ -79,16 +79,6 @@ import orjson
 from awscrt import io, mqtt5
 
 from iotref.device import stdlib_compat
-from iotref.device.certificate_store import (
-    CERTIFICATE_FILE,
-    PRIVATE_KEY_FILE,
-    PROPERTIES_FILE,
-    ROOT_CA_FILE,
-    CertificateStore,
-    DeviceProperties,
-    Progress,
-    ProgressState,
-)
 from iotref.device.connection import (
     Connection,
     ConnectionEvent,
@@ -99,11 +89,7 @@ from iotref.device.connection import (
     build_client_options,
     build_tls_context,
 )
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment
 from iotref.device.errors import IotrefError
-from iotref.device.http_client import create_http_client
-from iotref.device.keys import KeyType, build_csr, generate_private_key, private_key_pem
 from iotref.device.messages import (
     Asset,
     AssetType,
@@ -113,7 +99,22 @@ from iotref.device.messages import (
     StatusV2,
     build_message,
 )
-from iotref.device.next_steps import shell_word
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    PROPERTIES_FILE,
+    ROOT_CA_FILE,
+    CertificateStore,
+    DeviceProperties,
+    Progress,
+    ProgressState,
+)
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import create_http_client
+from iotref.device.onboarding.keys import KeyType, build_csr, generate_private_key, private_key_pem
+from iotref.device.onboarding.next_steps import shell_word
+from iotref.device.onboarding.store_checks import issuer_fingerprint
 from iotref.device.outbox import (
     AppendResult,
     Durability,
@@ -125,7 +126,6 @@ from iotref.device.outbox import (
 )
 from iotref.device.rate_limit import ConnectGate
 from iotref.device.shadow import ShadowError, ShadowSync
-from iotref.device.store_checks import issuer_fingerprint
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
 from iotref.protocol import limits
 from iotref.protocol.topics import telemetry_topic
@@ -865,7 +865,7 @@ async def provision_platform(
     """Provision ``indices`` the normal way (needs ``iotref login`` for ``env`` first):
     per device a machine in the directory, its ownership, a key, a CSR and
     ``/v4/provisioning``, each into its own store (resumable, as ``iotref provision``)."""
-    from iotref.device.onboarding import Onboarding, ProvisionOptions
+    from iotref.device.onboarding.service import Onboarding, ProvisionOptions
 
     if not indices:
         return []

@@ -23,11 +23,11 @@ from typing import Literal
 import httpx
 from cryptography import x509
 
-from iotref.device.certificate_store import DeviceIdentity
 from iotref.device.connection import REVOKED_NEXT_STEP, ConnectionSettings, diagnose_tls
-from iotref.device.environment import check_service_url
 from iotref.device.errors import ConfigurationError
-from iotref.device.next_steps import NextStep
+from iotref.device.onboarding.certificate_store import DeviceIdentity
+from iotref.device.onboarding.environment import check_service_url
+from iotref.device.onboarding.next_steps import NextStep
 
 log = logging.getLogger("iotref.revocation")
 

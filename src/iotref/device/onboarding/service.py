@@ -27,8 +27,15 @@ import httpx
 from cryptography import x509
 
 from iotref.device import stdlib_compat
-from iotref.device.auth import Authenticator
-from iotref.device.certificate_store import (
+from iotref.device.errors import (
+    ConfigurationError,
+    NotFound,
+    ProvisioningError,
+    StoreError,
+    ValidationFailed,
+)
+from iotref.device.onboarding.auth import Authenticator
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROPERTIES_FILE,
@@ -40,7 +47,7 @@ from iotref.device.certificate_store import (
     ProgressState,
     default_store_path,
 )
-from iotref.device.device_flow import (
+from iotref.device.onboarding.device_flow import (
     Bearer,
     Clock,
     DeviceAuthorization,
@@ -49,23 +56,16 @@ from iotref.device.device_flow import (
     Sleep,
     TokenSet,
 )
-from iotref.device.directory_client import (
+from iotref.device.onboarding.directory_client import (
     DirectoryClient,
     Machine,
     MachineOwnership,
     MachineSpec,
     Site,
 )
-from iotref.device.environment import Environment
-from iotref.device.errors import (
-    ConfigurationError,
-    NotFound,
-    ProvisioningError,
-    StoreError,
-    ValidationFailed,
-)
-from iotref.device.http_client import create_http_client
-from iotref.device.keys import (
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import create_http_client
+from iotref.device.onboarding.keys import (
     DEFAULT_KEY_TYPE,
     KeyType,
     build_csr,
@@ -73,16 +73,16 @@ from iotref.device.keys import (
     key_matches_certificate,
     private_key_pem,
 )
-from iotref.device.next_steps import Selection, run, steps
-from iotref.device.provisioning_client import ProvisioningClient
-from iotref.device.store_checks import (
+from iotref.device.onboarding.next_steps import Selection, run, steps
+from iotref.device.onboarding.provisioning_client import ProvisioningClient
+from iotref.device.onboarding.store_checks import (
     DEFAULT_EXPIRY_THRESHOLD_DAYS,
     StoreReport,
     check_store,
     environment_mismatch,
     issuer_fingerprint,
 )
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.token_store import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Onboarding:
     # -- checks -------------------------------------------------------------------------------
 
     def check(self, threshold_days: float = DEFAULT_EXPIRY_THRESHOLD_DAYS) -> StoreReport:
-        """Check the certificate store locally (see :mod:`iotref.device.store_checks`).
+        """Check the certificate store locally (see :mod:`iotref.device.onboarding.store_checks`).
 
         An interrupted store update is finished first, unless a provisioning run holds
         the store (then its update is in progress, not interrupted)."""

@@ -23,8 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import EnvironmentIdentity
 from iotref.device.errors import StoreError
 from iotref.device.files import (
     PRIVATE_FILE_MODE,
@@ -36,7 +34,9 @@ from iotref.device.files import (
     write_atomic,
     write_file_synced,
 )
-from iotref.device.next_steps import NextStep, Selection, run
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import EnvironmentIdentity
+from iotref.device.onboarding.next_steps import NextStep, Selection, run
 from iotref.device.stdlib_compat import StrEnum
 
 ROOT_CA_FILE = "amazonRootCA1.pem"
@@ -377,8 +377,8 @@ class CertificateStore:
 
     def load(self) -> DeviceIdentity:
         """The store's identity for connecting; :class:`StoreError` if files are missing or
-        ``properties.json`` is unusable. Run :func:`~iotref.device.store_checks.check_store`
-        for the full set of checks."""
+        ``properties.json`` is unusable. Run
+        :func:`~iotref.device.onboarding.store_checks.check_store` for the full set of checks."""
         missing = [name for name in STORE_FILES if not self.file(name).is_file()]
         if missing:
             raise self._error(

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
-# The variables, re-exported (the command line reads them from here too).
-from iotref.device.environment_variables import ENV_FILE_VAR as ENV_FILE_VAR
-from iotref.device.environment_variables import ENV_VAR as ENV_VAR
 from iotref.device.errors import ConfigurationError
+
+# The variables, re-exported (the command line reads them from here too).
+from iotref.device.onboarding.environment_variables import ENV_FILE_VAR as ENV_FILE_VAR
+from iotref.device.onboarding.environment_variables import ENV_VAR as ENV_VAR
 from iotref.protocol.environment_file import (
     BASE_URL,
     DIRECTORY_HOST,
@@ -262,7 +263,9 @@ def load_environment(name: str) -> Environment:
             f"unknown environment {name!r}",
             f"use one of {', '.join(BUILTIN_ENVIRONMENTS)}, or --env-file PATH",
         )
-    text = (resources.files("iotref.device") / "environments" / f"env.{name}").read_text()
+    text = (
+        resources.files("iotref.device.onboarding") / "environments" / f"env.{name}"
+    ).read_text()
     return environment_from_values(name, parse_env_file(text))
 
 

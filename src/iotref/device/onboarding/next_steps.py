@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from iotref.device.environment_variables import ENV_FILE_VAR, ENV_VAR
+from iotref.device.onboarding.environment_variables import ENV_FILE_VAR, ENV_VAR
 
 if TYPE_CHECKING:
-    from iotref.device.environment import Environment
+    from iotref.device.onboarding.environment import Environment
 
 #: The commands that take ``--env``/``--env-file``, and those that also take ``--store``.
 _TAKES_ENV = frozenset({"login", "logout", "provision", "status", "run", "fleet"})

@@ -20,8 +20,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from iotref.device.device_flow import TokenSet
-from iotref.device.environment import Environment
 from iotref.device.errors import StoreError
 from iotref.device.files import (
     PRIVATE_FILE_MODE,
@@ -31,7 +29,9 @@ from iotref.device.files import (
     remove_durably,
     write_atomic,
 )
-from iotref.device.next_steps import Selection, run, steps
+from iotref.device.onboarding.device_flow import TokenSet
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.next_steps import Selection, run, steps
 
 log = logging.getLogger(__name__)
 

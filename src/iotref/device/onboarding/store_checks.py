@@ -1,6 +1,6 @@
 """Checks of a certificate store, without the network: what ``iotref status`` reports
 about the store itself (the platform's view of the certificate is
-:mod:`iotref.device.revocation`).
+:mod:`iotref.device.onboarding.revocation`).
 
 Each problem comes with a code, the reason and a next step. Checked: the environment the
 store belongs to; that every file is there and parses; ``properties.json`` has exactly the
@@ -43,7 +43,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
-from iotref.device.certificate_store import (
+from iotref.device.errors import ConfigurationError, StoreError
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROPERTIES_FILE,
@@ -54,10 +55,14 @@ from iotref.device.certificate_store import (
     Progress,
     ProgressState,
 )
-from iotref.device.environment import EnvironmentIdentity, load_environment_file
-from iotref.device.errors import ConfigurationError, StoreError
-from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
-from iotref.device.next_steps import (
+from iotref.device.onboarding.environment import EnvironmentIdentity, load_environment_file
+from iotref.device.onboarding.keys import (
+    PrivateKey,
+    describe_key,
+    key_matches_certificate,
+    load_private_key,
+)
+from iotref.device.onboarding.next_steps import (
     NextStep,
     Selection,
     provision_new_machine,
@@ -84,7 +89,7 @@ RENEW = run("provision", "--renew", then="for a new key and certificate")
 @dataclass(frozen=True)
 class StoreProblem:
     """One finding: a stable ``code``, the ``reason`` and the ``next_step``; ``hint`` is
-    the next step as a :class:`~iotref.device.next_steps.NextStep` where it names
+    the next step as a :class:`~iotref.device.onboarding.next_steps.NextStep` where it names
     ``iotref`` commands (for a command line to render with the person's options)."""
 
     code: str
@@ -169,7 +174,7 @@ def certificate_info(certificate: x509.Certificate) -> CertificateInfo:
 
 
 def issuer_fingerprint(certificate: x509.Certificate) -> tuple[str, str | None]:
-    """What :class:`~iotref.device.certificate_store.Progress` records of the issuer."""
+    """What :class:`~iotref.device.onboarding.certificate_store.Progress` records of the issuer."""
     return certificate.issuer.rfc4514_string(), _key_id(certificate)
 
 

@@ -20,7 +20,6 @@ from typing import Any, Literal
 import httpx
 
 from iotref.device import stdlib_compat
-from iotref.device.environment import Environment
 from iotref.device.errors import (
     AuthorizationDenied,
     AuthorizationExpired,
@@ -28,8 +27,9 @@ from iotref.device.errors import (
     LoginRequired,
     ProtocolError,
 )
-from iotref.device.http_client import error_code, json_object, require_str, send
-from iotref.device.next_steps import NextStep, Selection, run
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import error_code, json_object, require_str, send
+from iotref.device.onboarding.next_steps import NextStep, Selection, run
 
 log = logging.getLogger(__name__)
 
