@@ -19,7 +19,8 @@ from bench.harness import BenchContext, Figure
 from iotref.device.onboarding.directory_client import MachineSpec
 from iotref.device.onboarding.environment import Environment, load_environment_file
 from iotref.device.onboarding.keys import KeyType, generate_private_key
-from iotref.device.onboarding.service import Onboarding, ProvisionOptions
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import Onboarding
 from iotref.device.onboarding.token_store import TokenStore
 
 RUNS = {KeyType.EC256: 15, KeyType.EC384: 15, KeyType.RSA2048: 9, KeyType.RSA3072: 7}

@@ -86,7 +86,8 @@ if TYPE_CHECKING:
         load_environment_file,
     )
     from iotref.device.onboarding.keys import KeyType
-    from iotref.device.onboarding.service import BlockingOnboarding, Onboarding, ProvisionOptions
+    from iotref.device.onboarding.provisioning import ProvisionOptions
+    from iotref.device.onboarding.service import BlockingOnboarding, Onboarding
     from iotref.device.onboarding.store_checks import check_store
     from iotref.device.shadow import (
         DesiredChange,
@@ -164,10 +165,10 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "StatusV2",
         "build_message",
     ),
+    "iotref.device.onboarding.provisioning": ("ProvisionOptions",),
     "iotref.device.onboarding.service": (
         "BlockingOnboarding",
         "Onboarding",
-        "ProvisionOptions",
     ),
     "iotref.device.shadow": (
         "DesiredChange",

@@ -33,7 +33,8 @@ from iotref.device.connection import ConnectionState
 from iotref.device.messages import Asset, AssetType, DeviceStatusV2, Sender, SenderType, StatusV2
 from iotref.device.onboarding.directory_client import MachineSpec
 from iotref.device.onboarding.environment import Environment, load_environment_file
-from iotref.device.onboarding.service import BlockingOnboarding, ProvisionOptions
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.telemetry import SendStatus

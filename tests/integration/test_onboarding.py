@@ -36,15 +36,13 @@ from iotref.device.onboarding.directory_client import MachineSpec
 from iotref.device.onboarding.environment import Environment, load_environment_file
 from iotref.device.onboarding.http_client import create_http_client
 from iotref.device.onboarding.keys import KeyType
-from iotref.device.onboarding.service import (
+from iotref.device.onboarding.provisioning import (
     STEP_CERTIFICATE,
     STEP_MACHINE,
     STEP_OWNERSHIP,
-    BlockingOnboarding,
-    LoginResult,
-    Onboarding,
     ProvisionOptions,
 )
+from iotref.device.onboarding.service import BlockingOnboarding, LoginResult, Onboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.sandbox.directory.seed import (
     DEMO_EMAIL,

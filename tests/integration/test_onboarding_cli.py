@@ -28,7 +28,8 @@ from iotref.device.onboarding.certificate_store import (
     ROOT_CA_FILE,
 )
 from iotref.device.onboarding.keys import generate_private_key, load_private_key, private_key_pem
-from iotref.device.onboarding.service import BlockingOnboarding, ProvisionOptions
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from tests.conftest import SandboxFactory
 from tests.integration.test_onboarding import (

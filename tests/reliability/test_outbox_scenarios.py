@@ -31,7 +31,8 @@ import pytest
 from iotref.device.messages import Asset, AssetType, to_json
 from iotref.device.onboarding.directory_client import MachineSpec
 from iotref.device.onboarding.environment import load_environment_file
-from iotref.device.onboarding.service import BlockingOnboarding, ProvisionOptions
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES

@@ -52,7 +52,8 @@ from iotref.device.onboarding.environment import (
     resolve_environment,
 )
 from iotref.device.onboarding.next_steps import Selection, shell_word
-from iotref.device.onboarding.service import Onboarding, ProvisionOptions
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import Onboarding
 from iotref.device.simulator import Phase, PressSimulator
 
 DEFAULT_DATA_DIR = Path(".sandbox")

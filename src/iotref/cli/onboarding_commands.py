@@ -33,8 +33,9 @@ from iotref.device.onboarding.store_checks import DEFAULT_EXPIRY_THRESHOLD_DAYS
 
 if TYPE_CHECKING:
     from iotref.device.onboarding.device_flow import DeviceAuthorization, PollEvent
+    from iotref.device.onboarding.provisioning import ProvisionResult
     from iotref.device.onboarding.revocation import RevocationStatus
-    from iotref.device.onboarding.service import LoginStatus, ProvisionResult
+    from iotref.device.onboarding.service import LoginStatus
     from iotref.device.onboarding.store_checks import StoreReport
 
 if sys.version_info >= (3, 11):
@@ -322,7 +323,8 @@ def provision(
         raise ConfigurationError(
             f"key type {chosen_key!r} is not one of {', '.join(k.value for k in KeyType)}"
         )
-    from iotref.device.onboarding.service import Onboarding, ProvisionOptions
+    from iotref.device.onboarding.provisioning import ProvisionOptions
+    from iotref.device.onboarding.service import Onboarding
 
     options = ProvisionOptions(
         machine=_machine_spec(values),

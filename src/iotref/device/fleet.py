@@ -865,7 +865,8 @@ async def provision_platform(
     """Provision ``indices`` the normal way (needs ``iotref login`` for ``env`` first):
     per device a machine in the directory, its ownership, a key, a CSR and
     ``/v4/provisioning``, each into its own store (resumable, as ``iotref provision``)."""
-    from iotref.device.onboarding.service import Onboarding, ProvisionOptions
+    from iotref.device.onboarding.provisioning import ProvisionOptions
+    from iotref.device.onboarding.service import Onboarding
 
     if not indices:
         return []
