@@ -1,14 +1,8 @@
-"""The certificate store (contract section 5): one folder per environment holding
-``amazonRootCA1.pem``, ``devicePrivateKey.pem``, ``deviceCert.pem`` and ``properties.json``
-(exactly the contract's keys), plus ``.progress.json``, this library's own record of which
-environment the store belongs to and how far provisioning got.
-
-Durability: the folder is 0700, the key 0600. Single files are replaced atomically. The
-four contract files are committed together: they are written into ``.staging/``, a commit
-marker is written, then each is renamed into place; :meth:`CertificateStore.recover` rolls
-an interrupted commit forward (marker present) or discards it (marker absent), so a key
-never ends up beside a certificate that is not its own. ``.lock`` serialises provisioning
-runs on one store.
+"""The certificate store (contract section 5): one folder per environment holding the
+contract's four files, plus ``.progress.json`` (the environment the store belongs to and how
+far provisioning got) and ``.lock`` (one provisioning run at a time). The four files are
+committed together through ``.staging/`` and a commit marker; :meth:`CertificateStore.recover`
+finishes or discards an interrupted commit.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The OAuth 2.0 device authorization grant (RFC 8628) in Zaikio's flavour (contract
 section 2): ask for a user code, poll the token endpoint at the interval (+5 s after each
-``slow_down``), and refresh tokens.
-
-Nothing here stores or prints tokens; :class:`TokenSet` keeps them out of ``repr``. The
-clock and the sleep are injectable so that tests can check the polling schedule.
+``slow_down``), refresh tokens. :class:`TokenSet` keeps tokens out of ``repr``; the clock
+and the sleep are injectable.
 """
 
 from __future__ import annotations

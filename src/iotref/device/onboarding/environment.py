@@ -1,12 +1,7 @@
 """Environments (contract section 1): which directory, configuration service and OAuth app a
-device talks to.
-
-The built-in environments ``local`` (the sandbox on its default port), ``test`` and ``live``
-ship as package data (``environments/env.*``); any other comes from an environment file.
-Plain ``http://`` is accepted only for loopback hosts. An environment's *identity* is its
-name, its directory host and, for a sandbox, the sandbox's id (``SANDBOX_ID`` in the file
-the sandbox writes): tokens and certificates are tied to it and never used in another
-environment, nor with another sandbox that later serves the same address.
+device talks to, from the built-in files in ``environments/`` or an environment file, and
+an environment's identity (name, directory host, sandbox id) that tokens and certificates
+are tied to. Plain ``http://`` only for loopback hosts.
 """
 
 from __future__ import annotations

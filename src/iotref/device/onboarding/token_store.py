@@ -1,12 +1,6 @@
-"""Where a device keeps its directory tokens: one file per environment, mode 0600, in a
-0700 directory, written atomically.
-
-Location: ``$IOTREF_HOME/tokens``, else ``$XDG_CONFIG_HOME/iotref/tokens``, else
-``~/.config/iotref/tokens``. A file is named after the environment's name plus a digest of
-its directory host and client id, and records both, and the sandbox's id for a sandbox: a
-token is only ever handed out for the environment that obtained it. At one address there is
-one file; a login with a new sandbox there replaces the old sandbox's tokens, which that
-sandbox's successor does not accept anyway.
+"""Where a device keeps its directory tokens: one file per environment address (mode 0600,
+0700 folder, written atomically), recording the environment's identity so that a token is
+only handed out for the environment that obtained it. Location: docs/configuration.md.
 """
 
 from __future__ import annotations
