@@ -1,7 +1,11 @@
 """iotref: connect print-shop machines to the Zaikio / connectprint IoT platform.
 
-The public device API lives here; everything else is an implementation detail of
-:mod:`iotref.device` and :mod:`iotref.protocol`. The local platform is
+The public API, one layer deep: the client facade (:class:`AsyncClient`, the blocking
+:class:`Client`, their options and stats, the four ways to send: ``send``, ``send_many``,
+``send_message``, ``send_messages``), the message models, the errors (one name each) and
+the onboarding entry points. Everything else (the connection, the shadow requests, the
+publisher, the validator) is importable from its module under :mod:`iotref.device` and
+:mod:`iotref.protocol` but is not part of this namespace. The local platform is
 :mod:`iotref.sandbox` (installed with the ``iotref[sandbox]`` extra) and is not imported
 by anything here.
 
@@ -21,40 +25,30 @@ Send telemetry from a provisioned machine::
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING
 
 from iotref._version import __version__
 
 if TYPE_CHECKING:
-    from iotref.device.client import (
-        AsyncClient,
-        Client,
-        ClientClosed,
-        ClientError,
-        ClientOptions,
-        ClientStats,
-        InvalidMessageError,
-        OutboxBusy,
-        OutboxFullError,
-        SendRefused,
-    )
-    from iotref.device.connection import (
-        Connection,
-        ConnectionEvent,
-        ConnectionFailed,
-        ConnectionSettings,
-        ConnectionState,
-        ConnectionTakenOver,
-        PublishFailed,
-    )
+    from iotref.device.blocking import BlockingAssetChannel, Client
+    from iotref.device.client import AssetChannel, AsyncClient
+    from iotref.device.connection import ConnectionFailed, ConnectionState, ConnectionTakenOver
     from iotref.device.errors import (
         AuthorizationDenied,
         AuthorizationExpired,
+        ClientClosed,
+        ClientError,
         ConfigurationError,
+        InvalidMessageError,
         IotrefError,
         LoginRequired,
+        MessageTooLargeError,
         NetworkError,
+        OutboxBusy,
+        OutboxFullError,
         ProvisioningError,
+        SendRefused,
         StoreError,
     )
     from iotref.device.messages import (
@@ -89,65 +83,26 @@ if TYPE_CHECKING:
     from iotref.device.onboarding.provisioning import ProvisionOptions
     from iotref.device.onboarding.service import BlockingOnboarding, Onboarding
     from iotref.device.onboarding.store_checks import check_store
-    from iotref.device.shadow import (
-        DesiredChange,
-        Refuse,
-        ShadowClient,
-        ShadowRejected,
-        ShadowSync,
-        ShadowTimeout,
-    )
-    from iotref.device.simulator import PressSimulator
+    from iotref.device.options import ClientOptions, ClientStats
+    from iotref.device.raw_payload import RawPayload
+    from iotref.device.shadow.desired import DesiredChange, Refuse
+    from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
     from iotref.device.telemetry import SendResult, SendStatus
-    from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
+    from iotref.protocol.message_schemas import ValidationIssue
 
 #: Where each public name lives. Nothing is imported until a name is first used, so that
 #: ``import iotref`` (and the ``iotref`` command) stays quick; :func:`__getattr__` imports
 #: the module then.
 _LAZY: dict[str, tuple[str, ...]] = {
-    "iotref.device.onboarding.certificate_store": (
-        "CertificateStore",
-        "DeviceIdentity",
-        "DeviceProperties",
-    ),
-    "iotref.device.client": (
-        "AsyncClient",
-        "Client",
-        "ClientClosed",
-        "ClientError",
-        "ClientOptions",
-        "ClientStats",
-        "InvalidMessageError",
-        "OutboxBusy",
-        "OutboxFullError",
-        "SendRefused",
-    ),
-    "iotref.device.connection": (
-        "Connection",
-        "ConnectionEvent",
-        "ConnectionFailed",
-        "ConnectionSettings",
-        "ConnectionState",
-        "ConnectionTakenOver",
-        "PublishFailed",
-    ),
-    "iotref.device.onboarding.directory_client": ("MachineSpec",),
-    "iotref.device.onboarding.environment": (
-        "Environment",
-        "load_environment",
-        "load_environment_file",
-    ),
-    "iotref.device.errors": (
-        "AuthorizationDenied",
-        "AuthorizationExpired",
-        "ConfigurationError",
-        "IotrefError",
-        "LoginRequired",
-        "NetworkError",
-        "ProvisioningError",
-        "StoreError",
-    ),
-    "iotref.device.onboarding.keys": ("KeyType",),
+    # the facade
+    "iotref.device.blocking": ("BlockingAssetChannel", "Client"),
+    "iotref.device.client": ("AssetChannel", "AsyncClient"),
+    "iotref.device.options": ("ClientOptions", "ClientStats"),
+    "iotref.device.telemetry": ("SendResult", "SendStatus"),
+    "iotref.device.shadow.desired": ("DesiredChange", "Refuse"),
+    "iotref.device.shadow.errors": ("ShadowRejected", "ShadowTimeout"),
+    "iotref.device.connection": ("ConnectionFailed", "ConnectionState", "ConnectionTakenOver"),
+    # messages
     "iotref.device.messages": (
         "Asset",
         "AssetType",
@@ -165,37 +120,81 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "StatusV2",
         "build_message",
     ),
+    "iotref.device.raw_payload": ("RawPayload",),
+    # errors
+    "iotref.device.errors": (
+        "AuthorizationDenied",
+        "AuthorizationExpired",
+        "ClientClosed",
+        "ClientError",
+        "ConfigurationError",
+        "InvalidMessageError",
+        "IotrefError",
+        "LoginRequired",
+        "MessageTooLargeError",
+        "NetworkError",
+        "OutboxBusy",
+        "OutboxFullError",
+        "ProvisioningError",
+        "SendRefused",
+        "StoreError",
+    ),
+    "iotref.protocol.message_schemas": ("ValidationIssue",),
+    # onboarding
+    "iotref.device.onboarding.service": ("BlockingOnboarding", "Onboarding"),
     "iotref.device.onboarding.provisioning": ("ProvisionOptions",),
-    "iotref.device.onboarding.service": (
-        "BlockingOnboarding",
-        "Onboarding",
+    "iotref.device.onboarding.directory_client": ("MachineSpec",),
+    "iotref.device.onboarding.keys": ("KeyType",),
+    "iotref.device.onboarding.certificate_store": (
+        "CertificateStore",
+        "DeviceIdentity",
+        "DeviceProperties",
     ),
-    "iotref.device.shadow": (
-        "DesiredChange",
-        "Refuse",
-        "ShadowClient",
-        "ShadowRejected",
-        "ShadowSync",
-        "ShadowTimeout",
-    ),
-    "iotref.device.simulator": ("PressSimulator",),
     "iotref.device.onboarding.store_checks": ("check_store",),
-    "iotref.device.telemetry": (
-        "SendResult",
-        "SendStatus",
-    ),
-    "iotref.protocol.message_schemas": (
-        "InvalidMessage",
-        "MessageValidator",
-        "ValidationIssue",
+    "iotref.device.onboarding.environment": (
+        "Environment",
+        "load_environment",
+        "load_environment_file",
     ),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+#: Names this namespace had in the previous release, kept for one more: each still
+#: resolves, with a :class:`DeprecationWarning` naming what to use instead. ``(module, name)``
+#: is where the object is now.
+_DEPRECATED: dict[str, tuple[str, str]] = {
+    # a second name of a public error
+    "InvalidMessage": ("iotref.device.errors", "InvalidMessageError"),
+    "OutboxFull": ("iotref.device.errors", "OutboxFullError"),
+    # internals, importable from their modules
+    "Connection": ("iotref.device.connection", "Connection"),
+    "ConnectionEvent": ("iotref.device.connection", "ConnectionEvent"),
+    "ConnectionSettings": ("iotref.device.connection", "ConnectionSettings"),
+    "PublishFailed": ("iotref.device.connection", "PublishFailed"),
+    "ShadowClient": ("iotref.device.shadow.requests", "ShadowClient"),
+    "ShadowSync": ("iotref.device.shadow.sync", "ShadowSync"),
+    "MessageValidator": ("iotref.protocol.message_schemas", "MessageValidator"),
+    "PressSimulator": ("iotref.fleet.press", "PressSimulator"),
+}
+
+
+def _deprecated(name: str) -> object:
+    module, new_name = _DEPRECATED[name]
+    public = new_name in _MODULE_OF
+    instead = f"use iotref.{new_name}" if public else f"import it from {module}"
+    warnings.warn(
+        f"iotref.{name} is deprecated and goes away in the next release; {instead}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(importlib.import_module(module), new_name)
 
 
 def __getattr__(name: str) -> object:
     module = _MODULE_OF.get(name)
     if module is None:
+        if name in _DEPRECATED:
+            return _deprecated(name)  # not cached: every use warns
         raise AttributeError(f"module 'iotref' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups find it without calling this again
@@ -208,10 +207,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Asset",
+    "AssetChannel",
     "AssetType",
     "AsyncClient",
     "AuthorizationDenied",
     "AuthorizationExpired",
+    "BlockingAssetChannel",
     "BlockingOnboarding",
     "CertificateStore",
     "Client",
@@ -220,10 +221,7 @@ __all__ = [
     "ClientOptions",
     "ClientStats",
     "ConfigurationError",
-    "Connection",
-    "ConnectionEvent",
     "ConnectionFailed",
-    "ConnectionSettings",
     "ConnectionState",
     "ConnectionTakenOver",
     "DesiredChange",
@@ -233,7 +231,6 @@ __all__ = [
     "DeviceStatusV2",
     "Environment",
     "Event",
-    "InvalidMessage",
     "InvalidMessageError",
     "IotrefError",
     "JobPhaseStatusV1",
@@ -243,25 +240,22 @@ __all__ = [
     "KeyType",
     "LoginRequired",
     "MachineSpec",
-    "MessageValidator",
+    "MessageTooLargeError",
     "NetworkError",
     "Onboarding",
     "OutboxBusy",
     "OutboxFullError",
     "Part",
-    "PressSimulator",
     "ProvisionOptions",
     "ProvisioningError",
-    "PublishFailed",
+    "RawPayload",
     "Refuse",
     "SendRefused",
     "SendResult",
     "SendStatus",
     "Sender",
     "SenderType",
-    "ShadowClient",
     "ShadowRejected",
-    "ShadowSync",
     "ShadowTimeout",
     "StatusV1",
     "StatusV2",

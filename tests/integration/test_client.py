@@ -6,6 +6,8 @@ that records what arrives.
   N status messages arrive valid on the device's telemetry topic, outbox empty after.
 - :class:`Client` (blocking) the same, sending from several threads, plus shadow reports
   and a named shadow.
+- Every way to send (``send``, ``send_many``, ``send_message``, ``send_messages``, an asset
+  channel's ``send`` and ``send_many``), async and blocking: each message arrives once.
 - Permission switched off through the shadow REST API: nothing arrives, the stats show
   the messages held; on again: they arrive. Closed while held: they stay in the outbox and
   the next client publishes them.
@@ -28,9 +30,19 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iotref.device.client import AsyncClient, Client
+from iotref.device.blocking import Client
+from iotref.device.client import AsyncClient
 from iotref.device.connection import ConnectionState
-from iotref.device.messages import Asset, AssetType, DeviceStatusV2, Sender, SenderType, StatusV2
+from iotref.device.errors import InvalidMessageError
+from iotref.device.messages import (
+    Asset,
+    AssetType,
+    DeviceStatusV2,
+    Sender,
+    SenderType,
+    StatusV2,
+    build_message,
+)
 from iotref.device.onboarding.directory_client import MachineSpec
 from iotref.device.onboarding.environment import Environment, load_environment_file
 from iotref.device.onboarding.provisioning import ProvisionOptions
@@ -273,6 +285,65 @@ def test_blocking_client_end_to_end(
     assert final.acked == threads * per_thread
     for k in range(threads):
         check_arrived(subscriber, topic, f"blocking-press-{k}", set(range(per_thread)))
+    assert outbox_depth(store) == 0
+
+
+def raw_status(n: int) -> dict[str, Any]:
+    """A Status v2 payload as a plain dict (what ``send()`` also takes)."""
+    return status(n).to_payload()
+
+
+def test_every_send_method_delivers(store: Path, subscriber: Subscriber) -> None:
+    """The send family, async then blocking: six ways, 5 messages each, every message
+    arrives once (counted by the independent subscriber) and nothing is left behind."""
+    per_way = 5
+
+    def numbers(way: int) -> range:
+        return range(way * per_way, (way + 1) * per_way)
+
+    async def main() -> str:
+        asset = Asset("family-async", "SN-FA", AssetType.SHEETFED_PRESS)
+        async with AsyncClient.from_store(store, sender=SENDER) as client:
+            channel = client.asset(asset)
+            for n in numbers(0):
+                assert (await client.send(asset, status(n))).queued
+            results = await client.send_many(asset, [raw_status(n) for n in numbers(1)])
+            assert [r.queued for r in results] == [True] * per_way
+            for n in numbers(2):
+                message = build_message(client.sender, asset, status(n))
+                assert (await client.send_message(message)).queued
+            messages = [build_message(client.sender, asset, status(n)) for n in numbers(3)]
+            assert len(await client.send_messages(messages)) == per_way
+            for n in numbers(4):
+                assert (await channel.send(raw_status(n), payloadversion=2)).queued
+            assert len(await channel.send_many([status(n) for n in numbers(5)])) == per_way
+            # One invalid payload refuses the whole batch: 99 never arrives.
+            with pytest.raises(InvalidMessageError, match="signalstatus"):
+                await client.send_many(asset, [raw_status(99), {"signalstatus": {}}])
+            assert client.stats().accepted == 6 * per_way
+            assert await client.wait_drained(20)
+            return client.topic
+
+    topic = asyncio.run(main())
+    check_arrived(subscriber, topic, "family-async", set(range(6 * per_way)))
+    assert sorted(subscriber.counters("family-async")) == list(range(6 * per_way))
+
+    asset = Asset("family-blocking", "SN-FB", AssetType.CUTTER)
+    with Client.from_store(store, sender=SENDER) as client:
+        channel = client.asset(asset)
+        for n in numbers(0):
+            assert client.send(asset, status(n)).queued
+        assert len(client.send_many(asset, (raw_status(n) for n in numbers(1)))) == per_way
+        for n in numbers(2):
+            assert client.send_message(build_message(client.sender, asset, status(n))).queued
+        messages = [build_message(client.sender, asset, status(n)) for n in numbers(3)]
+        assert len(client.send_messages(iter(messages))) == per_way
+        for n in numbers(4):
+            assert channel.send(status(n)).queued
+        assert len(channel.send_many([raw_status(n) for n in numbers(5)])) == per_way
+        assert client.wait_drained(20)
+    check_arrived(subscriber, topic, "family-blocking", set(range(6 * per_way)))
+    assert sorted(subscriber.counters("family-blocking")) == list(range(6 * per_way))
     assert outbox_depth(store) == 0
 
 

@@ -22,7 +22,7 @@ from iotref.device.connection import (
     ConnectionState,
 )
 from iotref.device.outbox import Outbox
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.integration.test_broker_acl import operator_probe

@@ -32,7 +32,7 @@ import pytest
 from iotref.device.connection import Connection, ConnectionSettings
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.outbox import OUTBOX_FILE_NAME
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.protocol import limits
 from tests.integration.test_client import (
     client_id_of,

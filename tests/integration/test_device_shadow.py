@@ -13,7 +13,10 @@ import httpx
 import pytest
 
 from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
-from iotref.device.shadow import DesiredChange, Refuse, ShadowClient, ShadowRejected, ShadowSync
+from iotref.device.shadow.desired import DesiredChange, Refuse
+from iotref.device.shadow.errors import ShadowRejected
+from iotref.device.shadow.requests import ShadowClient
+from iotref.device.shadow.sync import ShadowSync
 from tests.integration.test_device_connection import (
     FlakyLink,
     mosquitto_of,

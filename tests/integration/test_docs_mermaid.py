@@ -168,7 +168,7 @@ def test_diagram_parses_and_renders(mermaid_page: Any, block: MermaidBlock) -> N
 
 
 def test_state_sync_diagram_subscribes_to_what_shadow_sync_subscribes_to() -> None:
-    from iotref.device.shadow import RESPONSE_SUFFIXES
+    from iotref.device.shadow.requests import RESPONSE_SUFFIXES
 
     state_sync = [b for b in BLOCKS if "participant S as ShadowSync" in b.text]
     assert len(state_sync) == 1, [b.where for b in BLOCKS]

@@ -27,21 +27,18 @@ from iotref.device.connection import (
     ConnectionSettings,
     build_tls_context,
 )
-from iotref.device.fleet import (
-    FleetOptions,
-    FleetRun,
-    Histogram,
-    SandboxInfo,
-    device_name,
-    find_sandbox,
-    without_system_trust_store,
-)
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     ROOT_CA_FILE,
 )
 from iotref.device.onboarding.environment import load_environment_file
+from iotref.fleet.histogram import Histogram
+from iotref.fleet.names import device_name
+from iotref.fleet.options import FleetOptions
+from iotref.fleet.run import FleetRun
+from iotref.fleet.target import SandboxInfo, find_sandbox
+from iotref.fleet.tls_contexts import without_system_trust_store
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration

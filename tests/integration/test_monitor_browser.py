@@ -250,7 +250,7 @@ class RunningSender(threading.Thread):
             build_message,
         )
         from iotref.device.outbox import Outbox
-        from iotref.device.shadow import ShadowSync
+        from iotref.device.shadow.sync import ShadowSync
         from iotref.device.telemetry import SendStatus, ShadowPermission, Telemetry
 
         settings = ConnectionSettings(

@@ -433,6 +433,8 @@ def test_broken_store_is_reported_with_reason_and_next_step(
     assert code == 1, out + err
     assert f"[{code_name}]" in out
     assert reason in out
+    if kind == "wrong_environment":  # said once, in the problem list
+        assert out.count("belongs to") == 1, out
     assert "    next: " in out
     assert "Traceback" not in out + err
 

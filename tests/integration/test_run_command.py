@@ -343,6 +343,8 @@ def test_port_and_alpn_through_an_alpn_front(
         assert "Traceback" not in err
         last = err.splitlines()[-1]
         assert last.startswith("iotref: ") and "handshake" in last, err
+        said = [line for line in err.splitlines() if "handshake" in line]
+        assert said == [last], err  # the failure is said once, not also as a log line
         assert [] in front.seen  # the connection that offered no ALPN
 
 

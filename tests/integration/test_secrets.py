@@ -26,7 +26,7 @@ import pytest
 from iotref.device.connection import Connection, ConnectionSettings
 from iotref.device.onboarding.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.device.onboarding.token_store import TokenStore
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.conftest import SandboxFactory
 from tests.integration.test_onboarding import machine_spec, sandbox_env

@@ -54,7 +54,7 @@ from iotref.device.messages import (
     SenderType,
 )
 from iotref.device.outbox import Outbox, OutboxFull
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import (
     PermissionFlag,
     SendStatus,

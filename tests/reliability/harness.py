@@ -4,7 +4,7 @@ independent watcher counting what the platform delivers, the sandbox that can be
 on its data dir, the faults, and the figures a run records.
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
-:class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.ShadowSync`
+:class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.sync.ShadowSync`
 + :class:`~iotref.device.telemetry.Telemetry` over a durable
 :class:`~iotref.device.outbox.Outbox`, connected through a
 :class:`~tests.support.fault_proxy.FaultProxy`. The proxy is also the "door": while the
@@ -50,7 +50,7 @@ from iotref.device.messages import (
     Sender as SenderIdentity,
 )
 from iotref.device.outbox import Outbox
-from iotref.device.shadow import ShadowSync
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

@@ -25,30 +25,29 @@ from iotref.cli.run_command import (
     status_text,
     summary_text,
 )
-from iotref.device.client import (
-    AsyncClient,
-    Client,
+from iotref.device.blocking import Client, _LoopThread
+from iotref.device.client import AsyncClient
+from iotref.device.connection import ConnectionState
+from iotref.device.errors import (
     ClientClosed,
     ClientError,
-    ClientOptions,
-    ClientStats,
     InvalidMessageError,
+    IotrefError,
     OutboxBusy,
     OutboxFullError,
     SendRefused,
-    _LoopThread,
-    raw_payload,
+    StoreError,
 )
-from iotref.device.connection import ConnectionState
-from iotref.device.errors import IotrefError, StoreError
-from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.messages import Asset, AssetType, Sender, SenderType, StatusV2, build_message
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROPERTIES_FILE,
     ROOT_CA_FILE,
 )
+from iotref.device.options import ClientOptions, ClientStats
 from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.raw_payload import RawPayload, as_payload
 from iotref.protocol.message_schemas import ValidationIssue, default_validator
 
 PROPERTIES = {
@@ -149,25 +148,52 @@ def test_raw_payload_builds_a_valid_message() -> None:
             }
         }
     }
-    payload = raw_payload(body)
+    payload = RawPayload(body)
     assert (payload.eventtype, payload.eventsubtype, payload.payloadversion) == (
         "generic.signal",
         "Status",
         2,
     )
-    assert type(raw_payload(body)) is type(payload)
-    assert raw_payload({}, payloadversion=1).payloadversion == 1
+    # One class for every kind of raw payload: the kind is in the fields.
+    other = RawPayload({}, eventtype="generic.event", eventsubtype="Alarm", payloadversion=1)
+    assert type(other) is RawPayload
+    assert (other.eventtype, other.eventsubtype, other.payloadversion) == (
+        "generic.event",
+        "Alarm",
+        1,
+    )
     message = build_message(
         Sender(SenderType.SYSTEM, "t", "1"), Asset("a", "s", AssetType.CUTTER), payload
     )
-    assert default_validator().validate(message) == []
-    body["signalstatus"]["deviceinfo"]["status"] = "Bogus"
-    message = build_message(
-        Sender(SenderType.SYSTEM, "t", "1"), Asset("a", "s", AssetType.CUTTER), raw_payload(body)
+    assert (message["eventtype"], message["eventsubtype"], message["payloadversion"]) == (
+        "generic.signal",
+        "Status",
+        2,
     )
-    assert default_validator().validate(message)
+    assert default_validator().validate(message) == []
+    # The payload keeps the keys it was made with (a shallow copy of the body).
+    body["signalstatus"] = {"deviceinfo": {"status": "Bogus"}}
+    again = build_message(
+        Sender(SenderType.SYSTEM, "t", "1"), Asset("a", "s", AssetType.CUTTER), payload
+    )
+    assert again["payload"]["signalstatus"]["deviceinfo"]["status"] == "Idle"
+    bogus = build_message(
+        Sender(SenderType.SYSTEM, "t", "1"), Asset("a", "s", AssetType.CUTTER), RawPayload(body)
+    )
+    assert default_validator().validate(bogus)
     with pytest.raises(TypeError):
-        raw_payload([1, 2])  # type: ignore[arg-type]
+        RawPayload([1, 2])  # type: ignore[arg-type]
+
+
+def test_what_send_accepts_as_a_payload() -> None:
+    status = StatusV2(status="Idle", speed=0, totalproductioncounter=1)
+    assert as_payload(status) is status
+    assert as_payload(status, 2) is status
+    with pytest.raises(ValueError, match="payloadversion=1 given with a version 2 payload"):
+        as_payload(status, 1)
+    plain = as_payload({"signalstatus": {}})
+    assert isinstance(plain, RawPayload) and plain.payloadversion == 2
+    assert as_payload({"signalstatus": {}}, 1).payloadversion == 1
 
 
 def test_not_started_and_closed(tmp_path: Path) -> None:
@@ -185,8 +211,18 @@ def test_not_started_and_closed(tmp_path: Path) -> None:
         assert stats.state is ConnectionState.STOPPED and not stats.connected
         final = await client.close()
         assert final.accepted == 0
-        with pytest.raises(ClientClosed, match="closed"):
-            await client.send_message({})
+        # Every way to send refuses alike once closed.
+        channel = client.asset(asset)
+        for attempt in (
+            client.send(asset, {}),
+            client.send_many(asset, [{}, {}]),
+            client.send_message({}),
+            client.send_messages([{}]),
+            channel.send({}),
+            channel.send_many([{}]),
+        ):
+            with pytest.raises(ClientClosed, match="closed"):
+                await attempt
         assert await client.close() is final
 
     asyncio.run(main())
@@ -216,8 +252,18 @@ def test_blocking_client_start_failure_leaves_no_thread(tmp_path: Path) -> None:
     for thread in set(threading.enumerate()) - before:
         thread.join(5)
         assert not thread.is_alive(), thread
-    with pytest.raises(ClientClosed):
-        Client.from_store(store).send(Asset("a", "s", AssetType.CUTTER), {})
+    blocking = Client.from_store(store)
+    asset = Asset("a", "s", AssetType.CUTTER)
+    for attempt in (
+        lambda: blocking.send(asset, {}),
+        lambda: blocking.send_many(asset, [{}]),
+        lambda: blocking.send_message({}),
+        lambda: blocking.send_messages([{}]),
+        lambda: blocking.asset(asset).send({}),
+        lambda: blocking.asset(asset).send_many([{}]),
+    ):
+        with pytest.raises(ClientClosed, match="not started"):
+            attempt()
 
 
 def test_loop_thread_refuses_calls_from_its_own_thread() -> None:

@@ -1,6 +1,6 @@
 """The demo's own decisions, on real files and sockets: which ports a sandbox it starts
 takes, and when its default certificate store is another sandbox's and is moved aside (the
-whole demo runs in tests/integration/test_demo.py)."""
+whole demo runs in tests/integration/test_demo.py), and what it shows with --quiet."""
 
 from __future__ import annotations
 
@@ -136,3 +136,17 @@ def test_only_the_demos_own_store_of_a_sandbox_is_moved(
     assert not opts.store.exists()
     assert (tmp_path / "certificate_store" / "local.sandbox-aaaa0001").is_dir()
     assert "(another sandbox: a new data dir on the same address)" in out.getvalue()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_demo_shows_only_what_needs_the_user(quiet: bool) -> None:
+    out = io.StringIO()
+    display = Display(Console(file=out, width=120, force_terminal=False), quiet=quiet)
+    display.step("sandbox", "started at http://127.0.0.1:8780")
+    display.progress.phase = "publishing with permission"
+    display.refresh()
+    display.note("the saved login no longer worked; logging in again")
+    text = out.getvalue()
+    assert "the saved login no longer worked" in text, text
+    assert ("started at http://127.0.0.1:8780" in text) is not quiet, text
+    assert ("publishing with permission" in text) is not quiet, text

@@ -1,5 +1,7 @@
 """The device library works without the sandbox's dependencies: importing the public API
-and running the device commands never touches ``iotref.sandbox`` or its packages."""
+and running the device commands never touches ``iotref.sandbox`` or its packages. The fleet
+simulator sits on the device library: device and protocol code never import it, and it
+never imports the sandbox."""
 
 from __future__ import annotations
 
@@ -73,14 +75,35 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package", ["device", "protocol"])
-def test_device_and_protocol_code_never_import_the_sandbox(package: str) -> None:
+def _offenders(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    """The files of ``package`` that import one of ``forbidden`` (or a submodule), with
+    what they import."""
     offenders = {
         str(path.relative_to(SRC)): sorted(
             name
             for name in _imports(path)
-            if any(name == p or name.startswith(p + ".") for p in SANDBOX_ONLY)
+            if any(name == p or name.startswith(p + ".") for p in forbidden)
         )
         for path in (SRC / package).rglob("*.py")
     }
-    assert {k: v for k, v in offenders.items() if v} == {}
+    return {k: v for k, v in offenders.items() if v}
+
+
+@pytest.mark.parametrize("package", ["device", "protocol", "fleet"])
+def test_device_protocol_and_fleet_code_never_import_the_sandbox(package: str) -> None:
+    assert (SRC / package).is_dir()
+    assert _offenders(package, SANDBOX_ONLY) == {}
+
+
+@pytest.mark.parametrize("package", ["device", "protocol"])
+def test_device_and_protocol_code_never_import_the_fleet_simulator(package: str) -> None:
+    assert _offenders(package, ("iotref.fleet",)) == {}
+
+
+def test_the_import_check_sees_a_forbidden_import(tmp_path: Path) -> None:
+    """``_imports`` finds module-level and function-level imports of both forms."""
+    module = tmp_path / "m.py"
+    module.write_text(
+        "import iotref.fleet.run\ndef f():\n    from iotref.sandbox.errors import SandboxError\n"
+    )
+    assert _imports(module) == {"iotref.fleet.run", "iotref.sandbox.errors"}

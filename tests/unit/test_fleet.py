@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import json
 import math
 import os
@@ -28,31 +29,23 @@ from iotref.device.connection import (
     ConnectionSettings,
     build_tls_context,
 )
-from iotref.device.fleet import (
-    DEFAULT_CONNECT_RATE,
-    REPORT_FORMAT,
-    FleetDevice,
-    FleetDeviceIdentity,
-    FleetLimitError,
-    FleetOptions,
-    FleetReport,
-    FleetRun,
-    Histogram,
-    MemoryOutbox,
-    OutboxTotals,
-    SandboxInfo,
-    Shard,
-    StatusGenerator,
-    build_tls_contexts,
-    check_limits,
-    device_name,
-    merge_reports,
-    messages_per_device,
-    without_system_trust_store,
-)
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.onboarding.certificate_store import DeviceProperties
 from iotref.device.onboarding.environment import load_environment
+from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
+from iotref.fleet.device import FleetDevice
+from iotref.fleet.errors import FleetLimitError
+from iotref.fleet.histogram import Histogram
+from iotref.fleet.memory_outbox import MemoryOutbox, OutboxTotals
+from iotref.fleet.names import Shard, device_name, messages_per_device
+from iotref.fleet.options import DEFAULT_CONNECT_RATE, FleetOptions
+from iotref.fleet.os_limits import check_limits
+from iotref.fleet.reports import REPORT_FORMAT, FleetReport, merge_reports
+from iotref.fleet.run import FleetRun
+from iotref.fleet.status_generator import StatusGenerator
+from iotref.fleet.stores import FleetDeviceIdentity
+from iotref.fleet.target import SandboxInfo
+from iotref.fleet.tls_contexts import build_tls_contexts, without_system_trust_store
 from iotref.protocol import limits
 from iotref.protocol.message_schemas import default_validator
 
@@ -222,6 +215,52 @@ def test_memory_outbox_keeps_order_until_acked() -> None:
     assert box.last_seq == 5
     box.close()
     assert box.closed
+
+
+def test_memory_outbox_refuses_appends_in_groups_and_reads_bare_tuples() -> None:
+    totals = OutboxTotals()
+    box = MemoryOutbox(totals)
+    results = box.append_each([OutboxEntry("t", b"a"), OutboxEntry("t", b"b", "id-b")])
+    assert [r.seq for r in results if isinstance(r, AppendResult)] == [1, 2]
+    assert box.read_pending(0, 10) == [(1, "t", b"a"), (2, "t", b"b")]
+    assert box.refuse(1, "too large") is True
+    assert box.refuse(1, "too large") is False  # no longer queued
+    assert box.read_pending(0, 10) == [(2, "t", b"b")]
+    assert (totals.depth, totals.appended, totals.acked) == (1, 2, 0)
+    stats = box.stats()
+    assert (stats.depth, stats.accepted, stats.refused, stats.acked) == (1, 2, 1, 0)
+    assert box.pending_acks == 0 and box.flush_acks() == 0
+
+
+PUBLISHER_CALLS = (
+    "append",
+    "append_many",
+    "read_batch",
+    "read_pending",
+    "mark_attempted",
+    "ack",
+    "flush_acks",
+    "refuse",
+    "stats",
+    "close",
+)
+
+
+@pytest.mark.parametrize("name", PUBLISHER_CALLS)
+def test_memory_outbox_has_what_the_publisher_calls_on_an_outbox(name: str) -> None:
+    """It is no :class:`Outbox` (no SQLite parent left half made), but has every method the
+    publisher calls on one, with the same parameters."""
+    assert not issubclass(MemoryOutbox, Outbox)
+    ours = inspect.signature(getattr(MemoryOutbox, name))
+    theirs = inspect.signature(getattr(Outbox, name))
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert ours.return_annotation == theirs.return_annotation
+
+
+def test_memory_outbox_has_the_properties_the_publisher_reads() -> None:
+    box = MemoryOutbox()
+    box.append("t", b"x")
+    assert (box.closed, box.depth, box.pending_acks, box.durability) == (False, 1, 0, "process")
 
 
 # --------------------------------------------------------------------------- status generator
@@ -515,7 +554,7 @@ def test_connection_uses_a_prebuilt_tls_context(
 
 _MMAP_PROBE = """
 import ctypes, json, re, sys
-from iotref.device.fleet import tune_malloc
+from iotref.fleet.memory import tune_malloc
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -583,7 +622,7 @@ def test_peak_rss_is_the_simulators_own_not_its_parents() -> None:
         big = bytearray(300 * 1024 * 1024)
         for i in range(0, len(big), 4096):
             big[i] = 1
-        child = "from iotref.device.fleet import peak_rss_mb; print(peak_rss_mb())"
+        child = "from iotref.fleet.memory import peak_rss_mb; print(peak_rss_mb())"
         print(subprocess.run([sys.executable, "-c", child], capture_output=True,
                              text=True, check=True).stdout.strip())
         """

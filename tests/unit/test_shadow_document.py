@@ -406,6 +406,72 @@ def test_delta_rules(desired: Any, reported: Any, delta: Any) -> None:
     assert sd.compute_delta(desired, reported) == delta
 
 
+@pytest.mark.parametrize(
+    ("section", "patch", "merged"),
+    [
+        ({"a": 1, "b": 2}, {"a": None}, {"b": 2}),
+        ({"a": 1}, {"gone": None}, {"a": 1}),
+        ({"a": {"b": 1}}, {"a": {"c": 2}}, {"a": {"b": 1, "c": 2}}),
+        ({"a": {"b": {"c": 1}}}, {"a": {"b": {"d": 2}}}, {"a": {"b": {"c": 1, "d": 2}}}),
+        ({"a": {"b": 1}, "c": 3}, {"a": {"b": None}}, {"c": 3}),
+        ({}, {"a": {"b": None}}, {}),
+        ({}, {"a": {}}, {}),
+        ({"a": 1}, {"a": {"b": 1}}, {"a": {"b": 1}}),
+        ({"a": {"b": 1}}, {"a": [1]}, {"a": [1]}),
+        ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),
+        ({"a": True}, {"a": 1}, {"a": 1}),
+    ],
+)
+def test_merge_rules(section: Any, patch: Any, merged: Any) -> None:
+    sd.merge_section(section, patch)
+    assert section == merged
+    assert all(type(section[k]) is type(merged[k]) for k in merged)  # 1 stays 1, not True
+
+
+def test_merged_arrays_are_copies() -> None:
+    patch: dict[str, Any] = {"a": [{"x": 1}], "b": {"c": [2]}}
+    section: dict[str, Any] = {}
+    sd.merge_section(section, patch)
+    patch["a"][0]["x"] = 5
+    patch["b"]["c"].append(3)
+    assert section == {"a": [{"x": 1}], "b": {"c": [2]}}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        ({"a": 1}, {"a": 1}, {}),
+        ({"a": 1}, {"a": 1.0}, {}),
+        ({"x": True}, {"x": 1}, {"x": 1}),
+        ({"x": 0}, {"x": False}, {"x": False}),
+        ({"a": 1}, {}, {"a": None}),
+        ({}, {"a": {"b": 1}}, {"a": {"b": 1}}),
+        ({"b": {"c": 2, "d": 3}}, {"b": {"c": 5}}, {"b": {"c": 5, "d": None}}),
+        ({"a": {"b": 1}}, {}, {"a": None}),
+        ({"a": {"b": 1}}, {"a": {}}, {"a": {"b": None}}),
+        ({"a": 1}, {"a": {"b": 1}}, {"a": {"b": 1}}),
+        ({"a": {"b": 1}}, {"a": 1}, {"a": 1}),
+        ({"e": [1, 2]}, {"e": [1, 2, 3]}, {"e": [1, 2, 3]}),
+        ({"e": [{"x": 1, "y": 2}]}, {"e": [{"y": 2, "x": 1}]}, {}),
+    ],
+)
+def test_section_patch_rules(old: Any, new: Any, patch: Any) -> None:
+    assert sd.section_patch(old, new) == patch
+
+
+def test_section_patch_round_trips_through_the_merge() -> None:
+    old = {"a": 1, "b": {"c": 2, "d": 3}, "e": [1, 2], "gone": True}
+    new = {"a": 1, "b": {"c": 5}, "e": [1, 2, 3], "f": {"g": None}}
+    patch = sd.section_patch(old, new)
+    assert patch == {"b": {"c": 5, "d": None}, "e": [1, 2, 3], "f": {"g": None}, "gone": None}
+    target = json.loads(json.dumps(old))
+    sd.merge_section(target, patch)
+    assert target == {"a": 1, "b": {"c": 5}, "e": [1, 2, 3]}
+    assert sd.section_patch(new, new) == {}
+    new["e"].append(4)
+    assert patch["e"] == [1, 2, 3], "the patch holds copies"
+
+
 def test_version_conflict_and_conditional_update() -> None:
     doc = update(None, {"state": {"desired": {"colors": ["RED", "GREEN", "BLUE"]}}}).document
     for _ in range(9):

@@ -174,3 +174,37 @@ def _contains_null(value: Any) -> bool:
     if isinstance(value, list):
         return any(_contains_null(v) for v in value)
     return False
+
+
+def _stored(patch: dict[str, Any]) -> dict[str, Any]:
+    """A section as the service stores it: ``patch`` merged into an empty section."""
+    section: dict[str, Any] = {}
+    sd.merge_section(section, patch)
+    return section
+
+
+section_patches = st.dictionaries(keys, patches, max_size=4)
+
+
+@given(section_patches, section_patches)
+def test_section_patch_turns_old_into_new(old_patch: Any, new_patch: Any) -> None:
+    old, new = _stored(old_patch), _stored(new_patch)
+    target = json.loads(json.dumps(old))
+    patch = sd.section_patch(old, new)
+    sd.merge_section(target, patch)
+    assert sd.json_equal(target, new)
+    assert sd.section_patch(new, new) == {}
+    assert sd.section_patch(target, new) == {}
+
+
+@given(section_patches, section_patches)
+def test_merge_without_metadata_is_the_service_merge(first: Any, second: Any) -> None:
+    doc = None
+    for patch in (first, second):
+        result = check(json.dumps({"state": {"reported": patch}}).encode(), doc)
+        assert not isinstance(result, sd.ShadowError)
+        doc = result.document
+    section = _stored(first)
+    sd.merge_section(section, second)
+    assert doc is not None
+    assert doc.state.get("reported", {}) == section

@@ -13,18 +13,10 @@ from typing import Any, cast
 import pytest
 
 from iotref.device.connection import IncomingMessage, topic_matches
-from iotref.device.shadow import (
-    RESPONSE_SUFFIXES,
-    DesiredChange,
-    DesiredChangeRefused,
-    Refuse,
-    ShadowClient,
-    ShadowRejected,
-    ShadowSync,
-    ShadowTimeout,
-    merge_into,
-    merge_patch,
-)
+from iotref.device.shadow.desired import DesiredChange, Refuse
+from iotref.device.shadow.errors import DesiredChangeRefused, ShadowRejected, ShadowTimeout
+from iotref.device.shadow.requests import RESPONSE_SUFFIXES, ShadowClient
+from iotref.device.shadow.sync import ShadowSync
 from iotref.protocol import shadow_document as sd
 from iotref.protocol.topics import parse_shadow_topic, shadow_topic
 
@@ -176,21 +168,6 @@ def sync_for(conn: FakeShadowConnection, **kw: Any) -> ShadowSync:
 async def settle(rounds: int = 20) -> None:
     for _ in range(rounds):
         await asyncio.sleep(0)
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def test_merge_patch_round_trips() -> None:
-    old = {"a": 1, "b": {"c": 2, "d": 3}, "e": [1, 2], "gone": True}
-    new = {"a": 1, "b": {"c": 5}, "e": [1, 2, 3], "f": {"g": None}}
-    patch = merge_patch(old, new)
-    assert patch == {"b": {"c": 5, "d": None}, "e": [1, 2, 3], "f": {"g": None}, "gone": None}
-    target = json.loads(json.dumps(old))
-    merge_into(target, patch)
-    assert target == {"a": 1, "b": {"c": 5}, "e": [1, 2, 3]}
-    assert merge_patch(new, new) == {}
-    assert merge_patch({"x": True}, {"x": 1}) == {"x": 1}  # JSON equality: true is not 1
 
 
 # --------------------------------------------------------------------------- client

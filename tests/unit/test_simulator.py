@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from iotref.device.messages import Asset, Sender, SenderType, StatusV1, StatusV2, build_message
-from iotref.device.simulator import (
+from iotref.fleet.press import (
     DIGITAL,
     OFFSET,
     Phase,

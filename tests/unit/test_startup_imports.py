@@ -17,7 +17,15 @@ import pytest
 import iotref
 from iotref.cli.main import COMMANDS, cli
 
-HEAVY = ("awscrt", "httpx", "cryptography", "rich", "segno", "iotref.device.client")
+HEAVY = (
+    "awscrt",
+    "httpx",
+    "cryptography",
+    "rich",
+    "segno",
+    "iotref.device.client",
+    "iotref.device.blocking",
+)
 INIT = Path(iotref.__file__)
 
 REPORT_HEAVY = f"""

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from iotref._version import __version__
 from iotref.cli.onboarding_commands import _environment_options, _expected_errors, _qr_text
+from iotref.cli.output import is_quiet
 from iotref.device.client import AsyncClient
 from iotref.device.errors import IotrefError, LoginRequired, StoreError
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
@@ -54,7 +55,7 @@ from iotref.device.onboarding.environment import (
 from iotref.device.onboarding.next_steps import Selection, shell_word
 from iotref.device.onboarding.provisioning import ProvisionOptions
 from iotref.device.onboarding.service import Onboarding
-from iotref.device.simulator import Phase, PressSimulator
+from iotref.fleet.press import Phase, PressSimulator
 
 DEFAULT_DATA_DIR = Path(".sandbox")
 DEFAULT_HTTP_PORT = 8780
@@ -269,16 +270,21 @@ class Platform:
 
 
 class Display:
-    """Steps, then live counters: a rich live view on a terminal, plain lines otherwise."""
+    """Steps, then live counters: a rich live view on a terminal, plain lines otherwise.
+    With ``iotref --quiet`` neither is shown: only what needs the user (the approval link,
+    notes about what the demo handled by itself) and the summary."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, quiet: bool = False) -> None:
         self.console = console
+        self.quiet = quiet
         self.progress = Progress()
         self.live: Live | None = None
         self._last_plain = 0.0
 
     def step(self, name: str, detail: str) -> None:
         self.progress.steps.append((name, detail))
+        if self.quiet:
+            return
         if self.live is None:
             self.console.print(f"[green]✓[/] [bold]{name}[/]  {detail}", highlight=False)
         else:
@@ -289,7 +295,7 @@ class Display:
         self.console.print(f"[yellow]![/] {text}", highlight=False)
 
     def start_live(self) -> None:
-        if self.console.is_terminal:
+        if self.console.is_terminal and not self.quiet:
             self.live = Live(self._render(), console=self.console, refresh_per_second=8)
             self.live.start()
 
@@ -302,7 +308,7 @@ class Display:
     def refresh(self) -> None:
         if self.live is not None:
             self.live.update(self._render())
-        elif time.monotonic() - self._last_plain >= 2:
+        elif not self.quiet and time.monotonic() - self._last_plain >= 2:
             self._last_plain = time.monotonic()
             p = self.progress
             self.console.print(
@@ -670,7 +676,7 @@ def demo(
 ) -> None:
     """Run the whole story: sandbox, login, provision, connect, shadow, telemetry."""
     console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
-    display = Display(console)
+    display = Display(console, quiet=is_quiet())
     sandbox: SandboxInfo | None = None
     local = env_file is None and (env_name or os.environ.get("IOTREF_ENV") or "local") == "local"
     if local:

@@ -1,7 +1,7 @@
 """``iotref fleet``: simulate a fleet of machines against the sandbox or a real platform, and
 ``iotref fleet merge``: one report from the reports of several shards.
 
-The engine is :mod:`iotref.device.fleet`; this module parses options, shows live progress
+The engine is :mod:`iotref.fleet.run`; this module parses options, shows live progress
 (rich, on stderr, when it is a terminal) and prints the report (text, or JSON with
 ``--json``).
 """
@@ -22,20 +22,14 @@ from rich.table import Table
 
 from iotref.cli.output import is_quiet
 from iotref.device.errors import IotrefError
-from iotref.device.fleet import (
-    DEFAULT_CONNECT_CONCURRENCY,
-    DEFAULT_CONNECT_RATE,
-    FleetOptions,
-    FleetProgress,
-    FleetReport,
-    FleetRun,
-    Shard,
-    find_sandbox,
-    load_report,
-    merge_reports,
-)
 from iotref.device.onboarding.environment import BUILTIN_ENVIRONMENTS, resolve_environment
 from iotref.device.onboarding.next_steps import Selection
+from iotref.fleet.names import Shard
+from iotref.fleet.options import DEFAULT_CONNECT_CONCURRENCY, DEFAULT_CONNECT_RATE, FleetOptions
+from iotref.fleet.progress import FleetProgress
+from iotref.fleet.reports import FleetReport, load_report, merge_reports
+from iotref.fleet.run import FleetRun
+from iotref.fleet.target import find_sandbox
 
 PROGRESS_INTERVAL_S = 0.5
 PLATFORM_POLL_S = 2.0

@@ -455,8 +455,11 @@ def _print_report(
         return
     click.echo(f"environment  {env}")
     click.echo(f"store        {report.path}")
-    if report.environment is not None and not report.environment.matches(env.identity):
-        click.echo(f"  belongs to {report.environment.difference(env.identity)}")
+    # A store of another environment is a problem: the list below says so, once.
+    said = any(problem.code == "wrong_environment" for problem in report.problems)
+    recorded = report.environment
+    if recorded is not None and not said and not recorded.matches(env.identity):
+        click.echo(f"  belongs to {recorded.difference(env.identity)}")
     props = report.properties
     if props is not None:
         click.echo(f"client id    {props.client_id}")

@@ -3,7 +3,7 @@
 Owns the command line around :class:`iotref.device.client.AsyncClient`: finding the
 certificate store (``--store``, or the one of ``--env``/``--env-file``, with the same
 helpers as ``iotref provision``), feeding it with simulated presses
-(:mod:`iotref.device.simulator`) or with JSON lines read from stdin, the live status line
+(:mod:`iotref.fleet.press`) or with JSON lines read from stdin, the live status line
 (rich on a terminal, periodic plain lines otherwise; on stderr with ``--json``), and a
 clean stop on Ctrl-C, SIGTERM, ``--duration`` or the end of stdin: the outbox gets up to
 ``--close-timeout`` seconds to drain (reconnecting meanwhile if the platform is out of
@@ -65,15 +65,14 @@ from iotref.cli.onboarding_commands import (
 )
 from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
-from iotref.device.client import (
-    AsyncClient,
-    ClientStats,
+from iotref.device.client import AsyncClient
+from iotref.device.connection import ConnectionState, ConnectionTakenOver
+from iotref.device.errors import (
     InvalidMessageError,
     MessageTooLargeError,
     OutboxFullError,
+    StoreError,
 )
-from iotref.device.connection import ConnectionState, ConnectionTakenOver
-from iotref.device.errors import StoreError
 from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.onboarding.certificate_store import (
     CertificateStore,
@@ -83,11 +82,12 @@ from iotref.device.onboarding.certificate_store import (
 from iotref.device.onboarding.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.onboarding.next_steps import Selection, provision_new_machine
 from iotref.device.onboarding.store_checks import environment_mismatch
+from iotref.device.options import ClientStats
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.rate_limit import pacing
-from iotref.device.simulator import PressEvent, PressKind, PressSimulator, profile_for
 from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import SendStatus
+from iotref.fleet.press import PressEvent, PressKind, PressSimulator, profile_for
 
 Kind = Literal["offset", "digital", "mixed"]
 READ_CHUNK = 65536

@@ -3,7 +3,7 @@
 Owns the one backoff policy the runtime uses everywhere it waits before trying again: the
 MQTT reconnect (:mod:`iotref.device.reconnect`, which draws its delays here) and the shadow
 requests that are retried after a timeout or a throttling answer
-(:mod:`iotref.device.shadow`).
+(:mod:`iotref.device.shadow.sync`).
 
 Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"): the n-th delay is
 drawn uniformly from ``[0, min(max_s, min_s * 2**n)]``, so that many machines that lost

@@ -1,40 +1,20 @@
-"""The library's front door: :class:`AsyncClient` and its blocking twin :class:`Client`.
+"""The library's front door: :class:`AsyncClient`, one sender's connection to the platform
+(contract section 9), and :class:`AssetChannel`, one asset bound to it. The blocking twin
+is :mod:`iotref.device.blocking`.
 
-Owns putting the device runtime together for one sender (contract section 9: one sender,
-one MQTT connection), from a certificate store (contract section 5):
+The client puts the device runtime together from a certificate store (contract section 5):
+the durable outbox in the store's folder (opened first: a second process with the same store
+is refused before it could take the MQTT session over), the mutual-TLS connection, the
+classic shadow kept in sync (its ``sendTelemetryData`` is the permission to send) and the
+permission-gated publisher draining the outbox. It starts without the platform ("waiting
+for the platform" in :meth:`AsyncClient.stats`) unless ``fail_fast``, and closes within the
+close timeout, draining what it can; what is not acknowledged stays in the outbox for the
+next run.
 
-1. the durable outbox in the store's folder (opened first: a second process with the same
-   store is refused before it could take the MQTT session over),
-2. the connection with mutual TLS (:mod:`iotref.device.connection`),
-3. the classic shadow kept in sync (desired -> local -> reported, after every reconnect;
-   :mod:`iotref.device.shadow`), whose ``sendTelemetryData`` is the permission to send,
-4. the permission-gated publisher draining the outbox (:mod:`iotref.device.telemetry`).
-
-Starting needs no platform: when it cannot be reached, the client starts anyway ("waiting
-for the platform", with the last reason, in :meth:`AsyncClient.stats`), accepts and queues
-messages, and connects, syncs the shadow and publishes when it can (``fail_fast=True``
-makes an unreachable platform an error of :meth:`AsyncClient.start` instead).
-
-Sending builds the message (:func:`iotref.device.messages.build_message`), validates it
-against the platform schemas and commits it to the outbox before returning; publishing
-happens in the background. Closing is bounded by the close timeout: until then it keeps
-publishing until the outbox is empty (reconnecting on the way if the connection is down),
-then disconnects; whatever is not acknowledged by then stays in the outbox and is
-published by the next run. Nothing accepted is thrown away, unless the caller chose
-``overflow="drop_oldest"`` or ``policy="drop"``.
-
-Another process running with the same identity (a copied store) takes the MQTT session
-over again and again; the connection notices and stops, and the client's ``send()`` then
-raises :class:`~iotref.device.connection.ConnectionTakenOver`.
-
-:class:`Client` runs an :class:`AsyncClient` on an event loop in a private daemon thread
-and offers the same methods, blocking and thread-safe, for scripts.
-
-Example::
-
-    async with AsyncClient.from_store("certificate_store/local") as client:
-        press = client.asset(Asset("press-1", "SN-1", AssetType.SHEETFED_PRESS))
-        await press.send(StatusV2(status="Production", speed=12000, totalproductioncounter=1))
+Sending is one family: ``send(asset, payload)`` and ``send_many(asset, payloads)`` build
+messages, ``send_message(message)`` and ``send_messages(messages)`` take complete ones; each
+validates against the platform schemas and returns once the outbox committed (one
+transaction for the ``*_many``/``*_messages`` forms); publishing happens in the background.
 
 Logging (logger ``iotref.client``): start, stop and what was left in the outbox; never key
 material or tokens.
@@ -43,21 +23,16 @@ material or tokens.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import logging
-import queue
 import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Final, TypedDict, TypeVar
+from typing import Any, Final, TypeVar
 
 from iotref._version import __version__
 from iotref.device.connection import (
@@ -68,62 +43,49 @@ from iotref.device.connection import (
     ConnectionState,
     ConnectionTakenOver,
 )
-from iotref.device.errors import IotrefError
-from iotref.device.messages import Asset, Payload, Sender, SenderType, build_message
+from iotref.device.errors import (
+    ClientClosed,
+    ClientError,
+    InvalidMessageError,
+    MessageTooLargeError,
+    OutboxBusy,
+    OutboxFullError,
+)
+from iotref.device.messages import Asset, Sender, SenderType, build_message
 from iotref.device.onboarding.certificate_store import (
     CertificateStore,
     DeviceIdentity,
     DeviceProperties,
 )
+from iotref.device.options import (
+    ClientOptions,
+    ClientOptionsArgs,
+    ClientStats,
+    client_stats,
+    merged_options,
+)
 from iotref.device.outbox import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_MESSAGES,
     OUTBOX_FILE_NAME,
-    Durability,
     Outbox,
     OutboxError,
     OutboxFull,
     OutboxLocked,
-    OverflowPolicy,
 )
 from iotref.device.outbox_salvage import OutboxRecovery
-from iotref.device.shadow import DesiredHandler, ShadowSync
+from iotref.device.raw_payload import PayloadLike, as_payload
+from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
 from iotref.device.telemetry import (
-    DEFAULT_WINDOW,
     MessageTooLarge,
-    PermissionPolicy,
     SendResult,
-    SendStatus,
     ShadowPermission,
     Telemetry,
     TelemetryClosed,
 )
-from iotref.protocol import limits
-from iotref.protocol.message_schemas import InvalidMessage, MessageValidator, ValidationIssue
+from iotref.protocol.message_schemas import InvalidMessage, MessageValidator
 from iotref.protocol.topics import telemetry_topic
 
-__all__ = [
-    "AssetChannel",
-    "AsyncClient",
-    "BlockingAssetChannel",
-    "BlockingShadow",
-    "Client",
-    "ClientClosed",
-    "ClientError",
-    "ClientOptions",
-    "ClientOptionsArgs",
-    "ClientStats",
-    "InvalidMessageError",
-    "MessageTooLargeError",
-    "OutboxBusy",
-    "OutboxFullError",
-    "RawPayload",
-    "SendRefused",
-    "SendResult",
-    "SendStatus",
-    "raw_payload",
-]
+__all__ = ["CLOSE_GRACE_S", "DEFAULT_SENDER", "AssetChannel", "AsyncClient"]
 
 log = logging.getLogger("iotref.client")
 
@@ -177,340 +139,24 @@ async def _first_outcome(connection: Connection, max_wait_s: float) -> None:
             await close()
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class ClientError(IotrefError):
-    """Base class of the facade's own errors. (Connecting raises
-    :class:`~iotref.device.connection.ConnectionFailed`, a broken store
-    :class:`~iotref.device.errors.StoreError`, a refused shadow
-    :class:`~iotref.device.shadow.ShadowRejected`: all :class:`IotrefError` too.)"""
-
-
-class ClientClosed(ClientError):
-    """The client is not started, or closed: nothing can be sent."""
-
-
-class OutboxBusy(ClientError):
-    """Another process (or client) holds this store's outbox, i.e. runs as this machine."""
-
-
-class SendRefused(ClientError):
-    """A message was not accepted; nothing was queued and the caller still has it."""
-
-
-class InvalidMessageError(SendRefused, ValueError):
-    """The message is not valid against the platform schemas. ``issues`` lists every
-    problem (JSON path and reason); the first is in the message."""
-
-    def __init__(self, issues: Sequence[ValidationIssue]) -> None:
-        self.issues: tuple[ValidationIssue, ...] = tuple(issues)
-        first = str(self.issues[0]) if self.issues else "invalid message"
-        more = len(self.issues) - 1
-        super().__init__(
-            f"invalid message: {first}" + (f" (and {more} more)" if more > 0 else ""),
-            "fix the message; nothing was queued",
-        )
-
-
-class MessageTooLargeError(SendRefused, ValueError):
-    """The encoded message is over the platform's payload limit (``size`` and ``limit``
-    in bytes); it was not queued."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"message too large: {size:,} bytes encoded, over the platform's limit of "
-            f"{limit:,} bytes",
-            "send less in one message (split it); nothing was queued",
-        )
-        self.size = size
-        self.limit = limit
-
-
-class OutboxFullError(SendRefused):
-    """The outbox is full and its overflow policy is ``reject_new``."""
-
-    def __init__(self, reason: str, *, depth: int) -> None:
-        super().__init__(
-            reason,
-            "wait until the platform acknowledged more, or raise max_messages / max_bytes",
-        )
-        self.depth = depth
-
-
-# --------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class ClientOptions:
-    """How a client behaves. Every field has a default that suits a machine's gateway."""
-
-    policy: PermissionPolicy = "hold"
-    """While ``sendTelemetryData`` is not true: ``"hold"`` queues messages in the outbox
-    and publishes them once permission returns; ``"drop"`` validates and discards them
-    (``SendResult.status == "dropped_no_permission"``)."""
-    max_messages: int = DEFAULT_MAX_MESSAGES
-    """Outbox bound: most messages kept (100,000)."""
-    max_bytes: int = DEFAULT_MAX_BYTES
-    """Outbox bound: most bytes kept (256 MiB)."""
-    overflow: OverflowPolicy = "reject_new"
-    """When the outbox is full: ``"reject_new"`` raises :class:`OutboxFullError` (nothing
-    accepted is ever lost); ``"drop_oldest"`` evicts the oldest (counted)."""
-    durability: Durability = "process"
-    """``"process"``: accepted messages survive a crash of the process; ``"power"``: also a
-    power cut (one fsync per send)."""
-    outbox_path: Path | None = None
-    """The outbox database (default: ``outbox.sqlite3`` in the certificate store)."""
-    port: int | None = None
-    """Override the store's ``mqtt_port``, e.g. 443 with ``alpn=True``."""
-    alpn: bool = False
-    """Offer ALPN ``x-amzn-mqtt-ca`` (AWS IoT Core on port 443)."""
-    min_backoff_s: float = 0.5
-    """Reconnect backoff: first cap (full jitter)."""
-    max_backoff_s: float = 30.0
-    """Reconnect backoff: largest delay."""
-    connect_timeout_s: float = 10.0
-    """How long starting the client waits for the first connection (and one attempt may
-    take); without one by then the client starts offline (see ``fail_fast``)."""
-    fail_fast: bool = False
-    """``True``: starting raises :class:`~iotref.device.connection.ConnectionFailed` when
-    the platform cannot be reached within ``connect_timeout_s`` (at once for errors that
-    retrying cannot fix: certificate refused, not authorized). ``False`` (default): the
-    client starts offline, queues what is sent, and connects when it can."""
-    keepalive_s: int = 30
-    shadow_timeout_s: float = 10.0
-    """How long entering the client waits for the first shadow sync (it goes on in the
-    background after that; until then the permission is unknown, i.e. not granted)."""
-    close_timeout_s: float = 10.0
-    """The longest a close takes: it waits for PUBACKs (and, with ``drain_on_close``, for
-    the outbox to drain) until then; the rest stays in the outbox for the next run."""
-    drain_on_close: bool = True
-    """On close, keep publishing until the outbox is empty (within ``close_timeout_s``),
-    reconnecting on the way if the connection is down; it stops early only when nothing
-    more can be sent (the permission known to be withdrawn, the session taken over)."""
-    window: int = DEFAULT_WINDOW
-    """Most messages in flight (published, not yet acknowledged)."""
-    strict_validation: bool = False
-    """Also check the contract's rules the schemas do not express (millisecond
-    timestamps, UUID ``sendereventuuid``)."""
-    initial_reported: Mapping[str, Any] | None = None
-    """Local state reported to the shadow at the first sync."""
-    publish_rate_limit: float | None = float(limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION)
-    """The platform's quota of publishes a second on the connection (AWS IoT Core: 100, not
-    adjustable). Every publish (telemetry and shadow requests) is paced a little below it,
-    so that no second the platform counts holds more (:mod:`iotref.device.rate_limit`); a
-    backlog drains at that pace. ``None`` or 0: not paced."""
-    throughput_limit: int | None = limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
-    """The platform's quota of bytes a second on the connection (topic plus payload; AWS IoT
-    Core: 512 KiB), paced the same way. ``None`` or 0: not paced."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.policy not in ("hold", "drop"):
-            problems.append(f"policy must be 'hold' or 'drop', not {self.policy!r}")
-        if self.overflow not in ("reject_new", "drop_oldest"):
-            problems.append(
-                f"overflow must be 'reject_new' or 'drop_oldest', not {self.overflow!r}"
-            )
-        if self.durability not in ("process", "power"):
-            problems.append(f"durability must be 'process' or 'power', not {self.durability!r}")
-        if self.max_messages < 1 or self.max_bytes < 1 or self.window < 1:
-            problems.append("max_messages, max_bytes and window must be positive")
-        if self.port is not None and not 0 < self.port < 65536:
-            problems.append(f"port {self.port} is not a TCP port")
-        for name in ("connect_timeout_s", "shadow_timeout_s", "min_backoff_s"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0")
-        if self.close_timeout_s < 0:
-            problems.append("close_timeout_s must be >= 0")
-        if self.max_backoff_s < self.min_backoff_s:
-            problems.append("max_backoff_s must be >= min_backoff_s")
-        for name in ("publish_rate_limit", "throughput_limit"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                problems.append(f"{name} must be 0 (off) or more")
-        if problems:
-            raise ValueError("invalid client options: " + "; ".join(problems))
-
-
-class ClientOptionsArgs(TypedDict, total=False):
-    """The fields of :class:`ClientOptions` as keyword arguments."""
-
-    policy: PermissionPolicy
-    max_messages: int
-    max_bytes: int
-    overflow: OverflowPolicy
-    durability: Durability
-    outbox_path: Path | None
-    port: int | None
-    alpn: bool
-    min_backoff_s: float
-    max_backoff_s: float
-    connect_timeout_s: float
-    fail_fast: bool
-    keepalive_s: int
-    shadow_timeout_s: float
-    close_timeout_s: float
-    drain_on_close: bool
-    window: int
-    strict_validation: bool
-    initial_reported: Mapping[str, Any] | None
-    publish_rate_limit: float | None
-    throughput_limit: int | None
-
-
-def _options(options: ClientOptions | None, overrides: Mapping[str, Any]) -> ClientOptions:
-    base = options or ClientOptions()
-    return dataclasses.replace(base, **overrides) if overrides else base
-
-
-# --------------------------------------------------------------------------- stats
-
-
-@dataclass(frozen=True)
-class ClientStats:
-    """A snapshot of one client. Counters count since the client started; ``queued``,
-    ``held`` and ``oldest_age_s`` describe the outbox now (earlier runs included).
-
-    The outbox's counts add up: ``carried_over + accepted == acked + queued +
-    dropped_overflow + refused`` (messages left by earlier runs and taken in by this one
-    are either delivered, still in the outbox, evicted by ``overflow="drop_oldest"``, or
-    refused for good by the platform and moved to the outbox's ``refused`` table).
-
-    After :meth:`AsyncClient.close` the state is ``STOPPED`` (``TAKEN_OVER`` if another
-    process took the session over), ``connected`` and ``waiting_for_platform`` are false."""
-
-    state: ConnectionState
-    connected: bool
-    permission: bool
-    """``sendTelemetryData`` as last seen in the shadow (False until known)."""
-    policy: PermissionPolicy
-    shadow_synced: bool
-    accepted: int
-    """Messages this client took into the outbox (``send()`` returned ``queued``)."""
-    dropped_no_permission: int
-    """Valid messages discarded because of ``policy="drop"``."""
-    published: int
-    """Publishes, re-publications included."""
-    republished: int
-    acked: int
-    """Messages delivered: acknowledged by the platform (PUBACK) and so removed from the
-    outbox, each counted once (messages of earlier runs included; see ``pubacks``)."""
-    queued: int
-    """Messages in the outbox, not yet acknowledged (earlier runs' included)."""
-    held: int
-    """Of ``queued``, held back for want of permission (``queued`` while not permitted)."""
-    in_flight: int
-    dropped_overflow: int
-    """Messages evicted from the outbox to make room (``overflow="drop_oldest"``)."""
-    rejected_full: int
-    """``send()`` calls refused because the outbox was full (``overflow="reject_new"``)."""
-    rejected_invalid: int
-    """``send()`` calls refused because the message is not valid against the schemas."""
-    oldest_age_s: float | None
-    ack_rate: float
-    """Acknowledged messages per second, last ten seconds."""
-    connects: int
-    disconnects: int
-    last_error: str | None
-    waiting_for_platform: bool = False
-    """Started but not connected: the platform is out of reach for now (messages are
-    queued); ``connection_error`` says why."""
-    connection_error: str | None = None
-    """Why the last connection attempt failed or the last connection ended."""
-    carried_over: int = 0
-    """Messages in the outbox when the client started: left by earlier runs."""
-    pubacks: int = 0
-    """PUBACKs received; a message published again after a reconnect may be acknowledged
-    twice, so this can exceed ``acked``."""
-    rejected_too_large: int = 0
-    """``send()`` calls refused because the message is over the platform's payload limit."""
-    refused: int = 0
-    """Messages the platform refused for good (e.g. PUBACK 0x87), moved out of the queue
-    into the outbox's ``refused`` table, this run."""
-    refused_kept: int = 0
-    """Messages kept in the outbox's ``refused`` table (earlier runs included)."""
-    throttled: int = 0
-    """Publishes the platform answered with "quota exceeded" (PUBACK 0x97) this run; each
-    was published again, and the pace slowed down for a few seconds."""
-    pace: float | None = None
-    """Publishes a second the connection is paced at now (``None``: not paced); below the
-    usual pace for a few seconds after the platform throttled a publish."""
-    slowed: bool = False
-    """Whether the pace is still below its usual value after a "quota exceeded" answer."""
-
-    @property
-    def connection_status(self) -> str:
-        """``"connected"``, ``"waiting for the platform (<reason>)"``, ``"taken_over"``..."""
-        if self.connected:
-            return "connected"
-        if self.waiting_for_platform:
-            reason = f" ({self.connection_error})" if self.connection_error else ""
-            return f"waiting for the platform{reason}"
-        return self.state.value
-
-
-# --------------------------------------------------------------------------- raw payloads
-
-
-class RawPayload:
-    """A payload given as a plain JSON object, for :meth:`AsyncClient.send`. Use
-    :func:`raw_payload` to get one of the right kind."""
-
-    eventtype: ClassVar[str] = "generic.signal"
-    eventsubtype: ClassVar[str] = "Status"
-    payloadversion: ClassVar[int] = 2
-
-    def __init__(self, body: Mapping[str, Any]) -> None:
-        if not isinstance(body, Mapping):
-            raise TypeError("a raw payload is a JSON object (a mapping)")
-        self.body = dict(body)
-
-    def to_payload(self) -> dict[str, Any]:
-        return dict(self.body)
-
-
-@functools.cache
-def _raw_payload_class(eventtype: str, eventsubtype: str, payloadversion: int) -> type[RawPayload]:
-    attrs = {
-        "eventtype": eventtype,
-        "eventsubtype": eventsubtype,
-        "payloadversion": payloadversion,
-    }
-    return type(f"RawPayload_{eventsubtype}_{payloadversion}", (RawPayload,), attrs)
-
-
-def raw_payload(
-    body: Mapping[str, Any],
-    *,
-    eventtype: str = "generic.signal",
-    eventsubtype: str = "Status",
-    payloadversion: int = 2,
-) -> RawPayload:
-    """``body`` (e.g. ``{"signalstatus": {...}}``) as a payload of the given kind."""
-    return _raw_payload_class(eventtype, eventsubtype, payloadversion)(body)
-
-
-PayloadLike = Payload | Mapping[str, Any]
-"""A typed payload (``StatusV2(...)``) or a plain JSON object (a Status v2 payload unless
-``payloadversion`` says otherwise)."""
-
-
-def _as_payload(payload: PayloadLike, payloadversion: int | None) -> Payload:
-    if isinstance(payload, Mapping):
-        return raw_payload(payload, payloadversion=payloadversion or 2)
-    if payloadversion is not None and payloadversion != payload.payloadversion:
-        raise ValueError(
-            f"payloadversion={payloadversion} given with a version {payload.payloadversion} payload"
-        )
-    return payload
-
-
-# --------------------------------------------------------------------------- async client
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """The publisher's refusals of a message, as the client's errors."""
+    try:
+        yield
+    except InvalidMessage as exc:
+        raise InvalidMessageError(exc.issues) from None
+    except MessageTooLarge as exc:
+        raise MessageTooLargeError(exc.size, exc.limit) from None
+    except OutboxFull as exc:
+        raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
+    except TelemetryClosed:
+        raise ClientClosed("the client is closed") from None
 
 
 class AssetChannel:
-    """One asset bound to a client: ``await press.send(StatusV2(...))``."""
+    """One asset bound to a client: ``await press.send(StatusV2(...))``; the client's
+    sending methods without the asset."""
 
     def __init__(self, client: AsyncClient, asset: Asset) -> None:
         self.client = client
@@ -523,9 +169,16 @@ class AssetChannel:
         payloadversion: int | None = None,
         asset_time: datetime | None = None,
     ) -> SendResult:
+        """See :meth:`AsyncClient.send`."""
         return await self.client.send(
             self.asset, payload, payloadversion=payloadversion, asset_time=asset_time
         )
+
+    async def send_many(
+        self, payloads: Iterable[PayloadLike], *, payloadversion: int | None = None
+    ) -> list[SendResult]:
+        """See :meth:`AsyncClient.send_many`."""
+        return await self.client.send_many(self.asset, payloads, payloadversion=payloadversion)
 
 
 class AsyncClient:
@@ -546,7 +199,7 @@ class AsyncClient:
         **overrides: Unpack[ClientOptionsArgs],
     ) -> None:
         self.identity = identity
-        self.options = _options(options, overrides)
+        self.options = merged_options(options, overrides)
         props = identity.properties
         sender = sender or DEFAULT_SENDER
         if sender.siteid is None and props.site_id:
@@ -554,20 +207,9 @@ class AsyncClient:
         self.sender = sender
         self.topic = telemetry_topic(props.telemetry_topic, props.org_id, props.client_id)
         self.outbox_path = self.options.outbox_path or identity.store_path / OUTBOX_FILE_NAME
-        o = self.options
-        conn_overrides: dict[str, Any] = {
-            "alpn": o.alpn,
-            "min_backoff_s": o.min_backoff_s,
-            "max_backoff_s": o.max_backoff_s,
-            "connect_timeout_s": o.connect_timeout_s,
-            "keepalive_s": o.keepalive_s,
-            "fail_fast": True,  # errors retrying cannot fix end a waiting start at once
-            "publish_rate_limit": o.publish_rate_limit or None,
-            "throughput_limit": o.throughput_limit or None,
-        }
-        if o.port is not None:
-            conn_overrides["port"] = o.port
-        self.settings = ConnectionSettings.from_store(identity.store_path, **conn_overrides)
+        self.settings = ConnectionSettings.from_store(
+            identity.store_path, **self.options.connection_overrides()
+        )
         self._outbox: Outbox | None = None
         self._connection: Connection | None = None
         self._shadow: ShadowSync | None = None
@@ -673,7 +315,7 @@ class AsyncClient:
         Raises :class:`OutboxBusy`, :class:`ClientError` (outbox unusable),
         :class:`~iotref.device.connection.ConnectionFailed` (``kind="config"``: unusable
         certificate files; with ``fail_fast``, any failure to connect),
-        :class:`~iotref.device.shadow.ShadowRejected`; nothing is left running then."""
+        :class:`~iotref.device.shadow.errors.ShadowRejected`; nothing is left running then."""
         if self._started:
             raise ClientClosed("a client can be started only once", "make a new client")
         self._started = True
@@ -742,35 +384,24 @@ class AsyncClient:
                 self._final = await self._shutdown(0.0, drain=False)
             self._closed = True
             raise
-        depth = self._outbox.depth
+        where, depth, reason = self.settings.where(), self._outbox.depth, None
         if connection.connected:
-            log.info(
-                "client %s started: %s, permission %s, %d message(s) waiting in %s",
-                self.client_id,
-                self.settings.where(),
-                "granted" if self.permission else "not granted",
-                depth,
-                self.outbox_path,
-            )
+            permission = "granted" if self.permission else "not granted"
+            state = f"started: {where}, permission {permission}"
         elif not wait:
-            log.info(
-                "client %s started, connecting to %s; %d message(s) waiting in %s",
-                self.client_id,
-                self.settings.where(),
-                depth,
-                self.outbox_path,
-            )
+            state = f"started, connecting to {where}"
         else:
             reason = connection.stats.last_error
-            log.warning(
-                "client %s started offline, waiting for the platform at %s%s; "
-                "%d message(s) waiting in %s",
-                self.client_id,
-                self.settings.where(),
-                f" ({reason})" if reason else "",
-                depth,
-                self.outbox_path,
-            )
+            state = f"started offline, waiting for the platform at {where}"
+            state += f" ({reason})" if reason else ""
+        log.log(
+            logging.WARNING if wait and not connection.connected else logging.INFO,
+            "client %s %s; %d message(s) waiting in %s",
+            self.client_id,
+            state,
+            depth,
+            self.outbox_path,
+        )
 
     async def close(self, timeout: float | None = None) -> ClientStats:
         """Stop within ``timeout`` seconds (default ``close_timeout_s``; the disconnect may
@@ -860,9 +491,10 @@ class AsyncClient:
 
         Returns when the message is committed to the outbox (``status == "queued"``), or
         discarded by ``policy="drop"`` (``"dropped_no_permission"``); the platform need not
-        be reachable. Raises :class:`InvalidMessageError`, :class:`MessageTooLargeError`
-        (over the platform's 128 KB per message), :class:`OutboxFullError`,
-        :class:`ClientClosed`,
+        be reachable. Raises :class:`~iotref.device.errors.InvalidMessageError`,
+        :class:`~iotref.device.errors.MessageTooLargeError` (over the platform's 128 KB per
+        message), :class:`~iotref.device.errors.OutboxFullError`,
+        :class:`~iotref.device.errors.ClientClosed`,
         :class:`~iotref.device.connection.ConnectionTakenOver` once another process took
         this identity's session over, and
         :class:`~iotref.device.connection.ConnectionFailed` (``revoked``) once the broker
@@ -870,40 +502,37 @@ class AsyncClient:
         ``payload`` may be a plain dict (a Status payload of ``payloadversion``, default 2).
         """
         message = build_message(
-            self.sender, asset, _as_payload(payload, payloadversion), asset_time=asset_time
+            self.sender, asset, as_payload(payload, payloadversion), asset_time=asset_time
         )
         return await self.send_message(message)
 
-    async def send_message(self, message: Mapping[str, Any]) -> SendResult:
-        """Validate and queue a complete message (header and payload) as it is."""
-        telemetry = self._running(self._telemetry)
-        self._raise_if_taken_over()
-        try:
-            return await telemetry.send(dict(message))
-        except InvalidMessage as exc:
-            raise InvalidMessageError(exc.issues) from None
-        except MessageTooLarge as exc:
-            raise MessageTooLargeError(exc.size, exc.limit) from None
-        except OutboxFull as exc:
-            raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
-        except TelemetryClosed:
-            raise ClientClosed("the client is closed") from None
+    async def send_many(
+        self, asset: Asset, payloads: Iterable[PayloadLike], *, payloadversion: int | None = None
+    ) -> list[SendResult]:
+        """:meth:`send` for several payloads of ``asset``, in order, committed in one
+        transaction (the high-rate way to send); one invalid message refuses them all and
+        nothing is queued."""
+        messages = [
+            build_message(self.sender, asset, as_payload(payload, payloadversion))
+            for payload in payloads
+        ]
+        return await self.send_messages(messages)
 
-    async def send_many(self, messages: Sequence[Mapping[str, Any]]) -> list[SendResult]:
-        """Validate and queue several complete messages in one transaction; one invalid
-        message refuses them all."""
+    async def send_message(self, message: Mapping[str, Any]) -> SendResult:
+        """Validate and queue a complete message (header and payload) as it is; refused
+        as by :meth:`send`."""
         telemetry = self._running(self._telemetry)
         self._raise_if_taken_over()
-        try:
+        with _refusals():
+            return await telemetry.send(dict(message))
+
+    async def send_messages(self, messages: Iterable[Mapping[str, Any]]) -> list[SendResult]:
+        """:meth:`send_message` for several complete messages, committed in one
+        transaction; one invalid message refuses them all and nothing is queued."""
+        telemetry = self._running(self._telemetry)
+        self._raise_if_taken_over()
+        with _refusals():
             return await telemetry.send_many([dict(m) for m in messages])
-        except InvalidMessage as exc:
-            raise InvalidMessageError(exc.issues) from None
-        except MessageTooLarge as exc:
-            raise MessageTooLargeError(exc.size, exc.limit) from None
-        except OutboxFull as exc:
-            raise OutboxFullError(f"the outbox is full: {exc}", depth=exc.depth) from None
-        except TelemetryClosed:
-            raise ClientClosed("the client is closed") from None
 
     def _raise_if_taken_over(self) -> None:
         connection = self._connection
@@ -979,426 +608,14 @@ class AsyncClient:
         return self._snapshot()
 
     def _snapshot(self, *, final: bool = False) -> ClientStats:
-        """The stats now; ``final``: of a client that is stopping for good (its state is
-        ``STOPPED`` unless it was taken over, whatever the connection's last state)."""
-        conn = self._connection
-        tel = self._telemetry
-        state = conn.state if conn is not None else ConnectionState.STOPPED
-        if final and state is not ConnectionState.TAKEN_OVER:
-            state = ConnectionState.STOPPED
-        conn_stats = conn.stats if conn is not None else None
-        permission = self.permission
-        waiting = (
-            not final
-            and conn is not None
-            and self._started
-            and not self._closed
-            and not conn.connected
-            and not state.terminal
-        )
-        connection_error = conn_stats.last_error if conn_stats else None
-        limiter = conn.rate_limiter if conn is not None else None
-        pacing: dict[str, Any] = {
-            "throttled": conn_stats.throttled if conn_stats else 0,
-            "pace": limiter.pace if limiter is not None else None,
-            "slowed": limiter is not None and limiter.slowed,
-        }
-        if tel is not None and self._outbox is not None and not self._outbox.closed:
-            t = tel.stats()
-            return ClientStats(
-                state=state,
-                connected=state is ConnectionState.CONNECTED,
-                permission=permission,
-                policy=t.policy,
-                shadow_synced=self._shadow is not None and self._shadow.synced,
-                accepted=t.queued,
-                dropped_no_permission=t.dropped_no_permission,
-                published=t.published,
-                republished=t.republished,
-                acked=t.delivered,
-                queued=t.depth,
-                held=0 if permission else t.depth,
-                in_flight=t.in_flight,
-                dropped_overflow=t.dropped_overflow,
-                rejected_full=t.rejected_full,
-                rejected_invalid=t.rejected_invalid,
-                oldest_age_s=t.oldest_age_s,
-                ack_rate=t.ack_rate,
-                connects=conn_stats.connects if conn_stats else 0,
-                disconnects=conn_stats.disconnects if conn_stats else 0,
-                last_error=t.last_error or connection_error,
-                waiting_for_platform=waiting,
-                connection_error=connection_error,
-                carried_over=self._carried_over,
-                pubacks=t.acked,
-                rejected_too_large=t.rejected_too_large,
-                refused=t.refused,
-                refused_kept=t.refused_kept,
-                **pacing,
-            )
-        depth = 0
-        if self._outbox is not None and not self._outbox.closed:
-            depth = self._outbox.depth
-        return ClientStats(
-            state=state,
-            connected=state is ConnectionState.CONNECTED,
-            permission=permission,
+        """The stats now; ``final``: of a client that is stopping for good."""
+        return client_stats(
+            self._connection,
+            self._shadow,
+            self._telemetry,
+            self._outbox,
             policy=self.options.policy,
-            shadow_synced=False,
-            accepted=0,
-            dropped_no_permission=0,
-            published=0,
-            republished=0,
-            acked=0,
-            queued=depth,
-            held=0 if permission else depth,
-            in_flight=0,
-            dropped_overflow=0,
-            rejected_full=0,
-            rejected_invalid=0,
-            oldest_age_s=None,
-            ack_rate=0.0,
-            connects=conn_stats.connects if conn_stats else 0,
-            disconnects=conn_stats.disconnects if conn_stats else 0,
-            last_error=connection_error,
-            waiting_for_platform=waiting,
-            connection_error=connection_error,
             carried_over=self._carried_over,
-            **pacing,
+            running=self._started and not self._closed,
+            final=final,
         )
-
-
-# --------------------------------------------------------------------------- blocking
-
-
-async def _value(fn: Callable[[], T]) -> T:
-    return fn()
-
-
-class _LoopThread:
-    """An event loop in a private daemon thread; :meth:`call` runs a coroutine on it and
-    blocks for the result."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-        self._ready.wait()
-
-    def _run(self) -> None:
-        loop = self.loop
-        asyncio.set_event_loop(loop)
-        loop.call_soon(self._ready.set)
-        try:
-            loop.run_forever()
-            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-        finally:
-            loop.close()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if threading.current_thread() is self.thread:
-            coro.close()
-            raise RuntimeError(
-                "a blocking Client method was called from the client's own thread (e.g. in "
-                "a shadow handler); use client.async_client there"
-            )
-        if self.loop.is_closed() or not self.thread.is_alive():
-            coro.close()
-            raise ClientClosed("the client is closed")
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise TimeoutError(f"no result within {timeout} s") from None
-        except BaseException:
-            fut.cancel()
-            raise
-
-    def stop(self, join_s: float = 10.0) -> None:
-        if self.loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        if threading.current_thread() is not self.thread:
-            self.thread.join(join_s)
-
-
-class BlockingAssetChannel:
-    """One asset bound to a blocking :class:`Client`."""
-
-    def __init__(self, client: Client, asset: Asset) -> None:
-        self.client = client
-        self.asset = asset
-
-    def send(
-        self,
-        payload: PayloadLike,
-        *,
-        payloadversion: int | None = None,
-        asset_time: datetime | None = None,
-    ) -> SendResult:
-        return self.client.send(
-            self.asset, payload, payloadversion=payloadversion, asset_time=asset_time
-        )
-
-
-class BlockingShadow:
-    """A :class:`ShadowSync` used from other threads. Handlers registered here run on the
-    client's own thread: keep them short, and use :attr:`sync` (async) inside them."""
-
-    def __init__(self, runner: _LoopThread, sync: ShadowSync) -> None:
-        self._runner = runner
-        self.sync = sync
-
-    @property
-    def desired(self) -> dict[str, Any]:
-        return self._runner.call(_value(lambda: self.sync.desired))
-
-    @property
-    def reported(self) -> dict[str, Any]:
-        return self._runner.call(_value(lambda: self.sync.reported))
-
-    @property
-    def version(self) -> int:
-        return self._runner.call(_value(lambda: self.sync.version))
-
-    @property
-    def synced(self) -> bool:
-        return self._runner.call(_value(lambda: self.sync.synced))
-
-    @property
-    def send_telemetry_allowed(self) -> bool:
-        return self._runner.call(_value(lambda: self.sync.send_telemetry_allowed))
-
-    def on_desired(self, key: str, handler: DesiredHandler) -> None:
-        """Decide changes of ``key`` (see :meth:`ShadowSync.on_desired`)."""
-        self._runner.call(_value(lambda: self.sync.on_desired(key, handler)))
-
-    def on_send_telemetry_changed(self, callback: Callable[[bool], Any]) -> None:
-        self._runner.call(_value(lambda: self.sync.on_send_telemetry_changed(callback)))
-
-    def set_reported(self, key: str, value: Any) -> None:
-        self._runner.call(_value(lambda: self.sync.set_reported(key, value)))
-
-    def update_local(self, changes: Mapping[str, Any]) -> None:
-        self._runner.call(_value(lambda: self.sync.update_local(changes)))
-
-    def flush(self, timeout: float | None = None) -> None:
-        self._runner.call(self.sync.flush(timeout))
-
-    def wait_for(
-        self,
-        key: str,
-        *args: Any,
-        timeout: float | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """See :meth:`ShadowSync.wait_for`; raises :class:`TimeoutError` after
-        ``timeout``."""
-        return self._runner.call(self.sync.wait_for(key, *args, timeout=timeout, **kwargs))
-
-    def get(self) -> dict[str, Any]:
-        return self._runner.call(self.sync.client.get())
-
-    def update(self, state: Mapping[str, Any], version: int | None = None) -> dict[str, Any]:
-        return self._runner.call(self.sync.client.update(state, version=version))
-
-
-class Client:
-    """The blocking facade: an :class:`AsyncClient` on an event loop in a private daemon
-    thread, the same methods, synchronous and thread-safe::
-
-        with Client.from_store("certificate_store/local") as client:
-            client.send(asset, StatusV2(...))
-    """
-
-    def __init__(
-        self,
-        identity: DeviceIdentity,
-        *,
-        sender: Sender | None = None,
-        options: ClientOptions | None = None,
-        **overrides: Unpack[ClientOptionsArgs],
-    ) -> None:
-        self.async_client = AsyncClient(identity, sender=sender, options=options, **overrides)
-        self._runner: _LoopThread | None = None
-        self._lock = threading.Lock()
-        self._shadow: BlockingShadow | None = None
-        self._named: dict[str, BlockingShadow] = {}
-
-    @classmethod
-    def from_store(
-        cls,
-        path: Path | str,
-        *,
-        sender: Sender | None = None,
-        options: ClientOptions | None = None,
-        **overrides: Unpack[ClientOptionsArgs],
-    ) -> Client:
-        """See :meth:`AsyncClient.from_store`."""
-        identity = CertificateStore(Path(path)).load()
-        return cls(identity, sender=sender, options=options, **overrides)
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> Client:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def start(self, *, wait: bool = True) -> None:
-        """Start the thread, connect, sync the shadow, start publishing (see
-        :meth:`AsyncClient.start`; without the platform it starts offline)."""
-        with self._lock:
-            if self._runner is not None:
-                raise ClientClosed("a client can be started only once", "make a new client")
-            runner = _LoopThread(f"iotref-client-{self.async_client.client_id}")
-            self._runner = runner
-        try:
-            runner.call(self.async_client.start(wait=wait))
-        except BaseException:
-            runner.stop()
-            raise
-
-    def close(self, timeout: float | None = None) -> ClientStats:
-        """See :meth:`AsyncClient.close`; also stops the thread. Idempotent."""
-        with self._lock:
-            runner = self._runner
-        if runner is None or runner.loop.is_closed():
-            return self.async_client.stats()
-        try:
-            return runner.call(self.async_client.close(timeout))
-        finally:
-            runner.stop()
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        runner = self._runner
-        if runner is None:
-            coro.close()
-            raise ClientClosed("the client is not started", "use 'with Client.from_store(...)'")
-        return runner.call(coro, timeout)
-
-    # ------------------------------------------------------------------ views
-
-    @property
-    def client_id(self) -> str:
-        return self.async_client.client_id
-
-    @property
-    def properties(self) -> DeviceProperties:
-        return self.async_client.properties
-
-    @property
-    def sender(self) -> Sender:
-        return self.async_client.sender
-
-    @property
-    def topic(self) -> str:
-        return self.async_client.topic
-
-    @property
-    def connected(self) -> bool:
-        return self.async_client.connected
-
-    @property
-    def permission(self) -> bool:
-        return self.async_client.permission
-
-    @property
-    def outbox_recovery(self) -> OutboxRecovery | None:
-        """See :attr:`AsyncClient.outbox_recovery`."""
-        return self.async_client.outbox_recovery
-
-    @property
-    def shadow(self) -> BlockingShadow:
-        """The classic shadow (see :class:`BlockingShadow`)."""
-        if self._shadow is None:
-            sync = self._call(_value(lambda: self.async_client.shadow))
-            assert self._runner is not None
-            self._shadow = BlockingShadow(self._runner, sync)
-        return self._shadow
-
-    def named_shadow(self, name: str, **sync_options: Any) -> BlockingShadow:
-        """See :meth:`AsyncClient.named_shadow`."""
-        found = self._named.get(name)
-        if found is None:
-            sync = self._call(self.async_client.named_shadow(name, **sync_options))
-            assert self._runner is not None
-            found = BlockingShadow(self._runner, sync)
-            self._named[name] = found
-        return found
-
-    # ------------------------------------------------------------------ sending
-
-    def asset(self, asset: Asset) -> BlockingAssetChannel:
-        return BlockingAssetChannel(self, asset)
-
-    def send(
-        self,
-        asset: Asset,
-        payload: PayloadLike,
-        *,
-        payloadversion: int | None = None,
-        asset_time: datetime | None = None,
-    ) -> SendResult:
-        """See :meth:`AsyncClient.send`."""
-        return self._call(
-            self.async_client.send(
-                asset, payload, payloadversion=payloadversion, asset_time=asset_time
-            )
-        )
-
-    def send_message(self, message: Mapping[str, Any]) -> SendResult:
-        return self._call(self.async_client.send_message(message))
-
-    def send_many(self, messages: Sequence[Mapping[str, Any]]) -> list[SendResult]:
-        return self._call(self.async_client.send_many(messages))
-
-    def wait_drained(self, timeout: float | None = None) -> bool:
-        return self._call(self.async_client.wait_drained(timeout))
-
-    def wait_permission(self, allowed: bool = True, timeout: float | None = None) -> bool:
-        return self._call(self.async_client.wait_permission(allowed, timeout))
-
-    def stats(self) -> ClientStats:
-        runner = self._runner
-        if runner is None or runner.loop.is_closed():
-            return self.async_client.stats()
-        return runner.call(_value(self.async_client.stats))
-
-    def events(self) -> Iterator[ConnectionEvent]:
-        """The connection's state changes from now on, blocking (ends when the client
-        closes)."""
-        items: queue.Queue[ConnectionEvent | None] = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for event in self.async_client.events():
-                    items.put(event)
-            finally:
-                items.put(None)
-
-        runner = self._runner
-        if runner is None:
-            raise ClientClosed("the client is not started")
-        fut = asyncio.run_coroutine_threadsafe(pump(), runner.loop)
-        try:
-            while (event := items.get()) is not None:
-                yield event
-        finally:
-            fut.cancel()

@@ -1,4 +1,5 @@
-"""The device library's exceptions: one small hierarchy under :class:`IotrefError`.
+"""The device library's exceptions: one small hierarchy under :class:`IotrefError`, the
+client's own (:class:`ClientError` and below: what ``send()`` refuses) included.
 
 Every error carries a ``reason`` (what went wrong, one sentence) and, where there is one, a
 ``next_step`` (what the person should do); a next step that names ``iotref`` commands is a
@@ -11,8 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iotref.device.onboarding.next_steps import NextStep, Selection
+
+if TYPE_CHECKING:
+    from iotref.protocol.message_schemas import ValidationIssue
 
 
 class IotrefError(Exception):
@@ -127,3 +132,61 @@ class StoreError(IotrefError):
     ) -> None:
         super().__init__(reason, next_step)
         self.path = path
+
+
+class ClientError(IotrefError):
+    """Base class of the client facade's own errors. (Connecting raises
+    :class:`~iotref.device.connection.ConnectionFailed`, a broken store
+    :class:`StoreError`, a refused shadow :class:`~iotref.device.shadow.errors.ShadowRejected`:
+    all :class:`IotrefError` too.)"""
+
+
+class ClientClosed(ClientError):
+    """The client is not started, or closed: nothing can be sent."""
+
+
+class OutboxBusy(ClientError):
+    """Another process (or client) holds this store's outbox, i.e. runs as this machine."""
+
+
+class SendRefused(ClientError):
+    """A message was not accepted; nothing was queued and the caller still has it."""
+
+
+class InvalidMessageError(SendRefused, ValueError):
+    """The message is not valid against the platform schemas. ``issues`` lists every
+    problem (JSON path and reason); the first is in the message."""
+
+    def __init__(self, issues: Sequence[ValidationIssue]) -> None:
+        self.issues: tuple[ValidationIssue, ...] = tuple(issues)
+        first = str(self.issues[0]) if self.issues else "invalid message"
+        more = len(self.issues) - 1
+        super().__init__(
+            f"invalid message: {first}" + (f" (and {more} more)" if more > 0 else ""),
+            "fix the message; nothing was queued",
+        )
+
+
+class MessageTooLargeError(SendRefused, ValueError):
+    """The encoded message is over the platform's payload limit (``size`` and ``limit``
+    in bytes); it was not queued."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"message too large: {size:,} bytes encoded, over the platform's limit of "
+            f"{limit:,} bytes",
+            "send less in one message (split it); nothing was queued",
+        )
+        self.size = size
+        self.limit = limit
+
+
+class OutboxFullError(SendRefused):
+    """The outbox is full and its overflow policy is ``reject_new``."""
+
+    def __init__(self, reason: str, *, depth: int) -> None:
+        super().__init__(
+            reason,
+            "wait until the platform acknowledged more, or raise max_messages / max_bytes",
+        )
+        self.depth = depth

@@ -455,11 +455,15 @@ class Asset:
 
 
 class Payload(Protocol):
-    """What :func:`build_message` needs of a payload model."""
+    """What :func:`build_message` needs of a payload model: the kind of event (a class
+    attribute of the typed models, a field of a raw payload) and the payload itself."""
 
-    eventtype: ClassVar[str]
-    eventsubtype: ClassVar[str]
-    payloadversion: ClassVar[int]
+    @property
+    def eventtype(self) -> str: ...
+    @property
+    def eventsubtype(self) -> str: ...
+    @property
+    def payloadversion(self) -> int: ...
 
     def to_payload(self) -> dict[str, Any]: ...
 

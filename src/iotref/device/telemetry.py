@@ -44,7 +44,7 @@ meanwhile:
 The permission comes from any object with an ``allowed`` attribute and an
 ``add_listener(callback)`` method (:class:`PermissionSource`), such as
 :class:`PermissionFlag` (settable; :meth:`Telemetry.set_permission`) or
-:class:`ShadowPermission`, which follows :class:`iotref.device.shadow.ShadowSync`.
+:class:`ShadowPermission`, which follows :class:`iotref.device.shadow.sync.ShadowSync`.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class PermissionSource(Protocol):
 
 
 class ShadowPermissionLike(Protocol):
-    """What :class:`iotref.device.shadow.ShadowSync` offers about the permission."""
+    """What :class:`iotref.device.shadow.sync.ShadowSync` offers about the permission."""
 
     @property
     def send_telemetry_allowed(self) -> bool: ...

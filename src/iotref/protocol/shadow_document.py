@@ -3,8 +3,9 @@
 Pure functions, no I/O: validate a request payload, apply an update to a stored document
 (merge the named fields, ``null`` removes, ``"desired": null`` clears a section, optional
 ``version`` check), keep a timestamp per leaf in ``metadata``, compute ``delta`` (objects
-compared recursively, arrays as whole values) and build the messages the service answers
-with (``/accepted``, ``/rejected``, ``update/delta``, ``update/documents``).
+compared recursively, arrays as whole values) and the patch that turns one section into
+another, and build the messages the service answers with (``/accepted``, ``/rejected``,
+``update/delta``, ``update/documents``).
 
 Shapes follow the AWS IoT developer guide ("Device Shadow service documents", "Device Shadow
 MQTT topics", "Device Shadow error messages") and the messages the real service sends.
@@ -13,9 +14,11 @@ Timestamps are integer epoch seconds. Classic and named shadows follow the same 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,31 +315,66 @@ def metadata_for(value: Any, timestamp: int) -> Any:
     return {"timestamp": timestamp}
 
 
-def _merge(target: JsonObject, target_meta: JsonObject, patch: JsonObject, timestamp: int) -> None:
-    """Merge ``patch`` into ``target`` (and its metadata) in place; nulls remove fields,
-    objects merge recursively, everything else replaces; emptied objects disappear."""
+def merge_section(
+    target: JsonObject,
+    patch: Mapping[str, Any],
+    metadata: JsonObject | None = None,
+    timestamp: int = 0,
+) -> None:
+    """Merge an update's ``patch`` into the section ``target`` in place: ``null`` removes a
+    field, objects merge recursively, anything else replaces (arrays as whole values, copied);
+    objects left empty disappear. With ``metadata``, keep it mirroring ``target`` with
+    ``timestamp`` on every leaf written."""
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
-            target_meta.pop(key, None)
+            if metadata is not None:
+                metadata.pop(key, None)
         elif isinstance(value, dict):
             child = target.get(key)
-            child_meta = target_meta.get(key)
+            child_meta: JsonObject | None = None
             if not isinstance(child, dict):
                 child = {}
-                child_meta = {}
-            elif not isinstance(child_meta, dict):
-                child_meta = {}
-            _merge(child, child_meta, value, timestamp)
+                if metadata is not None:
+                    child_meta = {}
+            elif metadata is not None:
+                found = metadata.get(key)
+                child_meta = found if isinstance(found, dict) else {}
+            merge_section(child, value, child_meta, timestamp)
             if child:
                 target[key] = child
-                target_meta[key] = child_meta
+                if metadata is not None:
+                    metadata[key] = child_meta
             else:
                 target.pop(key, None)
-                target_meta.pop(key, None)
+                if metadata is not None:
+                    metadata.pop(key, None)
         else:
-            target[key] = value
-            target_meta[key] = metadata_for(value, timestamp)
+            target[key] = copy.deepcopy(value) if isinstance(value, list) else value
+            if metadata is not None:
+                metadata[key] = metadata_for(value, timestamp)
+
+
+def section_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> JsonObject:
+    """The smallest patch that :func:`merge_section` turns ``old`` into ``new`` with: the
+    fields that differ by JSON equality (objects compared recursively), ``null`` for fields
+    ``new`` lacks. Values are copies."""
+    patch: JsonObject = {}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = copy.deepcopy(value)
+            continue
+        before = old[key]
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = section_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif not json_equal(value, before):
+            patch[key] = copy.deepcopy(value)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
 
 
 def compute_delta(desired: Any, reported: Any) -> JsonObject:
@@ -451,7 +489,7 @@ def apply_update(
                 continue
             target = new.state.get(section, {})
             target_meta = new.metadata.get(section, {})
-            _merge(target, target_meta, patch, timestamp)
+            merge_section(target, patch, target_meta, timestamp)
             if target:
                 new.state[section] = target
                 new.metadata[section] = target_meta

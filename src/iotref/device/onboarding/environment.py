@@ -137,7 +137,7 @@ class Environment:
         return f"--env-file {self.source}"
 
     def client_limits(self) -> ClientLimits:
-        """The quotas this environment sets, as :class:`~iotref.device.client.ClientOptions`
+        """The quotas this environment sets, as :class:`~iotref.device.options.ClientOptions`
         fields (only those it sets; 0 becomes ``None``: not paced)."""
         given: ClientLimits = {}
         if self.publish_rate_limit is not None:
