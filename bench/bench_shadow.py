@@ -44,7 +44,9 @@ from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure, percentile
 from iotref.device import stdlib_compat
-from iotref.device.connection import Connection, ConnectionSettings, IncomingMessage
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import IncomingMessage
 from iotref.device.shadow.requests import SHADOW_QOS
 from iotref.device.shadow.sync import ShadowSync
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

@@ -12,9 +12,12 @@ process of its own (see :func:`isolated`):
 (c) the full path at its documented high rate: build the messages, and hand them over with
     ``Telemetry.send_many()``, ``SEND_MANY`` at a time, which validates and serializes each
     and commits them to the durable outbox in one transaction before it returns; then
-    publish through :class:`iotref.device.connection.Connection`, PUBACK, delete;
+    publish through :class:`iotref.device.connection.connection.Connection`, PUBACK, delete;
 (c') the same full path with one ``await send()`` after the other, so that every message
-    is its own commit (reported on its own, ``telemetry.full_path_sequential``).
+    is its own commit (reported on its own, ``telemetry.full_path_sequential``);
+(c'') (c) with the connection publishing through awscrt's public ``Client.publish`` instead
+    of its native entry point (:mod:`iotref.device.connection.native_publish`), patched in
+    that child process only: what the native publish is worth (c/c'').
 
 The prepared payloads of (a) and (b) are distinct messages (each its own
 ``sendereventuuid``), as the full path's are: the sandbox's ingestion, which runs on the
@@ -54,7 +57,9 @@ from tests.support.device_keys import DeviceFiles
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection import publishes
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.messages import (
     Asset,
     AssetType,
@@ -116,6 +121,9 @@ def _child_measure(
         info, dev, topic, n = args
         rate = run_awscrt(info, dev, topic, prepared_payloads(n), **kwargs)
     else:
+        if not kwargs.pop("native_publish", True):
+            # (c''): the connection finds no native entry point and uses the public one.
+            publishes.raw_publish_function = lambda: None  # type: ignore[assignment]
         rate = asyncio.run(full_path(*args, **kwargs))
     return rate, CPU_US
 
@@ -428,6 +436,7 @@ def run(ctx: BenchContext) -> list[Figure]:
         "awscrt_kept": [],
         "full": [],
         "sequential": [],
+        "public_publish": [],
     }
     for r in range(ROUNDS):  # interleaved, so that drifts of the machine hit all of them
         rates["paho"].append(isolated("run_paho", info, dev, topic, N))
@@ -441,8 +450,13 @@ def run(ctx: BenchContext) -> list[Figure]:
         rates["sequential"].append(
             isolated("full_path", info, dev, topic, N, db, cpu_key="full_sequential")
         )
+        db = ctx.workdir / f"telemetry-public-publish-{r}.sqlite3"
+        rates["public_publish"].append(
+            isolated("full_path", info, dev, topic, N, db, batch=SEND_MANY, native_publish=False)
+        )
     a, b, c, s = (statistics.median(rates[k]) for k in ("paho", "awscrt", "full", "sequential"))
     b_kept = statistics.median(rates["awscrt_kept"])
+    c_public = statistics.median(rates["public_publish"])
     power_rates = {
         senders: asyncio.run(
             full_path(
@@ -491,6 +505,20 @@ def run(ctx: BenchContext) -> list[Figure]:
             "msg/s",
             f"{note}; the same, one await send() after the other (one commit per message); "
             f"runs {spread['sequential']}",
+        ),
+        Figure(
+            "telemetry.full_path_public_publish",
+            c_public,
+            "msg/s",
+            f"(c'') the full path through awscrt's public Client.publish instead of its native "
+            f"entry point; {note}; runs {spread['public_publish']}",
+        ),
+        Figure(
+            "telemetry.native_publish_gain",
+            c / c_public,
+            "ratio",
+            "c/c'': the full path with the native publish over the same with the public one "
+            "(kept while > 1.10)",
         ),
         Figure("telemetry.full_vs_paho", c / a, "ratio", "c/a"),
         Figure("telemetry.full_vs_awscrt", c / b, "ratio", "c/b (goal >= 1.0)"),

@@ -33,7 +33,8 @@ from iotref._version import __version__
 if TYPE_CHECKING:
     from iotref.device.blocking import BlockingAssetChannel, Client
     from iotref.device.client import AssetChannel, AsyncClient
-    from iotref.device.connection import ConnectionFailed, ConnectionState, ConnectionTakenOver
+    from iotref.device.connection.errors import ConnectionFailed, ConnectionTakenOver
+    from iotref.device.connection.state import ConnectionState
     from iotref.device.errors import (
         AuthorizationDenied,
         AuthorizationExpired,
@@ -101,7 +102,8 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "iotref.device.telemetry": ("SendResult", "SendStatus"),
     "iotref.device.shadow.desired": ("DesiredChange", "Refuse"),
     "iotref.device.shadow.errors": ("ShadowRejected", "ShadowTimeout"),
-    "iotref.device.connection": ("ConnectionFailed", "ConnectionState", "ConnectionTakenOver"),
+    "iotref.device.connection.errors": ("ConnectionFailed", "ConnectionTakenOver"),
+    "iotref.device.connection.state": ("ConnectionState",),
     # messages
     "iotref.device.messages": (
         "Asset",
@@ -167,10 +169,10 @@ _DEPRECATED: dict[str, tuple[str, str]] = {
     "InvalidMessage": ("iotref.device.errors", "InvalidMessageError"),
     "OutboxFull": ("iotref.device.errors", "OutboxFullError"),
     # internals, importable from their modules
-    "Connection": ("iotref.device.connection", "Connection"),
-    "ConnectionEvent": ("iotref.device.connection", "ConnectionEvent"),
-    "ConnectionSettings": ("iotref.device.connection", "ConnectionSettings"),
-    "PublishFailed": ("iotref.device.connection", "PublishFailed"),
+    "Connection": ("iotref.device.connection.connection", "Connection"),
+    "ConnectionEvent": ("iotref.device.connection.state", "ConnectionEvent"),
+    "ConnectionSettings": ("iotref.device.connection.settings", "ConnectionSettings"),
+    "PublishFailed": ("iotref.device.connection.errors", "PublishFailed"),
     "ShadowClient": ("iotref.device.shadow.requests", "ShadowClient"),
     "ShadowSync": ("iotref.device.shadow.sync", "ShadowSync"),
     "MessageValidator": ("iotref.protocol.message_schemas", "MessageValidator"),

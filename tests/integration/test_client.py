@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.blocking import Client
 from iotref.device.client import AsyncClient
-from iotref.device.connection import ConnectionState
+from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import InvalidMessageError
 from iotref.device.messages import (
     Asset,

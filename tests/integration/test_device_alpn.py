@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.connection import Connection, ConnectionFailed, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.settings import ConnectionSettings
 from tests.support.alpn_front import ALPN, AlpnFront, offered_alpn
 from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess

@@ -25,16 +25,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from iotref.device import connection as connection_module
-from iotref.device.connection import (
-    Connection,
-    ConnectionEvent,
-    ConnectionFailed,
-    ConnectionSettings,
-    ConnectionState,
-    IncomingMessage,
-    PublishFailed,
-)
+from iotref.device.connection import loop_bridge
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed, PublishFailed
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent, ConnectionState, IncomingMessage
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess
@@ -183,14 +178,14 @@ async def test_connects_with_mutual_tls_publishes_and_receives(
     sandbox: SandboxProcess, device: DeviceFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keeping_threads: set[str] = set()
-    keep = connection_module.keep_thread_state
+    keep = loop_bridge.keep_thread_state
 
     def recording_keep() -> None:
         comm = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
         keeping_threads.add(comm.read_text().strip())
         keep()
 
-    monkeypatch.setattr(connection_module, "keep_thread_state", recording_keep)
+    monkeypatch.setattr(loop_bridge, "keep_thread_state", recording_keep)
     events: list[ConnectionEvent] = []
     received: asyncio.Queue[IncomingMessage] = asyncio.Queue()
     async with Connection(settings_for(sandbox, device), on_event=events.append) as conn:
@@ -336,8 +331,10 @@ TAKEOVER_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, sys
     from pathlib import Path
-    from iotref.device.connection import (
-        Connection, ConnectionSettings, ConnectionTakenOver, ConnectionState)
+    from iotref.device.connection.connection import Connection
+    from iotref.device.connection.errors import ConnectionTakenOver
+    from iotref.device.connection.settings import ConnectionSettings
+    from iotref.device.connection.state import ConnectionState
 
     args = json.loads(sys.argv[1])
     settings = ConnectionSettings(

@@ -15,12 +15,10 @@ from typing import Any
 
 import pytest
 
-from iotref.device.connection import (
-    Connection,
-    ConnectionFailed,
-    ConnectionSettings,
-    ConnectionState,
-)
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionState
 from iotref.device.outbox import Outbox
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import ShadowPermission, Telemetry

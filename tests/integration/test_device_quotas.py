@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.outbox import OUTBOX_FILE_NAME
 from iotref.device.shadow.sync import ShadowSync

@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from iotref.device.shadow.desired import DesiredChange, Refuse
 from iotref.device.shadow.errors import ShadowRejected
 from iotref.device.shadow.requests import ShadowClient

@@ -21,12 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from iotref.device.connection import (
-    Connection,
-    ConnectionFailed,
-    ConnectionSettings,
-    build_tls_context,
-)
+from iotref.device.connection.awscrt_options import build_tls_context
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,

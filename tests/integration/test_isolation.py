@@ -23,7 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from iotref.device.connection import Connection, ConnectionFailed, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory

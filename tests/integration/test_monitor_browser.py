@@ -239,7 +239,8 @@ class RunningSender(threading.Thread):
             self.ready.set()
 
     async def _main(self) -> None:
-        from iotref.device.connection import Connection, ConnectionSettings
+        from iotref.device.connection.connection import Connection
+        from iotref.device.connection.settings import ConnectionSettings
         from iotref.device.messages import (
             Asset,
             AssetType,

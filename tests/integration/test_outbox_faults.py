@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.messages import (
     Asset,
     AssetType,

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.device.connection import Connection
+from iotref.device.connection.connection import Connection
 from iotref.protocol import limits
 from iotref.sandbox.quota_meter import ARRIVAL_SLACK_SECONDS
 from tests.integration.test_device_connection import settings_for, telemetry_topic

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.onboarding.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.shadow.sync import ShadowSync
@@ -41,7 +42,8 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import asyncio, logging, sys
     from pathlib import Path
-    from iotref.device.connection import Connection, ConnectionSettings
+    from iotref.device.connection.connection import Connection
+    from iotref.device.connection.settings import ConnectionSettings
     from iotref.device.onboarding.environment import load_environment_file
     from iotref.device.onboarding.token_store import TokenStore
 

@@ -46,7 +46,8 @@ import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iotref.device.connection import Connection, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.messages import (
     Asset,
     AssetType,

@@ -40,7 +40,9 @@ import paho.mqtt.client as paho
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iotref.device.connection import Connection, ConnectionEvent, ConnectionSettings
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent
 from iotref.device.messages import (
     Asset,
     AssetType,

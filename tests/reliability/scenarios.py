@@ -8,7 +8,7 @@ restart its shadow service - or on new ports, with the proxy pointed at them).
 
 The device's connection has a takeover heuristic (several short-lived connections closed
 by the broker within a minute mean another process uses the identity; see
-:class:`iotref.device.connection.TakeoverDetector`). The scenarios space the faults that
+:class:`iotref.device.connection.takeover.TakeoverDetector`). The scenarios space the faults that
 drop a connection so that they stay under it; what happens when a network does not is
 tested on its own (``test_rapid_resets_are_not_mistaken_for_a_takeover``).
 """
@@ -24,7 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from iotref.device.connection import ConnectionSettings, ConnectionState
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionState
 from tests.reliability.harness import (
     SIZE,
     SOAK,

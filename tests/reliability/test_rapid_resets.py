@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from iotref.device.connection import Connection, ConnectionEvent, ConnectionState
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from tests.reliability.harness import Platform, record
 from tests.reliability.scenarios import connection_settings
 from tests.support.device_keys import DeviceFiles

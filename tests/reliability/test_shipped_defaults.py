@@ -28,7 +28,8 @@ from typing import Any
 import psutil
 import pytest
 
-from iotref.device.connection import ConnectionSettings, ConnectionState
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionState
 from iotref.device.messages import Asset, AssetType
 from iotref.device.onboarding.environment import Environment, load_environment_file
 from iotref.device.onboarding.service import BlockingOnboarding

@@ -27,7 +27,7 @@ from iotref.cli.run_command import (
 )
 from iotref.device.blocking import Client, _LoopThread
 from iotref.device.client import AsyncClient
-from iotref.device.connection import ConnectionState
+from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import (
     ClientClosed,
     ClientError,

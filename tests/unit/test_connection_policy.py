@@ -17,25 +17,17 @@ from pathlib import Path
 import pytest
 from awscrt import io, mqtt5
 
-from iotref.device import connection as connection_module
 from iotref.device.backoff import Backoff, backoff_cap, full_jitter
-from iotref.device.connection import (
-    Connection,
-    ConnectionClosed,
-    ConnectionEvent,
-    ConnectionFailed,
-    ConnectionSettings,
-    ConnectionState,
-    IncomingMessage,
-    PublishFailed,
-    TakeoverDetector,
-    _LoopBridge,
-    _Subscription,
-    build_client_options,
-    build_tls_context,
-    describe_failure,
-    topic_matches,
-)
+from iotref.device.connection import native_publish
+from iotref.device.connection.awscrt_options import build_client_options, build_tls_context
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.diagnostics import describe_failure
+from iotref.device.connection.errors import ConnectionClosed, ConnectionFailed, PublishFailed
+from iotref.device.connection.loop_bridge import LoopBridge
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent, ConnectionState, IncomingMessage
+from iotref.device.connection.subscriptions import Subscription, topic_matches
+from iotref.device.connection.takeover import TakeoverDetector
 from iotref.device.errors import IotrefError, StoreError
 
 HANGUP = "AWS_ERROR_MQTT_UNEXPECTED_HANGUP"
@@ -295,7 +287,7 @@ def test_client_options(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_loop_bridge_keeps_order_across_threads() -> None:
     loop = asyncio.get_running_loop()
-    bridge = _LoopBridge(loop)
+    bridge = LoopBridge(loop)
     seen: list[int] = []
     done = asyncio.Event()
 
@@ -359,8 +351,8 @@ async def test_handlers_of_one_filter_are_added_and_removed_in_order(tmp_path: P
 def test_per_connection_objects_have_no_instance_dict(tmp_path: Path) -> None:
     # A fleet holds thousands of connections: an instance dict costs ~1 kB each.
     conn = Connection(settings(tmp_path))
-    objects = [conn, conn._detector, conn._counters, conn._attempt, _Subscription("a/b", 1)]
-    objects.append(_LoopBridge(asyncio.new_event_loop()))
+    objects = [conn, conn._detector, conn._counters, conn._attempt, Subscription("a/b", 1)]
+    objects.append(LoopBridge(asyncio.new_event_loop()))
     try:
         for obj in objects:
             assert not hasattr(obj, "__dict__"), type(obj).__name__
@@ -402,7 +394,7 @@ async def test_stop_waits_until_awscrt_reports_the_client_stopped(
     conn = Connection(settings(tmp_path), on_event=events.append)
     client = StoppingCrtClient(conn)
     conn._client = client
-    conn._bridge = _LoopBridge(asyncio.get_running_loop())
+    conn._bridge = LoopBridge(asyncio.get_running_loop())
     conn._started = conn._ever_connected = True
     conn._state = ConnectionState.CONNECTED
     await conn.stop()
@@ -422,7 +414,7 @@ async def test_stop_after_awscrt_stopped_by_itself_does_not_stop_it_again(
     conn = Connection(settings(tmp_path))
     client = StoppingCrtClient(conn)
     conn._client = client
-    conn._bridge = _LoopBridge(asyncio.get_running_loop())
+    conn._bridge = LoopBridge(asyncio.get_running_loop())
     conn._started = conn._ever_connected = True
     conn._state = ConnectionState.CONNECTED
     conn._takeover_reason = "the broker reported SESSION_TAKEN_OVER"
@@ -466,7 +458,7 @@ def _connected(tmp_path: Path) -> tuple[Connection, FakeCrtClient]:
     conn = Connection(settings(tmp_path))
     client = FakeCrtClient()
     conn._client = client
-    conn._bridge = _LoopBridge(asyncio.get_running_loop())
+    conn._bridge = LoopBridge(asyncio.get_running_loop())
     conn._state = ConnectionState.CONNECTED
     return conn, client
 
@@ -548,23 +540,24 @@ async def test_publish_callback_refuses_at_once_when_it_cannot_queue(tmp_path: P
 def test_the_native_publish_is_used_with_the_awscrt_it_was_checked_against() -> None:
     # After an awscrt upgrade: compare the new mqtt5.Client.publish with the call in
     # Connection.publish_callback (arguments, completion callback), then update the hash.
-    assert connection_module._raw_publish_function() is not None
+    assert native_publish.raw_publish_function() is not None
 
 
 def test_the_native_publish_is_not_used_with_another_awscrt_wrapper(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(connection_module, "_KNOWN_CRT_PUBLISH_SHA256", "0" * 64)
-    connection_module._raw_publish_function.cache_clear()
+    monkeypatch.setattr(native_publish, "KNOWN_CRT_PUBLISH_SHA256", "0" * 64)
+    native_publish.raw_publish_function.cache_clear()
     try:
-        assert connection_module._raw_publish_function() is None
+        assert native_publish.raw_publish_function() is None
     finally:
         monkeypatch.undo()
-        connection_module._raw_publish_function.cache_clear()
+        native_publish.raw_publish_function.cache_clear()
 
 
 def test_native_publish_completions_mean_what_the_wrapper_futures_mean(tmp_path: Path) -> None:
     conn = Connection(settings(tmp_path))
+    publishes = conn._publishes
     outcomes: dict[int, BaseException | None] = {}
     cases = [
         # (qos, error code, PUBACK reason code)
@@ -576,9 +569,9 @@ def test_native_publish_completions_mean_what_the_wrapper_futures_mean(tmp_path:
         (0, 0, None),
     ]
     for key, (qos, error, code) in enumerate(cases):
-        conn._pending_callbacks[key] = functools.partial(outcomes.__setitem__, key)
-        conn._complete_raw_publish(key, "t/o/c", qos, error, code)
-    conn._complete_raw_publish(99, "t/o/c", 1, 0, 0)  # unknown key (already failed): ignored
+        publishes._callbacks[key] = functools.partial(outcomes.__setitem__, key)
+        publishes._complete_native(key, "t/o/c", qos, error, code)
+    publishes._complete_native(99, "t/o/c", 1, 0, 0)  # unknown key (already failed): ignored
     assert outcomes[0] is None and outcomes[1] is None and outcomes[3] is None
     assert outcomes[5] is None
     refused = outcomes[2]
@@ -589,4 +582,4 @@ def test_native_publish_completions_mean_what_the_wrapper_futures_mean(tmp_path:
     assert "publish to t/o/c failed: AWS_" in str(failed)
     stats = conn.stats
     assert (stats.pubacks, stats.publish_failures) == (3, 2)
-    assert conn._pending_callbacks == {}
+    assert publishes._callbacks == {}

@@ -19,21 +19,16 @@ from typing import Any
 import pytest
 from awscrt import mqtt5
 
-from iotref.device.connection import (
-    MAX_FILTERS_PER_SUBSCRIBE,
-    MAX_SUBSCRIPTIONS,
-    QUOTA_EXCEEDED,
-    Connection,
-    ConnectionSettings,
-    ConnectionState,
-    IncomingMessage,
-    PublishFailed,
-    SubscribeFailed,
-    _LoopBridge,
-)
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import PublishFailed, SubscribeFailed
+from iotref.device.connection.loop_bridge import LoopBridge
+from iotref.device.connection.publishes import QUOTA_EXCEEDED
+from iotref.device.connection.rate_limit import ConnectGate
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionState, IncomingMessage
+from iotref.device.connection.subscriptions import MAX_FILTERS_PER_SUBSCRIBE, MAX_SUBSCRIPTIONS
 from iotref.device.outbox import Outbox, OutboxEntry
 from iotref.device.publish_refusals import permanent_refusal
-from iotref.device.rate_limit import ConnectGate
 from iotref.device.telemetry import PermissionFlag, Telemetry
 from iotref.protocol import limits
 from iotref.protocol.token_bucket import TokenBucket
@@ -97,7 +92,7 @@ class FakeBroker:
 def connected(conn: Connection, broker: FakeBroker) -> Connection:
     conn._client = broker  # type: ignore[assignment]
     conn._loop = asyncio.get_running_loop()
-    conn._bridge = _LoopBridge(conn._loop)
+    conn._bridge = LoopBridge(conn._loop)
     conn._started = True
     conn._state = ConnectionState.CONNECTED
     return conn
@@ -248,7 +243,7 @@ async def test_more_than_fifty_topic_filters_are_refused_before_anything_is_sent
     assert "51 topic filters" in info.value.reason
     assert "at most 50 per connection" in info.value.reason
     assert info.value.next_step and "wildcard" in info.value.next_step
-    assert len(broker.subscribes) == sent and "b/x" not in conn._subs
+    assert len(broker.subscribes) == sent and "b/x" not in conn._subscriptions._subs
     await conn.subscribe("b/x", handler)  # the fiftieth is fine
     with pytest.raises(SubscribeFailed, match="51 topic filters"):
         await conn.subscribe("b/z", handler)

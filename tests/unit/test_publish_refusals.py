@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from iotref.device.connection import PublishFailed, _error_name
+from iotref.device.connection.diagnostics import crt_error_name
+from iotref.device.connection.errors import PublishFailed
 from iotref.device.publish_refusals import permanent_refusal
 
 
@@ -45,6 +46,6 @@ def test_the_error_name_of_what_awscrt_raises_at_once() -> None:
         "5143 (AWS_ERROR_MQTT5_PUBLISH_OPTIONS_VALIDATION): Invalid mqtt5 publish packet "
         "options value."
     )
-    assert _error_name(raised) == "AWS_ERROR_MQTT5_PUBLISH_OPTIONS_VALIDATION"
-    assert _error_name(RuntimeError("no name here")) == "RuntimeError"
-    assert _error_name(ValueError("(AWS_ERROR_X)")) == "ValueError"
+    assert crt_error_name(raised) == "AWS_ERROR_MQTT5_PUBLISH_OPTIONS_VALIDATION"
+    assert crt_error_name(RuntimeError("no name here")) == "RuntimeError"
+    assert crt_error_name(ValueError("(AWS_ERROR_X)")) == "ValueError"

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from iotref.device.rate_limit import (
+from iotref.device.connection.rate_limit import (
     HEADROOM,
     MIN_PACE_SHARE,
     RECOVERY_PER_S,

@@ -20,13 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.connection import (
-    Connection,
-    ConnectionEvent,
-    ConnectionSettings,
-    ConnectionState,
-)
-from iotref.device.reconnect import MIN_ATTEMPT_INTERVAL_S, ReconnectSchedule
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.reconnect import MIN_ATTEMPT_INTERVAL_S, ReconnectSchedule
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from tests.unit.test_fleet import _self_signed
 
 
@@ -123,9 +120,10 @@ _PROBE = """
 import json, sys
 from pathlib import Path
 from awscrt import io, mqtt5
-from iotref.device.connection import (
-    ConnectionSettings, build_client_options, supervised_client_options,
+from iotref.device.connection.awscrt_options import (
+    build_client_options, supervised_client_options,
 )
+from iotref.device.connection.settings import ConnectionSettings
 log_path, which, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 io.init_logging(io.LogLevel.Debug, log_path)
 if which == "raw":
@@ -183,7 +181,7 @@ def test_awscrt_binding_quirk_is_known(tmp_path: Path) -> None:
     """awscrt 0.38's binding passes ``min_connected_time_to_reset_reconnect_delay_ms`` as
     the C client's minimum reconnect delay, and never sets the C client's reset time
     (30 s). Should an awscrt upgrade fix this, this test fails: revisit
-    docs/operations.md and :mod:`iotref.device.reconnect` then."""
+    docs/operations.md and :mod:`iotref.device.connection.reconnect` then."""
     seen = crt_reconnect_settings(
         tmp_path,
         "raw",

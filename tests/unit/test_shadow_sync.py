@@ -12,7 +12,8 @@ from typing import Any, cast
 
 import pytest
 
-from iotref.device.connection import IncomingMessage, topic_matches
+from iotref.device.connection.state import IncomingMessage
+from iotref.device.connection.subscriptions import topic_matches
 from iotref.device.shadow.desired import DesiredChange, Refuse
 from iotref.device.shadow.errors import DesiredChangeRefused, ShadowRejected, ShadowTimeout
 from iotref.device.shadow.requests import RESPONSE_SUFFIXES, ShadowClient

@@ -66,7 +66,9 @@ from iotref.cli.onboarding_commands import (
 from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
 from iotref.device.client import AsyncClient
-from iotref.device.connection import ConnectionState, ConnectionTakenOver
+from iotref.device.connection.errors import ConnectionTakenOver
+from iotref.device.connection.rate_limit import pacing
+from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import (
     InvalidMessageError,
     MessageTooLargeError,
@@ -84,7 +86,6 @@ from iotref.device.onboarding.next_steps import Selection, provision_new_machine
 from iotref.device.onboarding.store_checks import environment_mismatch
 from iotref.device.options import ClientStats
 from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
-from iotref.device.rate_limit import pacing
 from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import SendStatus
 from iotref.fleet.press import PressEvent, PressKind, PressSimulator, profile_for

@@ -1,8 +1,8 @@
 """Retry pacing for the device runtime: capped exponential backoff with full jitter.
 
 Owns the one backoff policy the runtime uses everywhere it waits before trying again: the
-MQTT reconnect (:mod:`iotref.device.reconnect`, which draws its delays here) and the shadow
-requests that are retried after a timeout or a throttling answer
+MQTT reconnect (:mod:`iotref.device.connection.reconnect`, which draws its delays here)
+and the shadow requests that are retried after a timeout or a throttling answer
 (:mod:`iotref.device.shadow.sync`).
 
 Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"): the n-th delay is

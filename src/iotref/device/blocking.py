@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from iotref.device.client import AsyncClient
-from iotref.device.connection import ConnectionEvent
+from iotref.device.connection.state import ConnectionEvent
 from iotref.device.errors import ClientClosed
 from iotref.device.messages import Asset, Sender
 from iotref.device.onboarding.certificate_store import (

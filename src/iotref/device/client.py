@@ -35,14 +35,10 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from iotref._version import __version__
-from iotref.device.connection import (
-    Connection,
-    ConnectionEvent,
-    ConnectionFailed,
-    ConnectionSettings,
-    ConnectionState,
-    ConnectionTakenOver,
-)
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import ConnectionFailed, ConnectionTakenOver
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from iotref.device.errors import (
     ClientClosed,
     ClientError,
@@ -313,7 +309,7 @@ class AsyncClient:
         the outbox is open and the first attempt is under way.
 
         Raises :class:`OutboxBusy`, :class:`ClientError` (outbox unusable),
-        :class:`~iotref.device.connection.ConnectionFailed` (``kind="config"``: unusable
+        :class:`~iotref.device.connection.errors.ConnectionFailed` (``kind="config"``: unusable
         certificate files; with ``fail_fast``, any failure to connect),
         :class:`~iotref.device.shadow.errors.ShadowRejected`; nothing is left running then."""
         if self._started:
@@ -497,7 +493,7 @@ class AsyncClient:
         :class:`~iotref.device.errors.ClientClosed`,
         :class:`~iotref.device.connection.ConnectionTakenOver` once another process took
         this identity's session over, and
-        :class:`~iotref.device.connection.ConnectionFailed` (``revoked``) once the broker
+        :class:`~iotref.device.connection.errors.ConnectionFailed` (``revoked``) once the broker
         refused the certificate as revoked (nothing is queued then).
         ``payload`` may be a plain dict (a Status payload of ``payloadversion``, default 2).
         """

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from iotref.device.connection import ConnectionState
+from iotref.device.connection.state import ConnectionState
 from iotref.device.outbox import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_MESSAGES,
@@ -22,7 +22,7 @@ from iotref.device.telemetry import DEFAULT_WINDOW, PermissionPolicy
 from iotref.protocol import limits
 
 if TYPE_CHECKING:
-    from iotref.device.connection import Connection
+    from iotref.device.connection.connection import Connection
     from iotref.device.outbox import Outbox
     from iotref.device.shadow.sync import ShadowSync
     from iotref.device.telemetry import Telemetry
@@ -93,7 +93,7 @@ class ClientOptions:
     publish_rate_limit: float | None = float(limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION)
     """The platform's quota of publishes a second on the connection (AWS IoT Core: 100, not
     adjustable). Every publish (telemetry and shadow requests) is paced a little below it,
-    so that no second the platform counts holds more (:mod:`iotref.device.rate_limit`); a
+    so that no second the platform counts holds more (:mod:`iotref.device.connection.rate_limit`); a
     backlog drains at that pace. ``None`` or 0: not paced."""
     throughput_limit: int | None = limits.THROUGHPUT_BYTES_PER_SECOND_PER_CONNECTION
     """The platform's quota of bytes a second on the connection (topic plus payload; AWS IoT

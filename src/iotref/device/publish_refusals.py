@@ -61,7 +61,7 @@ PERMANENT_CRT_ERRORS: Final[frozenset[str]] = frozenset(
 def permanent_refusal(exc: BaseException) -> str | None:
     """Why ``exc`` (a failed publish) refuses the message for good, in a few words, or
     None if another attempt may succeed. Reads the ``reason_code`` and ``error_name``
-    attributes of :class:`iotref.device.connection.PublishFailed`; anything without them
+    attributes of :class:`iotref.device.connection.errors.PublishFailed`; anything without them
     is taken as retryable."""
     code = getattr(exc, "reason_code", None)
     if isinstance(code, int) and code in PERMANENT_PUBACK_CODES:

@@ -59,10 +59,10 @@ from functools import partial
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from iotref.device import stdlib_compat
+from iotref.device.connection.rate_limit import PublishLimiter
 from iotref.device.messages import to_json
 from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
 from iotref.device.publish_refusals import permanent_refusal
-from iotref.device.rate_limit import PublishLimiter
 from iotref.device.stdlib_compat import StrEnum
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 
@@ -86,10 +86,10 @@ _RETRY_MAX_S: Final = 30.0
 
 
 class ConnectionLike(Protocol):
-    """What the publisher needs of :class:`iotref.device.connection.Connection`.
+    """What the publisher needs of :class:`iotref.device.connection.connection.Connection`.
 
     A connection that also has ``publish_callback(topic, payload, callback, qos)`` (as
-    :class:`~iotref.device.connection.Connection` does) is published through that,
+    :class:`~iotref.device.connection.connection.Connection` does) is published through that,
     which costs less per message than a future."""
 
     @property
@@ -437,8 +437,8 @@ class Telemetry:
         self._in_flight: set[int] = set()
         self._idle_waiter: asyncio.Future[None] | None = None
         self._publish_cb: Callable[..., None] | None = getattr(connection, "publish_callback", None)
-        # The connection's pace (see iotref.device.rate_limit): the drainer publishes only
-        # what it lets go now, and waits for the rest.
+        # The connection's pace (see iotref.device.connection.rate_limit): the drainer
+        # publishes only what it lets go now, and waits for the rest.
         self._limiter: PublishLimiter | None = getattr(connection, "rate_limiter", None)
         self._hold_until = 0.0
         self._failures_in_row = 0

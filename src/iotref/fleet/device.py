@@ -10,12 +10,10 @@ from typing import Final, Protocol, cast
 
 from awscrt import io
 
-from iotref.device.connection import (
-    Connection,
-    ConnectionEvent,
-    ConnectionSettings,
-    ConnectionState,
-)
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.rate_limit import ConnectGate
+from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.connection.state import ConnectionEvent, ConnectionState
 from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
@@ -23,7 +21,6 @@ from iotref.device.onboarding.certificate_store import (
     ROOT_CA_FILE,
 )
 from iotref.device.outbox import Outbox
-from iotref.device.rate_limit import ConnectGate
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
 from iotref.fleet.memory_outbox import MemoryOutbox, OutboxTotals

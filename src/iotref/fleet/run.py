@@ -14,10 +14,10 @@ import time
 from collections import Counter
 from typing import Any, Final
 
-from iotref.device.connection import ConnectionFailed, MqttError
+from iotref.device.connection.errors import ConnectionFailed, MqttError
+from iotref.device.connection.rate_limit import ConnectGate
 from iotref.device.errors import IotrefError
 from iotref.device.onboarding.environment import Environment
-from iotref.device.rate_limit import ConnectGate
 from iotref.device.shadow.errors import ShadowError
 from iotref.device.telemetry import MessageValidatorLike
 from iotref.fleet.device import FleetDevice

@@ -12,7 +12,9 @@ from typing import Final, Protocol
 
 from awscrt import io
 
-from iotref.device.connection import ConnectionFailed, ConnectionSettings, build_tls_context
+from iotref.device.connection.awscrt_options import build_tls_context
+from iotref.device.connection.errors import ConnectionFailed
+from iotref.device.connection.settings import ConnectionSettings
 
 
 class TlsDevice(Protocol):
@@ -36,9 +38,10 @@ def without_system_trust_store() -> Iterator[None]:
     """Within: new awscrt TLS contexts do not load the system's CA bundle first.
 
     Only for contexts that replace the trust store anyway (as
-    :func:`~iotref.device.connection.build_tls_context` does with ``ca_path``): a context
-    that relies on the system's CAs built here would trust nothing. It changes this
-    process's environment, so use it where nothing else is opening TLS connections.
+    :func:`~iotref.device.connection.awscrt_options.build_tls_context` does with
+    ``ca_path``): a context that relies on the system's CAs built here would trust nothing.
+    It changes this process's environment, so use it where nothing else is opening TLS
+    connections.
     """
     saved = {name: os.environ.get(name) for name in _DEFAULT_TRUST_VARIABLES}
     for name in _DEFAULT_TRUST_VARIABLES:

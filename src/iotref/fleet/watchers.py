@@ -22,7 +22,8 @@ import orjson
 from awscrt import mqtt5
 
 from iotref.device import stdlib_compat
-from iotref.device.connection import ConnectionSettings, build_client_options, build_tls_context
+from iotref.device.connection.awscrt_options import build_client_options, build_tls_context
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.fleet.errors import FleetError
 from iotref.fleet.histogram import Histogram
 from iotref.fleet.options import SETTLED_AFTER_S

@@ -15,7 +15,8 @@ from typing import Literal
 import httpx
 from cryptography import x509
 
-from iotref.device.connection import REVOKED_NEXT_STEP, ConnectionSettings, diagnose_tls
+from iotref.device.connection.diagnostics import REVOKED_NEXT_STEP, diagnose_tls
+from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.errors import ConfigurationError
 from iotref.device.onboarding.certificate_store import DeviceIdentity
 from iotref.device.onboarding.environment import check_service_url

@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from iotref.device import stdlib_compat
-from iotref.device.connection import Connection, IncomingMessage, MqttError
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import MqttError
+from iotref.device.connection.state import IncomingMessage
 from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
 from iotref.protocol.topics import shadow_topic
 

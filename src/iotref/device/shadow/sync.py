@@ -21,7 +21,8 @@ from typing import Any, overload
 
 from iotref.device import stdlib_compat
 from iotref.device.backoff import Backoff
-from iotref.device.connection import Connection, MqttError, PublishFailed
+from iotref.device.connection.connection import Connection
+from iotref.device.connection.errors import MqttError, PublishFailed
 from iotref.device.shadow.desired import DesiredDecisions, DesiredHandler
 from iotref.device.shadow.errors import ShadowError, ShadowRejected, ShadowTimeout
 from iotref.device.shadow.requests import DEFAULT_TIMEOUT_S, ShadowClient

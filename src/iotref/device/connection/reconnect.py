@@ -8,10 +8,10 @@ backoff; a successful connection starts over from the minimum, however short it 
 client id start at least :data:`MIN_ATTEMPT_INTERVAL_S` apart: AWS IoT Core accepts one
 CONNECT per second per client id and throttles the rest.
 
-:class:`iotref.device.connection.Connection` asks this schedule when to start its next
-attempt and drives awscrt's client accordingly (awscrt's own reconnect timing cannot be
-configured to this policy; see docs/operations.md). Pure policy: no I/O, times come from
-``clock`` (monotonic seconds).
+The connection (:class:`iotref.device.connection.connection.Connection`) asks this
+schedule when to start its next attempt and drives awscrt's client accordingly (awscrt's
+own reconnect timing cannot be configured to this policy; see docs/operations.md). Pure
+policy: no I/O, times come from ``clock`` (monotonic seconds).
 """
 
 from __future__ import annotations
