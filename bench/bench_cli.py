@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 
 from bench.harness import BenchContext, Figure
-from iotref.device.messages import Asset, AssetType, Sender, SenderType, StatusV2, build_message
+from iotref.device.telemetry.messages import (
+    Asset,
+    AssetType,
+    Sender,
+    SenderType,
+    StatusV2,
+    build_message,
+)
 
 ROUNDS = 21
 GOAL_S = 0.2

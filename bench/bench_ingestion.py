@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from bench.harness import BenchContext, Figure
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,

@@ -60,7 +60,7 @@ from bench.harness import BenchContext, Figure
 from iotref.device.connection import publishes
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,
@@ -70,8 +70,10 @@ from iotref.device.messages import (
     build_message,
     to_json,
 )
-from iotref.device.outbox import Durability, Outbox, OutboxEntry
-from iotref.device.telemetry import PermissionFlag, Telemetry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_records import Durability, OutboxEntry
+from iotref.device.telemetry.permission import PermissionFlag
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.device.thread_state import keep_thread_state
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.protocol.topics import telemetry_topic

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from bench.harness import BenchContext, Figure
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV1,

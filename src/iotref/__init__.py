@@ -52,23 +52,6 @@ if TYPE_CHECKING:
         SendRefused,
         StoreError,
     )
-    from iotref.device.messages import (
-        Asset,
-        AssetType,
-        DeviceStatusV1,
-        DeviceStatusV2,
-        Event,
-        JobPhaseStatusV1,
-        JobPhaseStatusV2,
-        JobPhaseV1,
-        JobPhaseV2,
-        Part,
-        Sender,
-        SenderType,
-        StatusV1,
-        StatusV2,
-        build_message,
-    )
     from iotref.device.onboarding.certificate_store import (
         CertificateStore,
         DeviceIdentity,
@@ -88,7 +71,24 @@ if TYPE_CHECKING:
     from iotref.device.raw_payload import RawPayload
     from iotref.device.shadow.desired import DesiredChange, Refuse
     from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
-    from iotref.device.telemetry import SendResult, SendStatus
+    from iotref.device.telemetry.messages import (
+        Asset,
+        AssetType,
+        DeviceStatusV1,
+        DeviceStatusV2,
+        Event,
+        JobPhaseStatusV1,
+        JobPhaseStatusV2,
+        JobPhaseV1,
+        JobPhaseV2,
+        Part,
+        Sender,
+        SenderType,
+        StatusV1,
+        StatusV2,
+        build_message,
+    )
+    from iotref.device.telemetry.results import SendResult, SendStatus
     from iotref.protocol.message_schemas import ValidationIssue
 
 #: Where each public name lives. Nothing is imported until a name is first used, so that
@@ -99,13 +99,13 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "iotref.device.blocking": ("BlockingAssetChannel", "Client"),
     "iotref.device.client": ("AssetChannel", "AsyncClient"),
     "iotref.device.options": ("ClientOptions", "ClientStats"),
-    "iotref.device.telemetry": ("SendResult", "SendStatus"),
+    "iotref.device.telemetry.results": ("SendResult", "SendStatus"),
     "iotref.device.shadow.desired": ("DesiredChange", "Refuse"),
     "iotref.device.shadow.errors": ("ShadowRejected", "ShadowTimeout"),
     "iotref.device.connection.errors": ("ConnectionFailed", "ConnectionTakenOver"),
     "iotref.device.connection.state": ("ConnectionState",),
     # messages
-    "iotref.device.messages": (
+    "iotref.device.telemetry.messages": (
         "Asset",
         "AssetType",
         "DeviceStatusV1",

@@ -19,9 +19,10 @@ from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionState
-from iotref.device.outbox import Outbox
 from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry import ShadowPermission, Telemetry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.integration.test_broker_acl import operator_probe
 from tests.reliability.harness import device_topic, record, status_message
@@ -216,7 +217,7 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
 
 
 def telemetry_asset() -> Any:
-    from iotref.device.messages import Asset, AssetType
+    from iotref.device.telemetry.messages import Asset, AssetType
 
     return Asset("press-hostile", "SN-HOSTILE", AssetType.SHEETFED_PRESS)
 

@@ -31,9 +31,9 @@ import pytest
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.messages import Asset, AssetType, Sender, SenderType
-from iotref.device.outbox import OUTBOX_FILE_NAME
 from iotref.device.shadow.sync import ShadowSync
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME
 from iotref.protocol import limits
 from tests.integration.test_client import (
     client_id_of,

@@ -241,7 +241,8 @@ class RunningSender(threading.Thread):
     async def _main(self) -> None:
         from iotref.device.connection.connection import Connection
         from iotref.device.connection.settings import ConnectionSettings
-        from iotref.device.messages import (
+        from iotref.device.shadow.sync import ShadowSync
+        from iotref.device.telemetry.messages import (
             Asset,
             AssetType,
             DeviceStatusV2,
@@ -250,9 +251,10 @@ class RunningSender(threading.Thread):
             StatusV2,
             build_message,
         )
-        from iotref.device.outbox import Outbox
-        from iotref.device.shadow.sync import ShadowSync
-        from iotref.device.telemetry import SendStatus, ShadowPermission, Telemetry
+        from iotref.device.telemetry.outbox import Outbox
+        from iotref.device.telemetry.permission import ShadowPermission
+        from iotref.device.telemetry.publisher import Telemetry
+        from iotref.device.telemetry.results import SendStatus
 
         settings = ConnectionSettings(
             endpoint=self.sandbox.info["mqtt_host"],

@@ -21,7 +21,7 @@ import pytest
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,
@@ -31,8 +31,8 @@ from iotref.device.messages import (
     build_message,
     to_json,
 )
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.telemetry import Telemetry
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

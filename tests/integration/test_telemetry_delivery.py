@@ -48,20 +48,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.messages import (
+from iotref.device.shadow.sync import ShadowSync
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     Sender,
     SenderType,
 )
-from iotref.device.outbox import Outbox, OutboxFull
-from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry import (
-    PermissionFlag,
-    SendStatus,
-    ShadowPermission,
-    Telemetry,
-)
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxFull
+from iotref.device.telemetry.permission import PermissionFlag, ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
+from iotref.device.telemetry.results import SendStatus
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of

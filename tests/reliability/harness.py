@@ -5,8 +5,8 @@ on its data dir, the faults, and the figures a run records.
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
 :class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.sync.ShadowSync`
-+ :class:`~iotref.device.telemetry.Telemetry` over a durable
-:class:`~iotref.device.outbox.Outbox`, connected through a
++ :class:`~iotref.device.telemetry.publisher.Telemetry` over a durable
+:class:`~iotref.device.telemetry.outbox.Outbox`, connected through a
 :class:`~tests.support.fault_proxy.FaultProxy`. The proxy is also the "door": while the
 sandbox side is down, it keeps the device out until the watcher and the sandbox's ingestion
 have subscribed again (Mosquitto keeps no messages for a subscriber whose session died
@@ -43,17 +43,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionEvent
-from iotref.device.messages import (
+from iotref.device.shadow.sync import ShadowSync
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     SenderType,
 )
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Sender as SenderIdentity,
 )
-from iotref.device.outbox import Outbox
-from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry import ShadowPermission, Telemetry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.counted_messages import index_of

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     DeviceStatusV2,
     Sender,
@@ -16,7 +16,8 @@ from iotref.device.messages import (
     build_message,
     to_json,
 )
-from iotref.device.outbox import Outbox, OutboxEntry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_records import OutboxEntry
 from iotref.protocol.topics import telemetry_topic
 
 

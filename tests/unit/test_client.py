@@ -38,7 +38,6 @@ from iotref.device.errors import (
     SendRefused,
     StoreError,
 )
-from iotref.device.messages import Asset, AssetType, Sender, SenderType, StatusV2, build_message
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
@@ -46,8 +45,16 @@ from iotref.device.onboarding.certificate_store import (
     ROOT_CA_FILE,
 )
 from iotref.device.options import ClientOptions, ClientStats
-from iotref.device.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.raw_payload import RawPayload, as_payload
+from iotref.device.telemetry.messages import (
+    Asset,
+    AssetType,
+    Sender,
+    SenderType,
+    StatusV2,
+    build_message,
+)
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.protocol.message_schemas import ValidationIssue, default_validator
 
 PROPERTIES = {

@@ -27,9 +27,11 @@ from iotref.device.connection.rate_limit import ConnectGate
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionState, IncomingMessage
 from iotref.device.connection.subscriptions import MAX_FILTERS_PER_SUBSCRIBE, MAX_SUBSCRIPTIONS
-from iotref.device.outbox import Outbox, OutboxEntry
-from iotref.device.publish_refusals import permanent_refusal
-from iotref.device.telemetry import PermissionFlag, Telemetry
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_records import OutboxEntry
+from iotref.device.telemetry.permission import PermissionFlag
+from iotref.device.telemetry.publish_refusals import permanent_refusal
+from iotref.device.telemetry.publisher import Telemetry
 from iotref.protocol import limits
 from iotref.protocol.token_bucket import TokenBucket
 

@@ -27,10 +27,12 @@ from iotref.device.connection.awscrt_options import build_tls_context
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.onboarding.certificate_store import DeviceProperties
 from iotref.device.onboarding.environment import load_environment
-from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_records import AppendResult, OutboxEntry
+from iotref.device.telemetry.seams import MessageStore
 from iotref.fleet.device import FleetDevice
 from iotref.fleet.errors import FleetLimitError
 from iotref.fleet.histogram import Histogram
@@ -233,7 +235,7 @@ def test_memory_outbox_refuses_appends_in_groups_and_reads_bare_tuples() -> None
 PUBLISHER_CALLS = (
     "append",
     "append_many",
-    "read_batch",
+    "append_each",
     "read_pending",
     "mark_attempted",
     "ack",
@@ -246,11 +248,12 @@ PUBLISHER_CALLS = (
 
 @pytest.mark.parametrize("name", PUBLISHER_CALLS)
 def test_memory_outbox_has_what_the_publisher_calls_on_an_outbox(name: str) -> None:
-    """It is no :class:`Outbox` (no SQLite parent left half made), but has every method the
-    publisher calls on one, with the same parameters."""
+    """It is no :class:`Outbox` (no SQLite parent left half made), but has every method of
+    the publisher's :class:`MessageStore`, with the same parameters (its behaviour under
+    the contract: tests/unit/test_telemetry_seams.py)."""
     assert not issubclass(MemoryOutbox, Outbox)
     ours = inspect.signature(getattr(MemoryOutbox, name))
-    theirs = inspect.signature(getattr(Outbox, name))
+    theirs = inspect.signature(getattr(MessageStore, name))
     assert list(ours.parameters) == list(theirs.parameters)
     assert ours.return_annotation == theirs.return_annotation
 

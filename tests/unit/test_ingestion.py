@@ -18,7 +18,7 @@ import pytest
 from awscrt import mqtt5
 
 from iotref.device import thread_state
-from iotref.device.messages import (
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusV2,

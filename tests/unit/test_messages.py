@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from iotref.device import messages
-from iotref.device.messages import (
+from iotref.device.stdlib_compat import fromisoformat
+from iotref.device.telemetry import messages
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusDetailsV1,
@@ -38,7 +39,6 @@ from iotref.device.messages import (
     format_timestamp_ms,
     to_json,
 )
-from iotref.device.stdlib_compat import fromisoformat
 from iotref.protocol.message_schemas import MessageValidator, header_schema, payload_schema
 
 MILLIS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from iotref.device.messages import (
+from iotref.device.stdlib_compat import fromisoformat
+from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
     DeviceStatusDetailsV1,
@@ -36,7 +37,6 @@ from iotref.device.messages import (
     epoch_ms,
     to_json,
 )
-from iotref.device.stdlib_compat import fromisoformat
 from iotref.protocol.message_schemas import MessageValidator, format_path
 
 VALIDATOR = MessageValidator(strict=True)

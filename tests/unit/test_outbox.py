@@ -21,13 +21,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from iotref.device.outbox import (
-    Outbox,
-    OutboxClosed,
-    OutboxEntry,
-    OutboxFull,
-    OutboxLocked,
-)
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxClosed, OutboxFull, OutboxLocked
+from iotref.device.telemetry.outbox_records import OutboxEntry
 
 TOPIC = "t/org/client"
 
@@ -184,7 +180,7 @@ def test_append_many_is_all_or_nothing(db_path: Path) -> None:
 def test_append_each_commits_a_fitting_group_in_one_transaction(db_path: Path) -> None:
     with Outbox(db_path, max_messages=10) as ob:
         ob.append(TOPIC, b"first")
-        got = ob._append_each([OutboxEntry(TOPIC, b"%d" % i, f"u{i}") for i in range(4)])
+        got = ob.append_each([OutboxEntry(TOPIC, b"%d" % i, f"u{i}") for i in range(4)])
         assert [type(g).__name__ for g in got] == ["AppendResult"] * 4
         seqs = [g.seq for g in got if not isinstance(g, OutboxFull)]
         assert seqs == list(range(seqs[0], seqs[0] + 4)) and seqs[0] == ob.last_seq - 3
@@ -193,13 +189,13 @@ def test_append_each_commits_a_fitting_group_in_one_transaction(db_path: Path) -
         assert [r.message_id for r in ob.read_batch(0, 10)][1:] == ["u0", "u1", "u2", "u3"]
         stats = ob.stats()
         assert stats.depth == 5 and stats.accepted == 5 and stats.rejected == 0
-        assert ob._append_each([]) == []
+        assert ob.append_each([]) == []
 
 
 def test_append_each_that_does_not_fit_behaves_like_appends_one_by_one(db_path: Path) -> None:
     with Outbox(db_path, max_messages=3) as ob:
         ob.append(TOPIC, b"a")
-        got = ob._append_each([OutboxEntry(TOPIC, b"%d" % i) for i in range(4)])
+        got = ob.append_each([OutboxEntry(TOPIC, b"%d" % i) for i in range(4)])
         assert [isinstance(g, OutboxFull) for g in got] == [False, False, True, True]
         assert payloads(ob) == [b"a", b"0", b"1"]
         stats = ob.stats()
@@ -208,14 +204,14 @@ def test_append_each_that_does_not_fit_behaves_like_appends_one_by_one(db_path: 
     with Outbox(db_path.with_name("drop.sqlite3"), max_messages=3, overflow="drop_oldest") as ob:
         for i in range(3):
             ob.append(TOPIC, b"%d" % i)
-        got = ob._append_each([OutboxEntry(TOPIC, b"x"), OutboxEntry(TOPIC, b"y")])
+        got = ob.append_each([OutboxEntry(TOPIC, b"x"), OutboxEntry(TOPIC, b"y")])
         # Each message evicted the one it needed room for, as separate appends would.
         assert [g.dropped for g in got if not isinstance(g, OutboxFull)] == [1, 1]
         assert payloads(ob) == [b"2", b"x", b"y"]
         assert ob.stats().bytes == 3 * size and ob.stats().dropped_overflow == 2
     ob.close()
     with pytest.raises(OutboxClosed):
-        ob._append_each([OutboxEntry(TOPIC, b"z")])
+        ob.append_each([OutboxEntry(TOPIC, b"z")])
 
 
 def test_mark_attempted_and_stats_age(db_path: Path) -> None:
@@ -282,7 +278,7 @@ def test_acks_in_any_order_delete_exactly_the_acked_rows(tmp_path: Path) -> None
 _CRASH_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from iotref.device.outbox import Outbox, OutboxEntry
+    from iotref.device.telemetry.outbox import Outbox, OutboxEntry
     path, durability, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ob = Outbox(path, durability=durability)
     for i in range(n):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.outbox import Outbox, OutboxLocked
-from iotref.device.outbox_integrity import inspect_outbox
-from iotref.device.outbox_salvage import read_reports
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxLocked
+from iotref.device.telemetry.outbox_integrity import inspect_outbox
+from iotref.device.telemetry.outbox_salvage import read_reports
 
 QUEUED = 300
 FIRST_RUN = 150

@@ -7,7 +7,7 @@ import pytest
 
 from iotref.device.connection.diagnostics import crt_error_name
 from iotref.device.connection.errors import PublishFailed
-from iotref.device.publish_refusals import permanent_refusal
+from iotref.device.telemetry.publish_refusals import permanent_refusal
 
 
 @pytest.mark.parametrize("code", [0x87, 0x90, 0x95, 0x99])

@@ -7,7 +7,14 @@ import itertools
 
 import pytest
 
-from iotref.device.messages import Asset, Sender, SenderType, StatusV1, StatusV2, build_message
+from iotref.device.telemetry.messages import (
+    Asset,
+    Sender,
+    SenderType,
+    StatusV1,
+    StatusV2,
+    build_message,
+)
 from iotref.fleet.press import (
     DIGITAL,
     OFFSET,

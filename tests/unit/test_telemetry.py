@@ -7,167 +7,40 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from iotref.device import stdlib_compat
-from iotref.device import telemetry as telemetry_module
-from iotref.device.messages import (
-    Asset,
-    AssetType,
-    DeviceStatusV2,
-    Sender,
-    SenderType,
-    StatusV2,
-    build_message,
+from iotref.device.telemetry import group_commit
+from iotref.device.telemetry import publisher as telemetry_module
+from iotref.device.telemetry.messages import (
     to_json,
 )
-from iotref.device.outbox import AppendResult, Outbox, OutboxEntry, OutboxFull, OutboxRecord
-from iotref.device.telemetry import (
-    PermissionFlag,
-    SendStatus,
-    Telemetry,
-    TelemetryClosed,
-)
+from iotref.device.telemetry.outbox import Outbox
+from iotref.device.telemetry.outbox_errors import OutboxFull
+from iotref.device.telemetry.outbox_records import AppendResult, OutboxEntry
+from iotref.device.telemetry.permission import PermissionFlag
+from iotref.device.telemetry.publisher import Telemetry
+from iotref.device.telemetry.results import MessageTooLarge, SendStatus, TelemetryClosed
+from iotref.device.telemetry.wakeup import Wakeup
 from iotref.protocol.message_schemas import InvalidMessage
+from tests.support.telemetry_fakes import (
+    FakeConnection,
+    PublishFailed,
+    counter_of,
+    message,
+    settle,
+)
 
 T = TypeVar("T")
 TOPIC = "telemetry/org-1/client-1"
 
-SENDER = Sender(SenderType.PRESS, "gw", "1.0")
-
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-class PublishFailed(Exception):
-    pass
-
-
-class FakeConnection:
-    """Publishes into a list; PUBACKs come when the test says so (or at once with
-    ``auto_ack``); ``drop()`` loses the connection and fails what is in flight."""
-
-    def __init__(self, *, auto_ack: bool = False, connected: bool = True) -> None:
-        self.connected = connected
-        self.auto_ack = auto_ack
-        self.callbacks: list[Callable[[bool], Awaitable[None] | None]] = []
-        self.published: list[tuple[str, bytes]] = []
-        self.pending: list[tuple[int, asyncio.Future[None]]] = []
-
-    def add_connected_callback(self, cb: Callable[[bool], Awaitable[None] | None]) -> None:
-        self.callbacks.append(cb)
-
-    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]:
-        assert qos == 1
-        if not self.connected:
-            raise PublishFailed("not connected")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.published.append((topic, payload))
-        if self.auto_ack:
-            asyncio.get_running_loop().call_soon(_resolve, fut)
-        else:
-            self.pending.append((counter_of(payload), fut))
-        return fut
-
-    @property
-    def in_flight(self) -> int:
-        return sum(1 for _, f in self.pending if not f.done())
-
-    def ack(self, *counters: int) -> None:
-        for c, fut in self.pending:
-            if c in counters and not fut.done():
-                fut.set_result(None)
-
-    def ack_all(self) -> None:
-        for _, fut in self.pending:
-            if not fut.done():
-                fut.set_result(None)
-        self.pending.clear()
-
-    def fail_all(self, exc: Exception) -> None:
-        for _, fut in self.pending:
-            if not fut.done():
-                fut.set_exception(exc)
-        self.pending.clear()
-
-    def drop(self) -> None:
-        self.connected = False
-        self.fail_all(PublishFailed("connection lost"))
-
-    async def reconnect(self, session_present: bool = False) -> None:
-        self.connected = True
-        for cb in self.callbacks:
-            result = cb(session_present)
-            if result is not None:
-                await result
-
-    def counters(self) -> list[int]:
-        return [counter_of(p) for _, p in self.published]
-
-
-class CallbackConnection(FakeConnection):
-    """A :class:`FakeConnection` that also offers ``publish_callback`` like the real
-    Connection, so that the publisher takes its callback path."""
-
-    def publish_callback(
-        self,
-        topic: str,
-        payload: bytes,
-        callback: Callable[[BaseException | None], None],
-        qos: int = 1,
-    ) -> None:
-        fut = FutureConnection.publish_nowait(self, topic, payload, qos)
-
-        def done(f: asyncio.Future[None]) -> None:
-            callback(asyncio.CancelledError() if f.cancelled() else f.exception())
-
-        fut.add_done_callback(done)
-
-
-FutureConnection = FakeConnection
-
-
-@pytest.fixture(autouse=True, params=["futures", "callbacks"])
-def connection_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs against a connection with ``publish_nowait`` only, and again
-    against one with ``publish_callback`` (what the real Connection has)."""
-    if request.param == "callbacks":
-        monkeypatch.setitem(globals(), "FakeConnection", CallbackConnection)
-    return str(request.param)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def counter_of(payload: bytes) -> int:
-    return int(json.loads(payload)["payload"]["signalstatus"]["deviceinfo"]["speed"])
-
-
-ASSET = Asset("asset-1", "SN-1", AssetType.SHEETFED_PRESS)
-
-
-def message(i: int) -> dict[str, Any]:
-    return build_message(
-        SENDER,
-        ASSET,
-        StatusV2(status=DeviceStatusV2.PRODUCTION, speed=i, totalproductioncounter=i),
-    )
-
-
-async def settle(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.001)
 
 
 @pytest.fixture
@@ -586,32 +459,15 @@ def test_permission_lost_in_the_middle_of_a_batch_keeps_order(outbox: Outbox) ->
 # --------------------------------------------------------------------------- fast paths
 
 
-def test_the_publisher_uses_publish_callback_when_the_connection_has_it(
-    outbox: Outbox, connection_kind: str
-) -> None:
-    async def main() -> None:
-        conn = FakeConnection()
-        async with Telemetry(conn, outbox, TOPIC) as tel:
-            assert (tel._publish_cb is not None) == (connection_kind == "callbacks")
-            for i in range(3):
-                await tel.send(message(i))
-            await settle(lambda: len(conn.published) == 3)
-            conn.ack_all()
-            await settle(lambda: outbox.depth == 0)
-            assert tel.stats().acked == 3 and tel.in_flight == 0
-
-    run(main())
-
-
 class CountingOutbox(Outbox):
     """Counts transactions: appends alone and group commits."""
 
     appends = 0
     groups: list[int]
 
-    def _append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
+    def append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
         self.groups.append(len(entries))
-        return super()._append_each(entries)
+        return super().append_each(entries)
 
 
 @pytest.fixture
@@ -668,11 +524,11 @@ def test_a_single_sender_stops_grouping_after_a_few_solo_commits(
         async with Telemetry(conn, counting, TOPIC) as tel:
             await tel.send(message(0))  # this task: commits alone, right away
             await asyncio.create_task(tel.send(message(1)))  # another task: grouping on
-            assert tel._grouping
+            assert tel._group_commit is not None and tel._group_commit._grouping
             for i in range(2, 12):
                 await tel.send(message(i))
-            assert not tel._grouping
-            assert counting.groups == [1] * telemetry_module._GROUP_SOLO_LIMIT
+            assert not tel._group_commit._grouping
+            assert counting.groups == [1] * group_commit.SOLO_LIMIT
             assert tel.stats().queued == 12
 
     run(main())
@@ -730,9 +586,9 @@ def test_sends_are_not_grouped_with_process_durability(tmp_path: Path) -> None:
     class Counting(Outbox):
         groups = 0
 
-        def _append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
+        def append_each(self, entries: Sequence[OutboxEntry]) -> list[AppendResult | OutboxFull]:
             Counting.groups += 1
-            return super()._append_each(entries)
+            return super().append_each(entries)
 
     async def main() -> None:
         ob = Counting(tmp_path / "process.sqlite3")
@@ -740,27 +596,7 @@ def test_sends_are_not_grouped_with_process_durability(tmp_path: Path) -> None:
             async with Telemetry(FakeConnection(auto_ack=True), ob, TOPIC) as tel:
                 results = await asyncio.gather(*(tel.send(message(i)) for i in range(10)))
                 assert [r.seq for r in results] == list(range(1, 11))
-                assert Counting.groups == 0 and not tel._grouping
-        finally:
-            ob.close()
-
-    run(main())
-
-
-def test_an_outbox_subclass_with_its_own_append_is_never_grouped(tmp_path: Path) -> None:
-    class OwnAppend(Outbox):
-        calls = 0
-
-        def append(self, topic: str, payload: bytes, message_id: str | None = None) -> AppendResult:
-            OwnAppend.calls += 1
-            return super().append(topic, payload, message_id)
-
-    async def main() -> None:
-        ob = OwnAppend(tmp_path / "own.sqlite3", durability="power")
-        try:
-            async with Telemetry(FakeConnection(auto_ack=True), ob, TOPIC) as tel:
-                await asyncio.gather(*(tel.send(message(i)) for i in range(10)))
-                assert OwnAppend.calls == 10 and not tel._grouping
+                assert Counting.groups == 0 and tel._group_commit is None
         finally:
             ob.close()
 
@@ -838,30 +674,9 @@ def test_the_tail_is_published_before_the_rest_is_read_back(
     assert read_back[0] > 5  # not from the oldest: what was in memory was not read again
 
 
-def test_an_outbox_subclass_with_its_own_read_batch_is_read_through_it(tmp_path: Path) -> None:
-    class OwnRead(Outbox):
-        reads = 0
-
-        def read_batch(self, after_seq: int = 0, limit: int = 500) -> list[OutboxRecord]:
-            OwnRead.reads += 1
-            return super().read_batch(after_seq, limit)
-
-    async def main() -> None:
-        path = tmp_path / "own.sqlite3"
-        with OwnRead(path) as ob:  # a backlog: read back at start
-            for i in range(5):
-                ob.append(TOPIC, to_json(message(i)))
-            conn = FakeConnection(auto_ack=True)
-            async with Telemetry(conn, ob, TOPIC):
-                await settle(lambda: ob.depth == 0)
-            assert conn.counters() == list(range(5)) and OwnRead.reads >= 1
-
-    run(main())
-
-
 def test_the_drainers_wakeup_is_an_event_for_one_waiter() -> None:
     async def main() -> None:
-        wake = telemetry_module._Wakeup()
+        wake = Wakeup()
         wake.set()
         assert wake.is_set()
         await wake.wait()  # set: returns at once
@@ -919,38 +734,17 @@ class RefusingConnection(FakeConnection):
         self.raise_now = raise_now
         self.attempts: list[int] = []
 
-    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]:
+    def publish_future(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]:
         n = counter_of(payload)
         self.attempts.append(n)
         if n not in self.refuse:
-            return super().publish_nowait(topic, payload, qos)
+            return super().publish_future(topic, payload, qos)
         if self.raise_now:
             raise self.refuse[n]
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.published.append((topic, payload))
         asyncio.get_running_loop().call_soon(fut.set_exception, self.refuse[n])
         return fut
-
-
-class RefusingCallbackConnection(RefusingConnection):
-    def publish_callback(
-        self,
-        topic: str,
-        payload: bytes,
-        callback: Callable[[BaseException | None], None],
-        qos: int = 1,
-    ) -> None:
-        fut = RefusingConnection.publish_nowait(self, topic, payload, qos)
-
-        def done(f: asyncio.Future[None]) -> None:
-            callback(asyncio.CancelledError() if f.cancelled() else f.exception())
-
-        fut.add_done_callback(done)
-
-
-def refusing(connection_kind: str, refuse: dict[int, Exception], **kw: Any) -> RefusingConnection:
-    kind = RefusingCallbackConnection if connection_kind == "callbacks" else RefusingConnection
-    return kind(refuse, **kw)
 
 
 @pytest.mark.parametrize(
@@ -974,10 +768,10 @@ def refusing(connection_kind: str, refuse: dict[int, Exception], **kw: Any) -> R
     ids=["0x87", "0x90", "0x99", "packet-validation", "refused-at-the-call"],
 )
 def test_a_message_refused_for_good_is_moved_aside_and_the_rest_go_on_in_order(
-    outbox: Outbox, connection_kind: str, refusal: Exception, raise_now: bool
+    outbox: Outbox, refusal: Exception, raise_now: bool
 ) -> None:
     async def main() -> None:
-        conn = refusing(connection_kind, {5: refusal}, raise_now=raise_now)
+        conn = RefusingConnection({5: refusal}, raise_now=raise_now)
         async with Telemetry(conn, outbox, TOPIC) as tel:
             for i in range(10):
                 await tel.send(message(i))
@@ -1002,12 +796,12 @@ def message_id_of(payload: bytes) -> str:
 
 @pytest.mark.parametrize("code", [0x80, 0x83, 0x91, 0x97])
 def test_a_transient_refusal_is_retried_not_moved(
-    outbox: Outbox, connection_kind: str, monkeypatch: pytest.MonkeyPatch, code: int
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     monkeypatch.setattr(telemetry_module, "_RETRY_MIN_S", 0.01)
 
     async def main() -> None:
-        conn = refusing(connection_kind, {2: Refused(f"0x{code:02X}", reason_code=code)})
+        conn = RefusingConnection({2: Refused(f"0x{code:02X}", reason_code=code)})
         async with Telemetry(conn, outbox, TOPIC) as tel:
             for i in range(4):
                 await tel.send(message(i))
@@ -1028,13 +822,13 @@ def test_send_refuses_a_message_over_the_payload_limit_at_once(outbox: Outbox) -
         async with Telemetry(conn, outbox, TOPIC) as tel:
             big = message(1)
             big["payload"]["signalstatus"]["deviceinfo"]["statusdetails"] = "x" * 200_000
-            with pytest.raises(telemetry_module.MessageTooLarge) as refused:
+            with pytest.raises(MessageTooLarge) as refused:
                 await tel.send(big)
             assert refused.value.limit == 128 * 1024
             assert refused.value.size == len(to_json(big)) > 200_000
             assert f"{refused.value.size:,} bytes" in str(refused.value)
             assert "131,072" in str(refused.value)
-            with pytest.raises(telemetry_module.MessageTooLarge):
+            with pytest.raises(MessageTooLarge):
                 await tel.send_many([message(2), big])
             assert outbox.depth == 0 and tel.stats().rejected_too_large == 2
             await tel.send(message(3))

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from iotref.cli.main import cli, main
-from iotref.device.messages import Asset, Sender, StatusV1, StatusV2, build_message
+from iotref.device.telemetry.messages import Asset, Sender, StatusV1, StatusV2, build_message
 
 DEVICEINFO = "$.payload.signalstatus.deviceinfo"
 

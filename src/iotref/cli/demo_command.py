@@ -38,7 +38,6 @@ from iotref.cli.onboarding_commands import _environment_options, _expected_error
 from iotref.cli.output import is_quiet
 from iotref.device.client import AsyncClient
 from iotref.device.errors import IotrefError, LoginRequired, StoreError
-from iotref.device.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.onboarding.certificate_store import (
     ROOT_CA_FILE,
     CertificateStore,
@@ -55,6 +54,7 @@ from iotref.device.onboarding.environment import (
 from iotref.device.onboarding.next_steps import Selection, shell_word
 from iotref.device.onboarding.provisioning import ProvisionOptions
 from iotref.device.onboarding.service import Onboarding
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.fleet.press import Phase, PressSimulator
 
 DEFAULT_DATA_DIR = Path(".sandbox")

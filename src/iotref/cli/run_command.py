@@ -35,7 +35,8 @@ stderr, is counted as invalid, and the run goes on; so does a message over the p
 payload limit (counted as too large, its size named). Messages the platform refuses for
 good after they were queued are counted on the status line ("refused") and kept in the
 outbox's refused table. A damaged outbox found at start is reported in one line on stderr
-(see :mod:`iotref.device.outbox_integrity` and :mod:`iotref.device.outbox_salvage`).
+(see :mod:`iotref.device.telemetry.outbox_integrity` and
+:mod:`iotref.device.telemetry.outbox_salvage`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ from iotref.device.errors import (
     OutboxFullError,
     StoreError,
 )
-from iotref.device.messages import Asset, Sender, SenderType
 from iotref.device.onboarding.certificate_store import (
     CertificateStore,
     DeviceIdentity,
@@ -85,9 +85,11 @@ from iotref.device.onboarding.environment import ENV_FILE_VAR, ENV_VAR, Environm
 from iotref.device.onboarding.next_steps import Selection, provision_new_machine
 from iotref.device.onboarding.store_checks import environment_mismatch
 from iotref.device.options import ClientStats
-from iotref.device.outbox import RECOVERY_LOG_ATTRIBUTE
 from iotref.device.systemd_notify import SystemdNotifier
-from iotref.device.telemetry import SendStatus
+from iotref.device.telemetry import outbox_opening
+from iotref.device.telemetry.messages import Asset, Sender, SenderType
+from iotref.device.telemetry.outbox_opening import RECOVERY_LOG_ATTRIBUTE
+from iotref.device.telemetry.results import SendStatus
 from iotref.fleet.press import PressEvent, PressKind, PressSimulator, profile_for
 
 Kind = Literal["offset", "digital", "mixed"]
@@ -666,7 +668,7 @@ async def run_sender(
             loop.add_signal_handler(sig, on_signal)
 
     # A damaged outbox is said once, below, in the command's own words.
-    logging.getLogger("iotref.device.outbox").addFilter(
+    logging.getLogger(outbox_opening.__name__).addFilter(
         lambda record: not getattr(record, RECOVERY_LOG_ATTRIBUTE, False)
     )
     watchdog = asyncio.ensure_future(feed_watchdog(service))

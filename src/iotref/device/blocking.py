@@ -19,19 +19,19 @@ from typing import Any, TypeVar
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionEvent
 from iotref.device.errors import ClientClosed
-from iotref.device.messages import Asset, Sender
 from iotref.device.onboarding.certificate_store import (
     CertificateStore,
     DeviceIdentity,
     DeviceProperties,
 )
 from iotref.device.options import ClientOptions, ClientOptionsArgs, ClientStats
-from iotref.device.outbox_salvage import OutboxRecovery
 from iotref.device.raw_payload import PayloadLike
 from iotref.device.shadow.desired import DesiredHandler
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
-from iotref.device.telemetry import SendResult
+from iotref.device.telemetry.messages import Asset, Sender
+from iotref.device.telemetry.outbox_salvage import OutboxRecovery
+from iotref.device.telemetry.results import SendResult
 
 __all__ = ["BlockingAssetChannel", "BlockingShadow", "Client"]
 

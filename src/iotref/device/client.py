@@ -47,7 +47,6 @@ from iotref.device.errors import (
     OutboxBusy,
     OutboxFullError,
 )
-from iotref.device.messages import Asset, Sender, SenderType, build_message
 from iotref.device.onboarding.certificate_store import (
     CertificateStore,
     DeviceIdentity,
@@ -60,24 +59,16 @@ from iotref.device.options import (
     client_stats,
     merged_options,
 )
-from iotref.device.outbox import (
-    OUTBOX_FILE_NAME,
-    Outbox,
-    OutboxError,
-    OutboxFull,
-    OutboxLocked,
-)
-from iotref.device.outbox_salvage import OutboxRecovery
 from iotref.device.raw_payload import PayloadLike, as_payload
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.stdlib_compat import Unpack
-from iotref.device.telemetry import (
-    MessageTooLarge,
-    SendResult,
-    ShadowPermission,
-    Telemetry,
-    TelemetryClosed,
-)
+from iotref.device.telemetry.messages import Asset, Sender, SenderType, build_message
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
+from iotref.device.telemetry.outbox_errors import OutboxError, OutboxFull, OutboxLocked
+from iotref.device.telemetry.outbox_salvage import OutboxRecovery
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
+from iotref.device.telemetry.results import MessageTooLarge, SendResult, TelemetryClosed
 from iotref.protocol.message_schemas import InvalidMessage, MessageValidator
 from iotref.protocol.topics import telemetry_topic
 
@@ -270,7 +261,7 @@ class AsyncClient:
     @property
     def outbox_recovery(self) -> OutboxRecovery | None:
         """What was found and done when the outbox was damaged at start (see
-        :mod:`iotref.device.outbox_integrity`); None when it was sound."""
+        :mod:`iotref.device.telemetry.outbox_integrity`); None when it was sound."""
         return None if self._outbox is None else self._outbox.recovery
 
     @property

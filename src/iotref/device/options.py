@@ -12,20 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from iotref.device.connection.state import ConnectionState
-from iotref.device.outbox import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_MESSAGES,
-    Durability,
-    OverflowPolicy,
-)
-from iotref.device.telemetry import DEFAULT_WINDOW, PermissionPolicy
+from iotref.device.telemetry.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MESSAGES
+from iotref.device.telemetry.outbox_records import Durability, OverflowPolicy
+from iotref.device.telemetry.permission import PermissionPolicy
+from iotref.device.telemetry.publisher import DEFAULT_WINDOW
 from iotref.protocol import limits
 
 if TYPE_CHECKING:
     from iotref.device.connection.connection import Connection
-    from iotref.device.outbox import Outbox
     from iotref.device.shadow.sync import ShadowSync
-    from iotref.device.telemetry import Telemetry
+    from iotref.device.telemetry.outbox import Outbox
+    from iotref.device.telemetry.publisher import Telemetry
 
 __all__ = [
     "ClientOptions",

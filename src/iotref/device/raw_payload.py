@@ -1,6 +1,6 @@
 """Payloads given as plain JSON objects: :class:`RawPayload` (the body and the kind of event
 it is, ``generic.signal``/``Status`` v2 unless told otherwise) and :func:`as_payload`, which
-turns what ``send()`` accepts into a payload :func:`~iotref.device.messages.build_message`
+turns what ``send()`` accepts into a payload :func:`~iotref.device.telemetry.messages.build_message`
 takes. Nothing is checked here: the built message is validated against the platform schemas
 before it is queued."""
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from iotref.device.messages import Payload
+from iotref.device.telemetry.messages import Payload
 
 __all__ = ["PayloadLike", "RawPayload", "as_payload"]
 

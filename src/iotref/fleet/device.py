@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 from awscrt import io
 
@@ -14,15 +14,16 @@ from iotref.device.connection.connection import Connection
 from iotref.device.connection.rate_limit import ConnectGate
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionEvent, ConnectionState
-from iotref.device.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     ROOT_CA_FILE,
 )
-from iotref.device.outbox import Outbox
 from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry import MessageValidatorLike, ShadowPermission, Telemetry
+from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType, build_message
+from iotref.device.telemetry.permission import ShadowPermission
+from iotref.device.telemetry.publisher import Telemetry
+from iotref.device.telemetry.seams import MessageValidatorLike
 from iotref.fleet.memory_outbox import MemoryOutbox, OutboxTotals
 from iotref.fleet.options import FleetOptions
 from iotref.fleet.status_generator import StatusGenerator
@@ -136,9 +137,7 @@ class FleetDevice:
         props = self.identity.properties
         telemetry = Telemetry(
             connection,
-            # The publisher's parameter is typed as the durable Outbox; MemoryOutbox has
-            # every method it calls, with the same signatures (tests/unit/test_fleet.py).
-            cast("Outbox", self.outbox),
+            self.outbox,
             telemetry_topic(props.telemetry_topic, props.org_id, props.client_id),
             validator=run.validator,
             permission=ShadowPermission(shadow),

@@ -9,14 +9,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from iotref.device.outbox import (
+from iotref.device.telemetry.outbox_errors import OutboxFull
+from iotref.device.telemetry.outbox_records import (
     AppendResult,
     Durability,
     OutboxEntry,
-    OutboxFull,
     OutboxRecord,
     OutboxStats,
     OverflowPolicy,
+    PendingMessage,
 )
 
 UNBOUNDED: Final = 1 << 62
@@ -33,10 +34,9 @@ class OutboxTotals:
 
 class MemoryOutbox:
     """An outbox kept in memory: an ordered queue of unacknowledged messages, removed on
-    acknowledgement or refusal, with every method the publisher
-    (:class:`~iotref.device.telemetry.Telemetry`) calls on the durable
-    :class:`~iotref.device.outbox.Outbox`. Not durable (``durability`` is ``"process"``),
-    unbounded, and acknowledgements are never buffered."""
+    acknowledgement or refusal; a :class:`~iotref.device.telemetry.seams.MessageStore` for
+    the publisher (:class:`~iotref.device.telemetry.publisher.Telemetry`). Not durable
+    (``durability`` is ``"process"``), unbounded, and acknowledgements are never buffered."""
 
     __slots__ = (
         "_accepted",
@@ -97,7 +97,7 @@ class MemoryOutbox:
                     break
         return out
 
-    def read_pending(self, after_seq: int = 0, limit: int = 500) -> list[tuple[int, str, bytes]]:
+    def read_pending(self, after_seq: int = 0, limit: int = 500) -> list[PendingMessage]:
         """:meth:`read_batch` as bare ``(seq, topic, payload)`` tuples."""
         return [(r.seq, r.topic, r.payload) for r in self.read_batch(after_seq, limit)]
 

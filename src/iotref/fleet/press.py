@@ -5,7 +5,7 @@ phases (idle -> make-ready -> production -> wash-up -> idle, with occasional sto
 production; a press starts idle or already printing a job), its speed (ramped, never
 jumping, except an emergency stop), its counters and the ``generic.signal``/``Status``
 payloads (v2, and v1 on request) built from them with the typed builders of
-:mod:`iotref.device.messages`.
+:mod:`iotref.device.telemetry.messages`.
 
 Pure: no I/O, no clock and no global random state. Time only moves when :meth:`step` is
 called, randomness comes from a :class:`random.Random` seeded by the caller, so the same
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Final, Literal
 
-from iotref.device.messages import (
+from iotref.device.stdlib_compat import StrEnum
+from iotref.device.telemetry.messages import (
     AssetType,
     DeviceStatusDetailsV1,
     DeviceStatusV1,
@@ -36,7 +37,6 @@ from iotref.device.messages import (
     StatusV1,
     StatusV2,
 )
-from iotref.device.stdlib_compat import StrEnum
 
 __all__ = [
     "DEFAULT_START",

@@ -19,7 +19,7 @@ from iotref.device.connection.rate_limit import ConnectGate
 from iotref.device.errors import IotrefError
 from iotref.device.onboarding.environment import Environment
 from iotref.device.shadow.errors import ShadowError
-from iotref.device.telemetry import MessageValidatorLike
+from iotref.device.telemetry.seams import MessageValidatorLike
 from iotref.fleet.device import FleetDevice
 from iotref.fleet.histogram import Histogram
 from iotref.fleet.memory import (

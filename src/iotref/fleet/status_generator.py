@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from iotref.device.messages import DeviceStatusV2, StatusV2
+from iotref.device.telemetry.messages import DeviceStatusV2, StatusV2
 
 
 class StatusGenerator:

@@ -47,8 +47,8 @@ from iotref.device.onboarding.next_steps import (
     shell_word,
     steps,
 )
-from iotref.device.outbox import OUTBOX_FILE_NAME
-from iotref.device.outbox_integrity import (
+from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME
+from iotref.device.telemetry.outbox_integrity import (
     DAMAGED_INFIX,
     MARKER_SUFFIX,
     REPORT_SUFFIX,
@@ -56,7 +56,7 @@ from iotref.device.outbox_integrity import (
     WAL_SUFFIX,
     inspect_outbox,
 )
-from iotref.device.outbox_salvage import read_reports
+from iotref.device.telemetry.outbox_salvage import read_reports
 
 DEFAULT_EXPIRY_THRESHOLD_DAYS = 30.0
 

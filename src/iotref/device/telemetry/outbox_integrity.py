@@ -27,7 +27,7 @@ If the tail was cut from committed data, the marker shows the loss. Lost acknowl
 (a WAL cut after messages were acknowledged) only mean those messages are sent again, and
 the platform drops the duplicates by ``sendereventuuid``; they are not reported.
 
-What is done with a damaged outbox is in :mod:`iotref.device.outbox_salvage`.
+What is done with a damaged outbox is in :mod:`iotref.device.telemetry.outbox_salvage`.
 """
 
 from __future__ import annotations

@@ -1,50 +1,11 @@
-"""Permission-gated, durable telemetry publishing (contract sections 6-8).
+"""The telemetry publisher (:class:`Telemetry`): validates, serializes and stores each
+message in the outbox, then publishes the outbox in order with QoS 1 and removes a message
+only when acknowledged, while the permission to send allows it.
 
-:class:`Telemetry` is what an application calls::
-
-    telemetry = Telemetry(connection, outbox, topic, permission=flag)
-    result = await telemetry.send(message)   # validated, serialized, stored, then returns
-
-``send()`` validates the whole message (an invalid one raises
-:class:`~iotref.protocol.message_schemas.InvalidMessage` naming the JSON path and the reason,
-and is never queued), serializes it as compact JSON (:func:`iotref.device.messages.to_json`),
-refuses it with :class:`MessageTooLarge` when that is over the platform's payload limit
-(:data:`iotref.protocol.limits.MAX_PAYLOAD_BYTES`), appends it to the durable
-:class:`~iotref.device.outbox.Outbox` and wakes the drainer. When
-it returns with ``SendResult.status == "queued"`` the message is committed and will be
-published at least once, through broker restarts, network cuts and crashes of this process.
-
-The drainer publishes the outbox strictly in ``seq`` order with QoS 1, keeping up to
-``window`` messages in flight (unacknowledged), and removes a message only when its PUBACK
-arrives. After every (re)connect, and after a failed publish, it starts again from the
-oldest unacknowledged message, so everything unacknowledged is re-published in order:
-duplicates are possible, gaps and reordering of first deliveries are not (the platform drops
-duplicates by ``sendereventuuid``).
-
-A message the platform refuses for good (a PUBACK reason code or an MQTT library error that
-no retry can change, see :mod:`iotref.device.publish_refusals`), and a stored message over
-the payload limit (queued by an earlier version), never blocks the queue: it is moved to
-the outbox's ``refused`` table (:meth:`~iotref.device.outbox.Outbox.refuse`), counted in
-:attr:`TelemetryStats.refused` and logged, and the messages after it go on in order. Every
-other failure is retried.
-
-Permission (the shadow's ``sendTelemetryData``): while it is not true nothing is published;
-the permission is checked before every publish. ``policy`` says what ``send()`` does
-meanwhile:
-
-``"hold"`` (default)
-    The message is validated and queued as usual and published once permission returns
-    (``SendResult.status == "queued"``). The outbox bound still applies.
-``"drop"``
-    The message is validated and then discarded: ``SendResult.status ==
-    "dropped_no_permission"``, counted in :attr:`TelemetryStats.dropped_no_permission`.
-    Messages queued before the permission was withdrawn stay queued and are published when
-    it returns.
-
-The permission comes from any object with an ``allowed`` attribute and an
-``add_listener(callback)`` method (:class:`PermissionSource`), such as
-:class:`PermissionFlag` (settable; :meth:`Telemetry.set_permission`) or
-:class:`ShadowPermission`, which follows :class:`iotref.device.shadow.sync.ShadowSync`.
+Its collaborators (connection, message store, permission source, validator) are the
+Protocols of :mod:`iotref.device.telemetry.seams`. docs/architecture.md ("Device
+telemetry") describes the drain: the in-flight window, generations and rewinds, refusals
+for good, group commits.
 """
 
 from __future__ import annotations
@@ -53,256 +14,46 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final
 
-from iotref.device import stdlib_compat
-from iotref.device.connection.rate_limit import PublishLimiter
-from iotref.device.messages import to_json
-from iotref.device.outbox import AppendResult, Outbox, OutboxEntry
-from iotref.device.publish_refusals import permanent_refusal
-from iotref.device.stdlib_compat import StrEnum
+from iotref.device.telemetry.group_commit import GroupCommit
+from iotref.device.telemetry.messages import to_json
+from iotref.device.telemetry.outbox_records import OutboxEntry, PendingMessage
+from iotref.device.telemetry.permission import PermissionFlag, PermissionPolicy
+from iotref.device.telemetry.publish_refusals import permanent_refusal
+from iotref.device.telemetry.results import (
+    MessageTooLarge,
+    SendResult,
+    SendStatus,
+    TelemetryClosed,
+    TelemetryStats,
+)
+from iotref.device.telemetry.seams import (
+    MessageStore,
+    MessageValidatorLike,
+    PermissionSource,
+    PublishPace,
+    TelemetryConnection,
+)
+from iotref.device.telemetry.wakeup import Wakeup
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
-
-PermissionPolicy = Literal["hold", "drop"]
 
 DEFAULT_WINDOW: Final = 1000
 DEFAULT_BATCH: Final = 256
 DEFAULT_CLOSE_TIMEOUT_S: Final = 10.0
 SEND_YIELD_EVERY: Final = 32
 """``send()`` lets other tasks run (the drainer, the acks) every this many calls."""
-_GROUP_SOLO_LIMIT: Final = 4
-"""Group commits of a single message in a row after which ``send()`` stops grouping."""
 _IDLE_ACK_FLUSH_S: Final = 0.2
 _RETRY_MIN_S: Final = 0.5
 _RETRY_MAX_S: Final = 30.0
 
 
-# --------------------------------------------------------------------------- protocols
-
-
-class ConnectionLike(Protocol):
-    """What the publisher needs of :class:`iotref.device.connection.connection.Connection`.
-
-    A connection that also has ``publish_callback(topic, payload, callback, qos)`` (as
-    :class:`~iotref.device.connection.connection.Connection` does) is published through that,
-    which costs less per message than a future."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    def add_connected_callback(self, cb: Callable[[bool], Awaitable[None] | None]) -> None: ...
-
-    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]: ...
-
-
-@runtime_checkable
-class PermissionSource(Protocol):
-    """Where the ``sendTelemetryData`` permission comes from."""
-
-    @property
-    def allowed(self) -> bool: ...
-
-    def add_listener(self, cb: Callable[[bool], None]) -> None: ...
-
-
-class ShadowPermissionLike(Protocol):
-    """What :class:`iotref.device.shadow.sync.ShadowSync` offers about the permission."""
-
-    @property
-    def send_telemetry_allowed(self) -> bool: ...
-
-    def on_send_telemetry_changed(self, callback: Callable[[bool], Any]) -> None: ...
-
-
-class ShadowPermission:
-    """A :class:`PermissionSource` reading a shadow sync's ``send_telemetry_allowed``
-    (``False`` until the shadow was read) and listening to its changes."""
-
-    __slots__ = ("_shadow",)
-
-    def __init__(self, shadow: ShadowPermissionLike) -> None:
-        self._shadow = shadow
-
-    @property
-    def allowed(self) -> bool:
-        return self._shadow.send_telemetry_allowed is True
-
-    def add_listener(self, cb: Callable[[bool], None]) -> None:
-        self._shadow.on_send_telemetry_changed(cb)
-
-
-class MessageValidatorLike(Protocol):
-    """What :class:`~iotref.protocol.message_schemas.MessageValidator` offers."""
-
-    def validate_or_raise(self, message: Any) -> None: ...
-
-
-class PermissionFlag:
-    """A settable :class:`PermissionSource`; listeners hear every change."""
-
-    def __init__(self, allowed: bool = False) -> None:
-        self._allowed = allowed
-        self._listeners: list[Callable[[bool], None]] = []
-
-    @property
-    def allowed(self) -> bool:
-        return self._allowed
-
-    def set(self, allowed: bool) -> None:
-        """Change the permission (``allowed`` is taken as ``allowed is True``)."""
-        allowed = allowed is True
-        if allowed == self._allowed:
-            return
-        self._allowed = allowed
-        for cb in list(self._listeners):
-            try:
-                cb(allowed)
-            except Exception:
-                log.exception("permission listener failed")
-
-    def add_listener(self, cb: Callable[[bool], None]) -> None:
-        self._listeners.append(cb)
-
-
-# --------------------------------------------------------------------------- results
-
-
-class SendStatus(StrEnum):
-    """What :meth:`Telemetry.send` did with a valid message."""
-
-    QUEUED = "queued"
-    """Stored in the outbox; it will be published (at least once, in order)."""
-    DROPPED_NO_PERMISSION = "dropped_no_permission"
-    """Not stored: no permission to send telemetry and the policy is ``drop``."""
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    status: SendStatus
-    seq: int | None = None
-    """The outbox sequence number (queued messages only)."""
-    evicted: int = 0
-    """Older messages dropped from the outbox to make room (``drop_oldest`` only)."""
-
-    @property
-    def queued(self) -> bool:
-        return self.status is SendStatus.QUEUED
-
-
-class TelemetryClosed(RuntimeError):
-    """``send()`` after ``close()``."""
-
-
-class MessageTooLarge(ValueError):
-    """The encoded message is larger than the platform accepts; nothing was queued."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"the message is {size:,} bytes encoded, over the platform's limit of "
-            f"{limit:,} bytes per message"
-        )
-        self.size = size
-        self.limit = limit
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetryStats:
-    """A snapshot of the publisher and its outbox."""
-
-    connected: bool
-    permission: bool
-    policy: PermissionPolicy
-    queued: int
-    """Messages accepted into the outbox by this object."""
-    published: int
-    """Publish calls, re-publications included."""
-    republished: int
-    acked: int
-    """PUBACKs received (a message re-published twice may be acked twice)."""
-    delivered: int
-    """Messages acknowledged and removed from the outbox, each counted once."""
-    failed: int
-    """Publishes that failed (connection loss, error reason code)."""
-    dropped_no_permission: int
-    rejected_invalid: int
-    rejected_full: int
-    rejected_too_large: int
-    """``send()`` calls refused because the message is over the payload limit."""
-    refused: int
-    """Messages the platform refused for good, moved out of the queue by this object."""
-    refused_kept: int
-    """Messages in the outbox's ``refused`` table (earlier runs included)."""
-    dropped_overflow: int
-    in_flight: int
-    window: int
-    depth: int
-    bytes: int
-    oldest_age_s: float | None
-    ack_rate: float
-    """Messages removed from the outbox per second (last ten seconds)."""
-    last_error: str | None
-
-
-# --------------------------------------------------------------------------- publisher
-
-_Pending = tuple[int, str, bytes]
-"""A message to publish: ``(seq, topic, payload)``."""
-
-
-class _Wakeup:
-    """An :class:`asyncio.Event` for a single waiter (the drainer): the same ``set``,
-    ``clear``, ``is_set`` and ``wait``, without the deque of waiters an ``asyncio.Event``
-    allocates (760 bytes even when empty) in each of a fleet's thousands of publishers."""
-
-    __slots__ = ("_set", "_waiter")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        if not self._set:
-            self._set = True
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._set = False
-
-    async def wait(self) -> None:
-        if self._set:
-            return
-        assert self._waiter is None, "one waiter only"
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
-
-async def _wait_event(event: _Wakeup, seconds: float) -> None:
-    """Wait until ``event`` is set or ``seconds`` passed."""
-    with contextlib.suppress(TimeoutError):
-        async with stdlib_compat.timeout(seconds):
-            await event.wait()
-
-
 def _always() -> bool:
     return True
-
-
-def _read_records(outbox: Outbox, after_seq: int, limit: int) -> list[_Pending]:
-    """``Outbox.read_pending`` for an outbox that overrides ``read_batch``."""
-    return [(r.seq, r.topic, r.payload) for r in outbox.read_batch(after_seq, limit)]
 
 
 def _default_validator() -> MessageValidatorLike:
@@ -312,12 +63,17 @@ def _default_validator() -> MessageValidatorLike:
 
 
 class Telemetry:
-    """Validates, stores and publishes telemetry for one sender (see the module docstring).
+    """Validates, stores and publishes telemetry for one sender::
+
+        telemetry = Telemetry(connection, outbox, topic, permission=flag)
+        result = await telemetry.send(message)   # validated, serialized, stored
 
     ``topic`` is ``telemetry_topic(prefix, org_id, client_id)``. ``validator`` defaults to
     the packaged schemas' validator. ``permission`` defaults to a :class:`PermissionFlag`
-    that starts allowed (use :meth:`set_permission`). ``window`` is the most messages in
-    flight; ``batch`` the most read from the outbox at once.
+    that starts allowed (use :meth:`set_permission`); it is checked before every publish,
+    and ``policy`` (:data:`~iotref.device.telemetry.permission.PermissionPolicy`) says
+    what a send does while it is withdrawn. ``window`` is the most messages in flight;
+    ``batch`` the most read from the outbox at once.
 
     The drainer runs as a task on the running event loop from :meth:`start` (or the first
     :meth:`send`) until :meth:`close`. One :class:`Telemetry` per outbox: it publishes
@@ -332,7 +88,6 @@ class Telemetry:
         "__weakref__",
         "_acked",
         "_batch",
-        "_can_group",
         "_close_timeout",
         "_closing",
         "_conn",
@@ -342,23 +97,18 @@ class Telemetry:
         "_failed",
         "_failures_in_row",
         "_gen",
-        "_group",
-        "_group_solos",
-        "_grouping",
+        "_group_commit",
         "_hold_until",
         "_idle_waiter",
         "_in_flight",
         "_last_error",
-        "_last_sender",
         "_limiter",
         "_max_payload",
         "_outbox",
         "_permission",
-        "_publish_cb",
         "_published",
         "_published_high",
         "_queued",
-        "_read_pending",
         "_refill",
         "_refused",
         "_rejected_invalid",
@@ -379,8 +129,8 @@ class Telemetry:
 
     def __init__(
         self,
-        connection: ConnectionLike,
-        outbox: Outbox,
+        connection: TelemetryConnection,
+        outbox: MessageStore,
         topic: str,
         validator: MessageValidatorLike | None = None,
         permission: PermissionSource | None = None,
@@ -409,7 +159,7 @@ class Telemetry:
         self._refill = max(1, min(batch, window // 4))
         self._close_timeout = close_timeout
 
-        self._wake: _Wakeup | None = None
+        self._wake: Wakeup | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._draining = False
@@ -424,43 +174,25 @@ class Telemetry:
         # them from memory instead of reading them back from SQLite; when
         # ``_tail_valid``, all of them (else the rows after the tail's are read back).
         # (A list, not a deque: an empty deque already takes a 760-byte block.)
-        self._tail: list[_Pending] = []
+        self._tail: list[PendingMessage] = []
         self._tail_valid = False
         self._tail_max = max(window, batch) * 2
-        self._read_pending: Callable[[int, int], list[_Pending]] = (
-            outbox.read_pending
-            if type(outbox).read_batch is Outbox.read_batch
-            else partial(_read_records, outbox)
-        )
         self._published_high = 0
         # The seqs published in the current generation and not yet acknowledged.
         self._in_flight: set[int] = set()
         self._idle_waiter: asyncio.Future[None] | None = None
-        self._publish_cb: Callable[..., None] | None = getattr(connection, "publish_callback", None)
         # The connection's pace (see iotref.device.connection.rate_limit): the drainer
         # publishes only what it lets go now, and waits for the rest.
-        self._limiter: PublishLimiter | None = getattr(connection, "rate_limiter", None)
+        self._limiter: PublishPace | None = connection.rate_limiter
         self._hold_until = 0.0
         self._failures_in_row = 0
         self._waiting_room = False
         self._since_yield = 0
-        # Group commit of concurrent send() calls: the open group of this loop pass, and
-        # whether sends are grouped at all (from when a second task sends until a few
-        # groups in a row held one message only).
-        self._group: list[tuple[bytes, str | None, asyncio.Future[AppendResult]]] | None = None
-        self._grouping = False
-        self._group_solos = 0
-        self._last_sender: asyncio.Task[Any] | None = None
         # Grouping pays where a commit is dear: durability="power" flushes every commit to
         # the disk (the loop waits for it); with "process" a commit costs little more than
-        # the rows it writes, less than suspending each send until the group commit. And
-        # only an Outbox whose appends are its own can commit a group in one transaction
-        # (a subclass may keep its rows elsewhere).
-        kind = type(outbox)
-        self._can_group = (
-            outbox.durability == "power"
-            and kind.append is Outbox.append
-            and kind.append_many is Outbox.append_many
+        # the rows it writes, less than suspending each send until the group commit.
+        self._group_commit = (
+            GroupCommit(outbox, topic, self._stored) if outbox.durability == "power" else None
         )
 
         self._queued = 0
@@ -484,7 +216,7 @@ class Telemetry:
             return
         if self._closing:
             raise TelemetryClosed("telemetry is closed")
-        self._wake = _Wakeup()
+        self._wake = Wakeup()
         self._conn.add_connected_callback(self._on_connected)
         self._task = asyncio.get_running_loop().create_task(
             self._drain_loop(), name="telemetry-drainer"
@@ -544,9 +276,7 @@ class Telemetry:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
-        remove = getattr(self._conn, "remove_connected_callback", None)
-        if remove is not None:
-            remove(self._on_connected)
+        self._conn.remove_connected_callback(self._on_connected)
         if not self._outbox.closed:
             self._outbox.flush_acks()
         return done
@@ -561,7 +291,7 @@ class Telemetry:
 
         Raises :class:`~iotref.protocol.message_schemas.InvalidMessage` (nothing queued),
         :class:`MessageTooLarge` (nothing queued),
-        :class:`~iotref.device.outbox.OutboxFull` (``reject_new``; nothing queued, the
+        :class:`~iotref.device.telemetry.outbox.OutboxFull` (``reject_new``; nothing queued, the
         caller keeps the message) or :class:`TelemetryClosed`.
         """
         if self._closing:
@@ -582,71 +312,17 @@ class Telemetry:
             self._rejected_too_large += 1
             raise MessageTooLarge(len(payload), self._max_payload)
         mid = message_id if isinstance(message_id, str) else None
-        # With durability="power", several tasks sending at once share one commit (see
-        # _send_grouped); otherwise, and for a single sender, commit right here.
-        if self._can_group:
-            if self._group is not None or self._grouping:
-                return await self._send_grouped(payload, mid)
-            task = asyncio.current_task()
-            if task is not self._last_sender:
-                if self._last_sender is not None:
-                    self._grouping = True
-                    self._group_solos = 0
-                    self._last_sender = None
-                    return await self._send_grouped(payload, mid)
-                self._last_sender = task
+        group_commit = self._group_commit
+        if group_commit is not None and group_commit.wanted():
+            appended = await group_commit.append(payload, mid)
+            return SendResult(SendStatus.QUEUED, appended.seq, appended.dropped)
         appended = self._outbox.append(self.topic, payload, mid)
-        self._remember(appended.seq, payload, appended.dropped)
-        self._queued += 1
-        self._kick()
+        self._stored(appended.seq, payload, appended.dropped)
         self._since_yield += 1
         if self._since_yield >= SEND_YIELD_EVERY:  # see _maybe_yield
             self._since_yield = 0
             await asyncio.sleep(0)
         return SendResult(SendStatus.QUEUED, appended.seq, appended.dropped)
-
-    async def _send_grouped(self, payload: bytes, message_id: str | None) -> SendResult:
-        """Store the message in the group commit of this loop pass: every ``send()`` that
-        gets here before the commit runs (at the end of the pass) joins it, and each
-        returns once the one transaction committed. Outcomes are those of separate
-        appends in call order (when the group does not fit as a whole, it is appended one
-        by one). A caller cancelled before the commit is left out of it."""
-        group = self._group
-        if group is None:
-            group = self._group = []
-            asyncio.get_running_loop().call_soon(self._commit_group)
-        waiter: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        group.append((payload, message_id, waiter))
-        appended = await waiter
-        return SendResult(SendStatus.QUEUED, appended.seq, appended.dropped)
-
-    def _commit_group(self) -> None:
-        group, self._group = self._group or [], None
-        group = [entry for entry in group if not entry[2].done()]  # cancelled callers
-        if len(group) > 1:
-            self._group_solos = 0
-        else:
-            self._group_solos += 1
-            if self._group_solos >= _GROUP_SOLO_LIMIT:
-                self._grouping = False
-        if not group:
-            return
-        topic = self.topic
-        outcomes: Sequence[AppendResult | BaseException]
-        try:
-            outcomes = self._outbox._append_each(
-                [OutboxEntry(topic, payload, mid) for payload, mid, _ in group]
-            )
-        except Exception as exc:  # closed, SQLite: every caller gets it
-            outcomes = [exc] * len(group)
-        for (payload, _, waiter), outcome in zip(group, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                waiter.set_exception(outcome)
-                continue
-            self._remember(outcome.seq, payload, outcome.dropped)
-            self._queued += 1
-            waiter.set_result(outcome)
-        self._kick()
 
     async def send_many(self, messages: Sequence[dict[str, Any]]) -> list[SendResult]:
         """Like :meth:`send` for several messages, stored in one transaction (one flush in
@@ -681,9 +357,7 @@ class Telemetry:
             )
         appended = self._outbox.append_many(entries)
         for entry, result in zip(entries, appended, strict=True):
-            self._remember(result.seq, entry.payload, result.dropped)
-        self._queued += len(entries)
-        self._kick()
+            self._stored(result.seq, entry.payload, result.dropped)
         self._since_yield = SEND_YIELD_EVERY
         await self._maybe_yield()
         return [SendResult(SendStatus.QUEUED, a.seq, a.dropped) for a in appended]
@@ -749,6 +423,13 @@ class Telemetry:
             self._since_yield = 0
             await asyncio.sleep(0)
 
+    def _stored(self, seq: int, payload: bytes, dropped: int) -> None:
+        """A message of this object's is in the store: count it, and hand it to the
+        drainer from memory when it comes next."""
+        self._remember(seq, payload, dropped)
+        self._queued += 1
+        self._kick()
+
     def _remember(self, seq: int, payload: bytes, dropped: int) -> None:
         if not self._tail_valid:
             return
@@ -804,7 +485,7 @@ class Telemetry:
                 continue
             now = loop.time()
             if now < self._hold_until:
-                await _wait_event(wake, self._hold_until - now)
+                await wake.wait_at_most(self._hold_until - now)
                 continue
             room = self.window - len(self._in_flight)
             if room <= 0:
@@ -821,7 +502,7 @@ class Telemetry:
                     await asyncio.sleep(max(limiter.delay(), 0.001))
                     continue
                 want = min(want, allowed)
-            records: list[_Pending]
+            records: list[PendingMessage]
             tail = self._tail
             if tail:
                 if len(tail) <= want:
@@ -833,7 +514,7 @@ class Telemetry:
             elif self._tail_valid:
                 records = []
             else:
-                records = self._read_pending(self._cursor, want)
+                records = self._outbox.read_pending(self._cursor, want)
                 # Fewer than asked for: nothing else is stored after them, so from now on
                 # this object's own appends are the whole tail.
                 self._tail_valid = len(records) < want
@@ -841,7 +522,7 @@ class Telemetry:
                 if self._outbox.pending_acks and not self._in_flight:
                     self._outbox.flush_acks()
                 if self._outbox.pending_acks:
-                    await _wait_event(wake, _IDLE_ACK_FLUSH_S)
+                    await wake.wait_at_most(_IDLE_ACK_FLUSH_S)
                     if not wake.is_set():
                         self._outbox.flush_acks()
                 else:
@@ -850,7 +531,7 @@ class Telemetry:
             self._publish(records, None if limiter is None else limiter.byte_room())
             await asyncio.sleep(0)
 
-    def _publish(self, records: Iterable[_Pending], byte_room: float | None = None) -> None:
+    def _publish(self, records: Iterable[PendingMessage], byte_room: float | None = None) -> None:
         """Publish ``records`` in order while permitted; ``byte_room``: the bytes the
         connection's throughput pace lets go now (``None``: not paced), after which the rest
         waits (a publish may go while it is not negative)."""
@@ -858,10 +539,8 @@ class Telemetry:
         first_again = last_again = 0
         permission = self._permission
         in_flight = self._in_flight
-        publish_cb = self._publish_cb
-        publish_nowait = self._conn.publish_nowait
+        publish = self._conn.publish_callback
         on_ack = self._on_ack
-        on_done = self._on_done
         published_high = self._published_high
         published = republished = 0
         failure: Exception | None = None
@@ -883,10 +562,7 @@ class Telemetry:
                     break
                 byte_room -= len(topic) + len(payload)
             try:
-                if publish_cb is not None:
-                    publish_cb(topic, payload, partial(on_ack, seq, gen), 1)
-                else:
-                    publish_nowait(topic, payload, 1).add_done_callback(partial(on_done, seq, gen))
+                publish(topic, payload, partial(on_ack, seq, gen), 1)
             except Exception as exc:
                 reason = permanent_refusal(exc)
                 if reason is not None:
@@ -912,11 +588,6 @@ class Telemetry:
         if failure is not None:
             self._forget_tail()
             self._publish_failed(failure, gen)
-
-    def _on_done(self, seq: int, gen: int, fut: asyncio.Future[None]) -> None:
-        """A ``publish_nowait`` future completed."""
-        exc: BaseException | None = asyncio.CancelledError() if fut.cancelled() else fut.exception()
-        self._on_ack(seq, gen, exc)
 
     def _on_ack(self, seq: int, gen: int, exc: BaseException | None) -> None:
         """The publish of ``seq`` (in generation ``gen``) completed: acked if ``exc`` is

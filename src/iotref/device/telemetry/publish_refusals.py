@@ -9,7 +9,7 @@ A QoS 1 publish of telemetry fails for one of two kinds of reasons:
 * something about this message itself: the broker refuses it for good, or the MQTT
   library refuses to send it. Every attempt meets the same answer, so the publisher moves
   the message out of the queue into the outbox's kept table of refused messages
-  (:meth:`iotref.device.outbox.Outbox.refuse`) and goes on with the next ones, in order.
+  (:meth:`iotref.device.telemetry.outbox.Outbox.refuse`) and goes on with the next ones, in order.
 
 The decision follows the MQTT 5 meaning of the PUBACK reason codes (OASIS MQTT 5.0,
 section 3.4.2.1) and the errors awscrt reports before sending:

@@ -1,5 +1,5 @@
 """Salvaging a damaged outbox, as found by
-:func:`iotref.device.outbox_integrity.inspect_outbox`.
+:func:`iotref.device.telemetry.outbox_integrity.inspect_outbox`.
 
 :func:`set_aside` renames the damaged files ``outbox.sqlite3.damaged-<UTC time>``
 (``-wal``, ``-mark`` alike, mode 0600); they are never deleted. :func:`salvage_rows` reads
@@ -8,7 +8,7 @@ number, topic, payload, timestamps and message id. When SQLite cannot open the d
 (its first page is damaged, or it was truncated while its WAL survived), the rows are read
 from a scratch copy whose first page is rebuilt from the outbox's own schema. A region
 SQLite reports as corrupt is skipped and reading goes on after it.
-:class:`iotref.device.outbox.Outbox` then writes them into a fresh outbox and keeps an
+:class:`iotref.device.telemetry.outbox.Outbox` then writes them into a fresh outbox and keeps an
 :class:`OutboxRecovery`, also stored next to the damaged files as JSON for ``iotref
 status`` (:func:`read_reports`).
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from iotref.device.files import write_atomic
-from iotref.device.outbox_integrity import (
+from iotref.device.telemetry.outbox_integrity import (
     DAMAGED_INFIX,
     MARKER_SUFFIX,
     REPORT_SUFFIX,
