@@ -20,9 +20,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from iotref.device.certificate_store import CERTIFICATE_FILE, PROGRESS_FILE, PROPERTIES_FILE
-from iotref.device.environment import load_environment_file
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PROGRESS_FILE,
+    PROPERTIES_FILE,
+)
+from iotref.device.onboarding.environment import load_environment_file
+from iotref.device.onboarding.token_store import TokenStore
 from tests.conftest import SandboxFactory
 from tests.integration.test_onboarding import decide_in_browser
 from tests.integration.test_onboarding_cli import _environ, iotref, one_line_error

@@ -33,10 +33,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iotref.device.blocking import Client
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionState
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment, load_environment_file
 from iotref.device.errors import InvalidMessageError
-from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import BlockingOnboarding
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
@@ -48,7 +50,6 @@ from iotref.device.telemetry.messages import (
 )
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.telemetry.results import SendStatus
-from iotref.device.token_store import TokenStore
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.support.sandbox_process import SandboxProcess

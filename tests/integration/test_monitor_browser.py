@@ -28,9 +28,9 @@ import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.device.environment import load_environment_file
-from iotref.device.onboarding import BlockingOnboarding
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.environment import load_environment_file
+from iotref.device.onboarding.service import BlockingOnboarding
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.integration.test_client import client_id_of, provision_store
 from tests.integration.test_quotas import publish as quota_publish

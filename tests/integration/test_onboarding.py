@@ -15,7 +15,13 @@ import httpx
 import pytest
 from cryptography import x509
 
-from iotref.device.certificate_store import (
+from iotref.device.errors import (
+    AuthorizationDenied,
+    AuthorizationExpired,
+    LoginRequired,
+    ProvisioningError,
+)
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROGRESS_FILE,
@@ -25,27 +31,19 @@ from iotref.device.certificate_store import (
     CertificateStore,
     ProgressState,
 )
-from iotref.device.device_flow import DeviceAuthorization, PollEvent
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment, load_environment_file
-from iotref.device.errors import (
-    AuthorizationDenied,
-    AuthorizationExpired,
-    LoginRequired,
-    ProvisioningError,
-)
-from iotref.device.http_client import create_http_client
-from iotref.device.keys import KeyType
-from iotref.device.onboarding import (
+from iotref.device.onboarding.device_flow import DeviceAuthorization, PollEvent
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.http_client import create_http_client
+from iotref.device.onboarding.keys import KeyType
+from iotref.device.onboarding.provisioning import (
     STEP_CERTIFICATE,
     STEP_MACHINE,
     STEP_OWNERSHIP,
-    BlockingOnboarding,
-    LoginResult,
-    Onboarding,
     ProvisionOptions,
 )
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.service import BlockingOnboarding, LoginResult, Onboarding
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.sandbox.directory.seed import (
     DEMO_EMAIL,
     DEMO_PASSWORD,

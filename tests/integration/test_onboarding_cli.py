@@ -20,16 +20,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from iotref.cli.main import main
-from iotref.device.certificate_store import (
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROGRESS_FILE,
     PROPERTIES_FILE,
     ROOT_CA_FILE,
 )
-from iotref.device.keys import generate_private_key, load_private_key, private_key_pem
-from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.keys import generate_private_key, load_private_key, private_key_pem
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import BlockingOnboarding
+from iotref.device.onboarding.token_store import TokenStore
 from tests.conftest import SandboxFactory
 from tests.integration.test_onboarding import (
     decide_in_browser,
@@ -266,8 +267,8 @@ def test_usage_and_configuration_errors_are_one_line(home: Path, tmp_path: Path)
 
 _KILL_AFTER_MACHINE = """
 import os, sys
-from iotref.device import certificate_store
-from iotref.device.certificate_store import ProgressState
+from iotref.device.onboarding import certificate_store
+from iotref.device.onboarding.certificate_store import ProgressState
 
 original = certificate_store.CertificateStore.write_progress
 

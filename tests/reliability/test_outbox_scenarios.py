@@ -28,12 +28,13 @@ from typing import Any
 
 import pytest
 
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import load_environment_file
-from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import load_environment_file
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import BlockingOnboarding
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType, to_json
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.token_store import TokenStore
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

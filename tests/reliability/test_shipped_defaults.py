@@ -30,10 +30,10 @@ import pytest
 
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionState
-from iotref.device.environment import Environment, load_environment_file
-from iotref.device.onboarding import BlockingOnboarding
+from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.service import BlockingOnboarding
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType
-from iotref.device.token_store import TokenStore
 from iotref.sandbox.broker.supervisor import STABLE_AFTER
 from tests.integration.test_client import client_id_of, outbox_depth, provision_store
 from tests.reliability.harness import (

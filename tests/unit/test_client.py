@@ -26,12 +26,6 @@ from iotref.cli.run_command import (
     summary_text,
 )
 from iotref.device.blocking import Client, _LoopThread
-from iotref.device.certificate_store import (
-    CERTIFICATE_FILE,
-    PRIVATE_KEY_FILE,
-    PROPERTIES_FILE,
-    ROOT_CA_FILE,
-)
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import (
@@ -43,6 +37,12 @@ from iotref.device.errors import (
     OutboxFullError,
     SendRefused,
     StoreError,
+)
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    PROPERTIES_FILE,
+    ROOT_CA_FILE,
 )
 from iotref.device.options import ClientOptions, ClientStats
 from iotref.device.raw_payload import RawPayload, as_payload

@@ -25,8 +25,8 @@ from iotref.cli.demo_command import (
     _set_aside_other_sandboxes_store,
     choose_ports,
 )
-from iotref.device.certificate_store import ROOT_CA_FILE, CertificateStore, Progress
-from iotref.device.environment import Environment, EnvironmentIdentity
+from iotref.device.onboarding.certificate_store import ROOT_CA_FILE, CertificateStore, Progress
+from iotref.device.onboarding.environment import Environment, EnvironmentIdentity
 
 
 def test_ports_asked_for_are_taken_as_they_are() -> None:

@@ -66,21 +66,25 @@ from iotref.cli.onboarding_commands import (
 )
 from iotref.cli.output import is_quiet
 from iotref.device import stdlib_compat
-from iotref.device.certificate_store import CertificateStore, DeviceIdentity, default_store_path
 from iotref.device.client import AsyncClient
 from iotref.device.connection.errors import ConnectionTakenOver
 from iotref.device.connection.rate_limit import pacing
 from iotref.device.connection.state import ConnectionState
-from iotref.device.environment import ENV_FILE_VAR, ENV_VAR, Environment
 from iotref.device.errors import (
     InvalidMessageError,
     MessageTooLargeError,
     OutboxFullError,
     StoreError,
 )
-from iotref.device.next_steps import Selection, provision_new_machine
+from iotref.device.onboarding.certificate_store import (
+    CertificateStore,
+    DeviceIdentity,
+    default_store_path,
+)
+from iotref.device.onboarding.environment import ENV_FILE_VAR, ENV_VAR, Environment
+from iotref.device.onboarding.next_steps import Selection, provision_new_machine
+from iotref.device.onboarding.store_checks import environment_mismatch
 from iotref.device.options import ClientStats
-from iotref.device.store_checks import environment_mismatch
 from iotref.device.systemd_notify import SystemdNotifier
 from iotref.device.telemetry import outbox_opening
 from iotref.device.telemetry.messages import Asset, Sender, SenderType

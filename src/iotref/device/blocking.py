@@ -16,10 +16,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionEvent
 from iotref.device.errors import ClientClosed
+from iotref.device.onboarding.certificate_store import (
+    CertificateStore,
+    DeviceIdentity,
+    DeviceProperties,
+)
 from iotref.device.options import ClientOptions, ClientOptionsArgs, ClientStats
 from iotref.device.raw_payload import PayloadLike
 from iotref.device.shadow.desired import DesiredHandler
