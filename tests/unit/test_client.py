@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from iotref.cli.main import cli
-from iotref.cli.run_command import (
+from iotref.cli.run_command import EndOfInputDrain
+from iotref.cli.run_status import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
-    EndOfInputDrain,
     RunCounters,
     duration_text,
     exit_code_of,
