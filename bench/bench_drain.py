@@ -35,9 +35,9 @@ from tests.support.arrivals import ArrivalRecorder, count_windows
 from tests.support.counted_messages import queue_offline, telemetry_topic_of
 
 from bench.harness import BenchContext, Figure
+from iotref.device.blocking import BlockingOnboarding
 from iotref.device.connection.rate_limit import pacing
 from iotref.device.onboarding.environment import load_environment_file
-from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from iotref._version import __version__
 
 if TYPE_CHECKING:
-    from iotref.device.blocking import BlockingAssetChannel, Client
+    from iotref.device.blocking import BlockingAssetChannel, BlockingOnboarding, Client
     from iotref.device.client import AssetChannel, AsyncClient
     from iotref.device.connection.errors import ConnectionFailed, ConnectionTakenOver
     from iotref.device.connection.state import ConnectionState
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     )
     from iotref.device.onboarding.keys import KeyType
     from iotref.device.onboarding.provisioning import ProvisionOptions
-    from iotref.device.onboarding.service import BlockingOnboarding, Onboarding
+    from iotref.device.onboarding.service import Onboarding
     from iotref.device.onboarding.store_checks import check_store
     from iotref.device.options import ClientOptions, ClientStats
     from iotref.device.raw_payload import RawPayload
@@ -96,7 +96,7 @@ if TYPE_CHECKING:
 #: the module then.
 _LAZY: dict[str, tuple[str, ...]] = {
     # the facade
-    "iotref.device.blocking": ("BlockingAssetChannel", "Client"),
+    "iotref.device.blocking": ("BlockingAssetChannel", "BlockingOnboarding", "Client"),
     "iotref.device.client": ("AssetChannel", "AsyncClient"),
     "iotref.device.options": ("ClientOptions", "ClientStats"),
     "iotref.device.telemetry.results": ("SendResult", "SendStatus"),
@@ -143,7 +143,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ),
     "iotref.protocol.message_schemas": ("ValidationIssue",),
     # onboarding
-    "iotref.device.onboarding.service": ("BlockingOnboarding", "Onboarding"),
+    "iotref.device.onboarding.service": ("Onboarding",),
     "iotref.device.onboarding.provisioning": ("ProvisionOptions",),
     "iotref.device.onboarding.directory_client": ("MachineSpec",),
     "iotref.device.onboarding.keys": ("KeyType",),

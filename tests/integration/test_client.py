@@ -30,14 +30,13 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iotref.device.blocking import Client
+from iotref.device.blocking import BlockingOnboarding, Client
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import InvalidMessageError
 from iotref.device.onboarding.directory_client import MachineSpec
 from iotref.device.onboarding.environment import Environment, load_environment_file
 from iotref.device.onboarding.provisioning import ProvisionOptions
-from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import (
     Asset,

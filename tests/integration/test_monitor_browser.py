@@ -28,8 +28,8 @@ import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
+from iotref.device.blocking import BlockingOnboarding
 from iotref.device.onboarding.environment import load_environment_file
-from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.integration.test_client import client_id_of, provision_store

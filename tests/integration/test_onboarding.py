@@ -15,6 +15,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from iotref.device.blocking import BlockingOnboarding
 from iotref.device.errors import (
     AuthorizationDenied,
     AuthorizationExpired,
@@ -42,7 +43,7 @@ from iotref.device.onboarding.provisioning import (
     STEP_OWNERSHIP,
     ProvisionOptions,
 )
-from iotref.device.onboarding.service import BlockingOnboarding, LoginResult, Onboarding
+from iotref.device.onboarding.service import LoginResult, Onboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.sandbox.directory.seed import (
     DEMO_EMAIL,

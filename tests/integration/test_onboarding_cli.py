@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from iotref.cli.main import main
+from iotref.device.blocking import BlockingOnboarding
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
@@ -29,7 +30,6 @@ from iotref.device.onboarding.certificate_store import (
 )
 from iotref.device.onboarding.keys import generate_private_key, load_private_key, private_key_pem
 from iotref.device.onboarding.provisioning import ProvisionOptions
-from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from tests.conftest import SandboxFactory
 from tests.integration.test_onboarding import (

@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
+from iotref.device.blocking import BlockingOnboarding
 from iotref.device.onboarding.directory_client import MachineSpec
 from iotref.device.onboarding.environment import load_environment_file
 from iotref.device.onboarding.provisioning import ProvisionOptions
-from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType, to_json
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox

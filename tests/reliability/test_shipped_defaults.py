@@ -28,10 +28,10 @@ from typing import Any
 import psutil
 import pytest
 
+from iotref.device.blocking import BlockingOnboarding
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionState
 from iotref.device.onboarding.environment import Environment, load_environment_file
-from iotref.device.onboarding.service import BlockingOnboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType
 from iotref.sandbox.broker.supervisor import STABLE_AFTER

@@ -25,7 +25,7 @@ from iotref.cli.run_status import (
     status_text,
     summary_text,
 )
-from iotref.device.blocking import Client, _LoopThread
+from iotref.device.blocking import Client
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import (
@@ -38,6 +38,7 @@ from iotref.device.errors import (
     SendRefused,
     StoreError,
 )
+from iotref.device.loop_thread import LoopThread
 from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
@@ -274,7 +275,7 @@ def test_blocking_client_start_failure_leaves_no_thread(tmp_path: Path) -> None:
 
 
 def test_loop_thread_refuses_calls_from_its_own_thread() -> None:
-    runner = _LoopThread("test-loop")
+    runner = LoopThread("test-loop")
     try:
 
         async def inner() -> int:

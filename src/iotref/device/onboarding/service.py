@@ -1,6 +1,7 @@
 """The onboarding API for one environment and one certificate store: log in with the device
 flow, provision a machine (:mod:`iotref.device.onboarding.provisioning`) and check the store.
-:class:`Onboarding` is the asyncio API; :class:`BlockingOnboarding` wraps it for scripts.
+:class:`Onboarding` is the asyncio API; :class:`iotref.device.blocking.BlockingOnboarding`
+wraps it for scripts.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import httpx
 
-from iotref.device import stdlib_compat
 from iotref.device.errors import StoreError
 from iotref.device.onboarding.auth import Authenticator
 from iotref.device.onboarding.certificate_store import (
@@ -199,71 +198,3 @@ class Onboarding:
             self.on_step,
         )
         return await provisioner.provision(options or ProvisionOptions())
-
-
-class BlockingOnboarding:
-    """:class:`Onboarding` for code without an event loop: the same methods, blocking.
-
-    ``with BlockingOnboarding(env) as onboarding: onboarding.provision(...)``. Must not be
-    used from inside a running event loop."""
-
-    def __init__(self, env: Environment, **kwargs: Any) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise RuntimeError("BlockingOnboarding cannot run inside an event loop; use Onboarding")
-        self._runner = stdlib_compat.Runner()
-        self._onboarding: Onboarding = self._runner.run(_make(env, kwargs))
-
-    @property
-    def onboarding(self) -> Onboarding:
-        return self._onboarding
-
-    @property
-    def store(self) -> CertificateStore:
-        return self._onboarding.store
-
-    def __enter__(self) -> BlockingOnboarding:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            self._runner.run(self._onboarding.aclose())
-        finally:
-            self._runner.close()
-
-    def login(
-        self,
-        on_authorization: Callable[[DeviceAuthorization], None] | None = None,
-        on_poll: Callable[[PollEvent], None] | None = None,
-    ) -> LoginResult:
-        return self._runner.run(self._onboarding.login(on_authorization, on_poll))
-
-    def logout(self) -> bool:
-        return self._onboarding.logout()
-
-    def login_status(self) -> LoginStatus:
-        return self._onboarding.login_status()
-
-    def access_token(self) -> str:
-        return self._runner.run(self._onboarding.access_token())
-
-    def provision(self, options: ProvisionOptions | None = None) -> ProvisionResult:
-        return self._runner.run(self._onboarding.provision(options))
-
-    def check(self, threshold_days: float = DEFAULT_EXPIRY_THRESHOLD_DAYS) -> StoreReport:
-        return self._onboarding.check(threshold_days)
-
-
-async def _make(env: Environment, kwargs: dict[str, Any]) -> Onboarding:
-    return Onboarding(env, **kwargs)
