@@ -16,11 +16,12 @@ import uuid
 from pathlib import Path
 
 from bench.harness import BenchContext, Figure
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment, load_environment_file
-from iotref.device.keys import KeyType, generate_private_key
-from iotref.device.onboarding import Onboarding, ProvisionOptions
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.keys import KeyType, generate_private_key
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import Onboarding
+from iotref.device.onboarding.token_store import TokenStore
 
 RUNS = {KeyType.EC256: 15, KeyType.EC384: 15, KeyType.RSA2048: 9, KeyType.RSA3072: 7}
 KEYGEN_RUNS = {KeyType.EC256: 200, KeyType.EC384: 200, KeyType.RSA2048: 15, KeyType.RSA3072: 9}

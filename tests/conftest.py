@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.environment import Environment
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.token_store import TokenStore
 from tests.support.device_keys import DeviceFiles
 from tests.support.onboarding import logged_in, provision_store
 from tests.support.sandbox_process import SandboxProcess

@@ -31,13 +31,10 @@ from typing import TYPE_CHECKING
 from iotref._version import __version__
 
 if TYPE_CHECKING:
-    from iotref.device.blocking import BlockingAssetChannel, Client
-    from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
+    from iotref.device.blocking import BlockingAssetChannel, BlockingOnboarding, Client
     from iotref.device.client import AssetChannel, AsyncClient
     from iotref.device.connection.errors import ConnectionFailed, ConnectionTakenOver
     from iotref.device.connection.state import ConnectionState
-    from iotref.device.directory_client import MachineSpec
-    from iotref.device.environment import Environment, load_environment, load_environment_file
     from iotref.device.errors import (
         AuthorizationDenied,
         AuthorizationExpired,
@@ -55,13 +52,25 @@ if TYPE_CHECKING:
         SendRefused,
         StoreError,
     )
-    from iotref.device.keys import KeyType
-    from iotref.device.onboarding import BlockingOnboarding, Onboarding, ProvisionOptions
+    from iotref.device.onboarding.certificate_store import (
+        CertificateStore,
+        DeviceIdentity,
+        DeviceProperties,
+    )
+    from iotref.device.onboarding.directory_client import MachineSpec
+    from iotref.device.onboarding.environment import (
+        Environment,
+        load_environment,
+        load_environment_file,
+    )
+    from iotref.device.onboarding.keys import KeyType
+    from iotref.device.onboarding.provisioning import ProvisionOptions
+    from iotref.device.onboarding.service import Onboarding
+    from iotref.device.onboarding.store_checks import check_store
     from iotref.device.options import ClientOptions, ClientStats
     from iotref.device.raw_payload import RawPayload
     from iotref.device.shadow.desired import DesiredChange, Refuse
     from iotref.device.shadow.errors import ShadowRejected, ShadowTimeout
-    from iotref.device.store_checks import check_store
     from iotref.device.telemetry.messages import (
         Asset,
         AssetType,
@@ -87,7 +96,7 @@ if TYPE_CHECKING:
 #: the module then.
 _LAZY: dict[str, tuple[str, ...]] = {
     # the facade
-    "iotref.device.blocking": ("BlockingAssetChannel", "Client"),
+    "iotref.device.blocking": ("BlockingAssetChannel", "BlockingOnboarding", "Client"),
     "iotref.device.client": ("AssetChannel", "AsyncClient"),
     "iotref.device.options": ("ClientOptions", "ClientStats"),
     "iotref.device.telemetry.results": ("SendResult", "SendStatus"),
@@ -134,12 +143,21 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ),
     "iotref.protocol.message_schemas": ("ValidationIssue",),
     # onboarding
-    "iotref.device.onboarding": ("BlockingOnboarding", "Onboarding", "ProvisionOptions"),
-    "iotref.device.directory_client": ("MachineSpec",),
-    "iotref.device.keys": ("KeyType",),
-    "iotref.device.certificate_store": ("CertificateStore", "DeviceIdentity", "DeviceProperties"),
-    "iotref.device.store_checks": ("check_store",),
-    "iotref.device.environment": ("Environment", "load_environment", "load_environment_file"),
+    "iotref.device.onboarding.service": ("Onboarding",),
+    "iotref.device.onboarding.provisioning": ("ProvisionOptions",),
+    "iotref.device.onboarding.directory_client": ("MachineSpec",),
+    "iotref.device.onboarding.keys": ("KeyType",),
+    "iotref.device.onboarding.certificate_store": (
+        "CertificateStore",
+        "DeviceIdentity",
+        "DeviceProperties",
+    ),
+    "iotref.device.onboarding.store_checks": ("check_store",),
+    "iotref.device.onboarding.environment": (
+        "Environment",
+        "load_environment",
+        "load_environment_file",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from iotref.device.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
+from iotref.device.onboarding.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import run_iotref

@@ -15,16 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
-from iotref.device.certificate_store import (
-    CERTIFICATE_FILE,
-    PRIVATE_KEY_FILE,
-    ROOT_CA_FILE,
-)
 from iotref.device.connection.awscrt_options import build_tls_context
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.environment import load_environment_file
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    ROOT_CA_FILE,
+)
+from iotref.device.onboarding.environment import load_environment_file
 from iotref.fleet.histogram import Histogram
 from iotref.fleet.names import device_name
 from iotref.fleet.options import FleetOptions

@@ -14,7 +14,14 @@ import httpx
 import pytest
 from cryptography import x509
 
-from iotref.device.certificate_store import (
+from iotref.device.blocking import BlockingOnboarding
+from iotref.device.errors import (
+    AuthorizationDenied,
+    AuthorizationExpired,
+    LoginRequired,
+    ProvisioningError,
+)
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROGRESS_FILE,
@@ -24,27 +31,22 @@ from iotref.device.certificate_store import (
     CertificateStore,
     ProgressState,
 )
-from iotref.device.device_flow import DeviceAuthorization, PollEvent
-from iotref.device.environment import Environment
-from iotref.device.errors import (
-    AuthorizationDenied,
-    AuthorizationExpired,
-    LoginRequired,
-    ProvisioningError,
-)
-from iotref.device.http_client import create_http_client
-from iotref.device.keys import KeyType
-from iotref.device.onboarding import (
+from iotref.device.onboarding.device_flow import DeviceAuthorization, PollEvent
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import create_http_client
+from iotref.device.onboarding.keys import KeyType
+from iotref.device.onboarding.provisioning import (
     STEP_CERTIFICATE,
     STEP_MACHINE,
     STEP_OWNERSHIP,
-    BlockingOnboarding,
-    LoginResult,
-    Onboarding,
     ProvisionOptions,
 )
-from iotref.device.token_store import TokenStore
-from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID
+from iotref.device.onboarding.service import LoginResult, Onboarding
+from iotref.device.onboarding.token_store import TokenStore
+from iotref.sandbox.directory.seed import (
+    FIRST_ORGANIZATION_ID,
+    FIRST_SITE_ID,
+)
 from tests.conftest import SandboxFactory
 from tests.support.onboarding import (
     decide_in_browser,

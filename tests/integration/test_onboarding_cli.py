@@ -17,16 +17,17 @@ import httpx
 import pytest
 
 from iotref.cli.main import main
-from iotref.device.certificate_store import (
+from iotref.device.blocking import BlockingOnboarding
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROGRESS_FILE,
     PROPERTIES_FILE,
     ROOT_CA_FILE,
 )
-from iotref.device.keys import generate_private_key, load_private_key, private_key_pem
-from iotref.device.onboarding import BlockingOnboarding, ProvisionOptions
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.keys import generate_private_key, load_private_key, private_key_pem
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.token_store import TokenStore
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import cli_environ, one_line_error, run_iotref, start_iotref
 from tests.support.device_keys import self_signed_pem
@@ -233,8 +234,8 @@ def test_usage_and_configuration_errors_are_one_line(home: Path, tmp_path: Path)
 
 _KILL_AFTER_MACHINE = """
 import os, sys
-from iotref.device import certificate_store
-from iotref.device.certificate_store import ProgressState
+from iotref.device.onboarding import certificate_store
+from iotref.device.onboarding.certificate_store import ProgressState
 
 original = certificate_store.CertificateStore.write_progress
 

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from iotref.device.environment import load_environment_file
+from iotref.device.onboarding.environment import load_environment_file
 from iotref.protocol.environment_file import REQUIRED_KEYS, parse_env_file
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import run_iotref

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
+from iotref.device.onboarding.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.shadow.sync import ShadowSync
-from iotref.device.token_store import TokenStore
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.conftest import SandboxFactory
 from tests.support.cli_process import cli_environ, run_iotref
@@ -44,8 +44,8 @@ CRASH_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from iotref.device.connection.connection import Connection
     from iotref.device.connection.settings import ConnectionSettings
-    from iotref.device.environment import load_environment_file
-    from iotref.device.token_store import TokenStore
+    from iotref.device.onboarding.environment import load_environment_file
+    from iotref.device.onboarding.token_store import TokenStore
 
     logging.basicConfig(level=logging.DEBUG)
     store = Path(sys.argv[1])

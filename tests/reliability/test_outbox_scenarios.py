@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from iotref.device.environment import Environment
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType, to_json
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.token_store import TokenStore
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC

@@ -27,9 +27,9 @@ import psutil
 import pytest
 
 from iotref.device.connection.state import ConnectionState
-from iotref.device.environment import Environment
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType
-from iotref.device.token_store import TokenStore
 from iotref.sandbox.broker.supervisor import STABLE_AFTER
 from tests.reliability.harness import (
     Platform,

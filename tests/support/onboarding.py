@@ -13,11 +13,13 @@ from typing import Any
 
 import httpx
 
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment, load_environment_file
-from iotref.device.onboarding import BlockingOnboarding, LoginResult, ProvisionOptions
+from iotref.device.blocking import BlockingOnboarding
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import LoginResult
+from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
-from iotref.device.token_store import TokenStore
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD, FIRST_ORGANIZATION_ID

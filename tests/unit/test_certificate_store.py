@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from iotref.device.certificate_store import (
+from iotref.device.errors import StoreError
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     COMMIT_MARKER,
     PRIVATE_KEY_FILE,
@@ -31,14 +32,17 @@ from iotref.device.certificate_store import (
     ProgressState,
     default_store_path,
 )
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import EnvironmentIdentity, load_environment
-from iotref.device.errors import StoreError
-from iotref.device.keys import KeyType, generate_private_key, private_key_pem
-from iotref.device.next_steps import Selection
-from iotref.device.onboarding import Onboarding
-from iotref.device.store_checks import check_store, environment_mismatch, issuer_fingerprint
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import EnvironmentIdentity, load_environment
+from iotref.device.onboarding.keys import KeyType, generate_private_key, private_key_pem
+from iotref.device.onboarding.next_steps import Selection
+from iotref.device.onboarding.service import Onboarding
+from iotref.device.onboarding.store_checks import (
+    check_store,
+    environment_mismatch,
+    issuer_fingerprint,
+)
+from iotref.device.onboarding.token_store import TokenStore
 
 IDENTITY = EnvironmentIdentity("local", "http://127.0.0.1:8780")
 NOW = dt.datetime(2030, 6, 1, tzinfo=dt.timezone.utc)

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from iotref.cli.main import cli
-from iotref.cli.run_command import (
+from iotref.cli.run_command import EndOfInputDrain
+from iotref.cli.run_status import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
-    EndOfInputDrain,
     RunCounters,
     duration_text,
     exit_code_of,
@@ -25,13 +25,7 @@ from iotref.cli.run_command import (
     status_text,
     summary_text,
 )
-from iotref.device.blocking import Client, _LoopThread
-from iotref.device.certificate_store import (
-    CERTIFICATE_FILE,
-    PRIVATE_KEY_FILE,
-    PROPERTIES_FILE,
-    ROOT_CA_FILE,
-)
+from iotref.device.blocking import Client
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import (
@@ -43,6 +37,13 @@ from iotref.device.errors import (
     OutboxFullError,
     SendRefused,
     StoreError,
+)
+from iotref.device.loop_thread import LoopThread
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    PROPERTIES_FILE,
+    ROOT_CA_FILE,
 )
 from iotref.device.options import ClientOptions, ClientStats
 from iotref.device.raw_payload import RawPayload, as_payload
@@ -274,7 +275,7 @@ def test_blocking_client_start_failure_leaves_no_thread(tmp_path: Path) -> None:
 
 
 def test_loop_thread_refuses_calls_from_its_own_thread() -> None:
-    runner = _LoopThread("test-loop")
+    runner = LoopThread("test-loop")
     try:
 
         async def inner() -> int:

@@ -20,8 +20,8 @@ from iotref.cli.demo_command import (
     _set_aside_other_sandboxes_store,
     choose_ports,
 )
-from iotref.device.certificate_store import ROOT_CA_FILE, CertificateStore, Progress
-from iotref.device.environment import Environment, EnvironmentIdentity
+from iotref.device.onboarding.certificate_store import ROOT_CA_FILE, CertificateStore, Progress
+from iotref.device.onboarding.environment import Environment, EnvironmentIdentity
 from tests.support.device_keys import make_key, self_signed_pem
 from tests.support.ports import free_port
 

@@ -12,15 +12,6 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from iotref.device.device_flow import (
-    DEVICE_CODE_GRANT,
-    DeviceAuthorization,
-    DeviceFlowClient,
-    PollEvent,
-    TokenSet,
-    parse_expires_in,
-)
-from iotref.device.environment import load_environment
 from iotref.device.errors import (
     AuthorizationDenied,
     AuthorizationExpired,
@@ -29,7 +20,16 @@ from iotref.device.errors import (
     NetworkError,
     ProtocolError,
 )
-from iotref.device.http_client import create_http_client
+from iotref.device.onboarding.device_flow import (
+    DEVICE_CODE_GRANT,
+    DeviceAuthorization,
+    DeviceFlowClient,
+    PollEvent,
+    TokenSet,
+    parse_expires_in,
+)
+from iotref.device.onboarding.environment import load_environment
+from iotref.device.onboarding.http_client import create_http_client
 
 ENV = load_environment("test")
 DEVICE_CODE = "dc-SECRET-device-code-123"

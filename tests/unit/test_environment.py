@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.environment import (
+from iotref.device.errors import ConfigurationError
+from iotref.device.onboarding.environment import (
     EnvironmentIdentity,
     check_service_url,
     environment_name_for_file,
@@ -16,7 +17,6 @@ from iotref.device.environment import (
     resolve_environment,
     with_sandbox_id,
 )
-from iotref.device.errors import ConfigurationError
 from iotref.protocol.environment_file import DEFAULT_SCOPE
 
 SCOPE = "Org.prinect.onprem.rw,Org.directory.machines.rw,Org.directory.organization.r"

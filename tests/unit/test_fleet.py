@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from awscrt import io
 
-from iotref.device.certificate_store import DeviceProperties
 from iotref.device.connection import connection as connection_module
 from iotref.device.connection.awscrt_options import build_tls_context
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.environment import load_environment
+from iotref.device.onboarding.certificate_store import DeviceProperties
+from iotref.device.onboarding.environment import load_environment
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.telemetry.outbox import Outbox
 from iotref.device.telemetry.outbox_records import AppendResult, OutboxEntry

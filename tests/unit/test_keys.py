@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from iotref.device.keys import (
+from iotref.device.onboarding.keys import (
     KeyType,
     build_csr,
     describe_key,

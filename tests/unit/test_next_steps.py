@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from iotref.device.certificate_store import CertificateStore
-from iotref.device.environment import load_environment, load_environment_file
 from iotref.device.errors import StoreError
-from iotref.device.next_steps import NextStep, Selection, run, shell_word, steps
-from iotref.device.store_checks import check_store
+from iotref.device.onboarding.certificate_store import CertificateStore
+from iotref.device.onboarding.environment import load_environment, load_environment_file
+from iotref.device.onboarding.next_steps import NextStep, Selection, run, shell_word, steps
+from iotref.device.onboarding.store_checks import check_store
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "iotref"
 HINT = re.compile(r"""'(iotref (?:[^'"]|"(?:\\.|[^"\\])*")*)'""")
@@ -134,7 +134,7 @@ def test_store_errors_name_the_store_they_are_about(tmp_path: Path) -> None:
 
 def test_no_hint_in_the_source_bypasses_the_helper() -> None:
     """Every "run 'iotref ..." and "'iotref ...'" next step is made by
-    iotref.device.next_steps, so that it carries the person's options. Hard-coded command
+    iotref.device.onboarding.next_steps, so that it carries the person's options. Hard-coded command
     texts dropped --env/--env-file/--store (issue: hints that do not run as printed)."""
     pattern = re.compile(r"""["'][^"'\n]*'iotref (login|logout|provision|status|run)\b""")
     offenders = []

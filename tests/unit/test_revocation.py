@@ -1,4 +1,4 @@
-"""What a CRL says about a device certificate (iotref.device.revocation): listed, not
+"""What a CRL says about a device certificate (iotref.device.onboarding.revocation): listed, not
 listed, or not usable (another issuer, another key, out of date, not a CRL); which CRL
 distribution points may be fetched."""
 
@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from iotref.device.revocation import crl_urls, judge_crl
+from iotref.device.onboarding.revocation import crl_urls, judge_crl
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 

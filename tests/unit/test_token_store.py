@@ -13,12 +13,12 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from iotref.device.auth import Authenticator
-from iotref.device.device_flow import Bearer, DeviceFlowClient, TokenSet
-from iotref.device.environment import Environment, load_environment, with_sandbox_id
 from iotref.device.errors import LoginRequired, StoreError
-from iotref.device.http_client import create_http_client
-from iotref.device.token_store import TokenStore, default_config_dir
+from iotref.device.onboarding.auth import Authenticator
+from iotref.device.onboarding.device_flow import Bearer, DeviceFlowClient, TokenSet
+from iotref.device.onboarding.environment import Environment, load_environment, with_sandbox_id
+from iotref.device.onboarding.http_client import create_http_client
+from iotref.device.onboarding.token_store import TokenStore, default_config_dir
 
 ENV = load_environment("test")
 

@@ -36,19 +36,24 @@ from rich.table import Table
 from iotref._version import __version__
 from iotref.cli.onboarding_commands import _environment_options, _expected_errors, _qr_text
 from iotref.cli.output import is_quiet
-from iotref.device.certificate_store import ROOT_CA_FILE, CertificateStore, default_store_path
 from iotref.device.client import AsyncClient
-from iotref.device.device_flow import DeviceAuthorization
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import (
+from iotref.device.errors import IotrefError, LoginRequired, StoreError
+from iotref.device.onboarding.certificate_store import (
+    ROOT_CA_FILE,
+    CertificateStore,
+    default_store_path,
+)
+from iotref.device.onboarding.device_flow import DeviceAuthorization
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import (
     Environment,
     is_loopback_host,
     load_environment_file,
     resolve_environment,
 )
-from iotref.device.errors import IotrefError, LoginRequired, StoreError
-from iotref.device.next_steps import Selection, shell_word
-from iotref.device.onboarding import Onboarding, ProvisionOptions
+from iotref.device.onboarding.next_steps import Selection, shell_word
+from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.service import Onboarding
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.fleet.press import Phase, PressSimulator
 

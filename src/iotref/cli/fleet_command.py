@@ -21,9 +21,9 @@ from rich.live import Live
 from rich.table import Table
 
 from iotref.cli.output import is_quiet
-from iotref.device.environment import BUILTIN_ENVIRONMENTS, resolve_environment
 from iotref.device.errors import IotrefError
-from iotref.device.next_steps import Selection
+from iotref.device.onboarding.environment import BUILTIN_ENVIRONMENTS, resolve_environment
+from iotref.device.onboarding.next_steps import Selection
 from iotref.fleet.names import Shard
 from iotref.fleet.options import DEFAULT_CONNECT_CONCURRENCY, DEFAULT_CONNECT_RATE, FleetOptions
 from iotref.fleet.progress import FleetProgress

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from iotref.device.environment import Environment, resolve_environment, with_sandbox_id
+from iotref.device.onboarding.environment import Environment, resolve_environment, with_sandbox_id
 
 log = logging.getLogger(__name__)
 

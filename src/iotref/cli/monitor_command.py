@@ -18,7 +18,7 @@ import click
 import httpx
 
 from iotref.cli.output import is_quiet
-from iotref.device.next_steps import shell_word
+from iotref.device.onboarding.next_steps import shell_word
 from iotref.sandbox.context import DEFAULT_DATA_DIR
 from iotref.sandbox.runner import read_running
 

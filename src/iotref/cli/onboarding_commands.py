@@ -24,18 +24,19 @@ import click
 
 from iotref.cli.local_sandbox import resolve_cli_environment
 from iotref.cli.output import is_quiet, progress, result, verbosity
-from iotref.device.directory_client import MACHINE_KINDS, MachineSpec
-from iotref.device.environment import BUILTIN_ENVIRONMENTS, Environment, is_loopback_host
 from iotref.device.errors import ConfigurationError, IotrefError
-from iotref.device.keys import DEFAULT_KEY_TYPE, KeyType
-from iotref.device.next_steps import NextStep, Selection, shell_word
-from iotref.device.store_checks import DEFAULT_EXPIRY_THRESHOLD_DAYS
+from iotref.device.onboarding.directory_client import MACHINE_KINDS, MachineSpec
+from iotref.device.onboarding.environment import BUILTIN_ENVIRONMENTS, Environment, is_loopback_host
+from iotref.device.onboarding.keys import DEFAULT_KEY_TYPE, KeyType
+from iotref.device.onboarding.next_steps import NextStep, Selection, shell_word
+from iotref.device.onboarding.store_checks import DEFAULT_EXPIRY_THRESHOLD_DAYS
 
 if TYPE_CHECKING:
-    from iotref.device.device_flow import DeviceAuthorization, PollEvent
-    from iotref.device.onboarding import LoginStatus, ProvisionResult
-    from iotref.device.revocation import RevocationStatus
-    from iotref.device.store_checks import StoreReport
+    from iotref.device.onboarding.device_flow import DeviceAuthorization, PollEvent
+    from iotref.device.onboarding.provisioning import ProvisionResult
+    from iotref.device.onboarding.revocation import RevocationStatus
+    from iotref.device.onboarding.service import LoginStatus
+    from iotref.device.onboarding.store_checks import StoreReport
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,7 +156,7 @@ def _qr_text(uri: str) -> str | None:
 @_expected_errors
 def login(env_name: str | None, env_file: Path | None, no_qr: bool) -> None:
     """Log this device in with the OAuth device flow (RFC 8628)."""
-    from iotref.device.onboarding import Onboarding
+    from iotref.device.onboarding.service import Onboarding
 
     env = _env(env_name, env_file)
     interactive = sys.stdout.isatty() and not is_quiet()
@@ -202,7 +203,7 @@ def login(env_name: str | None, env_file: Path | None, no_qr: bool) -> None:
 @_expected_errors
 def logout(env_name: str | None, env_file: Path | None) -> None:
     """Delete this environment's saved tokens."""
-    from iotref.device.onboarding import Onboarding
+    from iotref.device.onboarding.service import Onboarding
 
     env = _env(env_name, env_file)
     onboarding = Onboarding(env)
@@ -322,7 +323,8 @@ def provision(
         raise ConfigurationError(
             f"key type {chosen_key!r} is not one of {', '.join(k.value for k in KeyType)}"
         )
-    from iotref.device.onboarding import Onboarding, ProvisionOptions
+    from iotref.device.onboarding.provisioning import ProvisionOptions
+    from iotref.device.onboarding.service import Onboarding
 
     options = ProvisionOptions(
         machine=_machine_spec(values),
@@ -586,7 +588,7 @@ def status(
     certificate: the CRL the certificate names, if any, and a TLS handshake with the broker
     (no MQTT session; --offline: neither). Exit status 1 if a problem is found.
     """
-    from iotref.device.onboarding import Onboarding
+    from iotref.device.onboarding.service import Onboarding
 
     env = _env(env_name, env_file)
     selection = cli_selection()
@@ -621,7 +623,7 @@ def status(
 def _ask_platform(onboarding: Any, report: StoreReport) -> RevocationStatus | None:
     """The platform's answer about the store's certificate, if the store has one to ask
     about (a complete store whose key and certificate belong together)."""
-    from iotref.device.revocation import check_revocation
+    from iotref.device.onboarding.revocation import check_revocation
 
     unusable = {"key_mismatch", "certificate_unparsable", "key_unparsable", "properties_invalid"}
     if report.missing or report.certificate is None or report.properties is None:

@@ -1,13 +1,11 @@
 """The blocking facade: :class:`Client` (an :class:`~iotref.device.client.AsyncClient` on
 an event loop in a private daemon thread, the same methods, synchronous and thread-safe),
 its :class:`BlockingAssetChannel` and :class:`BlockingShadow`, and the one loop thread
-(``_LoopThread``) every blocking wrapper runs its coroutines on."""
+(``LoopThread``) every blocking wrapper runs its coroutines on."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
@@ -16,10 +14,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionEvent
 from iotref.device.errors import ClientClosed
+from iotref.device.loop_thread import LoopThread
+from iotref.device.onboarding.certificate_store import (
+    CertificateStore,
+    DeviceIdentity,
+    DeviceProperties,
+)
+from iotref.device.onboarding.device_flow import DeviceAuthorization, PollEvent
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.provisioning import ProvisionOptions, ProvisionResult
+from iotref.device.onboarding.service import LoginResult, LoginStatus, Onboarding
+from iotref.device.onboarding.store_checks import DEFAULT_EXPIRY_THRESHOLD_DAYS, StoreReport
 from iotref.device.options import ClientOptions, ClientOptionsArgs, ClientStats
 from iotref.device.raw_payload import PayloadLike
 from iotref.device.shadow.desired import DesiredHandler
@@ -29,69 +37,13 @@ from iotref.device.telemetry.messages import Asset, Sender
 from iotref.device.telemetry.outbox_salvage import OutboxRecovery
 from iotref.device.telemetry.results import SendResult
 
-__all__ = ["BlockingAssetChannel", "BlockingShadow", "Client"]
+__all__ = ["BlockingAssetChannel", "BlockingOnboarding", "BlockingShadow", "Client"]
 
 T = TypeVar("T")
 
 
 async def _value(fn: Callable[[], T]) -> T:
     return fn()
-
-
-class _LoopThread:
-    """An event loop in a private daemon thread; :meth:`call` runs a coroutine on it and
-    blocks for the result."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-        self._ready.wait()
-
-    def _run(self) -> None:
-        loop = self.loop
-        asyncio.set_event_loop(loop)
-        loop.call_soon(self._ready.set)
-        try:
-            loop.run_forever()
-            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-        finally:
-            loop.close()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if threading.current_thread() is self.thread:
-            coro.close()
-            raise RuntimeError(
-                "a blocking Client method was called from the client's own thread (e.g. in "
-                "a shadow handler); use client.async_client there"
-            )
-        if self.loop.is_closed() or not self.thread.is_alive():
-            coro.close()
-            raise ClientClosed("the client is closed")
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise TimeoutError(f"no result within {timeout} s") from None
-        except BaseException:
-            fut.cancel()
-            raise
-
-    def stop(self, join_s: float = 10.0) -> None:
-        if self.loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        if threading.current_thread() is not self.thread:
-            self.thread.join(join_s)
 
 
 class BlockingAssetChannel:
@@ -125,7 +77,7 @@ class BlockingShadow:
     """A :class:`ShadowSync` used from other threads. Handlers registered here run on the
     client's own thread: keep them short, and use :attr:`sync` (async) inside them."""
 
-    def __init__(self, runner: _LoopThread, sync: ShadowSync) -> None:
+    def __init__(self, runner: LoopThread, sync: ShadowSync) -> None:
         self._runner = runner
         self.sync = sync
 
@@ -200,7 +152,7 @@ class Client:
         **overrides: Unpack[ClientOptionsArgs],
     ) -> None:
         self.async_client = AsyncClient(identity, sender=sender, options=options, **overrides)
-        self._runner: _LoopThread | None = None
+        self._runner: LoopThread | None = None
         self._lock = threading.Lock()
         self._shadow: BlockingShadow | None = None
         self._named: dict[str, BlockingShadow] = {}
@@ -238,7 +190,7 @@ class Client:
         with self._lock:
             if self._runner is not None:
                 raise ClientClosed("a client can be started only once", "make a new client")
-            runner = _LoopThread(f"iotref-client-{self.async_client.client_id}")
+            runner = LoopThread(f"iotref-client-{self.async_client.client_id}")
             self._runner = runner
         try:
             runner.call(self.async_client.start(wait=wait))
@@ -385,3 +337,77 @@ class Client:
                 yield event
         finally:
             fut.cancel()
+
+
+class BlockingOnboarding:
+    """:class:`Onboarding` for code without an event loop: the same methods, blocking.
+
+    ``with BlockingOnboarding(env) as onboarding: onboarding.provision(...)``. Its
+    coroutines run on its own :class:`~iotref.device.loop_thread.LoopThread` (callbacks
+    such as ``on_authorization`` are called there). Must not be used from inside a running
+    event loop."""
+
+    def __init__(self, env: Environment, **kwargs: Any) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("BlockingOnboarding cannot run inside an event loop; use Onboarding")
+        self._runner = LoopThread(f"iotref-onboarding-{env.name}", owner="onboarding")
+        try:
+            self._onboarding: Onboarding = self._runner.call(_make_onboarding(env, kwargs))
+        except BaseException:
+            self._runner.stop()
+            raise
+
+    @property
+    def onboarding(self) -> Onboarding:
+        return self._onboarding
+
+    @property
+    def store(self) -> CertificateStore:
+        return self._onboarding.store
+
+    def __enter__(self) -> BlockingOnboarding:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._runner.call(self._onboarding.aclose())
+        finally:
+            self._runner.stop()
+
+    def login(
+        self,
+        on_authorization: Callable[[DeviceAuthorization], None] | None = None,
+        on_poll: Callable[[PollEvent], None] | None = None,
+    ) -> LoginResult:
+        return self._runner.call(self._onboarding.login(on_authorization, on_poll))
+
+    def logout(self) -> bool:
+        return self._onboarding.logout()
+
+    def login_status(self) -> LoginStatus:
+        return self._onboarding.login_status()
+
+    def access_token(self) -> str:
+        return self._runner.call(self._onboarding.access_token())
+
+    def provision(self, options: ProvisionOptions | None = None) -> ProvisionResult:
+        return self._runner.call(self._onboarding.provision(options))
+
+    def check(self, threshold_days: float = DEFAULT_EXPIRY_THRESHOLD_DAYS) -> StoreReport:
+        return self._onboarding.check(threshold_days)
+
+
+async def _make_onboarding(env: Environment, kwargs: dict[str, Any]) -> Onboarding:
+    return Onboarding(env, **kwargs)

@@ -35,7 +35,6 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from iotref._version import __version__
-from iotref.device.certificate_store import CertificateStore, DeviceIdentity, DeviceProperties
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed, ConnectionTakenOver
 from iotref.device.connection.settings import ConnectionSettings
@@ -47,6 +46,11 @@ from iotref.device.errors import (
     MessageTooLargeError,
     OutboxBusy,
     OutboxFullError,
+)
+from iotref.device.onboarding.certificate_store import (
+    CertificateStore,
+    DeviceIdentity,
+    DeviceProperties,
 )
 from iotref.device.options import (
     ClientOptions,

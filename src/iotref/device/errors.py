@@ -3,7 +3,7 @@ client's own (:class:`ClientError` and below: what ``send()`` refuses) included.
 
 Every error carries a ``reason`` (what went wrong, one sentence) and, where there is one, a
 ``next_step`` (what the person should do); a next step that names ``iotref`` commands is a
-:class:`~iotref.device.next_steps.NextStep` too (``hint``), which a command line renders
+:class:`~iotref.device.onboarding.next_steps.NextStep` too (``hint``), which a command line renders
 with the person's own environment and store options. Messages never contain secrets: no tokens,
 device codes, refresh tokens or key material, and no raw answers of the token endpoint.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from iotref.device.next_steps import NextStep, Selection
+from iotref.device.onboarding.next_steps import NextStep, Selection
 
 if TYPE_CHECKING:
     from iotref.protocol.message_schemas import ValidationIssue

@@ -10,11 +10,15 @@ from typing import Final, Protocol
 
 from awscrt import io
 
-from iotref.device.certificate_store import CERTIFICATE_FILE, PRIVATE_KEY_FILE, ROOT_CA_FILE
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.rate_limit import ConnectGate
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionEvent, ConnectionState
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    ROOT_CA_FILE,
+)
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType, build_message
 from iotref.device.telemetry.permission import ShadowPermission

@@ -12,10 +12,10 @@ from typing import Any, Final
 
 import httpx
 
-from iotref.device.certificate_store import ROOT_CA_FILE, DeviceProperties
-from iotref.device.environment import Environment
-from iotref.device.http_client import create_http_client
-from iotref.device.keys import KeyType, build_csr, generate_private_key, private_key_pem
+from iotref.device.onboarding.certificate_store import ROOT_CA_FILE, DeviceProperties
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import create_http_client
+from iotref.device.onboarding.keys import KeyType, build_csr, generate_private_key, private_key_pem
 from iotref.fleet.errors import FleetError
 from iotref.fleet.names import device_name
 from iotref.fleet.stores import FleetDeviceIdentity, FleetStores
@@ -124,7 +124,8 @@ async def provision_platform(
     """Provision ``indices`` the normal way (needs ``iotref login`` for ``env`` first):
     per device a machine in the directory, its ownership, a key, a CSR and
     ``/v4/provisioning``, each into its own store (resumable, as ``iotref provision``)."""
-    from iotref.device.onboarding import Onboarding, ProvisionOptions
+    from iotref.device.onboarding.provisioning import ProvisionOptions
+    from iotref.device.onboarding.service import Onboarding
 
     if not indices:
         return []

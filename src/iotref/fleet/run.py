@@ -16,8 +16,8 @@ from typing import Any, Final
 
 from iotref.device.connection.errors import ConnectionFailed, MqttError
 from iotref.device.connection.rate_limit import ConnectGate
-from iotref.device.environment import Environment
 from iotref.device.errors import IotrefError
+from iotref.device.onboarding.environment import Environment
 from iotref.device.shadow.errors import ShadowError
 from iotref.device.telemetry.seams import MessageValidatorLike
 from iotref.fleet.device import FleetDevice

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from iotref.device.certificate_store import (
+from iotref.device.errors import IotrefError
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROPERTIES_FILE,
@@ -24,11 +25,10 @@ from iotref.device.certificate_store import (
     Progress,
     ProgressState,
 )
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import Environment
-from iotref.device.errors import IotrefError
-from iotref.device.keys import KeyType
-from iotref.device.store_checks import issuer_fingerprint
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.keys import KeyType
+from iotref.device.onboarding.store_checks import issuer_fingerprint
 from iotref.fleet.errors import FleetError
 from iotref.fleet.names import device_name
 

@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from iotref.device.environment import Environment
-from iotref.device.next_steps import shell_word
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.next_steps import shell_word
 from iotref.fleet.errors import FleetError
 
 

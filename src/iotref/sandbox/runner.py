@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import uvicorn
 
 from iotref._version import __version__
+from iotref.device.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
 from iotref.protocol.environment_file import (
     BASE_URL,
     DEFAULT_SCOPE,
@@ -146,16 +147,6 @@ def read_running(data_dir: Path) -> RunningSandbox:
     return RunningSandbox(pid, info)
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _configure_logging(paths: SandboxPaths, stream: TextIO) -> logging.Handler:
     """Info and up into ``logs/sandbox.log``; on ``stream`` too unless the caller (the
     ``iotref`` command, by its -v/--quiet) already logs somewhere. Returns the file's
@@ -193,8 +184,7 @@ class Sandbox:
 
     async def run(self, ready: Any = None) -> None:
         """Start, announce readiness through ``ready(info)``, wait for stop, shut down."""
-        self.paths.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.paths.data_dir, 0o700)
+        ensure_private_dir(self.paths.data_dir)
         self._lock.acquire()
         started: list[Component] = []
         server: uvicorn.Server | None = None
@@ -292,10 +282,12 @@ class Sandbox:
             PUBLISH_RATE_LIMIT: str(ctx.settings.limits.publish_rate),
             THROUGHPUT_LIMIT: str(ctx.settings.limits.throughput),
         }
-        _write_atomic(
+        write_atomic(
             self.paths.env_file,
-            format_env_file(env, comment="iotref sandbox on this machine (written by sandbox up)"),
-            0o644,
+            format_env_file(
+                env, comment="iotref sandbox on this machine (written by sandbox up)"
+            ).encode(),
+            PUBLIC_FILE_MODE,
         )
         cas = self.cas
         info: dict[str, Any] = {
@@ -318,7 +310,7 @@ class Sandbox:
             describe = getattr(component, "describe", None)
             if describe is not None:
                 info.update(describe())
-        _write_atomic(self.paths.sandbox_json, json.dumps(info, indent=2) + "\n", 0o600)
+        write_atomic(self.paths.sandbox_json, (json.dumps(info, indent=2) + "\n").encode())
         return info
 
     @staticmethod

@@ -20,7 +20,7 @@ from iotref.device import stdlib_compat
 from iotref.device.connection.errors import ConnectionFailed, MqttError
 from iotref.device.connection.settings import ALPN_PROTOCOL, ConnectionSettings
 from iotref.device.connection.takeover import HANGUP_ERRORS
-from iotref.device.next_steps import run
+from iotref.device.onboarding.next_steps import run
 
 FATAL_CONNACK_CODES = frozenset(
     {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from iotref.device.errors import IotrefError
-from iotref.device.next_steps import NextStep
+from iotref.device.onboarding.next_steps import NextStep
 
 
 class MqttError(IotrefError):

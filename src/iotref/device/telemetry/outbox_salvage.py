@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sqlite3
 import struct
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from iotref.device.files import write_atomic
 from iotref.device.telemetry.outbox_integrity import (
     DAMAGED_INFIX,
     MARKER_SUFFIX,
@@ -140,11 +140,7 @@ def report_path(kept_db: Path) -> Path:
 
 def write_report(recovery: OutboxRecovery, target: Path) -> None:
     """Store ``recovery`` as JSON at ``target`` (mode 0600, written atomically)."""
-    tmp = target.with_name(target.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(recovery.to_json(), handle, indent=2)
-    tmp.replace(target)
+    write_atomic(target, json.dumps(recovery.to_json(), indent=2).encode())
 
 
 def read_reports(path: Path) -> list[OutboxRecovery]:

@@ -26,11 +26,11 @@ from typing import Any
 
 import aiomqtt
 
+from iotref.device.files import write_atomic
 from iotref.sandbox.context import LOOPBACK
 from iotref.sandbox.provisioning.certificate_authority import (
     OPERATOR_IDENTITY,
     PLATFORM_IDENTITY,
-    write_file_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def reconcile(path: Path, revoked: Iterable[str]) -> None:
         clients[client_id] = revoked_client(client_id)
     doc["clients"] = list(clients.values())
     doc.setdefault("groups", [])
-    write_file_atomic(path, (json.dumps(doc, indent=1) + "\n").encode(), 0o600)
+    write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def _load(path: Path) -> dict[str, Any]:

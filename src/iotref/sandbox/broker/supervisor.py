@@ -30,6 +30,7 @@ from typing import Any
 import aiomqtt
 from starlette.routing import BaseRoute
 
+from iotref.device.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
 from iotref.sandbox.broker import dynamic_security as dynsec
 from iotref.sandbox.broker.config import (
     PLATFORM_MAX_CONNECTIONS,
@@ -44,10 +45,7 @@ from iotref.sandbox.broker.config import (
 )
 from iotref.sandbox.context import INGESTION_SUBSCRIBED, LOOPBACK, SandboxContext
 from iotref.sandbox.errors import SandboxError
-from iotref.sandbox.provisioning.certificate_authority import (
-    CertificateAuthorities,
-    write_file_atomic,
-)
+from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from iotref.sandbox.provisioning.things import ThingRegistry
 
 log = logging.getLogger(__name__)
@@ -194,8 +192,7 @@ class Broker:
 
     def write_files(self) -> None:
         """Write every file Mosquitto reads into the broker dir (Mosquitto not running)."""
-        self.broker_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.broker_dir, 0o700)
+        ensure_private_dir(self.broker_dir)
         self.ctx.paths.log_dir.mkdir(parents=True, exist_ok=True)
         revoked = self._write_policy_files()
         dynsec.reconcile(self.dynsec_path, revoked)
@@ -235,7 +232,7 @@ class Broker:
             dynsec_config=self.dynsec_path.resolve(),
             limits=self.limits,
         )
-        write_file_atomic(self.config_path, render_config(config).encode(), 0o600)
+        write_atomic(self.config_path, render_config(config).encode())
 
     def _write_policy_files(self) -> list[str]:
         """Write the ACL file (from the thing registry) and the CRL; the revoked things."""
@@ -251,13 +248,13 @@ class Broker:
                 self._unusable.add(client_id)
                 log.error("thing %r has an id unusable in a topic; it gets no rights", client_id)
         acl = render_acl(policies, self.telemetry_topic)
-        write_file_atomic(self.acl_path, acl.encode(), 0o600)
+        write_atomic(self.acl_path, acl.encode())
         self._copy_crl()
         self._policy_applied = max(self._policy_applied, requested)
         return revoked
 
     def _copy_crl(self) -> None:
-        write_file_atomic(self.crl_path, self.cas.crl_path.read_bytes(), 0o644)
+        write_atomic(self.crl_path, self.cas.crl_path.read_bytes(), PUBLIC_FILE_MODE)
 
     # --- lifecycle ---------------------------------------------------------------------
 

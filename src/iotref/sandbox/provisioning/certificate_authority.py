@@ -17,7 +17,6 @@ import ipaddress
 import json
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from iotref.device.files import (
+    PRIVATE_FILE_MODE,
+    PUBLIC_FILE_MODE,
+    ensure_private_dir,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,22 +118,6 @@ def check_device_public_key(csr: x509.CertificateSigningRequest) -> None:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-
-
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: PrivateKey) -> bytes:
@@ -284,8 +274,7 @@ class CertificateAuthorities:
 
     def ensure(self) -> None:
         """Create what is missing under ``ca_dir`` and load the rest; idempotent."""
-        self.ca_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.ca_dir, 0o700)
+        ensure_private_dir(self.ca_dir)
         self._server_root = self._ensure_ca(
             self.server_root_ca_path,
             self.server_root_ca_key_path,
@@ -379,7 +368,9 @@ class CertificateAuthorities:
                     for s, when in sorted(revoked.items())
                 ]
             }
-            write_file_atomic(self.revoked_path, (json.dumps(data, indent=2) + "\n").encode())
+            write_atomic(
+                self.revoked_path, (json.dumps(data, indent=2) + "\n").encode(), PUBLIC_FILE_MODE
+            )
             log.info("revoked device certificate serial %x", serial)
         self.write_crl()
 
@@ -408,8 +399,10 @@ class CertificateAuthorities:
         pem = platform.public_bytes(serialization.Encoding.PEM) + device.public_bytes(
             serialization.Encoding.PEM
         )
-        write_file_atomic(self.crl_path, pem)
-        write_file_atomic(self.device_crl_path, device.public_bytes(serialization.Encoding.DER))
+        write_atomic(self.crl_path, pem, PUBLIC_FILE_MODE)
+        write_atomic(
+            self.device_crl_path, device.public_bytes(serialization.Encoding.DER), PUBLIC_FILE_MODE
+        )
 
     # --- internals ---------------------------------------------------------------------
 
@@ -447,8 +440,8 @@ class CertificateAuthorities:
         return _Authority(cert, key)
 
     def _store(self, cert_path: Path, key_path: Path, authority: _Authority) -> None:
-        write_file_atomic(key_path, _key_pem(authority.key), 0o600)
-        write_file_atomic(cert_path, _cert_pem(authority.cert))
+        write_atomic(key_path, _key_pem(authority.key), PRIVATE_FILE_MODE)
+        write_atomic(cert_path, _cert_pem(authority.cert), PUBLIC_FILE_MODE)
 
     def _ensure_ca(
         self, cert_path: Path, key_path: Path, common_name: str, rsa_bits: int | None = None
@@ -571,4 +564,4 @@ class CertificateAuthorities:
                 return
         except FileNotFoundError:
             pass
-        write_file_atomic(path, data)
+        write_atomic(path, data, PUBLIC_FILE_MODE)

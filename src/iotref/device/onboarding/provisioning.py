@@ -1,62 +1,23 @@
-"""Onboarding, end to end: log in with the device flow, then provision a machine (site,
-machine, ownership, key, CSR, configuration, certificate) into the certificate store, and
-check the store. :class:`Onboarding` is the asyncio API; :class:`BlockingOnboarding` wraps it
-for scripts.
+"""The resumable provisioning run: site, machine, ownership, key and CSR, configuration
+and certificate, committed into the certificate store.
 
-Provisioning is resumable. Each step that creates something in the directory is recorded
-in the store's ``.progress.json`` before the next one starts, so a run that died is
-continued by the next one with the same machine. A complete store is reused without any
-network call; ``renew`` makes a new key and certificate for the same machine.
+Each step that creates something in the directory is recorded in the store's
+``.progress.json`` before the next one starts, so a run that died is continued by the next
+one with the same machine. A complete store is reused without any network call; ``renew``
+makes a new key and certificate for the same machine.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import inspect
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
-import httpx
 from cryptography import x509
 
-from iotref.device import stdlib_compat
-from iotref.device.auth import Authenticator
-from iotref.device.certificate_store import (
-    CERTIFICATE_FILE,
-    PRIVATE_KEY_FILE,
-    PROPERTIES_FILE,
-    ROOT_CA_FILE,
-    STAGING_DIR,
-    CertificateStore,
-    DeviceProperties,
-    Progress,
-    ProgressState,
-    default_store_path,
-)
-from iotref.device.device_flow import (
-    Bearer,
-    Clock,
-    DeviceAuthorization,
-    DeviceFlowClient,
-    PollEvent,
-    Sleep,
-    TokenSet,
-)
-from iotref.device.directory_client import (
-    DirectoryClient,
-    Machine,
-    MachineOwnership,
-    MachineSpec,
-    Site,
-)
-from iotref.device.environment import Environment
 from iotref.device.errors import (
     ConfigurationError,
     NotFound,
@@ -64,8 +25,27 @@ from iotref.device.errors import (
     StoreError,
     ValidationFailed,
 )
-from iotref.device.http_client import create_http_client
-from iotref.device.keys import (
+from iotref.device.onboarding.auth import Authenticator
+from iotref.device.onboarding.certificate_store import (
+    CERTIFICATE_FILE,
+    PRIVATE_KEY_FILE,
+    PROPERTIES_FILE,
+    ROOT_CA_FILE,
+    CertificateStore,
+    DeviceProperties,
+    Progress,
+    ProgressState,
+)
+from iotref.device.onboarding.device_flow import TokenSet
+from iotref.device.onboarding.directory_client import (
+    DirectoryClient,
+    Machine,
+    MachineOwnership,
+    MachineSpec,
+    Site,
+)
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.keys import (
     DEFAULT_KEY_TYPE,
     KeyType,
     build_csr,
@@ -73,23 +53,19 @@ from iotref.device.keys import (
     key_matches_certificate,
     private_key_pem,
 )
-from iotref.device.next_steps import Selection, run, steps
-from iotref.device.provisioning_client import ProvisioningClient
-from iotref.device.store_checks import (
-    DEFAULT_EXPIRY_THRESHOLD_DAYS,
-    StoreReport,
+from iotref.device.onboarding.next_steps import Selection, run, steps
+from iotref.device.onboarding.provisioning_client import ProvisioningClient
+from iotref.device.onboarding.store_checks import (
     check_store,
     environment_mismatch,
     issuer_fingerprint,
 )
-from iotref.device.token_store import TokenStore
 
 log = logging.getLogger(__name__)
 
 #: ``on_step(step, message)``: progress for people; a test may raise from it to simulate a
 #: process dying right after ``step`` was recorded.
 StepCallback = Callable[[str, str], None]
-AuthorizationCallback = Callable[[DeviceAuthorization], Awaitable[None] | None]
 
 # Steps reported through ``on_step``, in order.
 STEP_RECOVERED = "recovered"
@@ -104,28 +80,6 @@ STEP_STORE = "store"
 
 #: Findings that do not stop a complete store from being reused.
 _WARNINGS_ONLY = frozenset({"certificate_expiring"})
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    """A finished login, without secrets."""
-
-    environment: Environment
-    bearer: Bearer | None
-    scope: str
-    expires_at: float
-    token_path: Path
-
-
-@dataclass(frozen=True)
-class LoginStatus:
-    """What the token store says, without the network and without secrets."""
-
-    logged_in: bool
-    token_path: Path
-    bearer: Bearer | None = None
-    access_token_expires_at: float | None = None
-    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,122 +105,36 @@ class ProvisionResult:
     warnings: tuple[str, ...] = ()
 
 
-class Onboarding:
-    """Login, provisioning and checks for one environment and one certificate store.
-
-    Use as ``async with Onboarding(env) as onboarding: ...``; pass ``http`` to share a
-    client (it is then not closed here)."""
+class Provisioner:
+    """Provisioning into one certificate store: the store's lock held for the whole run,
+    an interrupted store update finished first, every step reported through ``on_step``."""
 
     def __init__(
         self,
         env: Environment,
-        *,
-        store_path: Path | None = None,
-        token_store: TokenStore | None = None,
-        http: httpx.AsyncClient | None = None,
-        clock: Clock = time.time,
-        sleep: Sleep = asyncio.sleep,
+        store: CertificateStore,
+        selection: Selection,
+        auth: Authenticator,
+        directory: DirectoryClient,
+        provisioning: ProvisioningClient,
         on_step: StepCallback | None = None,
     ) -> None:
         self.env = env
-        #: ``store_path`` as given (None: the default), and with the environment the
-        #: selection that next steps carry, so that they run as printed.
-        self.store_option = store_path
-        self.selection = Selection.of(env, store_path)
-        self.store = CertificateStore(
-            store_path or default_store_path(env.name), selection=self.selection
-        )
-        self.token_store = token_store or TokenStore()
-        self._owns_http = http is None
-        self.http = http or create_http_client()
-        self.clock = clock
+        self.store = store
+        self.selection = selection
+        self.auth = auth
+        self.directory = directory
+        self.provisioning = provisioning
         self.on_step = on_step
-        self.flow = DeviceFlowClient(env, self.http, clock=clock, sleep=sleep)
-        self.auth = Authenticator(env, self.token_store, self.flow, clock=clock)
-        self.directory = DirectoryClient(env, self.http, self.auth)
-        self.provisioning = ProvisioningClient(env, self.http, self.auth)
-
-    async def __aenter__(self) -> Onboarding:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self.http.aclose()
 
     def _step(self, step: str, message: str) -> None:
         log.info("%s: %s", step, message)
         if self.on_step is not None:
             self.on_step(step, message)
 
-    # -- login --------------------------------------------------------------------------------
-
-    async def login(
-        self,
-        on_authorization: AuthorizationCallback | None = None,
-        on_poll: Callable[[PollEvent], None] | None = None,
-    ) -> LoginResult:
-        """Run the device flow; ``on_authorization`` shows the person what to open. The
-        tokens are saved for this environment (replacing earlier ones)."""
-        authorization = await self.flow.authorize()
-        if on_authorization is not None:
-            shown = on_authorization(authorization)
-            if inspect.isawaitable(shown):
-                await shown
-        tokens = await self.flow.poll(authorization, on_poll)
-        path = self.token_store.save(self.env, tokens)
-        self.auth.use(tokens)
-        log.info("logged in to %s", self.env)
-        return LoginResult(self.env, tokens.bearer, tokens.scope, tokens.expires_at, path)
-
-    def logout(self) -> bool:
-        """Delete this environment's tokens; False if there were none."""
-        self.auth.use(None)
-        return self.token_store.delete(self.env)
-
-    def login_status(self) -> LoginStatus:
-        path = self.token_store.path_for(self.env)
-        try:
-            tokens = self.token_store.load(self.env)
-        except StoreError as exc:
-            return LoginStatus(False, path, problem=exc.reason)
-        if tokens is None:
-            return LoginStatus(False, path)
-        return LoginStatus(True, path, tokens.bearer, tokens.expires_at)
-
-    async def access_token(self) -> str:
-        """A valid access token (refreshed if needed) for this environment's services."""
-        return await self.auth.access_token()
-
-    # -- checks -------------------------------------------------------------------------------
-
-    def check(self, threshold_days: float = DEFAULT_EXPIRY_THRESHOLD_DAYS) -> StoreReport:
-        """Check the certificate store locally (see :mod:`iotref.device.store_checks`).
-
-        An interrupted store update is finished first, unless a provisioning run holds
-        the store (then its update is in progress, not interrupted)."""
-        if self.store.file(STAGING_DIR).exists():
-            with contextlib.suppress(StoreError), self.store.lock():
-                self.store.recover()
-        return check_store(
-            self.store,
-            expected=self.env.identity,
-            threshold_days=threshold_days,
-        )
-
-    # -- provisioning -------------------------------------------------------------------------
-
-    async def provision(self, options: ProvisionOptions | None = None) -> ProvisionResult:
+    async def provision(self, options: ProvisionOptions) -> ProvisionResult:
         """Provision this device into the store, continue an interrupted run, reuse a
         complete store, or (``renew``) replace its key and certificate."""
-        options = options or ProvisionOptions()
         with self.store.lock():
             recovered = self.store.recover()
             if recovered:
@@ -578,71 +446,3 @@ def _check_same_machine(progress: Progress, options: ProvisionOptions) -> None:
 def _pem_text(text: str) -> bytes:
     data = text.strip().encode("ascii", errors="strict")
     return data + b"\n"
-
-
-class BlockingOnboarding:
-    """:class:`Onboarding` for code without an event loop: the same methods, blocking.
-
-    ``with BlockingOnboarding(env) as onboarding: onboarding.provision(...)``. Must not be
-    used from inside a running event loop."""
-
-    def __init__(self, env: Environment, **kwargs: Any) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise RuntimeError("BlockingOnboarding cannot run inside an event loop; use Onboarding")
-        self._runner = stdlib_compat.Runner()
-        self._onboarding: Onboarding = self._runner.run(_make(env, kwargs))
-
-    @property
-    def onboarding(self) -> Onboarding:
-        return self._onboarding
-
-    @property
-    def store(self) -> CertificateStore:
-        return self._onboarding.store
-
-    def __enter__(self) -> BlockingOnboarding:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            self._runner.run(self._onboarding.aclose())
-        finally:
-            self._runner.close()
-
-    def login(
-        self,
-        on_authorization: Callable[[DeviceAuthorization], None] | None = None,
-        on_poll: Callable[[PollEvent], None] | None = None,
-    ) -> LoginResult:
-        return self._runner.run(self._onboarding.login(on_authorization, on_poll))
-
-    def logout(self) -> bool:
-        return self._onboarding.logout()
-
-    def login_status(self) -> LoginStatus:
-        return self._onboarding.login_status()
-
-    def access_token(self) -> str:
-        return self._runner.run(self._onboarding.access_token())
-
-    def provision(self, options: ProvisionOptions | None = None) -> ProvisionResult:
-        return self._runner.run(self._onboarding.provision(options))
-
-    def check(self, threshold_days: float = DEFAULT_EXPIRY_THRESHOLD_DAYS) -> StoreReport:
-        return self._onboarding.check(threshold_days)
-
-
-async def _make(env: Environment, kwargs: dict[str, Any]) -> Onboarding:
-    return Onboarding(env, **kwargs)

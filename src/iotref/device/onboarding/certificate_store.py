@@ -1,14 +1,8 @@
-"""The certificate store (contract section 5): one folder per environment holding
-``amazonRootCA1.pem``, ``devicePrivateKey.pem``, ``deviceCert.pem`` and ``properties.json``
-(exactly the contract's keys), plus ``.progress.json``, this library's own record of which
-environment the store belongs to and how far provisioning got.
-
-Durability: the folder is 0700, the key 0600. Single files are replaced atomically. The
-four contract files are committed together: they are written into ``.staging/``, a commit
-marker is written, then each is renamed into place; :meth:`CertificateStore.recover` rolls
-an interrupted commit forward (marker present) or discards it (marker absent), so a key
-never ends up beside a certificate that is not its own. ``.lock`` serialises provisioning
-runs on one store.
+"""The certificate store (contract section 5): one folder per environment holding the
+contract's four files, plus ``.progress.json`` (the environment the store belongs to and how
+far provisioning got) and ``.lock`` (one provisioning run at a time). The four files are
+committed together through ``.staging/`` and a commit marker; :meth:`CertificateStore.recover`
+finishes or discards an interrupted commit.
 """
 
 from __future__ import annotations
@@ -23,8 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from iotref.device.directory_client import MachineSpec
-from iotref.device.environment import EnvironmentIdentity
 from iotref.device.errors import StoreError
 from iotref.device.files import (
     PRIVATE_FILE_MODE,
@@ -36,7 +28,9 @@ from iotref.device.files import (
     write_atomic,
     write_file_synced,
 )
-from iotref.device.next_steps import NextStep, Selection, run
+from iotref.device.onboarding.directory_client import MachineSpec
+from iotref.device.onboarding.environment import EnvironmentIdentity
+from iotref.device.onboarding.next_steps import NextStep, Selection, run
 from iotref.device.stdlib_compat import StrEnum
 
 ROOT_CA_FILE = "amazonRootCA1.pem"
@@ -377,8 +371,8 @@ class CertificateStore:
 
     def load(self) -> DeviceIdentity:
         """The store's identity for connecting; :class:`StoreError` if files are missing or
-        ``properties.json`` is unusable. Run :func:`~iotref.device.store_checks.check_store`
-        for the full set of checks."""
+        ``properties.json`` is unusable. Run
+        :func:`~iotref.device.onboarding.store_checks.check_store` for the full set of checks."""
         missing = [name for name in STORE_FILES if not self.file(name).is_file()]
         if missing:
             raise self._error(

@@ -1,9 +1,7 @@
 """The OAuth 2.0 device authorization grant (RFC 8628) in Zaikio's flavour (contract
 section 2): ask for a user code, poll the token endpoint at the interval (+5 s after each
-``slow_down``), and refresh tokens.
-
-Nothing here stores or prints tokens; :class:`TokenSet` keeps them out of ``repr``. The
-clock and the sleep are injectable so that tests can check the polling schedule.
+``slow_down``), refresh tokens. :class:`TokenSet` keeps tokens out of ``repr``; the clock
+and the sleep are injectable.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from typing import Any, Literal
 import httpx
 
 from iotref.device import stdlib_compat
-from iotref.device.environment import Environment
 from iotref.device.errors import (
     AuthorizationDenied,
     AuthorizationExpired,
@@ -28,8 +25,9 @@ from iotref.device.errors import (
     LoginRequired,
     ProtocolError,
 )
-from iotref.device.http_client import error_code, json_object, require_str, send
-from iotref.device.next_steps import NextStep, Selection, run
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import error_code, json_object, require_str, send
+from iotref.device.onboarding.next_steps import NextStep, Selection, run
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The directory API the device uses (contract section 3): organization, sites, machines and
-machine ownership, with a bearer token from :mod:`iotref.device.auth`.
+machine ownership, with a bearer token from :mod:`iotref.device.onboarding.auth`.
 
 A 401 triggers one token refresh and one retry; 403, 404 and 422 become
 :class:`~iotref.device.errors.PermissionDenied`, :class:`~iotref.device.errors.NotFound` and
@@ -14,8 +14,6 @@ from urllib.parse import quote
 
 import httpx
 
-from iotref.device.auth import TokenProvider
-from iotref.device.environment import Environment
 from iotref.device.errors import (
     ApiError,
     LoginRequired,
@@ -24,8 +22,10 @@ from iotref.device.errors import (
     ProtocolError,
     ValidationFailed,
 )
-from iotref.device.http_client import json_object, json_value, require_str, send
-from iotref.device.next_steps import Selection, run, steps
+from iotref.device.onboarding.auth import TokenProvider
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import json_object, json_value, require_str, send
+from iotref.device.onboarding.next_steps import Selection, run, steps
 
 MACHINE_KINDS = ("offset_press", "digital_press", "folder")
 

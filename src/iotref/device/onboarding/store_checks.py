@@ -1,32 +1,9 @@
-"""Checks of a certificate store, without the network: what ``iotref status`` reports
-about the store itself (the platform's view of the certificate is
-:mod:`iotref.device.revocation`).
-
-Each problem comes with a code, the reason and a next step. Checked: the environment the
-store belongs to; that every file is there and parses; ``properties.json`` has exactly the
-contract's keys; the certificate belongs to the private key; validity and the expiry
-threshold; the key's and folder's permissions; and what can honestly be said about who
-signed the certificate; and the outbox kept in the store: whether it is sound (read only,
-the same checks as at start, see :mod:`iotref.device.telemetry.outbox_integrity`), how many messages
-are queued and refused, and every damaged outbox that was set aside and not yet removed.
-
-On the signature (a deliberate decision): ``amazonRootCA1.pem`` is the *server* root CA
-(it lets the device verify the broker). Device certificates are signed by a separate
-device CA, on AWS IoT Core as in the sandbox, and that CA's certificate is normally not in
-the store. So the store cannot prove the device certificate's chain by itself. What is
-checked:
-
-* the root CA file is a self-signed CA certificate whose signature verifies and that is in
-  its validity period;
-* the device certificate is not self-signed (the platform never issues those);
-* if the issuer's certificate *is* available, because ``deviceCert.pem`` carries a chain or
-  the device certificate was issued by the root CA directly, every signature up to the
-  root CA is verified, and a failure is a problem;
-* the issuer (name and authority key id) is the one recorded when the certificate
-  arrived from the provisioning service, so a certificate swapped in from elsewhere is
-  noticed;
-* otherwise the report says, as a note and not as a pass, that the signature is checked by
-  the broker when the device connects.
+"""Checks of a certificate store without the network: what ``iotref status`` reports about
+the store itself (environment, files, ``properties.json``, key and certificate, validity,
+permissions, who signed the certificate, the outbox kept in the store), each problem with
+a code, the reason and a next step. What the platform says of the certificate is
+:mod:`iotref.device.onboarding.revocation`; why the store alone cannot prove the device
+certificate's chain is in docs/security.md.
 """
 
 from __future__ import annotations
@@ -43,7 +20,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
-from iotref.device.certificate_store import (
+from iotref.device.errors import ConfigurationError, StoreError
+from iotref.device.onboarding.certificate_store import (
     CERTIFICATE_FILE,
     PRIVATE_KEY_FILE,
     PROPERTIES_FILE,
@@ -54,10 +32,14 @@ from iotref.device.certificate_store import (
     Progress,
     ProgressState,
 )
-from iotref.device.environment import EnvironmentIdentity, load_environment_file
-from iotref.device.errors import ConfigurationError, StoreError
-from iotref.device.keys import PrivateKey, describe_key, key_matches_certificate, load_private_key
-from iotref.device.next_steps import (
+from iotref.device.onboarding.environment import EnvironmentIdentity, load_environment_file
+from iotref.device.onboarding.keys import (
+    PrivateKey,
+    describe_key,
+    key_matches_certificate,
+    load_private_key,
+)
+from iotref.device.onboarding.next_steps import (
     NextStep,
     Selection,
     provision_new_machine,
@@ -84,7 +66,7 @@ RENEW = run("provision", "--renew", then="for a new key and certificate")
 @dataclass(frozen=True)
 class StoreProblem:
     """One finding: a stable ``code``, the ``reason`` and the ``next_step``; ``hint`` is
-    the next step as a :class:`~iotref.device.next_steps.NextStep` where it names
+    the next step as a :class:`~iotref.device.onboarding.next_steps.NextStep` where it names
     ``iotref`` commands (for a command line to render with the person's options)."""
 
     code: str
@@ -169,7 +151,7 @@ def certificate_info(certificate: x509.Certificate) -> CertificateInfo:
 
 
 def issuer_fingerprint(certificate: x509.Certificate) -> tuple[str, str | None]:
-    """What :class:`~iotref.device.certificate_store.Progress` records of the issuer."""
+    """What :class:`~iotref.device.onboarding.certificate_store.Progress` records of the issuer."""
     return certificate.issuer.rfc4514_string(), _key_id(certificate)
 
 

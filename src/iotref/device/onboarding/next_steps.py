@@ -1,12 +1,6 @@
-"""Next steps that are ``iotref`` commands, printed so that they run as shown: with the
-environment and certificate-store options the person used.
-
-A :class:`NextStep` is a sentence with ``{}`` where commands go, e.g. ``run {} for a new key
-and certificate`` with the command ``provision --renew``. It is rendered with a
-:class:`Selection`, the ``--env``/``--env-file`` and ``--store`` the person chose: the
-command line knows them and renders every hint it prints with them; the library renders
-with what it knows (the environment, where it has one), which still runs as printed in the
-same shell.
+"""Next steps that are ``iotref`` commands, printed so that they run as shown: a
+:class:`NextStep` (a sentence with ``{}`` where commands go) rendered with a
+:class:`Selection`, the ``--env``/``--env-file`` and ``--store`` the person chose.
 """
 
 from __future__ import annotations
@@ -18,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from iotref.device.environment_variables import ENV_FILE_VAR, ENV_VAR
+from iotref.device.onboarding.environment_variables import ENV_FILE_VAR, ENV_VAR
 
 if TYPE_CHECKING:
-    from iotref.device.environment import Environment
+    from iotref.device.onboarding.environment import Environment
 
 #: The commands that take ``--env``/``--env-file``, and those that also take ``--store``.
 _TAKES_ENV = frozenset({"login", "logout", "provision", "status", "run", "fleet"})

@@ -10,8 +10,6 @@ from typing import Any
 
 import httpx
 
-from iotref.device.auth import TokenProvider
-from iotref.device.environment import Environment
 from iotref.device.errors import (
     ApiError,
     LoginRequired,
@@ -20,8 +18,10 @@ from iotref.device.errors import (
     ProtocolError,
     ValidationFailed,
 )
-from iotref.device.http_client import error_detail, json_object, require_str, send
-from iotref.device.next_steps import Selection, run, steps
+from iotref.device.onboarding.auth import TokenProvider
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.http_client import error_detail, json_object, require_str, send
+from iotref.device.onboarding.next_steps import Selection, run, steps
 
 
 @dataclass(frozen=True)

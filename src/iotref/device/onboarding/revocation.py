@@ -1,15 +1,7 @@
-"""Whether the platform still accepts a device certificate: what ``iotref status`` asks it.
-
-Two sources, both optional:
-
-- the CRLs the certificate names (X.509 CRL distribution points). Only ``https://`` URLs,
-  or ``http://`` on a loopback host (the sandbox publishes its device CA's CRL that way),
-  are fetched; the CRL must be issued by the certificate's issuer (name and key id). The
-  store does not hold the issuer's certificate, so the CRL's signature cannot be checked
-  here: it is trusted as far as the transport is. AWS IoT Core's certificates name no CRL.
-- a TLS handshake with the broker, with the device's certificate and key (no MQTT, so no
-  session is taken over): a broker that refuses a revoked certificate with the TLS alert
-  ``certificate_revoked`` (Mosquitto does) says so; others just refuse it.
+"""Whether the platform still accepts a device certificate, as ``iotref status`` asks it:
+the CRLs the certificate names (fetched only over ``https://`` or loopback ``http://``) and
+a TLS handshake with the broker using the device's certificate and key (no MQTT session).
+What is trusted and why: docs/security.md and docs/operations.md, "Certificates".
 """
 
 from __future__ import annotations
@@ -23,12 +15,12 @@ from typing import Literal
 import httpx
 from cryptography import x509
 
-from iotref.device.certificate_store import DeviceIdentity
 from iotref.device.connection.diagnostics import REVOKED_NEXT_STEP, diagnose_tls
 from iotref.device.connection.settings import ConnectionSettings
-from iotref.device.environment import check_service_url
 from iotref.device.errors import ConfigurationError
-from iotref.device.next_steps import NextStep
+from iotref.device.onboarding.certificate_store import DeviceIdentity
+from iotref.device.onboarding.environment import check_service_url
+from iotref.device.onboarding.next_steps import NextStep
 
 log = logging.getLogger("iotref.revocation")
 

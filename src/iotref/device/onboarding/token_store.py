@@ -1,12 +1,6 @@
-"""Where a device keeps its directory tokens: one file per environment, mode 0600, in a
-0700 directory, written atomically.
-
-Location: ``$IOTREF_HOME/tokens``, else ``$XDG_CONFIG_HOME/iotref/tokens``, else
-``~/.config/iotref/tokens``. A file is named after the environment's name plus a digest of
-its directory host and client id, and records both, and the sandbox's id for a sandbox: a
-token is only ever handed out for the environment that obtained it. At one address there is
-one file; a login with a new sandbox there replaces the old sandbox's tokens, which that
-sandbox's successor does not accept anyway.
+"""Where a device keeps its directory tokens: one file per environment address (mode 0600,
+0700 folder, written atomically), recording the environment's identity so that a token is
+only handed out for the environment that obtained it. Location: docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -20,8 +14,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from iotref.device.device_flow import TokenSet
-from iotref.device.environment import Environment
 from iotref.device.errors import StoreError
 from iotref.device.files import (
     PRIVATE_FILE_MODE,
@@ -31,7 +23,9 @@ from iotref.device.files import (
     remove_durably,
     write_atomic,
 )
-from iotref.device.next_steps import Selection, run, steps
+from iotref.device.onboarding.device_flow import TokenSet
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.next_steps import Selection, run, steps
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from iotref.device.device_flow import Clock, DeviceFlowClient, TokenSet
-from iotref.device.environment import Environment
 from iotref.device.errors import LoginRequired, StoreError
 from iotref.device.files import LockBusy
-from iotref.device.next_steps import NextStep, Selection, run
-from iotref.device.token_store import TokenStore
+from iotref.device.onboarding.device_flow import Clock, DeviceFlowClient, TokenSet
+from iotref.device.onboarding.environment import Environment
+from iotref.device.onboarding.next_steps import NextStep, Selection, run
+from iotref.device.onboarding.token_store import TokenStore
 
 #: Refresh this long before the access token's stated expiry.
 EXPIRY_LEEWAY = 60.0

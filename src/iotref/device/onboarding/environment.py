@@ -1,12 +1,7 @@
 """Environments (contract section 1): which directory, configuration service and OAuth app a
-device talks to.
-
-The built-in environments ``local`` (the sandbox on its default port), ``test`` and ``live``
-ship as package data (``environments/env.*``); any other comes from an environment file.
-Plain ``http://`` is accepted only for loopback hosts. An environment's *identity* is its
-name, its directory host and, for a sandbox, the sandbox's id (``SANDBOX_ID`` in the file
-the sandbox writes): tokens and certificates are tied to it and never used in another
-environment, nor with another sandbox that later serves the same address.
+device talks to, from the built-in files in ``environments/`` or an environment file, and
+an environment's identity (name, directory host, sandbox id) that tokens and certificates
+are tied to. Plain ``http://`` only for loopback hosts.
 """
 
 from __future__ import annotations
@@ -22,10 +17,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
-# The variables, re-exported (the command line reads them from here too).
-from iotref.device.environment_variables import ENV_FILE_VAR as ENV_FILE_VAR
-from iotref.device.environment_variables import ENV_VAR as ENV_VAR
 from iotref.device.errors import ConfigurationError
+
+# The variables, re-exported (the command line reads them from here too).
+from iotref.device.onboarding.environment_variables import ENV_FILE_VAR as ENV_FILE_VAR
+from iotref.device.onboarding.environment_variables import ENV_VAR as ENV_VAR
 from iotref.protocol.environment_file import (
     BASE_URL,
     DIRECTORY_HOST,
@@ -262,7 +258,9 @@ def load_environment(name: str) -> Environment:
             f"unknown environment {name!r}",
             f"use one of {', '.join(BUILTIN_ENVIRONMENTS)}, or --env-file PATH",
         )
-    text = (resources.files("iotref.device") / "environments" / f"env.{name}").read_text()
+    text = (
+        resources.files("iotref.device.onboarding") / "environments" / f"env.{name}"
+    ).read_text()
     return environment_from_values(name, parse_env_file(text))
 
 

@@ -1,10 +1,6 @@
-"""The HTTP layer the device clients share: one ``httpx.AsyncClient`` setup, request logging
-that never shows a secret, and the mapping of transport failures and answers to errors.
-
-At DEBUG, every request and answer is logged on ``iotref.http`` with the ``Authorization``
-header, the form fields and JSON keys that carry secrets (``device_code``,
-``refresh_token``, ``access_token``...) replaced by ``[redacted]``. Redirects are never
-followed, so a bearer token cannot be carried to another host.
+"""The HTTP layer the device clients share: one ``httpx.AsyncClient`` setup (redirects never
+followed), request logging on ``iotref.http`` with every secret replaced by
+``[redacted]``, and the mapping of transport failures and answers to errors.
 """
 
 from __future__ import annotations
