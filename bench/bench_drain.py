@@ -22,23 +22,17 @@ Messages lost (fed minus arrived, goal 0) and what is left in the outbox come wi
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any
 
-import httpx
-from tests.integration.test_client import provision_store
 from tests.support.arrivals import ArrivalRecorder, count_windows
+from tests.support.cli_process import start_iotref
 from tests.support.counted_messages import queue_offline, telemetry_topic_of
+from tests.support.monitor_api import device_record
+from tests.support.onboarding import client_id_of, logged_in, provision_store
 
 from bench.harness import BenchContext, Figure
-from iotref.device.blocking import BlockingOnboarding
 from iotref.device.connection.rate_limit import pacing
-from iotref.device.onboarding.environment import load_environment_file
-from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.protocol import limits
@@ -46,48 +40,25 @@ from iotref.protocol import limits
 BACKLOG = 20_000
 QUOTA = limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
 SENDER = Sender(SenderType.PRESS, "bench-drain", "1.0")
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600.0
-
-
-def _meter(sandbox_url: str, token: str, client_id: str) -> dict[str, Any]:
-    answer = httpx.get(
-        f"{sandbox_url}/monitor/api/devices/{client_id}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
-    answer.raise_for_status()
-    quota: dict[str, Any] = answer.json()["quota"]
-    return quota
 
 
 def run(ctx: BenchContext) -> list[Figure]:
     sandbox = ctx.sandbox()
     info = dict(sandbox.info)
-    env = load_environment_file(Path(info["env_file"]))
-    tokens = TokenStore(ctx.workdir / "drain-tokens")
-    with BlockingOnboarding(env, token_store=tokens) as onboarding:
-        onboarding.login()
+    env, tokens = logged_in(sandbox, ctx.workdir / "drain-tokens")
     store = provision_store(env, tokens, ctx.workdir / "drain-store")
-    client_id = str(json.loads((store / "properties.json").read_text())["client_id"])
+    client_id = client_id_of(store)
     outbox = store / OUTBOX_FILE_NAME
     asset = Asset("drain-press", "SN-DRAIN", AssetType.SHEETFED_PRESS)
-    assert queue_offline(outbox, SENDER, asset, BACKLOG) == BACKLOG
+    assert queue_offline(outbox, asset, BACKLOG, SENDER) == BACKLOG
 
     with ArrivalRecorder(info, client_id, telemetry_topic_of(outbox)) as recorder:
-        cmd = [
-            sys.executable, "-m", "iotref.cli.main", "run",
-            "--env-file", info["env_file"], "--store", str(store), "--stdin",
+        proc = start_iotref(
+            "run", "--env-file", info["env_file"], "--store", str(store), "--stdin",
             "--status-every", "10",
-        ]  # fmt: skip
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        )  # fmt: skip
         try:
             got = recorder.wait_for(set(range(BACKLOG)), timeout=TIMEOUT_S)
             out, err = proc.communicate("", timeout=60)  # end of input: the run stops
@@ -99,7 +70,7 @@ def run(ctx: BenchContext) -> list[Figure]:
     if proc.returncode != 0:
         raise RuntimeError(f"iotref run exited {proc.returncode}: {err[-2000:]}")
     time.sleep(1.5)  # the meter's last second closes
-    meter = _meter(sandbox.http_url, sandbox.admin_token, client_id)
+    meter = device_record(sandbox, client_id)["quota"]
     with Outbox(outbox) as box:
         left = box.depth
 

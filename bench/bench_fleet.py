@@ -73,13 +73,6 @@ def _cpu(proc: psutil.Process, default: float = 0.0) -> float:
         return default
 
 
-def _mosquitto(sandbox_pid: int) -> psutil.Process | None:
-    for child in psutil.Process(sandbox_pid).children(recursive=True):
-        if child.name() == "mosquitto":
-            return child
-    return None
-
-
 def run_size(ctx: BenchContext, devices: int) -> tuple[dict[str, Any], dict[str, float], float]:
     sandbox = ctx.sandbox()
     assert sandbox.proc is not None
@@ -107,8 +100,7 @@ def run_size(ctx: BenchContext, devices: int) -> tuple[dict[str, Any], dict[str,
         "--json",
     ]
     procs = {"sandbox": psutil.Process(sandbox.proc.pid)}
-    broker = _mosquitto(sandbox.proc.pid)
-    if broker is not None:
+    for broker in sandbox.mosquitto_processes()[:1]:
         procs["mosquitto"] = broker
     started = time.perf_counter()
     fleet = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

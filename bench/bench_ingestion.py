@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.support.mqtt_probe import device_topic
 
 from bench.harness import BenchContext, Figure
 from iotref.device.telemetry.messages import (
@@ -41,7 +42,6 @@ from iotref.device.telemetry.messages import (
     build_message,
     to_json,
 )
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 
 MESSAGES = int(os.environ.get("IOTREF_BENCH_INGEST_MESSAGES", "100000"))
 PUBLISHERS = int(os.environ.get("IOTREF_BENCH_PUBLISHERS", "4"))
@@ -334,12 +334,12 @@ def run(ctx: BenchContext) -> list[Figure]:
     devices = [provision_device(sandbox) for _ in range(PUBLISHERS)]
     jobs = []
     for index, device in enumerate(devices):
-        topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+        topic = device_topic(device)
         payloads = device_messages(per, str(index))
         jobs.append(Job(ca, device.cert_path, device.key_path, device.client_id, topic, payloads))
     with httpx.Client(
         base_url=sandbox.http_url,
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     ) as http:
         before = _monitor_totals(http)

@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from tests.support.device_connection import UNPACED, device_settings
+from tests.support.mqtt_probe import device_topic
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure, percentile
@@ -49,7 +51,6 @@ from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import IncomingMessage
 from iotref.device.shadow.requests import SHADOW_QOS
 from iotref.device.shadow.sync import ShadowSync
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 
 CHANGES = 1000
 RAW_ROUNDS = 1000
@@ -103,9 +104,8 @@ def _common_name(cert_path: Path) -> str:
 UNLIMITED = ("--shadow-rate-limit", "0", "--shadow-in-flight-limit", "0")
 """A thousand back-to-back changes of one shadow are about 3,000 shadow requests of one
 thing a second, far over AWS's 20: this measures latency, on a sandbox without the limit."""
-UNPACED: dict[str, Any] = {"publish_rate_limit": None, "throughput_limit": None}
-"""The same for the device's and the operator's connections: their publishes are not paced
-to the per-connection quota (100 a second), which back-to-back round trips exceed."""
+# The device's and the operator's connections do not pace their publishes either
+# (``UNPACED``): back-to-back round trips exceed the per-connection quota (100 a second).
 
 
 async def _measure(ctx: BenchContext) -> dict[str, list[float]]:
@@ -113,15 +113,6 @@ async def _measure(ctx: BenchContext) -> dict[str, list[float]]:
     dev = provision_device(sandbox)
     ca = Path(sandbox.info["ca_file"])
     host = str(sandbox.info["mqtt_host"])
-    device_settings = ConnectionSettings(
-        endpoint=host,
-        port=sandbox.mqtt_port,
-        client_id=dev.client_id,
-        cert_path=dev.cert_path,
-        key_path=dev.key_path,
-        ca_path=ca,
-        **UNPACED,
-    )
     operator_cert = Path(sandbox.info["operator_cert"])
     operator_settings = ConnectionSettings(
         endpoint=host,
@@ -137,13 +128,13 @@ async def _measure(ctx: BenchContext) -> dict[str, list[float]]:
     url = f"/things/{dev.client_id}/shadow"
     try:
         async with (
-            Connection(device_settings) as device,
+            Connection(device_settings(sandbox.info, dev, **UNPACED)) as device,
             Connection(operator_settings) as operator,
             ShadowSync(device, dev.client_id) as sync,
         ):
             # ---- raw MQTT: operator -> device -> operator
             ping = f"$aws/things/{dev.client_id}/shadow/name/bench/update/delta"
-            pong = f"{TELEMETRY_TOPIC}/{dev.org_id}/{dev.client_id}"
+            pong = device_topic(dev)
             answers: asyncio.Queue[bytes] = asyncio.Queue()
 
             def echo(msg: IncomingMessage) -> None:

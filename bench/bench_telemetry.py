@@ -32,9 +32,9 @@ c'/b); the drain rate of a 100,000-message backlog after a reconnect; the cost o
 append with ``durability="process"`` and ``"power"`` (and ``"power"`` in batches of 100);
 and where the sequential full path's CPU time goes per message (no network).
 
-The full path runs with the connection's publish pacing turned off
-(``publish_rate_limit=None``; by default a device stays under the platform's 100 publishes
-a second per connection): these figures measure the path's own cost. Draining a backlog at
+The full path runs with the connection's publish pacing turned off (``UNPACED``:
+``publish_rate_limit=None``; by default a device stays under the platform's 100 publishes a
+second per connection): these figures measure the path's own cost. Draining a backlog at
 the quota, as shipped, is ``bench_drain``'s figure.
 """
 
@@ -53,13 +53,13 @@ from typing import Any
 import paho.mqtt.client as paho
 from awscrt import io, mqtt5
 from paho.mqtt.enums import CallbackAPIVersion
+from tests.support.device_connection import UNPACED, device_settings
 from tests.support.device_keys import DeviceFiles
 from tests.support.tokens import provision_device
 
 from bench.harness import BenchContext, Figure
 from iotref.device.connection import publishes
 from iotref.device.connection.connection import Connection
-from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
@@ -277,23 +277,6 @@ def prepared_payloads(n: int) -> list[bytes]:
     return [to_json(make_message(asset, i)) for i in range(n)]
 
 
-def settings_for(info: dict[str, Any], dev: DeviceFiles) -> ConnectionSettings:
-    """The device's settings as shipped, except that its publishes are not paced to the
-    platform's per-connection quota (100 a second): these figures are the full path's raw
-    cost and speed, beside raw clients that do not pace either. The drain at the quota is
-    ``bench_drain``'s."""
-    return ConnectionSettings(
-        endpoint=info["mqtt_host"],
-        port=int(info["mqtt_port"]),
-        client_id=dev.client_id,
-        cert_path=dev.cert_path,
-        key_path=dev.key_path,
-        ca_path=Path(info["ca_file"]),
-        publish_rate_limit=None,
-        throughput_limit=None,
-    )
-
-
 async def full_path(
     info: dict[str, Any],
     dev: DeviceFiles,
@@ -310,7 +293,7 @@ async def full_path(
     ``batch`` messages at a time (one commit per call). Every message is built, validated,
     committed, published and acknowledged either way."""
     with Outbox(db, max_messages=max(n, 100_000), durability=durability) as outbox:
-        async with Connection(settings_for(info, dev)) as conn:
+        async with Connection(device_settings(info, dev, **UNPACED)) as conn:
             await conn.wait_connected(10)
             tel = Telemetry(
                 conn, outbox, topic, MessageValidator(), PermissionFlag(True), window=WINDOW
@@ -353,7 +336,7 @@ async def drain_backlog(info: dict[str, Any], dev: DeviceFiles, topic: str, db: 
         for _ in range(BACKLOG // len(chunk)):
             outbox.append_many(chunk)
         assert outbox.depth == BACKLOG
-        conn = Connection(settings_for(info, dev))
+        conn = Connection(device_settings(info, dev, **UNPACED))
         tel = Telemetry(conn, outbox, topic, MessageValidator(), PermissionFlag(True))
         await tel.start()  # registered before the connection comes up
         async with conn:

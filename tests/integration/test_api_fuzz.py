@@ -204,11 +204,9 @@ class Credentials:
 @pytest.fixture(scope="module")
 def fuzz_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
     """A sandbox of its own: fuzzing fills its database with junk machines and shadows."""
-    proc = SandboxProcess(
-        tmp_path_factory.mktemp("fuzz-sandbox"), ["--auto-approve", "--poll-interval", "1"]
-    ).start()
-    yield proc
-    proc.stop()
+    args = ["--auto-approve", "--poll-interval", "1"]
+    with SandboxProcess(tmp_path_factory.mktemp("fuzz-sandbox"), args).start() as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -567,7 +565,7 @@ def test_served_description_is_the_fuzzed_one(fuzz_sandbox: SandboxProcess) -> N
 def test_publish_refuses_topics_the_broker_refuses(
     fuzz_sandbox: SandboxProcess, topic: str
 ) -> None:
-    headers = {"Authorization": f"Bearer {fuzz_sandbox.admin_token}"}
+    headers = fuzz_sandbox.admin_headers
     with fuzz_sandbox.http() as http:
         started = time.monotonic()
         answer = http.post(f"/topics/{topic}", params={"qos": "0"}, content=b"x", headers=headers)

@@ -10,7 +10,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,12 +17,21 @@ from pathlib import Path
 import psutil
 import pytest
 
+from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory
-from tests.support.device_keys import DeviceFiles, make_csr, make_key, write_device
-from tests.support.mqtt_probe import MosquittoSub, Probe, connect, refused
+from tests.support.cli_process import revoke
+from tests.support.device_keys import make_csr, make_key, write_device
+from tests.support.mqtt_probe import (
+    MosquittoSub,
+    Probe,
+    device_probe,
+    device_topic,
+    operator_probe,
+    refused,
+)
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -34,29 +42,6 @@ AUTO = ("--auto-approve", "--poll-interval", "1")
 
 def _ca(sandbox: SandboxProcess) -> str:
     return str(sandbox.info["ca_file"])
-
-
-def device_probe(sandbox: SandboxProcess, device: DeviceFiles, **kwargs: object) -> Probe:
-    return connect(sandbox.mqtt_port, _ca(sandbox), device.cert_path, device.key_path, **kwargs)  # type: ignore[arg-type]
-
-
-def operator_probe(sandbox: SandboxProcess) -> Probe:
-    """The operator identity on the platform listener (the device listener allows one
-    connection per identity, which ``mosquitto_sub`` tests use)."""
-    return connect(
-        int(sandbox.info["platform_mqtt_port"]),
-        _ca(sandbox),
-        sandbox.info["operator_cert"],
-        sandbox.info["operator_key"],
-    )
-
-
-def telemetry(device: DeviceFiles, client_id: str | None = None) -> str:
-    return f"{TELEMETRY_TOPIC}/{device.org_id}/{client_id or device.client_id}"
-
-
-def mosquitto_processes(sandbox: SandboxProcess) -> list[psutil.Process]:
-    return [p for p in sandbox.descendants() if p.name() == "mosquitto"]
 
 
 def test_operator_sees_device_telemetry_with_mosquitto_sub(sandbox: SandboxProcess) -> None:
@@ -70,9 +55,9 @@ def test_operator_sees_device_telemetry_with_mosquitto_sub(sandbox: SandboxProce
     ) as sub:
         sub.wait_subscribed()
         with device_probe(sandbox, device) as dev:
-            assert dev.publish(telemetry(device), b'{"speed": 1}') < 0x80
+            assert dev.publish(device_topic(device), b'{"speed": 1}') < 0x80
             dev.publish(f"$aws/things/{device.client_id}/shadow/get", b"")
-        sub.wait_line(lambda line: line == f'{telemetry(device)} {{"speed": 1}}')
+        sub.wait_line(lambda line: line == f'{device_topic(device)} {{"speed": 1}}')
         sub.wait_line(lambda line: line.startswith(f"$aws/things/{device.client_id}/shadow/get"))
 
 
@@ -81,15 +66,16 @@ def test_device_cannot_publish_as_another_device(sandbox: SandboxProcess) -> Non
     with operator_probe(sandbox) as operator, device_probe(sandbox, a) as dev:
         assert operator.subscribe("#", "$aws/#") == [1, 1]
         # PUBACK 0x87: not authorized, as AWS IoT Core answers an MQTT 5 client
-        assert dev.publish(telemetry(a, b.client_id), b"forged") == 0x87
+        as_b = telemetry_topic(TELEMETRY_TOPIC, a.org_id, b.client_id)
+        assert dev.publish(as_b, b"forged") == 0x87
         assert dev.publish(f"{TELEMETRY_TOPIC}/{a.org_id}", b"forged") == 0x87
         assert dev.publish(f"{TELEMETRY_TOPIC}/other-org/{a.client_id}", b"forged") == 0x87
         assert dev.publish("anything/else", b"forged") == 0x87
         assert dev.publish(f"$aws/things/{b.client_id}/shadow/update", b"{}") == 0x87
         assert dev.publish(f"$aws/things/{b.client_id}/shadow/name/x/get", b"{}") == 0x87
-        assert dev.publish(telemetry(a), b"mine") == 0
-        assert operator.wait_for(telemetry(a)).payload == b"mine"
-        assert operator.received_on(telemetry(a, b.client_id), within=0.5) == []
+        assert dev.publish(device_topic(a), b"mine") == 0
+        assert operator.wait_for(device_topic(a)).payload == b"mine"
+        assert operator.received_on(as_b, within=0.5) == []
         assert operator.received_on(f"{TELEMETRY_TOPIC}/other-org/{a.client_id}", 0.2) == []
         assert operator.received_on(f"$aws/things/{b.client_id}/shadow/update", 0.2) == []
         assert operator.received_on("anything/else", within=0.2) == []
@@ -173,24 +159,6 @@ def test_connections_without_a_good_certificate_are_refused(
     assert refused(port, ca, good.cert_path, good.key_path) is None
 
 
-def _revoke_cli(data_dir: Path, client_id: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "iotref.cli.main",
-            "sandbox",
-            "revoke",
-            client_id,
-            "--data-dir",
-            str(data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 class SteadySender(threading.Thread):
     """Publishes numbered QoS 1 messages every few milliseconds and records which were
     acknowledged with success."""
@@ -221,16 +189,16 @@ class SteadySender(threading.Thread):
 def test_revoke_drops_that_device_alone_within_a_second(sandbox_factory: SandboxFactory) -> None:
     sb = sandbox_factory(*AUTO)
     victim, bystander = provision_device(sb), provision_device(sb)
-    [broker_before] = mosquitto_processes(sb)
+    [broker_before] = sb.mosquitto_processes()
     with operator_probe(sb) as watcher:
-        assert watcher.subscribe(telemetry(bystander)) == [1]
+        assert watcher.subscribe(device_topic(bystander)) == [1]
         victim_probe = device_probe(sb, victim)
         steady = device_probe(sb, bystander)
-        sender = SteadySender(steady, telemetry(bystander))
+        sender = SteadySender(steady, device_topic(bystander))
         try:
             sender.start()
             time.sleep(0.5)
-            with sb.http(headers={"Authorization": f"Bearer {sb.admin_token}"}) as http:
+            with sb.admin_http() as http:
                 sent = time.monotonic()
                 answer = http.post(f"/admin/things/{victim.client_id}/revoke")
                 answered = time.monotonic()
@@ -257,12 +225,12 @@ def test_revoke_drops_that_device_alone_within_a_second(sandbox_factory: Sandbox
     assert dropped_after < 1.0
     assert during, "the bystander sent nothing while the revocation ran"
     assert set(acked) <= arrived, sorted(set(acked) - arrived)[:10]
-    assert mosquitto_processes(sb)[0].pid == broker_before.pid  # no broker restart
+    assert sb.mosquitto_processes()[0].pid == broker_before.pid  # no broker restart
     # refused from now on, however often it tries
     for _attempt in range(3):
         assert refused(sb.mqtt_port, _ca(sb), victim.cert_path, victim.key_path) is not None
     with device_probe(sb, bystander) as dev:
-        assert dev.publish(telemetry(bystander)) == 0
+        assert dev.publish(device_topic(bystander)) == 0
 
 
 def test_revoke_command(sandbox_factory: SandboxFactory) -> None:
@@ -271,12 +239,12 @@ def test_revoke_command(sandbox_factory: SandboxFactory) -> None:
     probe = device_probe(sb, victim)
     other = device_probe(sb, bystander)
     try:
-        result = _revoke_cli(sb.data_dir, victim.client_id)
+        result = revoke(sb.data_dir, victim.client_id)
         assert result.returncode == 0, result.stderr
         assert victim.client_id in result.stdout
         assert probe.disconnected.wait(5)
         assert not other.disconnected.is_set()
-        assert other.publish(telemetry(bystander)) == 0
+        assert other.publish(device_topic(bystander)) == 0
     finally:
         probe.client.loop_stop()
         other.close()
@@ -295,15 +263,15 @@ def test_revoke_command(sandbox_factory: SandboxFactory) -> None:
     )
     assert ctrl.returncode == 0, ctrl.stderr
     assert "Disabled: true" in ctrl.stdout
-    again = _revoke_cli(sb.data_dir, victim.client_id)
+    again = revoke(sb.data_dir, victim.client_id)
     assert again.returncode == 0
     assert "already" in again.stdout
-    unknown = _revoke_cli(sb.data_dir, "iotref-00000000000000000000")
+    unknown = revoke(sb.data_dir, "iotref-00000000000000000000")
     assert unknown.returncode != 0
 
 
 def test_revoke_without_a_running_sandbox(tmp_path: Path) -> None:
-    result = _revoke_cli(tmp_path / "nothing-here", "iotref-00000000000000000000")
+    result = revoke(tmp_path / "nothing-here", "iotref-00000000000000000000")
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0
     assert "no sandbox is running" in result.stderr
@@ -314,13 +282,13 @@ def test_killed_mosquitto_is_restarted_with_its_policies(
 ) -> None:
     sb = sandbox_factory(*AUTO)
     device, revoked = provision_device(sb), provision_device(sb)
-    assert _revoke_cli(sb.data_dir, revoked.client_id).returncode == 0
-    [old] = mosquitto_processes(sb)
+    assert revoke(sb.data_dir, revoked.client_id).returncode == 0
+    [old] = sb.mosquitto_processes()
     old.send_signal(signal.SIGKILL)
     old.wait(5)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        current = mosquitto_processes(sb)
+        current = sb.mosquitto_processes()
         if (
             current
             and current[0].pid != old.pid
@@ -332,7 +300,7 @@ def test_killed_mosquitto_is_restarted_with_its_policies(
         pytest.fail(f"mosquitto was not restarted:\n{sb.output()}")
     assert "exited unexpectedly" in sb.output()
     with device_probe(sb, device) as dev:
-        assert dev.publish(telemetry(device)) == 0
+        assert dev.publish(device_topic(device)) == 0
         assert dev.publish(f"{TELEMETRY_TOPIC}/other-org/{device.client_id}") == 0x87
         assert dev.publish(f"$aws/things/{revoked.client_id}/shadow/get") == 0x87
     assert refused(sb.mqtt_port, _ca(sb), revoked.cert_path, revoked.key_path) is not None
@@ -348,21 +316,21 @@ def test_restarted_sandbox_keeps_devices(sandbox_factory: SandboxFactory, tmp_pa
     second = sandbox_factory(*AUTO, data_dir=data_dir)
     assert Path(second.info["ca_file"]).read_bytes() == ca_before
     with device_probe(second, device) as dev:
-        assert dev.publish(telemetry(device)) < 0x80
+        assert dev.publish(device_topic(device)) < 0x80
     fresh = provision_device(second, directory=tmp_path / "devices")
     assert refused(second.mqtt_port, _ca(second), fresh.cert_path, fresh.key_path) is None
 
 
 def test_no_mosquitto_left_after_stop(sandbox_factory: SandboxFactory) -> None:
     sb = sandbox_factory(*AUTO)
-    [proc] = mosquitto_processes(sb)
+    [proc] = sb.mosquitto_processes()
     assert sb.stop() == 0
     assert not _alive(proc)
 
 
 def test_mosquitto_dies_with_a_killed_sandbox(sandbox_factory: SandboxFactory) -> None:
     sb = sandbox_factory(*AUTO)
-    [proc] = mosquitto_processes(sb)
+    [proc] = sb.mosquitto_processes()
     assert sb.proc is not None
     os.kill(sb.proc.pid, signal.SIGKILL)
     sb.proc.wait(10)

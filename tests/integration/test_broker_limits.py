@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from iotref.protocol.limits import MAX_KEEPALIVE_SECONDS, MAX_PAYLOAD_BYTES
-from iotref.sandbox.broker.config import PACKET_OVERHEAD_BYTES, TELEMETRY_TOPIC
-from tests.support.mqtt_probe import Probe, connect, device_probe
+from iotref.sandbox.broker.config import PACKET_OVERHEAD_BYTES
+from tests.support.mqtt_probe import device_probe, device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -17,23 +17,14 @@ pytestmark = pytest.mark.integration
 PACKET_TOO_LARGE = 0x95
 
 
-def watcher(sandbox: SandboxProcess) -> Probe:
-    return connect(
-        int(sandbox.info["platform_mqtt_port"]),
-        sandbox.info["ca_file"],
-        sandbox.info["operator_cert"],
-        sandbox.info["operator_key"],
-    )
-
-
 def test_the_largest_payload_passes_and_a_larger_packet_is_refused(
     sandbox: SandboxProcess,
 ) -> None:
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     largest = b"x" * MAX_PAYLOAD_BYTES
     too_large = b"y" * (MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES + 1)
-    with watcher(sandbox) as operator, device_probe(sandbox, device) as dev:
+    with operator_probe(sandbox) as operator, device_probe(sandbox, device) as dev:
         assert operator.subscribe(topic) == [1]
         props = dev.connack_properties
         assert props.MaximumPacketSize == MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES
@@ -67,12 +58,5 @@ def test_keepalive_above_the_range_is_lowered_in_the_connack(
     sandbox: SandboxProcess, asked: int, granted: int | None
 ) -> None:
     device = provision_device(sandbox)
-    probe = connect(
-        sandbox.mqtt_port,
-        sandbox.info["ca_file"],
-        device.cert_path,
-        device.key_path,
-        keepalive=asked,
-    )
-    with probe:
+    with device_probe(sandbox, device, keepalive=asked) as probe:
         assert getattr(probe.connack_properties, "ServerKeepAlive", None) == granted

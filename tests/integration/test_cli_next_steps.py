@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,8 @@ from iotref.device.onboarding.certificate_store import (
 from iotref.device.onboarding.environment import load_environment_file
 from iotref.device.onboarding.token_store import TokenStore
 from tests.conftest import SandboxFactory
-from tests.integration.test_onboarding import decide_in_browser
-from tests.integration.test_onboarding_cli import _environ, iotref, one_line_error
+from tests.support.cli_process import one_line_error, revoke, run_iotref, start_iotref
+from tests.support.onboarding import decide_in_browser
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
@@ -56,14 +55,10 @@ class Setup:
         self.options = ["--env-file", str(self.env_file), "--store", str(self.store)]
 
     def run(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        return iotref(*args, cwd=self.work, home=self.home, timeout=timeout)
+        return run_iotref(*args, cwd=self.work, iotref_home=self.home, timeout=timeout)
 
     def start(self, args: list[str]) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "iotref.cli.main", *args],
-            cwd=self.work, env=_environ(self.home), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+        return start_iotref(*args, cwd=self.work, iotref_home=self.home)
 
     def tokens(self) -> str | None:
         saved = TokenStore(self.home / "tokens").load(self.env)
@@ -146,12 +141,9 @@ def test_every_hint_runs_as_printed_on_the_same_environment_and_store(setup: Set
     setup.nothing_in_default_places()
 
     # 5. A revoked certificate: run says so, and how to renew this store.
-    revoke = subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", "sandbox", "revoke", client,
-         "--data-dir", str(setup.sandbox.data_dir)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    assert "revoked" in revoke.stdout
+    revoked = revoke(setup.sandbox.data_dir, client)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked" in revoked.stdout
     refused = one_line_error(setup.run("run", *setup.options, "--duration", "30"))
     assert "revoked" in refused
     renew_revoked = hint_of(refused, "provision")

@@ -15,7 +15,7 @@ import pytest
 from iotref.device.onboarding.certificate_store import PRIVATE_KEY_FILE, PROPERTIES_FILE
 from iotref.sandbox.directory.seed import DEMO_EMAIL, DEMO_PASSWORD
 from tests.conftest import SandboxFactory
-from tests.integration.test_onboarding_cli import iotref
+from tests.support.cli_process import run_iotref
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
@@ -26,11 +26,11 @@ MACHINE = ["--manufacturer", "iotref tests", "--kind", "digital_press"]
 
 def _provision(sb: SandboxProcess, tmp_path: Path, home: Path, store: Path, serial: str) -> None:
     env_file = sb.info["env_file"]
-    login = iotref("login", "--no-qr", "--env-file", env_file, cwd=tmp_path, home=home)
+    login = run_iotref("login", "--no-qr", "--env-file", env_file, cwd=tmp_path, iotref_home=home)
     assert login.returncode == 0, login.stderr
-    provision = iotref(
+    provision = run_iotref(
         "provision", "--env-file", env_file, "--store", str(store), "--name", serial,
-        "--serial-number", serial, *MACHINE, cwd=tmp_path, home=home,
+        "--serial-number", serial, *MACHINE, cwd=tmp_path, iotref_home=home,
     )  # fmt: skip
     assert provision.returncode == 0, provision.stderr
 
@@ -52,17 +52,17 @@ def test_banner_and_sign_in_page_name_the_demo_account(sandbox_factory: SandboxF
 def test_login_on_a_local_sandbox_names_the_demo_account(
     sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    login = iotref(
+    login = run_iotref(
         "login", "--no-qr", "--env-file", sandbox.info["env_file"], cwd=tmp_path,
-        home=tmp_path / "home",
+        iotref_home=tmp_path / "home",
     )  # fmt: skip
     assert login.returncode == 0, login.stderr
     assert f"sign in as {DEMO_LINE}" in login.stdout
 
 
 def test_sandbox_status_prints_the_monitor_url(sandbox: SandboxProcess, tmp_path: Path) -> None:
-    status = iotref(
-        "sandbox", "status", "--data-dir", str(sandbox.data_dir), cwd=tmp_path, home=tmp_path
+    status = run_iotref(
+        "sandbox", "status", "--data-dir", str(sandbox.data_dir), cwd=tmp_path, iotref_home=tmp_path
     )
     assert status.returncode == 0, status.stderr
     url = f"{sandbox.http_url}/monitor?token={sandbox.admin_token}"
@@ -76,7 +76,7 @@ def test_status_json_quiet_and_the_crl(sandbox: SandboxProcess, tmp_path: Path) 
     options = ["--env-file", sandbox.info["env_file"], "--store", str(store)]
     properties = json.loads((store / PROPERTIES_FILE).read_text())
 
-    report = iotref("status", "--json", *options, cwd=tmp_path, home=home)
+    report = run_iotref("status", "--json", *options, cwd=tmp_path, iotref_home=home)
     assert report.returncode == 0, report.stdout + report.stderr
     document = json.loads(report.stdout)
     assert document["ok"] is True and document["problems"] == []
@@ -91,20 +91,20 @@ def test_status_json_quiet_and_the_crl(sandbox: SandboxProcess, tmp_path: Path) 
     for secret in (tokens["access_token"], tokens["refresh_token"]):
         assert secret not in report.stdout
 
-    text = iotref("status", *options, cwd=tmp_path, home=home).stdout
+    text = run_iotref("status", *options, cwd=tmp_path, iotref_home=home).stdout
     assert "  chain " not in text  # the long chain sentence only with a problem or -v
-    assert "  chain " in iotref("-v", "status", *options, cwd=tmp_path, home=home).stdout
-    quiet = iotref("--quiet", "status", *options, cwd=tmp_path, home=home)
+    assert "  chain " in run_iotref("-v", "status", *options, cwd=tmp_path, iotref_home=home).stdout
+    quiet = run_iotref("--quiet", "status", *options, cwd=tmp_path, iotref_home=home)
     assert quiet.stdout == "status       ok\n"
-    quiet_provision = iotref("-q", "provision", *options, cwd=tmp_path, home=home)
+    quiet_provision = run_iotref("-q", "provision", *options, cwd=tmp_path, iotref_home=home)
     assert quiet_provision.returncode == 0
     assert quiet_provision.stdout.startswith("The certificate store is complete")
     assert "reusing the store" not in quiet_provision.stdout  # a progress line
 
     # --quiet run: the summary alone, no intro, no status lines
-    loud = iotref("run", *options, "--duration", "2", cwd=tmp_path, home=home)
+    loud = run_iotref("run", *options, "--duration", "2", cwd=tmp_path, iotref_home=home)
     assert loud.returncode == 0, loud.stderr
-    quiet_run = iotref("-q", "run", *options, "--duration", "2", cwd=tmp_path, home=home)
+    quiet_run = run_iotref("-q", "run", *options, "--duration", "2", cwd=tmp_path, iotref_home=home)
     assert quiet_run.returncode == 0, quiet_run.stderr
     summary = [line for line in loud.stdout.splitlines() if line.strip()][-1]
     assert quiet_run.stdout.splitlines() == [
@@ -116,10 +116,10 @@ def test_status_json_quiet_and_the_crl(sandbox: SandboxProcess, tmp_path: Path) 
     with sandbox.http() as http:
         revoked = http.post(
             f"/admin/things/{properties['client_id']}/revoke",
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+            headers=sandbox.admin_headers,
         )
     assert revoked.status_code == 200
-    after = iotref("status", "--json", *options, cwd=tmp_path, home=home)
+    after = run_iotref("status", "--json", *options, cwd=tmp_path, iotref_home=home)
     assert after.returncode == 1
     document = json.loads(after.stdout)
     assert document["platform"]["verdict"] == "revoked"
@@ -141,10 +141,10 @@ def test_a_failure_is_said_once_by_default(sandbox: SandboxProcess, tmp_path: Pa
     (store / PROPERTIES_FILE).write_text(json.dumps(properties))
     options = ["--env-file", sandbox.info["env_file"], "--store", str(store), "--duration", "3",
                "--status-every", "0.5"]  # fmt: skip
-    quiet_logs = iotref("run", *options, cwd=tmp_path, home=home, timeout=120)
+    quiet_logs = run_iotref("run", *options, cwd=tmp_path, iotref_home=home, timeout=120)
     assert "unreachable" in quiet_logs.stdout + quiet_logs.stderr
     assert "WARNING" not in quiet_logs.stderr
-    verbose = iotref("-v", "run", *options, cwd=tmp_path, home=home, timeout=120)
+    verbose = run_iotref("-v", "run", *options, cwd=tmp_path, iotref_home=home, timeout=120)
     assert "WARNING iotref.connection" in verbose.stderr
 
 
@@ -152,15 +152,17 @@ def test_log_file_has_the_full_log_and_no_secret(sandbox: SandboxProcess, tmp_pa
     home, store, log_file = tmp_path / "home", tmp_path / "store", tmp_path / "iotref.log"
     env_file = sandbox.info["env_file"]
     logged = ["--log-file", str(log_file)]
-    login = iotref(*logged, "login", "--no-qr", "--env-file", env_file, cwd=tmp_path, home=home)
+    login = run_iotref(
+        *logged, "login", "--no-qr", "--env-file", env_file, cwd=tmp_path, iotref_home=home
+    )
     assert login.returncode == 0, login.stderr
-    provision = iotref(
+    provision = run_iotref(
         *logged, "provision", "--env-file", env_file, "--store", str(store), "--name", "L1",
-        "--serial-number", "SN-LOG-1", *MACHINE, cwd=tmp_path, home=home,
+        "--serial-number", "SN-LOG-1", *MACHINE, cwd=tmp_path, iotref_home=home,
     )  # fmt: skip
     assert provision.returncode == 0, provision.stderr
-    status = iotref(*logged, "status", "--env-file", env_file, "--store", str(store),
-                    cwd=tmp_path, home=home)  # fmt: skip
+    status = run_iotref(*logged, "status", "--env-file", env_file, "--store", str(store),
+                    cwd=tmp_path, iotref_home=home)  # fmt: skip
     assert status.returncode == 0, status.stdout
     for result in (login, provision, status):
         assert " DEBUG " not in result.stderr and " INFO " not in result.stderr

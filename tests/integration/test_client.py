@@ -16,28 +16,17 @@ that records what arrives.
 from __future__ import annotations
 
 import asyncio
-import json
-import ssl
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from iotref.device.blocking import BlockingOnboarding, Client
+from iotref.device.blocking import Client
 from iotref.device.client import AsyncClient
 from iotref.device.connection.state import ConnectionState
 from iotref.device.errors import InvalidMessageError
-from iotref.device.onboarding.directory_client import MachineSpec
-from iotref.device.onboarding.environment import Environment, load_environment_file
-from iotref.device.onboarding.provisioning import ProvisionOptions
-from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
@@ -47,11 +36,12 @@ from iotref.device.telemetry.messages import (
     StatusV2,
     build_message,
 )
-from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
 from iotref.device.telemetry.results import SendStatus
 from iotref.protocol.message_schemas import MessageValidator
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
+from tests.support.onboarding import client_id_of, outbox_depth
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import set_permission, shadow_document
+from tests.support.telemetry_watcher import TelemetryWatcher
 
 pytestmark = pytest.mark.integration
 
@@ -59,100 +49,7 @@ SENDER = Sender(SenderType.PRESS, "client-test", "1.0")
 VALIDATOR = MessageValidator(strict=True)
 
 
-# --------------------------------------------------------------------------- store
-
-
-@pytest.fixture(scope="module")
-def onboarding_env(
-    sandbox: SandboxProcess, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Environment, TokenStore]:
-    """The sandbox's environment and a token store, logged in once (auto-approve)."""
-    env = load_environment_file(Path(sandbox.info["env_file"]))
-    tokens = TokenStore(tmp_path_factory.mktemp("client-home") / "tokens")
-    with BlockingOnboarding(env, token_store=tokens) as onboarding:
-        onboarding.login()
-    return env, tokens
-
-
-def provision_store(env: Environment, tokens: TokenStore, path: Path) -> Path:
-    """A complete certificate store for a new machine, made by the onboarding library."""
-    spec = MachineSpec("Client test press", "ACME Print", f"SN-{uuid.uuid4().hex[:12]}")
-    with BlockingOnboarding(env, store_path=path, token_store=tokens) as onboarding:
-        onboarding.provision(ProvisionOptions(machine=spec))
-    return path
-
-
-@pytest.fixture
-def store(onboarding_env: tuple[Environment, TokenStore], tmp_path: Path) -> Path:
-    return provision_store(*onboarding_env, tmp_path / "store")
-
-
-def client_id_of(store: Path) -> str:
-    return str(json.loads((store / "properties.json").read_text())["client_id"])
-
-
-# --------------------------------------------------------------------------- subscriber
-
-
-class Subscriber:
-    """An independent subscriber with the sandbox operator's identity: records every
-    telemetry message (topic, parsed JSON)."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.messages: list[tuple[str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"client-test-{uuid.uuid4().hex[:10]}",
-            protocol=paho.MQTTv311,
-        )
-        context = ssl.create_default_context(cafile=info["ca_file"])
-        context.load_cert_chain(info["operator_cert"], info["operator_key"])
-        client.tls_set_context(context)
-        client.on_connect = lambda c, *_: c.subscribe(f"{TELEMETRY_TOPIC}/#", qos=1)
-        client.on_subscribe = lambda *_: self._subscribed.set()
-        client.on_message = self._on_message
-        self.client = client
-        client.connect(info["mqtt_host"], int(info["mqtt_port"]), keepalive=10)
-        client.loop_start()
-        assert self._subscribed.wait(20), "subscriber not subscribed"
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, json.loads(msg.payload)))
-
-    def of(self, asset_id: str) -> list[tuple[str, dict[str, Any]]]:
-        with self._lock:
-            return [(t, m) for t, m in self.messages if m.get("assetid") == asset_id]
-
-    def counters(self, asset_id: str) -> list[int]:
-        return [counter_of(m) for _, m in self.of(asset_id)]
-
-    def wait_for(self, asset_id: str, expected: set[int], timeout: float = 20) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.counters(asset_id)
-            if expected <= set(got):
-                return got
-            time.sleep(0.05)
-        missing = sorted(expected - set(self.counters(asset_id)))
-        raise AssertionError(f"{len(missing)} never arrived, e.g. {missing[:20]}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture
-def subscriber(sandbox: SandboxProcess) -> Iterator[Subscriber]:
-    s = Subscriber(sandbox.info)
-    yield s
-    s.close()
-
-
-def counter_of(message: dict[str, Any]) -> int:
-    return int(message["payload"]["signalstatus"]["deviceinfo"]["totalproductioncounter"])
+# --------------------------------------------------------------------------- helpers
 
 
 def status(n: int) -> StatusV2:
@@ -161,42 +58,8 @@ def status(n: int) -> StatusV2:
     )
 
 
-def set_permission(sandbox: SandboxProcess, thing: str, allowed: bool) -> None:
-    answer = httpx.post(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        json={"state": {"desired": {"sendTelemetryData": allowed}}},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-
-
-def shadow_document(sandbox: SandboxProcess, thing: str, name: str | None = None) -> Any:
-    answer = httpx.get(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        params={"name": name} if name else {},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def outbox_depth(store: Path) -> int:
-    with Outbox(store / OUTBOX_FILE_NAME) as outbox:
-        return outbox.depth
-
-
 def check_arrived(
-    subscriber: Subscriber, client_topic: str, asset_id: str, expected: set[int]
+    subscriber: TelemetryWatcher, client_topic: str, asset_id: str, expected: set[int]
 ) -> None:
     got = subscriber.wait_for(asset_id, expected)
     assert set(got) == expected
@@ -209,7 +72,7 @@ def check_arrived(
 # --------------------------------------------------------------------------- tests
 
 
-def test_async_client_end_to_end(store: Path, subscriber: Subscriber) -> None:
+def test_async_client_end_to_end(store: Path, subscriber: TelemetryWatcher) -> None:
     count = 200
 
     async def main() -> None:
@@ -239,7 +102,7 @@ def test_async_client_end_to_end(store: Path, subscriber: Subscriber) -> None:
 
 
 def test_blocking_client_end_to_end(
-    sandbox: SandboxProcess, store: Path, subscriber: Subscriber
+    sandbox: SandboxProcess, store: Path, subscriber: TelemetryWatcher
 ) -> None:
     threads, per_thread = 4, 50
     thing = client_id_of(store)
@@ -292,7 +155,7 @@ def raw_status(n: int) -> dict[str, Any]:
     return status(n).to_payload()
 
 
-def test_every_send_method_delivers(store: Path, subscriber: Subscriber) -> None:
+def test_every_send_method_delivers(store: Path, subscriber: TelemetryWatcher) -> None:
     """The send family, async then blocking: six ways, 5 messages each, every message
     arrives once (counted by the independent subscriber) and nothing is left behind."""
     per_way = 5
@@ -325,7 +188,7 @@ def test_every_send_method_delivers(store: Path, subscriber: Subscriber) -> None
 
     topic = asyncio.run(main())
     check_arrived(subscriber, topic, "family-async", set(range(6 * per_way)))
-    assert sorted(subscriber.counters("family-async")) == list(range(6 * per_way))
+    assert sorted(subscriber.indices("family-async")) == list(range(6 * per_way))
 
     asset = Asset("family-blocking", "SN-FB", AssetType.CUTTER)
     with Client.from_store(store, sender=SENDER) as client:
@@ -342,12 +205,12 @@ def test_every_send_method_delivers(store: Path, subscriber: Subscriber) -> None
         assert len(channel.send_many([raw_status(n) for n in numbers(5)])) == per_way
         assert client.wait_drained(20)
     check_arrived(subscriber, topic, "family-blocking", set(range(6 * per_way)))
-    assert sorted(subscriber.counters("family-blocking")) == list(range(6 * per_way))
+    assert sorted(subscriber.indices("family-blocking")) == list(range(6 * per_way))
     assert outbox_depth(store) == 0
 
 
 def test_permission_off_holds_messages_on_releases_them(
-    sandbox: SandboxProcess, store: Path, subscriber: Subscriber
+    sandbox: SandboxProcess, store: Path, subscriber: TelemetryWatcher
 ) -> None:
     thing = client_id_of(store)
     asset = Asset("held-press", "SN-H", AssetType.SHEETFED_PRESS)
@@ -366,7 +229,7 @@ def test_permission_off_holds_messages_on_releases_them(
             await asyncio.sleep(1.0)
             stats = client.stats()
             assert not stats.permission and stats.held == 30 and stats.queued == 30
-            assert max(subscriber.counters("held-press")) < 20, "published without permission"
+            assert max(subscriber.indices("held-press")) < 20, "published without permission"
 
             set_permission(sandbox, thing, True)
             assert await client.wait_permission(True, 10)
@@ -390,7 +253,7 @@ def test_permission_off_holds_messages_on_releases_them(
     topic = asyncio.run(main())
     assert outbox_depth(store) == 10
     time.sleep(0.5)
-    assert max(subscriber.counters("held-press")) < 50
+    assert max(subscriber.indices("held-press")) < 50
 
     # The next run publishes them once permitted again.
     set_permission(sandbox, thing, True)
@@ -403,7 +266,7 @@ def test_permission_off_holds_messages_on_releases_them(
 
 
 def test_policy_drop_discards_without_permission(
-    sandbox: SandboxProcess, store: Path, subscriber: Subscriber
+    sandbox: SandboxProcess, store: Path, subscriber: TelemetryWatcher
 ) -> None:
     thing = client_id_of(store)
     set_permission(sandbox, thing, False)
@@ -420,4 +283,4 @@ def test_policy_drop_discards_without_permission(
         assert client.wait_drained(20)
     subscriber.wait_for("dropping-press", set(range(10, 20)))
     time.sleep(0.3)
-    assert set(subscriber.counters("dropping-press")) == set(range(10, 20))
+    assert set(subscriber.indices("dropping-press")) == set(range(10, 20))

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -20,29 +18,12 @@ import pytest
 
 from iotref.protocol.environment_file import parse_env_file
 from tests.conftest import SandboxFactory
+from tests.support.cli_process import cli_environ, run_iotref
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _environ(cwd: Path, home: Path | None = None) -> dict[str, str]:
-    """The environment of a command run in ``cwd``: tokens in ``cwd/home``, or, with
-    ``home``, in ``home/.config/iotref`` as for a user whose HOME that is."""
-    env = {**os.environ, "IOTREF_HOME": str(cwd / "home")}
-    for var in ("IOTREF_ENV", "IOTREF_ENV_FILE", "XDG_CONFIG_HOME"):
-        env.pop(var, None)
-    if home is not None:
-        del env["IOTREF_HOME"]
-        env["HOME"] = str(home)
-    return env
 
 
 def _demo(cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -50,11 +31,10 @@ def _demo(cwd: Path, *args: str, home: Path | None = None) -> subprocess.Complet
 
 
 def _iotref(cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", *args],
-        cwd=cwd, env=_environ(cwd, home), capture_output=True, text=True, timeout=180,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    """``iotref`` run in ``cwd`` as a newcomer runs it there: tokens in ``cwd/home``, or,
+    with ``home``, in ``home/.config/iotref`` as for a user whose HOME that is."""
+    env = cli_environ(iotref_home=None if home else cwd / "home", home=home)
+    return run_iotref(*args, cwd=cwd, env=env, timeout=180)
 
 
 def _sandboxes_under(path: Path) -> list[psutil.Process]:
@@ -67,7 +47,7 @@ def _sandboxes_under(path: Path) -> list[psutil.Process]:
 
 
 def test_demo_runs_the_whole_story_and_reuses_the_store(tmp_path: Path) -> None:
-    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    ports = ["--http-port", str(free_port()), "--mqtt-port", str(free_port())]
     first = _demo(tmp_path, *ports, "--duration", "6", "--stop-sandbox")
     out = first.stdout
     assert first.returncode == 0, out + first.stderr
@@ -103,7 +83,7 @@ def test_demo_runs_the_whole_story_and_reuses_the_store(tmp_path: Path) -> None:
 def test_the_demo_press_prints(tmp_path: Path) -> None:
     """The press produces from the first message: speed above zero and a job counter that
     rises, as the platform stored them (the sandbox's telemetry.db), not as the demo says."""
-    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    ports = ["--http-port", str(free_port()), "--mqtt-port", str(free_port())]
     result = _demo(tmp_path, *ports, "--duration", "4", "--no-switch", "--stop-sandbox")
     assert result.returncode == 0, result.stdout + result.stderr
     sent = int(re.search(r"sent (\d+), acknowledged", result.stdout).group(1))  # type: ignore[union-attr]
@@ -125,7 +105,7 @@ def test_demo_reports_a_port_in_use_in_one_line(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        result = _demo(tmp_path, "--http-port", str(port), "--mqtt-port", str(_free_port()))
+        result = _demo(tmp_path, "--http-port", str(port), "--mqtt-port", str(free_port()))
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -184,7 +164,7 @@ def test_errors_a_newcomer_meets_are_one_clear_line(
     # is refused in one line that says what differs; the demo's own store is moved aside.
     left_running.stop()
     other_dir = ["--data-dir", str(tmp_path / "other-sandbox")]
-    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    ports = ["--http-port", str(free_port()), "--mqtt-port", str(free_port())]
     given = _demo(
         tmp_path, *other_dir, *ports, "--store", "certificate_store/local", "--duration", "3",
         "--stop-sandbox",
@@ -222,7 +202,7 @@ def test_two_fresh_checkouts_on_the_same_ports_both_run_the_demo(tmp_path: Path)
     first, second = tmp_path / "checkout-1", tmp_path / "checkout-2"
     first.mkdir()
     second.mkdir()
-    ports = ["--http-port", str(_free_port()), "--mqtt-port", str(_free_port())]
+    ports = ["--http-port", str(free_port()), "--mqtt-port", str(free_port())]
     story = ["--duration", "3", "--no-switch", "--stop-sandbox"]
     token_dir = home / ".config" / "iotref" / "tokens"
 

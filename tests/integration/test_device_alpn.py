@@ -9,34 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 
 import pytest
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
-from iotref.device.connection.settings import ConnectionSettings
 from tests.support.alpn_front import ALPN, AlpnFront, offered_alpn
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.device_keys import DeviceFiles
 from tests.support.sandbox_process import SandboxProcess
-from tests.support.tokens import provision_device
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def device(sandbox: SandboxProcess) -> DeviceFiles:
-    return provision_device(sandbox)
-
-
-def _settings(
-    sandbox: SandboxProcess, dev: DeviceFiles, port: int, alpn: bool
-) -> ConnectionSettings:
-    return ConnectionSettings(
-        endpoint=sandbox.info["mqtt_host"], port=port, client_id=dev.client_id,
-        cert_path=dev.cert_path, key_path=dev.key_path, ca_path=Path(sandbox.info["ca_file"]),
-        alpn=alpn, connect_timeout_s=5.0, min_backoff_s=0.1, max_backoff_s=1.0,
-    )  # fmt: skip
 
 
 def test_client_hello_parser_reads_alpn() -> None:
@@ -57,7 +40,9 @@ def test_alpn_connection_works_end_to_end_on_its_own_port(
 ) -> None:
     async def main() -> None:
         async with AlpnFront(sandbox.mqtt_port) as front:
-            async with Connection(_settings(sandbox, device, front.port, alpn=True)) as conn:
+            async with Connection(
+                device_settings(sandbox.info, device, QUICK_RETRY, port=front.port, alpn=True)
+            ) as conn:
                 got: asyncio.Queue[bytes] = asyncio.Queue()
                 topic = f"$aws/things/{device.client_id}/shadow/get/accepted"
                 await conn.subscribe(topic, lambda m: got.put_nowait(m.payload))
@@ -75,7 +60,9 @@ def test_alpn_connection_works_end_to_end_on_its_own_port(
 def test_without_alpn_the_front_refuses(sandbox: SandboxProcess, device: DeviceFiles) -> None:
     async def main() -> None:
         async with AlpnFront(sandbox.mqtt_port) as front:
-            settings = _settings(sandbox, device, front.port, alpn=False)
+            settings = device_settings(
+                sandbox.info, device, QUICK_RETRY, port=front.port, alpn=False
+            )
             with pytest.raises(ConnectionFailed):
                 await Connection(settings).start()
             assert front.seen

@@ -6,7 +6,6 @@ one ConnectionTakenOver instead of a fight."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import signal
 import subprocess
@@ -18,22 +17,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from iotref.device.connection import loop_bridge
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed, PublishFailed
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionEvent, ConnectionState, IncomingMessage
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.support.device_keys import DeviceFiles
+from tests.support.device_connection import QUICK_RETRY, device_settings
+from tests.support.device_keys import DeviceFiles, self_signed
+from tests.support.fault_proxy import FaultProxy
+from tests.support.mqtt_probe import device_topic
+from tests.support.ports import free_port
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
+from tests.support.waiting import wait_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -43,132 +41,6 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def device(sandbox: SandboxProcess) -> DeviceFiles:
-    return provision_device(sandbox)
-
-
-def settings_for(sandbox: SandboxProcess, dev: DeviceFiles, **kw: object) -> ConnectionSettings:
-    base: dict[str, object] = {
-        "endpoint": sandbox.info["mqtt_host"],
-        "port": sandbox.mqtt_port,
-        "client_id": dev.client_id,
-        "cert_path": dev.cert_path,
-        "key_path": dev.key_path,
-        "ca_path": Path(sandbox.info["ca_file"]),
-        "connect_timeout_s": 5.0,
-        "min_backoff_s": 0.1,
-        "max_backoff_s": 1.0,
-    }
-    base.update(kw)
-    return ConnectionSettings(**base)  # type: ignore[arg-type]
-
-
-def telemetry_topic(dev: DeviceFiles) -> str:
-    return f"{TELEMETRY_TOPIC.rstrip('/')}/{dev.org_id}/{dev.client_id}"
-
-
-def self_signed(directory: Path, name: str, *, ca: bool) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-class FlakyLink:
-    """A TCP proxy in front of the broker that the test can cut and restore."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.up = True
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> FlakyLink:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.up:
-            writer.close()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-    def cut(self) -> None:
-        self.up = False
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    def restore(self) -> None:
-        self.up = True
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-def mosquitto_of(sandbox: SandboxProcess) -> psutil.Process:
-    found = [p for p in sandbox.descendants() if "mosquitto" in p.name()]
-    assert len(found) == 1, found
-    return found[0]
-
-
-async def wait_state(
-    events: list[ConnectionEvent], state: ConnectionState, after: int = 0, timeout: float = 30
-) -> ConnectionEvent:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for e in events[after:]:
-            if e.state is state:
-                return e
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no {state} within {timeout}s: {events[after:]}")
 
 
 # --------------------------------------------------------------------------- tests
@@ -188,12 +60,14 @@ async def test_connects_with_mutual_tls_publishes_and_receives(
     monkeypatch.setattr(loop_bridge, "keep_thread_state", recording_keep)
     events: list[ConnectionEvent] = []
     received: asyncio.Queue[IncomingMessage] = asyncio.Queue()
-    async with Connection(settings_for(sandbox, device), on_event=events.append) as conn:
+    async with Connection(
+        device_settings(sandbox.info, device, QUICK_RETRY), on_event=events.append
+    ) as conn:
         assert conn.connected and conn.state is ConnectionState.CONNECTED
         assert [e.state for e in events] == [ConnectionState.CONNECTING, ConnectionState.CONNECTED]
-        await conn.publish(telemetry_topic(device), b'{"hello": 1}')
+        await conn.publish(device_topic(device), b'{"hello": 1}')
         await asyncio.gather(
-            *(conn.publish_nowait(telemetry_topic(device), b"{}") for _ in range(200))
+            *(conn.publish_nowait(device_topic(device), b"{}") for _ in range(200))
         )
         # a topic the device may not publish to: Mosquitto answers PUBACK 0x87
         with pytest.raises(PublishFailed) as refused:
@@ -245,7 +119,9 @@ async def test_wrong_ca_is_a_clear_tls_failure(
     other_ca, _ = self_signed(tmp_path, "Some Other Root", ca=True)
     started = time.monotonic()
     with pytest.raises(ConnectionFailed) as info:
-        await Connection(settings_for(sandbox, device, ca_path=other_ca)).start()
+        await Connection(
+            device_settings(sandbox.info, device, QUICK_RETRY, ca_path=other_ca)
+        ).start()
     assert info.value.kind == "tls", info.value.reason
     assert "not trusted" in info.value.reason and info.value.next_step
     assert time.monotonic() - started < 4  # fail fast: retrying cannot fix it
@@ -256,41 +132,45 @@ async def test_unknown_certificate_is_refused(
 ) -> None:
     cert, key = self_signed(tmp_path, device.client_id, ca=False)
     with pytest.raises(ConnectionFailed) as info:
-        await Connection(settings_for(sandbox, device, cert_path=cert, key_path=key)).start()
+        await Connection(
+            device_settings(sandbox.info, device, QUICK_RETRY, cert_path=cert, key_path=key)
+        ).start()
     assert info.value.kind in ("tls", "refused"), info.value.reason
     assert "localhost" in info.value.reason
 
 
 async def test_unreachable_port(sandbox: SandboxProcess, device: DeviceFiles) -> None:
-    link = await FlakyLink(sandbox.mqtt_port).start()
-    link.cut()  # accepts and closes at once: like a firewall in the way
-    port = link.port
-    await link.close()  # now nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(ConnectionFailed) as info:
-        await Connection(settings_for(sandbox, device, port=port, connect_timeout_s=2)).start()
+        await Connection(
+            device_settings(sandbox.info, device, QUICK_RETRY, port=port, connect_timeout_s=2)
+        ).start()
     assert info.value.kind == "unreachable", info.value.reason
 
 
 async def test_network_cut_reconnects_and_keeps_queued_publishes(
     sandbox: SandboxProcess, device: DeviceFiles
 ) -> None:
-    link = await FlakyLink(sandbox.mqtt_port).start()
+    link = FaultProxy(sandbox.mqtt_port).start()
     events: list[ConnectionEvent] = []
     try:
-        s = settings_for(sandbox, device, port=link.port, keepalive_s=5, ping_timeout_s=2)
+        s = device_settings(
+            sandbox.info, device, QUICK_RETRY, port=link.port, keepalive_s=5, ping_timeout_s=2
+        )
         async with Connection(s, on_event=events.append) as conn:
             n = len(events)
+            link.refuse()  # the network is gone: open connections cut, new ones refused
             link.cut()
             await wait_state(events, ConnectionState.DISCONNECTED, n)
-            pending = [conn.publish_nowait(telemetry_topic(device), b"{}") for _ in range(20)]
+            pending = [conn.publish_nowait(device_topic(device), b"{}") for _ in range(20)]
             await asyncio.sleep(0.5)
             assert not any(p.done() for p in pending)
-            link.restore()
+            link.admit()
             await conn.wait_connected(30)
             await asyncio.wait_for(asyncio.gather(*pending), 10)
             assert conn.stats.connects == 2 and conn.stats.disconnects >= 1
     finally:
-        await link.close()
+        link.close()
 
 
 async def test_broker_killed_reconnects_and_resubscribes(
@@ -301,14 +181,16 @@ async def test_broker_killed_reconnects_and_resubscribes(
     events: list[ConnectionEvent] = []
     got: asyncio.Queue[IncomingMessage] = asyncio.Queue()
     topic = f"$aws/things/{device.client_id}/shadow/name/probe/update/delta"
-    async with Connection(settings_for(sandbox, device), on_event=events.append) as conn:
+    async with Connection(
+        device_settings(sandbox.info, device, QUICK_RETRY), on_event=events.append
+    ) as conn:
         await conn.subscribe(topic, got.put_nowait)
         n = len(events)
-        old = mosquitto_of(sandbox)
+        old = sandbox.mosquitto()
         old.send_signal(signal.SIGKILL)
         await wait_state(events, ConnectionState.DISCONNECTED, n)
         connected = await wait_state(events, ConnectionState.CONNECTED, n, timeout=60)
-        assert mosquitto_of(sandbox).pid != old.pid
+        assert sandbox.mosquitto().pid != old.pid
         # no session survived a SIGKILL: the connection subscribed again by itself
         assert connected.session_present is False
         await asyncio.sleep(0.3)

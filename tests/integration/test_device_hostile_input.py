@@ -17,20 +17,22 @@ import pytest
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
-from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionState
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.outbox import Outbox
 from iotref.device.telemetry.permission import ShadowPermission
 from iotref.device.telemetry.publisher import Telemetry
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
-from tests.integration.test_broker_acl import operator_probe
-from tests.reliability.harness import device_topic, record, status_message
-from tests.reliability.tls_servers import TlsServer
-from tests.support.device_keys import DeviceFiles
+from tests.support.counted_messages import status_message
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.fault_proxy import FaultProxy
+from tests.support.figures import record
+from tests.support.mqtt_probe import device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import set_desired, shadow_document
+from tests.support.tls_servers import TlsServer
 from tests.support.tokens import provision_device
+from tests.support.waiting import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -86,53 +88,12 @@ NOT_ON_DELTA = {"wrong types inside state": None, "huge (120 KB)": 1}
 NON_OBJECT_CLASSES = ("not JSON", "not UTF-8", "JSON, not an object", "deeply nested")
 
 
-def _settings(sandbox: SandboxProcess, device: DeviceFiles, **kw: Any) -> ConnectionSettings:
-    base: dict[str, Any] = {
-        "endpoint": sandbox.info["mqtt_host"],
-        "port": sandbox.mqtt_port,
-        "client_id": device.client_id,
-        "cert_path": device.cert_path,
-        "key_path": device.key_path,
-        "ca_path": Path(sandbox.info["ca_file"]),
-        "connect_timeout_s": 5.0,
-        "min_backoff_s": 0.2,
-        "max_backoff_s": 2.0,
-    }
-    base.update(kw)
-    return ConnectionSettings(**base)
+RETRY = {**QUICK_RETRY, "min_backoff_s": 0.2, "max_backoff_s": 2.0}
 
 
 def _client_ca(sandbox: SandboxProcess) -> Path:
     """Whom the impostor asks client certificates of: the platform's device CAs."""
     return CertificateAuthorities(sandbox.data_dir / "ca").client_ca_bundle_path
-
-
-def _set_desired(sandbox: SandboxProcess, thing: str, desired: dict[str, Any]) -> None:
-    with sandbox.http() as http:
-        answer = http.post(
-            f"/things/{thing}/shadow",
-            json={"state": {"desired": desired}},
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
-        )
-    assert answer.status_code == 200, answer.text
-
-
-def _shadow(sandbox: SandboxProcess, thing: str) -> dict[str, Any]:
-    with sandbox.http() as http:
-        answer = http.get(
-            f"/things/{thing}/shadow", headers={"Authorization": f"Bearer {sandbox.admin_token}"}
-        )
-    assert answer.status_code == 200, answer.text
-    document: dict[str, Any] = answer.json()
-    return document
-
-
-async def _until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
@@ -146,7 +107,7 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
 
     async def main() -> None:
         async with (
-            Connection(_settings(sandbox, device)) as conn,
+            Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
             with Outbox(tmp_path / "outbox.sqlite3") as outbox:
@@ -179,16 +140,16 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
                 arrived = conn.stats.messages_received - received_before
                 assert arrived >= sum(sent.values()) * len(RESPONSE_SUFFIXES) // 8 - 20
                 # ... and still working: a desired change is applied and reported ...
-                _set_desired(sandbox, thing, {"setpoint": 42, "mode": "run"})
+                set_desired(sandbox, thing, {"setpoint": 42, "mode": "run"})
                 assert await shadow.wait_for("setpoint", 42, timeout=15) == 42
                 await shadow.flush(15)
                 # ... and telemetry flows.
                 asset = telemetry_asset()
                 for i in range(20):
                     assert (await telemetry.send(status_message(asset, i))).queued
-                await _until(lambda: outbox.depth == 0, 20, "telemetry to drain")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "telemetry to drain")
                 await telemetry.close()
-                state = _shadow(sandbox, thing)["state"]
+                state = shadow_document(sandbox, thing)["state"]
                 assert state.get("desired") == state.get("reported")
 
     asyncio.run(main())
@@ -216,6 +177,12 @@ def test_malformed_shadow_answers_and_garbage_keep_the_device_running(
     )
 
 
+def _publish_delta(sandbox: SandboxProcess, thing: str, delta: dict[str, Any]) -> None:
+    """Publish ``delta`` on the thing's ``update/delta`` topic with the operator identity."""
+    with operator_probe(sandbox) as operator:
+        operator.publish(f"$aws/things/{thing}/shadow/update/delta", _json(delta))
+
+
 def telemetry_asset() -> Any:
     from iotref.device.telemetry.messages import Asset, AssetType
 
@@ -230,20 +197,14 @@ def test_a_delta_with_an_absurd_version_does_not_wedge_the_sync(
 
     async def main() -> None:
         async with (
-            Connection(_settings(sandbox, device)) as conn,
+            Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
-            operator = await asyncio.to_thread(operator_probe, sandbox)
-            try:
-                await asyncio.to_thread(
-                    operator.publish,
-                    f"$aws/things/{thing}/shadow/update/delta",
-                    _json({"state": {"bogus": 1}, "version": 2**62}),
-                )
-            finally:
-                await asyncio.to_thread(operator.close)
+            await asyncio.to_thread(
+                _publish_delta, sandbox, thing, {"state": {"bogus": 1}, "version": 2**62}
+            )
             await asyncio.sleep(0.5)
-            _set_desired(sandbox, thing, {"setpoint": 7})
+            set_desired(sandbox, thing, {"setpoint": 7})
             await shadow.wait_for("setpoint", 7, timeout=10)
 
     asyncio.run(main())
@@ -257,23 +218,20 @@ def test_one_refused_report_does_not_block_later_reports(
 
     async def main() -> None:
         async with (
-            Connection(_settings(sandbox, device)) as conn,
+            Connection(device_settings(sandbox.info, device, RETRY)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
-            operator = await asyncio.to_thread(operator_probe, sandbox)
-            try:
-                await asyncio.to_thread(
-                    operator.publish,
-                    f"$aws/things/{thing}/shadow/update/delta",
-                    _json({"state": {"blob": "x" * 9_000}}),
-                )
-            finally:
-                await asyncio.to_thread(operator.close)
+            await asyncio.to_thread(
+                _publish_delta, sandbox, thing, {"state": {"blob": "x" * 9_000}}
+            )
             await shadow.wait_for("blob", timeout=10)
-            _set_desired(sandbox, thing, {"setpoint": 9})
+            set_desired(sandbox, thing, {"setpoint": 9})
             await shadow.wait_for("setpoint", 9, timeout=10)
-            await _until(
-                lambda: _shadow(sandbox, thing)["state"].get("reported", {}).get("setpoint") == 9,
+            await wait_until_async(
+                lambda: (
+                    shadow_document(sandbox, thing)["state"].get("reported", {}).get("setpoint")
+                    == 9
+                ),
                 10,
                 "the setpoint reported",
             )
@@ -287,11 +245,13 @@ def test_impostor_server_certificate_is_refused_at_start(
     device = provision_device(sandbox, directory=tmp_path / "device")
     foreign = CertificateAuthorities(tmp_path / "foreign-ca")
     foreign.ensure()  # its broker certificate is for "localhost" too, from another root
-    from tests.reliability.tls_servers import ServerIdentity
+    from tests.support.tls_servers import ServerIdentity
 
     identity = ServerIdentity(foreign.broker_cert_path, foreign.broker_key_path)
     with TlsServer(identity, client_ca=_client_ca(sandbox)) as impostor:
-        settings = _settings(sandbox, device, port=impostor.port, connect_timeout_s=4)
+        settings = device_settings(
+            sandbox.info, device, RETRY, port=impostor.port, connect_timeout_s=4
+        )
         started = time.monotonic()
         with pytest.raises(ConnectionFailed) as info:
             asyncio.run(Connection(settings).start())
@@ -318,7 +278,7 @@ def test_impostor_met_mid_life_is_refused_and_the_device_recovers(
     device = provision_device(sandbox, directory=tmp_path / "device")
     foreign = CertificateAuthorities(tmp_path / "foreign-ca")
     foreign.ensure()
-    from tests.reliability.tls_servers import ServerIdentity
+    from tests.support.tls_servers import ServerIdentity
 
     identity = ServerIdentity(foreign.broker_cert_path, foreign.broker_key_path)
 
@@ -327,12 +287,14 @@ def test_impostor_met_mid_life_is_refused_and_the_device_recovers(
             FaultProxy(sandbox.mqtt_port) as proxy,
             TlsServer(identity, client_ca=_client_ca(sandbox)) as impostor,
         ):
-            settings = _settings(sandbox, device, port=proxy.port, max_backoff_s=1.0)
+            settings = device_settings(
+                sandbox.info, device, RETRY, port=proxy.port, max_backoff_s=1.0
+            )
             async with Connection(settings) as conn:
                 proxy.retarget(impostor.port)
                 accepted = proxy.stats().accepted
                 proxy.cut()
-                await _until(lambda: proxy.stats().accepted > accepted, 20, "an attempt")
+                await wait_until_async(lambda: proxy.stats().accepted > accepted, 20, "an attempt")
                 await asyncio.sleep(3)
                 assert not conn.connected and not conn.state.terminal
                 assert impostor.app_bytes == 0  # no CONNECT, no identity

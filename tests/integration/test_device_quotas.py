@@ -26,27 +26,22 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from iotref.device.connection.connection import Connection
-from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.messages import Asset, AssetType, Sender, SenderType
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME
 from iotref.protocol import limits
-from tests.integration.test_client import (
-    client_id_of,
-    onboarding_env,  # noqa: F401  (a fixture)
-    outbox_depth,
-    store,  # noqa: F401  (a fixture)
-)
-from tests.integration.test_quotas import device_record
-from tests.integration.test_run_command import iotref
-from tests.support import mqtt_probe
 from tests.support.arrivals import ArrivalRecorder, count_windows
+from tests.support.cli_process import start_iotref
 from tests.support.counted_messages import queue_offline, telemetry_topic_of
+from tests.support.device_connection import device_settings
+from tests.support.monitor_api import device_record
+from tests.support.mqtt_probe import operator_probe
+from tests.support.onboarding import client_id_of, outbox_depth
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import shadow_document
 from tests.support.tokens import provision_device
 
 pytestmark = pytest.mark.integration
@@ -58,15 +53,14 @@ CHANGES = 60
 
 
 def test_a_backlog_drains_under_the_quota_and_nothing_is_lost(
-    sandbox: SandboxProcess,
-    store: Path,  # noqa: F811
+    sandbox: SandboxProcess, store: Path
 ) -> None:
     client_id = client_id_of(store)
     outbox = store / OUTBOX_FILE_NAME
     asset = Asset("quota-press", "SN-QUOTA", AssetType.SHEETFED_PRESS)
-    assert queue_offline(outbox, SENDER, asset, BACKLOG) == BACKLOG
+    assert queue_offline(outbox, asset, BACKLOG, SENDER) == BACKLOG
     with ArrivalRecorder(sandbox.info, client_id, telemetry_topic_of(outbox)) as recorder:
-        proc = iotref(
+        proc = start_iotref(
             "run", "--env-file", sandbox.info["env_file"], "--store", str(store),
             "--stdin", "--status-every", "1",
             stdin=subprocess.PIPE,
@@ -110,18 +104,8 @@ def test_throttled_shadow_reports_are_retried_until_every_value_is_taken(
 ) -> None:
     dev = provision_device(sandbox)
     thing = dev.client_id
-    settings = ConnectionSettings(
-        endpoint=sandbox.info["mqtt_host"],
-        port=sandbox.mqtt_port,
-        client_id=thing,
-        cert_path=dev.cert_path,
-        key_path=dev.key_path,
-        ca_path=Path(sandbox.info["ca_file"]),
-    )
-    info = sandbox.info
-    with mqtt_probe.connect(
-        sandbox.mqtt_port, info["ca_file"], info["operator_cert"], info["operator_key"]
-    ) as service:
+    settings = device_settings(sandbox.info, dev)
+    with operator_probe(sandbox) as service:
         accepted_topic = f"$aws/things/{thing}/shadow/update/accepted"
         rejected_topic = f"$aws/things/{thing}/shadow/update/rejected"
         assert service.subscribe(accepted_topic, rejected_topic) == [1, 1]
@@ -134,7 +118,7 @@ def test_throttled_shadow_reports_are_retried_until_every_value_is_taken(
 
         asyncio.run(report_one_by_one())
         time.sleep(1.0)  # the last answers on their way to the subscriber
-        answers = _drain(service)
+        answers = service.drain()
     accepted = [json.loads(m.payload) for m in answers if m.topic == accepted_topic]
     rejected = [json.loads(m.payload) for m in answers if m.topic == rejected_topic]
     throttled = [r for r in rejected if r.get("code") == 429]
@@ -146,18 +130,6 @@ def test_throttled_shadow_reports_are_retried_until_every_value_is_taken(
         if "counter" in doc.get("state", {}).get("reported", {})
     ]
     assert counters == list(range(CHANGES)), counters
-    shadow = httpx.get(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
-        timeout=10,
-    ).json()
+    shadow = shadow_document(sandbox, thing)
     assert shadow["state"]["reported"]["counter"] == CHANGES - 1
     print(f"{CHANGES} reports, {len(throttled)} answered 429 and retried")
-
-
-def _drain(probe: mqtt_probe.Probe) -> list[mqtt_probe.Received]:
-    """Everything the probe received and nobody took yet."""
-    found = []
-    while not probe.messages.empty():
-        found.append(probe.messages.get_nowait())
-    return found

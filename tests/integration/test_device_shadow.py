@@ -18,14 +18,11 @@ from iotref.device.shadow.desired import DesiredChange, Refuse
 from iotref.device.shadow.errors import ShadowRejected
 from iotref.device.shadow.requests import ShadowClient
 from iotref.device.shadow.sync import ShadowSync
-from tests.integration.test_device_connection import (
-    FlakyLink,
-    mosquitto_of,
-    settings_for,
-    wait_state,
-)
+from tests.support.device_connection import QUICK_RETRY, device_settings
+from tests.support.fault_proxy import FaultProxy
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
+from tests.support.waiting import wait_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -42,7 +39,7 @@ class Operator:
         self.thing = thing
         self.http = httpx.AsyncClient(
             base_url=sandbox.http_url,
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+            headers=sandbox.admin_headers,
             timeout=10,
         )
 
@@ -81,7 +78,7 @@ async def test_operator_change_is_applied_and_reported(sandbox: SandboxProcess) 
     op = Operator(sandbox, dev.client_id)
     try:
         async with (
-            Connection(settings_for(sandbox, dev)) as conn,
+            Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn,
             ShadowSync(conn, dev.client_id) as sync,
         ):
             # provisioning set desired.sendTelemetryData; the first sync reported it
@@ -108,7 +105,7 @@ async def test_adjusted_and_refused_changes(sandbox: SandboxProcess) -> None:
     dev = provision_device(sandbox)
     op = Operator(sandbox, dev.client_id)
     try:
-        async with Connection(settings_for(sandbox, dev)) as conn:
+        async with Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn:
             sync = ShadowSync(conn, dev.client_id, initial_reported={"mode": "idle"})
             sync.on_desired("speed", lambda c: min(c.value, 100))
             sync.on_desired("mode", lambda c: Refuse("service door open"))
@@ -131,28 +128,31 @@ async def test_desired_change_while_offline_is_applied_after_reconnect(
 ) -> None:
     dev = provision_device(sandbox)
     op = Operator(sandbox, dev.client_id)
-    link = await FlakyLink(sandbox.mqtt_port).start()
+    link = FaultProxy(sandbox.mqtt_port).start()
     events: list[ConnectionEvent] = []
     try:
-        s = settings_for(sandbox, dev, port=link.port, keepalive_s=5, ping_timeout_s=2)
+        s = device_settings(
+            sandbox.info, dev, QUICK_RETRY, port=link.port, keepalive_s=5, ping_timeout_s=2
+        )
         async with (
             Connection(s, on_event=events.append) as conn,
             ShadowSync(conn, dev.client_id) as sync,
         ):
             n = len(events)
+            link.refuse()  # the network is gone: open connections cut, new ones refused
             link.cut()
             await wait_state(events, ConnectionState.DISCONNECTED, n)
             await op.update({"desired": {"speed": 77}})
             sync.set_reported("temperature", 41)  # changed locally while offline
             await asyncio.sleep(0.5)
             assert "speed" not in sync.reported
-            link.restore()
+            link.admit()
             assert await sync.wait_for("speed", 77, timeout=30) == 77
             await op.wait_reported("speed", 77)
             await op.wait_reported("temperature", 41)
             assert sync.syncs >= 2
     finally:
-        await link.close()
+        link.close()
         await op.close()
 
 
@@ -164,11 +164,13 @@ async def test_broker_killed_device_reconnects_resubscribes_and_reconciles(
     events: list[ConnectionEvent] = []
     try:
         async with (
-            Connection(settings_for(sandbox, dev), on_event=events.append) as conn,
+            Connection(
+                device_settings(sandbox.info, dev, QUICK_RETRY), on_event=events.append
+            ) as conn,
             ShadowSync(conn, dev.client_id) as sync,
         ):
             n = len(events)
-            mosquitto_of(sandbox).send_signal(signal.SIGKILL)
+            sandbox.mosquitto().send_signal(signal.SIGKILL)
             await wait_state(events, ConnectionState.DISCONNECTED, n)
             await op.update({"desired": {"speed": 5}})  # the device cannot hear this
             await wait_state(events, ConnectionState.CONNECTED, n, timeout=60)
@@ -184,7 +186,7 @@ async def test_broker_killed_device_reconnects_resubscribes_and_reconciles(
 
 async def test_client_token_correlation_and_rejections(sandbox: SandboxProcess) -> None:
     dev = provision_device(sandbox)
-    async with Connection(settings_for(sandbox, dev)) as conn:
+    async with Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn:
         client = ShadowClient(conn, dev.client_id)
         # As many at once as AWS IoT keeps in flight per thing (more are answered 429).
         answers = await asyncio.gather(
@@ -216,7 +218,7 @@ async def test_named_shadow_sync(sandbox: SandboxProcess) -> None:
     op = Operator(sandbox, dev.client_id)
     seen: list[DesiredChange] = []
     try:
-        async with Connection(settings_for(sandbox, dev)) as conn:
+        async with Connection(device_settings(sandbox.info, dev, QUICK_RETRY)) as conn:
             named = ShadowSync(conn, dev.client_id, "press-config")
             named.on_desired(lambda c: seen.append(c))
             async with named, ShadowSync(conn, dev.client_id) as classic:

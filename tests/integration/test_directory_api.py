@@ -9,30 +9,12 @@ from typing import Any
 import httpx
 import pytest
 
-from iotref.protocol.environment_file import DEFAULT_SCOPE
-from iotref.sandbox.directory.device_authorization import DEVICE_CODE_GRANT
-from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID, OAUTH_CLIENT_ID
+from iotref.sandbox.directory.seed import FIRST_ORGANIZATION_ID, FIRST_SITE_ID
 from tests.support.directory_harness import assert_conforms
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.tokens import bearer, get_token
 
 pytestmark = pytest.mark.integration
-
-
-def _token(http: httpx.Client, scope: str = DEFAULT_SCOPE) -> dict[str, str]:
-    started = http.post(
-        "/oauth/device_authorizations/authorize",
-        data={"client_id": OAUTH_CLIENT_ID, "scope": scope},
-    ).json()
-    answer = http.post(
-        "/oauth/access_token",
-        data={
-            "client_id": OAUTH_CLIENT_ID,
-            "grant_type": DEVICE_CODE_GRANT,
-            "device_code": started["device_code"],
-        },
-    )
-    assert answer.status_code == 200, answer.text
-    return {"Authorization": f"Bearer {answer.json()['access_token']}"}
 
 
 def _json(answer: httpx.Response, status: int) -> Any:
@@ -44,7 +26,7 @@ def _json(answer: httpx.Response, status: int) -> Any:
 def test_api_success_and_error_paths(sandbox: SandboxProcess) -> None:
     serial = f"IT-{uuid.uuid4().hex[:8]}"
     with sandbox.http() as http:
-        auth = _token(http)
+        auth = bearer(get_token(sandbox))
         org = _json(http.get("/api/v1/organization", headers=auth), 200)
         assert_conforms("Organization", org)
         assert org["id"] == FIRST_ORGANIZATION_ID
@@ -76,7 +58,7 @@ def test_api_success_and_error_paths(sandbox: SandboxProcess) -> None:
         _json(http.get(f"/api/v1/machines/{uuid.uuid4()}", headers=auth), 404)
         _json(http.post(f"/api/v1/machines/{uuid.uuid4()}/machine_ownership", headers=auth), 404)
         _json(http.get("/api/v1/person", headers=auth), 403)
-        reader = _token(http, "Org.directory.machines.r")
+        reader = bearer(get_token(sandbox, "Org.directory.machines.r"))
         params["machine[serial_number]"] = serial + "-2"
         assert (
             _json(http.post("/api/v1/machines", params=params, headers=reader), 403)["error"]
@@ -87,6 +69,6 @@ def test_api_success_and_error_paths(sandbox: SandboxProcess) -> None:
         _json(http.get("/api/v1/nowhere", headers=auth), 404)
         _json(http.delete("/api/v1/sites", headers=auth), 405)
 
-        person = _token(http, "directory.person.r")
+        person = bearer(get_token(sandbox, "directory.person.r"))
         me = _json(http.get("/api/v1/person", headers=person), 200)
         assert_conforms("Person", me)

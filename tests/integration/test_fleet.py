@@ -6,20 +6,14 @@ at the same time as separate processes, and its merged report agree with one run
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from iotref.device.connection.awscrt_options import build_tls_context
 from iotref.device.connection.connection import Connection
@@ -37,6 +31,8 @@ from iotref.fleet.options import FleetOptions
 from iotref.fleet.run import FleetRun
 from iotref.fleet.target import SandboxInfo, find_sandbox
 from iotref.fleet.tls_contexts import without_system_trust_store
+from tests.support.cli_process import run_iotref, start_iotref
+from tests.support.device_keys import self_signed
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
@@ -99,7 +95,7 @@ def test_every_device_connects_syncs_and_is_counted(
     props = json.loads((store_root / "local" / device_name(7) / "properties.json").read_text())
     answer = httpx.get(
         f"{sandbox.http_url}/admin/things/{props['client_id']}",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
     )
     assert answer.status_code == 200
     assert answer.json()["machineId"] == device_name(7)
@@ -112,11 +108,8 @@ def test_every_device_connects_syncs_and_is_counted(
     assert len(clients) == DEVICES
 
 
-def _fleet_cli(sandbox: SandboxProcess, store_root: Path, *args: str) -> list[str]:
+def _fleet_args(sandbox: SandboxProcess, store_root: Path, *args: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "iotref.cli.main",
         "fleet",
         "--devices",
         str(DEVICES),
@@ -137,19 +130,16 @@ def test_shards_and_their_merged_report_agree_with_one_run(
     single_run: dict[str, Any], sandbox: SandboxProcess, store_root: Path, tmp_path: Path
 ) -> None:
     paths = [tmp_path / f"shard{i}.json" for i in range(2)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [
-        subprocess.Popen(
-            _fleet_cli(sandbox, store_root, "--shard", f"{i}/2", "--report", str(path)),
-            stdout=subprocess.PIPE,
+        start_iotref(
+            *_fleet_args(sandbox, store_root, "--shard", f"{i}/2", "--report", str(path)),
             stderr=subprocess.STDOUT,
-            env=env,
         )
         for i, path in enumerate(paths)
     ]
     for proc in procs:
         out, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, out.decode(errors="replace")
+        assert proc.returncode == 0, out
     shards = [json.loads(p.read_text()) for p in paths]
     for shard in shards:
         assert shard["devices"] == DEVICES // 2
@@ -166,12 +156,8 @@ def test_shards_and_their_merged_report_agree_with_one_run(
             phases = list(shard["cpu_s"])
             assert phases.index("stopping") < phases.index("counting")
 
-    merged_out = subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", "fleet", "merge", "--json", *map(str, paths)],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
+    merged_out = run_iotref("fleet", "merge", "--json", *map(str, paths))
+    assert merged_out.returncode == 0, merged_out.stderr
     merged = json.loads(merged_out.stdout)
     single = single_run
     for section, key in (
@@ -208,13 +194,9 @@ def test_shards_and_their_merged_report_agree_with_one_run(
 def test_merge_refuses_reports_of_different_runs(tmp_path: Path) -> None:
     a = tmp_path / "a.json"
     a.write_text(json.dumps({"format": "nope"}))
-    result = subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", "fleet", "merge", str(a)],
-        capture_output=True,
-        timeout=60,
-    )
+    result = run_iotref("fleet", "merge", str(a))
     assert result.returncode == 1
-    assert b"iotref-fleet-report/1" in result.stderr
+    assert "iotref-fleet-report/1" in result.stderr
 
 
 def test_sandbox_info_is_read_from_the_data_dir(sandbox: SandboxProcess) -> None:
@@ -227,7 +209,7 @@ def test_sandbox_info_is_read_from_the_data_dir(sandbox: SandboxProcess) -> None
 def test_bulk_route_needs_the_admin_token_and_good_csrs(sandbox: SandboxProcess) -> None:
     with sandbox.http() as http:
         assert http.post("/admin/things/bulk", json={"devices": []}).status_code == 401
-        admin = {"Authorization": f"Bearer {sandbox.admin_token}"}
+        admin = sandbox.admin_headers
         empty = http.post("/admin/things/bulk", json={"devices": []}, headers=admin)
         assert empty.status_code == 400
         bad = http.post(
@@ -243,25 +225,6 @@ def test_bulk_route_needs_the_admin_token_and_good_csrs(sandbox: SandboxProcess)
             headers=admin,
         )
         assert site.status_code == 422
-
-
-def _foreign_ca(path: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the sandbox's CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
 
 
 def test_contexts_built_without_the_system_store_still_verify_the_broker(
@@ -294,5 +257,7 @@ def test_contexts_built_without_the_system_store_still_verify_the_broker(
 
     asyncio.run(connect(settings(store / ROOT_CA_FILE, "own-ca")))
     with pytest.raises(ConnectionFailed) as failed:
-        asyncio.run(connect(settings(_foreign_ca(tmp_path / "other.pem"), "other-ca")))
+        asyncio.run(
+            connect(settings(self_signed(tmp_path, "not the sandbox's CA", ca=True)[0], "other-ca"))
+        )
     assert failed.value.kind == "tls"

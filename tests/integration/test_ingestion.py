@@ -8,55 +8,42 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 from bench.bench_ingestion import Job, device_messages, publish_all
 
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import connect, device_probe
+from tests.support.monitor_api import device_record, monitor_get
+from tests.support.mqtt_probe import device_probe, device_topic, operator_probe
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.integration
 
 
-def admin(sandbox: SandboxProcess) -> httpx.Client:
-    return sandbox.http(headers={"Authorization": f"Bearer {sandbox.admin_token}"})
-
-
 def totals(sandbox: SandboxProcess) -> dict[str, int]:
-    with admin(sandbox) as http:
-        answer = http.get("/monitor/api/summary")
-    assert answer.status_code == 200, answer.text
-    result: dict[str, int] = answer.json()["totals"]
-    return result
-
-
-def device_state(sandbox: SandboxProcess, client_id: str) -> dict[str, Any]:
-    with admin(sandbox) as http:
-        answer = http.get(f"/monitor/api/devices/{client_id}")
-    assert answer.status_code == 200, answer.text
-    result: dict[str, Any] = answer.json()
+    result: dict[str, int] = monitor_get(sandbox, "summary")["totals"]
     return result
 
 
 def wait_device(
     sandbox: SandboxProcess, client_id: str, received: int, timeout: float = 20
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The device's record once ``received`` messages are counted (or the last one read;
+    a device the monitor does not know yet has received none)."""
+
+    def state() -> dict[str, Any]:
         try:
-            state = device_state(sandbox, client_id)
+            return device_record(sandbox, client_id)
         except AssertionError:
-            state = {"received": 0}
-        if state.get("received", 0) >= received or time.monotonic() > deadline:
-            return state
-        time.sleep(0.1)
+            return {"received": 0}
+
+    return poll(state, lambda s: s.get("received", 0) >= received, timeout, interval=0.1)
 
 
 def test_duplicates_are_stored_once_and_counted(sandbox: SandboxProcess) -> None:
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     first, second = device_messages(2, "dup")
     with device_probe(sandbox, device) as probe:
         for payload in (first, first, second, first, second):
@@ -74,7 +61,7 @@ def test_duplicates_are_stored_once_and_counted(sandbox: SandboxProcess) -> None
 
 def test_invalid_messages_are_kept_with_path_and_reason(sandbox: SandboxProcess) -> None:
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     doc = json.loads(device_messages(1, "bad")[0])
     doc["payload"]["signalstatus"]["deviceinfo"]["status"] = "Dancing"
     with device_probe(sandbox, device) as probe:
@@ -87,7 +74,7 @@ def test_invalid_messages_are_kept_with_path_and_reason(sandbox: SandboxProcess)
     assert "$.payload.signalstatus.deviceinfo.status" in paths
     assert "$" in paths
     assert all(e["reason"] for m in invalid for e in m["errors"])
-    with admin(sandbox) as http:
+    with sandbox.admin_http() as http:
         body = http.get(f"/monitor/api/messages/{invalid[-1]['id']}").json()
     assert body["body"] in (json.dumps(doc), "{oops")
 
@@ -96,16 +83,11 @@ def test_a_message_to_another_organization_is_refused_and_not_stored(
     sandbox: SandboxProcess,
 ) -> None:
     device = provision_device(sandbox)
-    own = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    own = device_topic(device)
     foreign = f"{TELEMETRY_TOPIC}/not-my-org/{device.client_id}"
     with (
         device_probe(sandbox, device) as probe,
-        connect(
-            int(sandbox.info["platform_mqtt_port"]),
-            sandbox.info["ca_file"],
-            sandbox.info["operator_cert"],
-            sandbox.info["operator_key"],
-        ) as watcher,
+        operator_probe(sandbox) as watcher,
     ):
         assert watcher.subscribe(f"{TELEMETRY_TOPIC}/not-my-org/#", own) == [1, 1]
         assert probe.publish(foreign, device_messages(1, "foreign")[0]) == 0x87  # not authorized
@@ -116,7 +98,7 @@ def test_a_message_to_another_organization_is_refused_and_not_stored(
     # the platform's store has the marker and nothing else of this device
     state = wait_device(sandbox, device.client_id, 1)
     time.sleep(0.5)  # anything that would follow the marker has had time to be stored
-    state = device_state(sandbox, device.client_id)
+    state = device_record(sandbox, device.client_id)
     assert (state["received"], state["valid"], state["invalid"]) == (1, 1, 0)
     assert [m["topic"] for m in state["messages"]] == [own]
 
@@ -127,7 +109,7 @@ def test_100k_messages_from_several_senders_are_all_counted(sandbox: SandboxProc
     devices = [provision_device(sandbox) for _ in range(senders)]
     jobs = []
     for index, device in enumerate(devices):
-        topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+        topic = device_topic(device)
         payloads = device_messages(per_sender, str(index))
         jobs.append(
             Job(
@@ -153,6 +135,6 @@ def test_100k_messages_from_several_senders_are_all_counted(sandbox: SandboxProc
     assert now["stored"] - before["stored"] == senders * per_sender
     assert now["duplicates"] == before["duplicates"]
     for device in devices:
-        state = device_state(sandbox, device.client_id)
+        state = device_record(sandbox, device.client_id)
         assert (state["received"], state["valid"], state["invalid"]) == (per_sender, per_sender, 0)
         assert state["last_productioncounter"] == per_sender - 1

@@ -11,11 +11,8 @@ import asyncio
 import datetime as dt
 import json
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,34 +23,26 @@ from cryptography.x509.oid import NameOID
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.errors import ConnectionFailed
 from iotref.device.connection.settings import ConnectionSettings
+from iotref.protocol.topics import telemetry_topic
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from iotref.sandbox.provisioning.things import new_client_id
 from tests.conftest import SandboxFactory
-from tests.integration.test_broker_acl import device_probe, operator_probe, telemetry
-from tests.reliability.harness import record
-from tests.reliability.tls_servers import TlsServer, issue_server_cert, tls11_handshake_possible
+from tests.support.cli_process import revoke
+from tests.support.device_connection import QUICK_RETRY, device_settings
 from tests.support.device_keys import DeviceFiles, make_key, write_device
-from tests.support.mqtt_probe import refused
+from tests.support.figures import record
+from tests.support.mqtt_probe import device_probe, device_topic, operator_probe, refused
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import shadow_document
+from tests.support.tls_servers import TlsServer, issue_server_cert, tls11_handshake_possible
 from tests.support.tokens import cached_token, provision_device
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def _settings(sandbox: SandboxProcess, device: DeviceFiles, **kw: Any) -> ConnectionSettings:
-    base: dict[str, Any] = {
-        "endpoint": sandbox.info["mqtt_host"],
-        "port": sandbox.mqtt_port,
-        "client_id": device.client_id,
-        "cert_path": device.cert_path,
-        "key_path": device.key_path,
-        "ca_path": Path(sandbox.info["ca_file"]),
-        "connect_timeout_s": 4.0,
-        "min_backoff_s": 0.2,
-        "max_backoff_s": 1.0,
-    }
-    base.update(kw)
-    return ConnectionSettings(**base)
+RETRY = {**QUICK_RETRY, "connect_timeout_s": 4.0, "min_backoff_s": 0.2}
 
 
 def _connect_fails(settings: ConnectionSettings) -> ConnectionFailed:
@@ -67,15 +56,6 @@ def _connect_fails(settings: ConnectionSettings) -> ConnectionFailed:
     return info.value
 
 
-def _shadow_version(sandbox: SandboxProcess, thing: str) -> int:
-    with sandbox.http() as http:
-        answer = http.get(
-            f"/things/{thing}/shadow", headers={"Authorization": f"Bearer {sandbox.admin_token}"}
-        )
-    assert answer.status_code == 200, answer.text
-    return int(answer.json()["version"])
-
-
 # --------------------------------------------------------------------------- devices
 
 
@@ -83,9 +63,9 @@ def test_device_cannot_publish_as_another_device(sandbox: SandboxProcess, tmp_pa
     a = provision_device(sandbox, directory=tmp_path / "a")
     b = provision_device(sandbox, directory=tmp_path / "b")
     b_shadow = f"$aws/things/{b.client_id}/shadow"
-    version = _shadow_version(sandbox, b.client_id)
+    version = shadow_document(sandbox, b.client_id)["version"]
     forged = [
-        telemetry(a, b.client_id),
+        telemetry_topic(TELEMETRY_TOPIC, a.org_id, b.client_id),
         f"{b_shadow}/update",
         f"{b_shadow}/get",
         f"{b_shadow}/delete",
@@ -102,7 +82,7 @@ def test_device_cannot_publish_as_another_device(sandbox: SandboxProcess, tmp_pa
         arrived = [t for t in forged if operator.received_on(t, within=0.3)]
     assert all(code >= 0x80 for code in codes.values()), codes  # PUBACK: not authorized
     assert arrived == []
-    assert _shadow_version(sandbox, b.client_id) == version  # B's shadow untouched
+    assert shadow_document(sandbox, b.client_id)["version"] == version  # B's shadow untouched
     record(
         "security",
         {
@@ -121,10 +101,10 @@ def test_device_cannot_read_another_devices_telemetry_or_shadow(
     b = provision_device(sandbox, directory=tmp_path / "b")
     b_shadow = f"$aws/things/{b.client_id}/shadow"
     with device_probe(sandbox, a) as spy:
-        spy.subscribe("#", "$aws/#", telemetry(b), f"{b_shadow}/#", "connectprint/#")
+        spy.subscribe("#", "$aws/#", device_topic(b), f"{b_shadow}/#", "connectprint/#")
         with device_probe(sandbox, b) as victim:
             assert victim.subscribe(f"{b_shadow}/get/accepted") == [1]
-            assert victim.publish(telemetry(b), b'{"secret": 1}') < 0x80
+            assert victim.publish(device_topic(b), b'{"secret": 1}') < 0x80
             assert victim.publish(f"{b_shadow}/get", b"{}") < 0x80
             got = victim.wait_for(f"{b_shadow}/get/accepted", timeout=5)  # B reads its own
             assert json.loads(got.payload)["state"]
@@ -177,7 +157,7 @@ def test_expired_certificate_is_refused(sandbox: SandboxProcess, tmp_path: Path)
     reason = refused(sandbox.mqtt_port, sandbox.info["ca_file"], expired.cert_path,
                      expired.key_path)  # fmt: skip
     assert reason is not None
-    failure = _connect_fails(_settings(sandbox, expired))
+    failure = _connect_fails(device_settings(sandbox.info, expired, RETRY))
     assert failure.kind in ("tls", "refused"), failure.reason
     # the same thing with its valid certificate gets in: the expiry is what is refused
     assert refused(sandbox.mqtt_port, sandbox.info["ca_file"], real.cert_path,
@@ -205,7 +185,7 @@ def test_foreign_ca_certificate_is_refused(sandbox: SandboxProcess, tmp_path: Pa
         key,
         cert.public_bytes(serialization.Encoding.PEM).decode(),
     )
-    failure = _connect_fails(_settings(sandbox, stranger))
+    failure = _connect_fails(device_settings(sandbox.info, stranger, RETRY))
     assert failure.kind in ("tls", "refused"), failure.reason
     record(
         "security",
@@ -218,13 +198,8 @@ def test_revoked_certificate_is_refused(sandbox_factory: SandboxFactory, tmp_pat
     victim = provision_device(sb, directory=tmp_path / "victim")
 
     async def connected_then_revoked() -> str:
-        async with Connection(_settings(sb, victim)) as conn:
-            result = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "iotref.cli.main", "sandbox", "revoke", victim.client_id,
-                 "--data-dir", str(sb.data_dir)],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+        async with Connection(device_settings(sb.info, victim, RETRY)) as conn:
+            result = await asyncio.to_thread(revoke, sb.data_dir, victim.client_id)
             assert result.returncode == 0, result.stderr
             deadline = time.monotonic() + 15
             while conn.connected and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -235,7 +210,7 @@ def test_revoked_certificate_is_refused(sandbox_factory: SandboxFactory, tmp_pat
             return conn.stats.last_error or ""
 
     last_error = asyncio.run(connected_then_revoked())
-    failure = _connect_fails(_settings(sb, victim))
+    failure = _connect_fails(device_settings(sb.info, victim, RETRY))
     assert failure.kind in ("tls", "refused"), failure.reason
     record(
         "security",
@@ -270,12 +245,12 @@ def test_device_refuses_tls_below_1_2(
         # control: the server does speak TLS 1.1 with the platform's own root and name
         assert tls11_handshake_possible(old.port, Path(sandbox.info["ca_file"]))
         # The server thread counts the control's handshake a moment after the client saw it.
-        deadline = time.monotonic() + 5
-        while old.handshakes_ok < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: old.handshakes_ok >= 1, 5, "the server to count the control")
         assert old.handshakes_ok == 1, "the control handshake was not counted"
         before = old.handshakes_ok
-        failure = _connect_fails(_settings(sandbox, device, port=old.port, fail_fast=fail_fast))
+        failure = _connect_fails(
+            device_settings(sandbox.info, device, RETRY, port=old.port, fail_fast=fail_fast)
+        )
         time.sleep(0.3)
         assert old.handshakes_ok == before, "the device completed a TLS 1.1 handshake"
         assert old.app_bytes == 0
@@ -297,14 +272,18 @@ def test_device_refuses_a_certificate_for_another_host(
     root = _server_root(sandbox)
     wrong = issue_server_cert(*root, tmp_path / "wrong", "elsewhere.example")
     with TlsServer(wrong, client_ca=_client_ca(sandbox)) as server:
-        failure = _connect_fails(_settings(sandbox, device, port=server.port, fail_fast=fail_fast))
+        failure = _connect_fails(
+            device_settings(sandbox.info, device, RETRY, port=server.port, fail_fast=fail_fast)
+        )
         time.sleep(0.3)
         assert server.app_bytes == 0, "the device sent MQTT to a server of another name"
     assert failure.kind in ("tls", "unreachable"), failure.reason
     # control: the same root and a certificate for "localhost" gets the device's CONNECT
     right = issue_server_cert(*root, tmp_path / "right", "localhost")
     with TlsServer(right, client_ca=_client_ca(sandbox)) as server:
-        _connect_fails(_settings(sandbox, device, port=server.port, connect_timeout_s=2))
+        _connect_fails(
+            device_settings(sandbox.info, device, RETRY, port=server.port, connect_timeout_s=2)
+        )
         time.sleep(0.3)
         assert server.app_bytes > 0
     record(
@@ -357,7 +336,7 @@ def test_operator_and_monitor_apis_refuse_without_the_admin_token(
         for method, template in ADMIN_REQUESTS:
             path = template.format(thing=device.client_id)
             admin = http.request(
-                method, path, headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+                method, path, headers=sandbox.admin_headers,
                 json={"state": {"desired": {}}} if method == "POST" else None,
             ) if method == "GET" and "stream" not in path else None  # fmt: skip
             if admin is not None and admin.status_code == 404 and "monitor" in path:
@@ -372,7 +351,7 @@ def test_operator_and_monitor_apis_refuse_without_the_admin_token(
     with sandbox.http() as http:
         thing = http.get(
             f"/admin/things/{device.client_id}",
-            headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+            headers=sandbox.admin_headers,
         )
     assert thing.status_code == 200 and not thing.json().get("revoked"), thing.text
     record(

@@ -24,23 +24,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.device.blocking import BlockingOnboarding
-from iotref.device.onboarding.environment import load_environment_file
-from iotref.device.onboarding.token_store import TokenStore
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.integration.test_client import client_id_of, provision_store
-from tests.integration.test_quotas import publish as quota_publish
-from tests.integration.test_quotas import wait_received
-from tests.integration.test_run_command import iotref, machine_of
 from tests.support.browser import chromium
+from tests.support.cli_process import start_iotref
+from tests.support.device_connection import device_settings, publish_acknowledged
 from tests.support.device_keys import DeviceFiles
-from tests.support.mqtt_probe import device_probe
+from tests.support.monitor_api import wait_received
+from tests.support.mqtt_probe import device_probe, device_topic
+from tests.support.onboarding import client_id_of, logged_in, machine_of, provision_store
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import desired_state
 from tests.support.tokens import provision_device
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,25 +78,6 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def shadow_desired(sandbox: SandboxProcess, thing: str) -> dict[str, Any]:
-    answer = httpx.get(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-    desired: dict[str, Any] = answer.json()["state"]["desired"]
-    return desired
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def open_monitor(page: Any, sandbox: SandboxProcess) -> None:
     page.goto(f"{sandbox.http_url}/monitor?token={sandbox.admin_token}")
     assert page.url == f"{sandbox.http_url}/monitor"  # the token is gone from the URL
@@ -122,7 +100,7 @@ def test_messages_appear_live_and_invalid_ones_are_flagged(
     page: Any, sandbox: SandboxProcess
 ) -> None:
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     open_monitor(page, sandbox)
     row = page.locator(f'#devices tr[data-client-id="{device.client_id}"]')
     row.wait_for(timeout=10_000)  # provisioned devices are listed before they send
@@ -180,7 +158,7 @@ def test_a_device_over_the_quota_shows_what_aws_would_have_throttled(
     page.wait_for_selector("#device-quota-throttled")
     assert page.locator("#device-quota-throttled b").inner_text() == "0"
     assert page.locator("#device-quota-rate b").inner_text().endswith("/ 100")
-    off_the_page_loop(quota_publish(fast, sandbox, device_messages(600, "fast")))
+    off_the_page_loop(publish_acknowledged(sandbox, fast, device_messages(600, "fast")))
     record = wait_received(sandbox, fast.client_id, 600)
     throttled = record["quota"]["throttled"]
     assert throttled > 0
@@ -195,7 +173,9 @@ def test_a_device_over_the_quota_shows_what_aws_would_have_throttled(
     shot(page, "07-over-the-quota")
 
     page.locator(f'#devices tr[data-client-id="{slow.client_id}"]').click()
-    off_the_page_loop(quota_publish(slow, sandbox, device_messages(30, "slow"), pace_s=1 / 30))
+    off_the_page_loop(
+        publish_acknowledged(sandbox, slow, device_messages(30, "slow"), pace_s=1 / 30)
+    )
     wait_received(sandbox, slow.client_id, 30)
     page.wait_for_function(
         "(id) => document.querySelector('#device-title').textContent === id",
@@ -240,7 +220,6 @@ class RunningSender(threading.Thread):
 
     async def _main(self) -> None:
         from iotref.device.connection.connection import Connection
-        from iotref.device.connection.settings import ConnectionSettings
         from iotref.device.shadow.sync import ShadowSync
         from iotref.device.telemetry.messages import (
             Asset,
@@ -256,17 +235,10 @@ class RunningSender(threading.Thread):
         from iotref.device.telemetry.publisher import Telemetry
         from iotref.device.telemetry.results import SendStatus
 
-        settings = ConnectionSettings(
-            endpoint=self.sandbox.info["mqtt_host"],
-            port=self.sandbox.mqtt_port,
-            client_id=self.device.client_id,
-            cert_path=self.device.cert_path,
-            key_path=self.device.key_path,
-            ca_path=Path(self.sandbox.info["ca_file"]),
-        )
+        settings = device_settings(self.sandbox.info, self.device)
         sender = Sender(SenderType.PRESS, "monitor-test", "1.0")
         asset = Asset("press-sender", "SN-S", AssetType.SHEETFED_PRESS)
-        topic = f"{TELEMETRY_TOPIC}/{self.device.org_id}/{self.device.client_id}"
+        topic = device_topic(self.device)
         async with (
             Connection(settings) as conn,
             ShadowSync(conn, self.device.client_id) as shadow,
@@ -327,7 +299,7 @@ def test_switching_send_telemetry_stops_and_resumes_a_running_sender(
 
         page.locator("label.switch").click()  # off
         wait_until(
-            lambda: shadow_desired(sandbox, device.client_id).get("sendTelemetryData") is False,
+            lambda: desired_state(sandbox, device.client_id).get("sendTelemetryData") is False,
             10,
             "desired.sendTelemetryData false",
         )
@@ -346,7 +318,7 @@ def test_switching_send_telemetry_stops_and_resumes_a_running_sender(
 
         page.locator("label.switch").click()  # on again
         wait_until(
-            lambda: shadow_desired(sandbox, device.client_id).get("sendTelemetryData") is True,
+            lambda: desired_state(sandbox, device.client_id).get("sendTelemetryData") is True,
             10,
             "desired.sendTelemetryData true",
         )
@@ -366,7 +338,7 @@ def test_switching_send_telemetry_stops_and_resumes_a_running_sender(
         )
         page.locator("#desired-save").click()
         wait_until(
-            lambda: shadow_desired(sandbox, device.client_id).get("color") == "green",
+            lambda: desired_state(sandbox, device.client_id).get("color") == "green",
             10,
             "desired.color",
         )
@@ -424,11 +396,8 @@ def store(sandbox: SandboxProcess, tmp_path: Path) -> Path:
     blocking onboarding refuses to run inside Playwright's event loop."""
 
     def make() -> Path:
-        env = load_environment_file(Path(sandbox.info["env_file"]))
-        tokens = TokenStore(tmp_path / "tokens")
-        with BlockingOnboarding(env, token_store=tokens) as onboarding:
-            onboarding.login()
-        return provision_store(env, tokens, tmp_path / "store")
+        env, tokens = logged_in(sandbox, tmp_path / "tokens")
+        return provision_store(env, tokens, tmp_path / "store", "Client test press")
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(make).result(timeout=120)
@@ -436,7 +405,7 @@ def store(sandbox: SandboxProcess, tmp_path: Path) -> Path:
 
 def run_presses(store_path: Path, assets: int, *args: str) -> subprocess.Popen[str]:
     """``iotref run`` with simulated presses: a reading every 0.2 s from each asset."""
-    return iotref(
+    return start_iotref(
         "run", "--store", str(store_path), "--assets", str(assets), "--interval", "0.2",
         "--speedup", "20", "--status-every", "1", *args,
     )  # fmt: skip

@@ -5,11 +5,8 @@ with a non-zero exit when no sandbox runs."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,8 +14,8 @@ from pathlib import Path
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import device_probe
+from tests.support.cli_process import cli_environ, run_iotref, start_iotref
+from tests.support.mqtt_probe import device_probe, device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -27,15 +24,8 @@ pytestmark = pytest.mark.integration
 
 class MonitorProcess:
     def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iotref.cli.main", "monitor", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            env=env,
-        )
+        env = cli_environ(PYTHONIOENCODING="utf-8")
+        self.proc = start_iotref("monitor", *args, env=env, encoding="utf-8")
         self.lines: queue.Queue[str] = queue.Queue()
         self.err_lines: queue.Queue[str] = queue.Queue()
         threading.Thread(
@@ -89,7 +79,7 @@ def test_monitor_prints_messages_and_ends_on_ctrl_c(sandbox: SandboxProcess) -> 
         bad = json.loads(device_messages(1, "cli-bad")[0])
         del bad["assetid"]
         for dev, payloads in ((other, [good]), (device, [good, json.dumps(bad).encode()])):
-            topic = f"{TELEMETRY_TOPIC}/{dev.org_id}/{dev.client_id}"
+            topic = device_topic(dev)
             with device_probe(sandbox, dev) as probe:
                 for payload in payloads:
                     probe.publish(topic, payload)
@@ -108,12 +98,7 @@ def test_monitor_prints_messages_and_ends_on_ctrl_c(sandbox: SandboxProcess) -> 
 
 
 def test_monitor_without_a_sandbox_says_so(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", "monitor", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_iotref("monitor", "--data-dir", str(tmp_path), timeout=30)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [

@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import stat
-import uuid
 from pathlib import Path
 
 import httpx
@@ -33,8 +32,7 @@ from iotref.device.onboarding.certificate_store import (
     ProgressState,
 )
 from iotref.device.onboarding.device_flow import DeviceAuthorization, PollEvent
-from iotref.device.onboarding.directory_client import MachineSpec
-from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.environment import Environment
 from iotref.device.onboarding.http_client import create_http_client
 from iotref.device.onboarding.keys import KeyType
 from iotref.device.onboarding.provisioning import (
@@ -46,61 +44,22 @@ from iotref.device.onboarding.provisioning import (
 from iotref.device.onboarding.service import LoginResult, Onboarding
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.sandbox.directory.seed import (
-    DEMO_EMAIL,
-    DEMO_PASSWORD,
     FIRST_ORGANIZATION_ID,
     FIRST_SITE_ID,
 )
 from tests.conftest import SandboxFactory
+from tests.support.onboarding import (
+    decide_in_browser,
+    login_with_auto_approve,
+    machine_spec,
+    sandbox_env,
+)
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
 
 
-# -- helpers (also used by test_onboarding_cli) -----------------------------------------------
-
-
-def sandbox_env(sb: SandboxProcess) -> Environment:
-    return load_environment_file(Path(sb.info["env_file"]))
-
-
-def machine_spec(label: str = "press") -> MachineSpec:
-    return MachineSpec(f"Test {label}", "ACME Print", f"SN-{uuid.uuid4().hex[:12]}", "folder")
-
-
-def decide_in_browser(sb: SandboxProcess, user_code: str, approve: bool) -> None:
-    """What the person does on the verification page: sign in, check, approve or deny."""
-
-    def csrf(page: httpx.Response) -> str:
-        found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-        assert found, page.text
-        return found.group(1)
-
-    with httpx.Client(base_url=sb.http_url, follow_redirects=True, timeout=10) as browser:
-        page = browser.get("/oauth/device", params={"user_code": user_code})
-        page = browser.post(
-            "/oauth/device/sign_in",
-            data={
-                "csrf_token": csrf(page),
-                "user_code": user_code,
-                "email": DEMO_EMAIL,
-                "password": DEMO_PASSWORD,
-            },
-        )
-        assert user_code in page.text, page.text
-        form = {
-            "csrf_token": csrf(page),
-            "user_code": user_code,
-            "decision": "approve" if approve else "deny",
-            "organization_id": FIRST_ORGANIZATION_ID,
-        }
-        page = browser.post("/oauth/device", data=form)
-        assert ("Device connected" if approve else "Request denied") in page.text, page.text
-
-
-def login_with_auto_approve(env: Environment, tokens: TokenStore) -> LoginResult:
-    with BlockingOnboarding(env, token_store=tokens) as onboarding:
-        return onboarding.login()
+# -- helpers ----------------------------------------------------------------------------------
 
 
 class NoNetwork(AssertionError):

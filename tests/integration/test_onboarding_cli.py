@@ -15,9 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
 
 from iotref.cli.main import main
 from iotref.device.blocking import BlockingOnboarding
@@ -32,7 +29,9 @@ from iotref.device.onboarding.keys import generate_private_key, load_private_key
 from iotref.device.onboarding.provisioning import ProvisionOptions
 from iotref.device.onboarding.token_store import TokenStore
 from tests.conftest import SandboxFactory
-from tests.integration.test_onboarding import (
+from tests.support.cli_process import cli_environ, one_line_error, run_iotref, start_iotref
+from tests.support.device_keys import self_signed_pem
+from tests.support.onboarding import (
     decide_in_browser,
     login_with_auto_approve,
     machine_spec,
@@ -41,39 +40,6 @@ from tests.integration.test_onboarding import (
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
-
-
-def _environ(home: Path) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IOTREF_")}
-    environ["IOTREF_HOME"] = str(home)
-    environ["PYTHONUNBUFFERED"] = "1"
-    return environ
-
-
-def iotref(
-    *args: str, cwd: Path, home: Path, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the real command in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", *args],
-        cwd=cwd,
-        env=_environ(home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The failure's single stderr line (and no traceback)."""
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert lines[0].startswith("iotref: ")
-    return lines[0]
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -99,7 +65,7 @@ def test_login_provision_status_reuse_logout(
     sandbox: SandboxProcess, home: Path, tmp_path: Path
 ) -> None:
     env_file = sandbox.info["env_file"]
-    login = iotref("login", "--env-file", env_file, cwd=tmp_path, home=home)
+    login = run_iotref("login", "--env-file", env_file, cwd=tmp_path, iotref_home=home)
     assert login.returncode == 0, login.stderr
     out = login.stdout
     assert "/oauth/device?user_code=" in out
@@ -109,17 +75,17 @@ def test_login_provision_status_reuse_logout(
     assert "Logged in to local" in out
 
     spec = machine_spec("cli")
-    provision = iotref(
+    provision = run_iotref(
         "provision", "--env-file", env_file, "--name", spec.name,
         "--manufacturer", spec.manufacturer, "--serial-number", spec.serial_number,
-        "--kind", "digital_press", cwd=tmp_path, home=home,
+        "--kind", "digital_press", cwd=tmp_path, iotref_home=home,
     )  # fmt: skip
     assert provision.returncode == 0, provision.stderr
     assert "Provisioned." in provision.stdout
     store = tmp_path / "certificate_store" / "local"
     properties = json.loads((store / PROPERTIES_FILE).read_text())
 
-    status = iotref("status", "--env-file", env_file, cwd=tmp_path, home=home)
+    status = run_iotref("status", "--env-file", env_file, cwd=tmp_path, iotref_home=home)
     assert status.returncode == 0, status.stdout + status.stderr
     for expected in (
         properties["client_id"],
@@ -134,16 +100,16 @@ def test_login_provision_status_reuse_logout(
     ):
         assert expected in status.stdout
 
-    again = iotref("provision", "--env-file", env_file, cwd=tmp_path, home=home)
+    again = run_iotref("provision", "--env-file", env_file, cwd=tmp_path, iotref_home=home)
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout
     assert json.loads((store / PROPERTIES_FILE).read_text()) == properties
 
-    logout = iotref("logout", "--env-file", env_file, cwd=tmp_path, home=home)
+    logout = run_iotref("logout", "--env-file", env_file, cwd=tmp_path, iotref_home=home)
     assert logout.returncode == 0
     assert "tokens deleted" in logout.stdout
     assert not list((home / "tokens").glob("*.json"))
-    status = iotref("status", "--env-file", env_file, cwd=tmp_path, home=home)
+    status = run_iotref("status", "--env-file", env_file, cwd=tmp_path, iotref_home=home)
     assert "not logged in" in status.stdout
     assert status.returncode == 0  # the store is still fine
 
@@ -192,12 +158,9 @@ def test_provision_from_json_and_toml_config(
 
 
 def _login_process(sb: SandboxProcess, tmp_path: Path, home: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "iotref.cli.main", "login", "--no-qr",
-         "--env-file", sb.info["env_file"]],
-        cwd=tmp_path, env=_environ(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    return start_iotref(
+        "login", "--no-qr", "--env-file", sb.info["env_file"], cwd=tmp_path, iotref_home=home
+    )
 
 
 def _user_code(proc: subprocess.Popen[str]) -> str:
@@ -227,7 +190,9 @@ def test_expired_login_is_one_line(
     sandbox_factory: SandboxFactory, home: Path, tmp_path: Path
 ) -> None:
     sb = sandbox_factory("--poll-interval", "1", "--device-code-ttl", "2")
-    result = iotref("login", "--no-qr", "--env-file", sb.info["env_file"], cwd=tmp_path, home=home)
+    result = run_iotref(
+        "login", "--no-qr", "--env-file", sb.info["env_file"], cwd=tmp_path, iotref_home=home
+    )
     assert "login expired" in one_line_error(result)
     assert "expires in 0:0" in result.stdout
 
@@ -238,7 +203,7 @@ def test_network_failure_is_one_line(home: Path, tmp_path: Path) -> None:
         "base_url=http://127.0.0.1:9\nDIRECTORY_HOST=http://127.0.0.1:9\n"
         "DIRECTORY_OAUTH_CLIENT_ID=x\nSCOPE=Org.directory.machines.rw\n"
     )
-    result = iotref("login", "--env-file", str(env_file), cwd=tmp_path, home=home)
+    result = run_iotref("login", "--env-file", str(env_file), cwd=tmp_path, iotref_home=home)
     line = one_line_error(result)
     assert "cannot reach http://127.0.0.1:9" in line
     assert "next:" in line
@@ -250,15 +215,17 @@ def test_usage_and_configuration_errors_are_one_line(home: Path, tmp_path: Path)
         "base_url=http://example.com\nDIRECTORY_HOST=https://example.com\n"
         "DIRECTORY_OAUTH_CLIENT_ID=x\nSCOPE=a\n"
     )
-    line = one_line_error(iotref("login", "--env-file", str(remote_http), cwd=tmp_path, home=home))
+    line = one_line_error(
+        run_iotref("login", "--env-file", str(remote_http), cwd=tmp_path, iotref_home=home)
+    )
     assert "plain http:// for example.com" in line
     line = one_line_error(
-        iotref("status", "--env", "test", "--env-file", str(remote_http), cwd=tmp_path,
-               home=home)
+        run_iotref("status", "--env", "test", "--env-file", str(remote_http), cwd=tmp_path,
+               iotref_home=home)
     )  # fmt: skip
     assert "not both" in line
     line = one_line_error(
-        iotref("provision", "--env", "test", "--name", "x", cwd=tmp_path, home=home)
+        run_iotref("provision", "--env", "test", "--name", "x", cwd=tmp_path, iotref_home=home)
     )
     assert "manufacturer, serial-number is missing" in line
 
@@ -295,7 +262,7 @@ def test_killed_provisioning_resumes_without_a_second_machine(
     wrapper = tmp_path / "dies.py"
     wrapper.write_text(_KILL_AFTER_MACHINE.format(signal=int(sig)))
     killed = subprocess.run(
-        [sys.executable, str(wrapper), *args], cwd=tmp_path, env=_environ(home),
+        [sys.executable, str(wrapper), *args], cwd=tmp_path, env=cli_environ(iotref_home=home),
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert killed.returncode == -sig, killed.stderr
@@ -304,18 +271,20 @@ def test_killed_provisioning_resumes_without_a_second_machine(
     assert progress["state"] == "machine_created"
     assert not (store / CERTIFICATE_FILE).exists()
 
-    status = iotref("status", "--env-file", env_file, cwd=tmp_path, home=home)
+    status = run_iotref("status", "--env-file", env_file, cwd=tmp_path, iotref_home=home)
     assert status.returncode == 1
     assert "[incomplete]" in status.stdout
     assert f"continues with machine {progress['machine_id']}" in status.stdout
 
-    resumed = iotref(*args, cwd=tmp_path, home=home)
+    resumed = run_iotref(*args, cwd=tmp_path, iotref_home=home)
     assert resumed.returncode == 0, resumed.stderr
     assert "continued the interrupted run" in resumed.stdout
     assert "created machine" not in resumed.stdout
     properties = json.loads((store / PROPERTIES_FILE).read_text())
     assert properties["machine_id"] == progress["machine_id"]
-    assert iotref("status", "--env-file", env_file, cwd=tmp_path, home=home).returncode == 0
+    assert (
+        run_iotref("status", "--env-file", env_file, cwd=tmp_path, iotref_home=home).returncode == 0
+    )
 
 
 # -- every broken store -----------------------------------------------------------------------
@@ -336,21 +305,6 @@ def provisioned_store(
     return base / "good", base / "other"
 
 
-def _self_signed(key_pem: bytes) -> bytes:
-    import datetime as dt
-
-    key = load_private_key(key_pem)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(1)
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=400))
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 def _break(kind: str, store: Path, other: Path) -> list[str]:
     """Break ``store`` in one way; return extra arguments for ``iotref status``."""
     if kind == "incomplete":
@@ -368,7 +322,9 @@ def _break(kind: str, store: Path, other: Path) -> list[str]:
         shutil.copy(other / PRIVATE_KEY_FILE, store / PRIVATE_KEY_FILE)
     elif kind == "certificate_self_signed":
         (store / CERTIFICATE_FILE).write_bytes(
-            _self_signed((store / PRIVATE_KEY_FILE).read_bytes())
+            self_signed_pem(
+                load_private_key((store / PRIVATE_KEY_FILE).read_bytes()), "forged", days=400
+            )
         )
     elif kind == "root_ca_invalid":
         shutil.copy(store / CERTIFICATE_FILE, store / ROOT_CA_FILE)
@@ -478,7 +434,7 @@ def test_no_secret_in_cli_output_at_debug(
     secrets: list[str] = []
 
     def run(*args: str) -> None:
-        result = iotref("-vv", *args, "--env-file", env_file, cwd=tmp_path, home=home)
+        result = run_iotref("-vv", *args, "--env-file", env_file, cwd=tmp_path, iotref_home=home)
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout + result.stderr)
         saved = tokens.load(env)

@@ -36,30 +36,17 @@ from iotref.device.telemetry.publisher import Telemetry
 from iotref.protocol.limits import MAX_PAYLOAD_BYTES
 from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.integration.test_client import (
-    Subscriber,
-    counter_of,
-    onboarding_env,  # noqa: F401  (a fixture)
-    store,  # noqa: F401  (a fixture)
-    subscriber,  # noqa: F401  (a fixture)
-    wait_until,
-)
-from tests.integration.test_run_command import iotref
+from tests.support.cli_process import start_iotref
+from tests.support.counted_messages import index_of
+from tests.support.onboarding import store_properties, store_topic
+from tests.support.telemetry_watcher import TelemetryWatcher
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 SENDER = Sender(SenderType.PRESS, "outbox-faults", "1.0")
 QUEUED = 300
 FIRST_RUN = 150
-
-
-def properties(store_path: Path) -> dict[str, Any]:
-    return dict(json.loads((store_path / "properties.json").read_text()))
-
-
-def device_topic(store_path: Path) -> str:
-    props = properties(store_path)
-    return telemetry_topic(TELEMETRY_TOPIC, props["org_id"], props["client_id"])
 
 
 def message(asset: Asset, n: int, details: str = "queued earlier") -> dict[str, Any]:
@@ -90,7 +77,7 @@ def crash_with_a_queue(store_path: Path, asset: Asset) -> list[str]:
     ``sendereventuuid`` of the 300, in order."""
     scratch = store_path.parent / "outbox-build"
     scratch.mkdir()
-    topic = device_topic(store_path)
+    topic = store_topic(store_path)
     uuids: list[str] = []
 
     def queue(ob: Outbox, first: int, last: int) -> None:
@@ -112,8 +99,8 @@ def crash_with_a_queue(store_path: Path, asset: Asset) -> list[str]:
 
 
 def test_run_recovers_an_outbox_whose_wal_was_cut_to_half(
-    store: Path,  # noqa: F811
-    subscriber: Subscriber,  # noqa: F811
+    store: Path,
+    subscriber: TelemetryWatcher,
 ) -> None:
     asset = Asset(f"recovery-{uuid.uuid4().hex[:8]}", "SN-R", AssetType.SHEETFED_PRESS)
     queued = crash_with_a_queue(store, asset)
@@ -121,7 +108,7 @@ def test_run_recovers_an_outbox_whose_wal_was_cut_to_half(
     os.truncate(wal, wal.stat().st_size // 2)
     half = wal.stat().st_size
 
-    proc = iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
+    proc = start_iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
     out, err = proc.communicate(
         "\n".join(stdin_line(1000 + i) for i in range(5)) + "\n", timeout=120
     )
@@ -143,12 +130,12 @@ def test_run_recovers_an_outbox_whose_wal_was_cut_to_half(
     wait_until(lambda: len(subscriber.of(asset.assetid)) >= recovered, 30, "the recovered queue")
     arrived = [m["sendereventuuid"] for _, m in subscriber.of(asset.assetid)]
     assert arrived == queued[:recovered]
-    assert [counter_of(m) for _, m in subscriber.of(asset.assetid)] == list(range(1, recovered + 1))
-    machine = properties(store)["machine_id"]
+    assert [index_of(m) for _, m in subscriber.of(asset.assetid)] == list(range(1, recovered + 1))
+    machine = store_properties(store)["machine_id"]
     wait_until(lambda: len(subscriber.of(f"{machine}-press-1")) >= 5, 30, "the new stdin messages")
     assert "outbox empty" in out.splitlines()[-1], out
 
-    status = iotref("status", "--store", str(store))
+    status = start_iotref("status", "--store", str(store))
     report, status_err = status.communicate(timeout=60)
     assert status.returncode == 1, report + status_err
     assert "[outbox_damaged]" in report and f"recovered {recovered} of {QUEUED}" in report
@@ -157,12 +144,12 @@ def test_run_recovers_an_outbox_whose_wal_was_cut_to_half(
 
 
 def test_run_refuses_an_oversize_stdin_line_at_once_and_goes_on(
-    store: Path,  # noqa: F811
-    subscriber: Subscriber,  # noqa: F811
+    store: Path,
+    subscriber: TelemetryWatcher,
 ) -> None:
     lines = [stdin_line(1), stdin_line(2, details="x" * 200_000), stdin_line(3)]
     size = len(lines[1])
-    proc = iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
+    proc = start_iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
     out, err = proc.communicate("\n".join(lines) + "\n", timeout=60)
     assert proc.returncode == 3, err  # input was refused; the run went on
     refused = [line for line in err.splitlines() if line.startswith("iotref: stdin line")]
@@ -174,17 +161,17 @@ def test_run_refuses_an_oversize_stdin_line_at_once_and_goes_on(
     summary = out.splitlines()[-1]
     assert "accepted 2," in summary and "too large 1" in summary, summary
     assert "outbox empty" in summary, summary
-    machine = properties(store)["machine_id"]
+    machine = store_properties(store)["machine_id"]
     wait_until(lambda: len(subscriber.of(f"{machine}-press-1")) >= 2, 30, "lines 1 and 3")
-    assert [counter_of(m) for _, m in subscriber.of(f"{machine}-press-1")] == [1, 3]
+    assert [index_of(m) for _, m in subscriber.of(f"{machine}-press-1")] == [1, 3]
 
 
 def test_run_moves_what_the_broker_refuses_for_good_and_delivers_the_rest_in_order(
-    store: Path,  # noqa: F811
-    subscriber: Subscriber,  # noqa: F811
+    store: Path,
+    subscriber: TelemetryWatcher,
 ) -> None:
     asset = Asset(f"refusal-{uuid.uuid4().hex[:8]}", "SN-F", AssetType.SHEETFED_PRESS)
-    topic = device_topic(store)
+    topic = store_topic(store)
     foreign = telemetry_topic(TELEMETRY_TOPIC, "another-org", "another-device")
     queued: list[tuple[str, dict[str, Any]]] = [
         (foreign if n in (3, 7) else topic, message(asset, n)) for n in range(1, 11)
@@ -193,13 +180,13 @@ def test_run_moves_what_the_broker_refuses_for_good_and_delivers_the_rest_in_ord
         for t, m in queued:
             ob.append(t, to_json(m), m["sendereventuuid"])
 
-    proc = iotref(
+    proc = start_iotref(
         "run", "--store", str(store), "--stdin", "--status-every", "0.2", stdin=subprocess.PIPE
     )
     out, err = proc.communicate(stdin_line(1) + "\n", timeout=60)
     assert proc.returncode == 0, err
     wait_until(lambda: len(subscriber.of(asset.assetid)) >= 8, 30, "the allowed messages")
-    assert [counter_of(m) for _, m in subscriber.of(asset.assetid)] == [1, 2, 4, 5, 6, 8, 9, 10]
+    assert [index_of(m) for _, m in subscriber.of(asset.assetid)] == [1, 2, 4, 5, 6, 8, 9, 10]
     assert not [t for t, _ in subscriber.messages if t == foreign]
     summary = out.splitlines()[-1]
     assert "refused by the platform 2" in summary and "outbox empty" in summary, summary
@@ -211,14 +198,14 @@ def test_run_moves_what_the_broker_refuses_for_good_and_delivers_the_rest_in_ord
         queued[6][1]["sendereventuuid"],
     ]
     assert all("not authorized (0x87)" in r.reason for r in kept)
-    status = iotref("status", "--store", str(store))
+    status = start_iotref("status", "--store", str(store))
     report, _ = status.communicate(timeout=60)
     assert "outbox       0 message(s) queued, 2 refused by the platform" in report
 
 
 def test_what_awscrt_refuses_to_send_is_moved_aside(
-    store: Path,  # noqa: F811
-    subscriber: Subscriber,  # noqa: F811
+    store: Path,
+    subscriber: TelemetryWatcher,
     tmp_path: Path,
 ) -> None:
     """The MQTT library's own refusal (the broker's maximum packet size, announced in
@@ -229,7 +216,7 @@ def test_what_awscrt_refuses_to_send_is_moved_aside(
 
     async def main(ob: Outbox) -> int:
         async with Connection(settings) as conn:
-            tel = Telemetry(conn, ob, device_topic(store), max_payload_bytes=1 << 20)
+            tel = Telemetry(conn, ob, store_topic(store), max_payload_bytes=1 << 20)
             async with tel:
                 for n in range(1, 6):
                     details = "x" * 200_000 if n == 2 else "ok"
@@ -241,9 +228,9 @@ def test_what_awscrt_refuses_to_send_is_moved_aside(
         refused = asyncio.run(main(ob))
         (kept,) = ob.refused_records()
     assert refused == 1 and "AWS_ERROR_MQTT5_PACKET_VALIDATION" in kept.reason
-    assert counter_of(json.loads(kept.payload)) == 2
+    assert index_of(json.loads(kept.payload)) == 2
     wait_until(lambda: len(subscriber.of(asset.assetid)) >= 4, 30, "the other messages")
-    assert [counter_of(m) for _, m in subscriber.of(asset.assetid)] == [1, 3, 4, 5]
+    assert [index_of(m) for _, m in subscriber.of(asset.assetid)] == [1, 3, 4, 5]
 
 
 async def _drained(ob: Outbox) -> None:

@@ -20,12 +20,11 @@ import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.device.connection.connection import Connection
 from iotref.protocol import limits
 from iotref.sandbox.quota_meter import ARRIVAL_SLACK_SECONDS
-from tests.integration.test_device_connection import settings_for, telemetry_topic
 from tests.support import mqtt_probe
-from tests.support.device_keys import DeviceFiles
+from tests.support.device_connection import publish_acknowledged
+from tests.support.monitor_api import device_record, wait_received
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
 
@@ -35,53 +34,15 @@ BURST = 1000
 QUOTA = limits.PUBLISH_REQUESTS_PER_SECOND_PER_CONNECTION
 
 
-def device_record(sandbox: SandboxProcess, client_id: str) -> dict[str, Any]:
-    answer = httpx.get(
-        f"{sandbox.http_url}/monitor/api/devices/{client_id}",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-    record: dict[str, Any] = answer.json()
-    return record
-
-
-def wait_received(sandbox: SandboxProcess, client_id: str, count: int) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while True:
-        record = device_record(sandbox, client_id)
-        if record["received"] >= count and record["quota"]["messages"] >= count:
-            return record
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{client_id}: {record['received']} of {count} arrived")
-        time.sleep(0.1)
-
-
-async def publish(device: DeviceFiles, sandbox: SandboxProcess, payloads: list[bytes],
-                  pace_s: float = 0.0) -> float:  # fmt: skip
-    """Publish through the library's Connection (QoS 1, each acknowledged); returns the
-    seconds from the first publish to the last acknowledgement."""
-    async with Connection(settings_for(sandbox, device)) as conn:
-        topic = telemetry_topic(device)
-        started = time.monotonic()
-        pending = []
-        for payload in payloads:
-            pending.append(conn.publish_nowait(topic, payload))
-            if pace_s:
-                await asyncio.sleep(pace_s)
-        await asyncio.gather(*pending)
-        return time.monotonic() - started
-
-
 def test_a_device_over_the_publish_quota_is_counted_one_under_it_is_not(
     sandbox: SandboxProcess,
 ) -> None:
     fast, slow = provision_device(sandbox), provision_device(sandbox)
     started = time.monotonic()
-    burst_s = asyncio.run(publish(fast, sandbox, device_messages(BURST, "fast")))
+    burst_s = asyncio.run(publish_acknowledged(sandbox, fast, device_messages(BURST, "fast")))
     fast_record = wait_received(sandbox, fast.client_id, BURST)
     arrival_bound_s = time.monotonic() - started  # every arrival fell within this
-    asyncio.run(publish(slow, sandbox, device_messages(40, "slow"), pace_s=1 / 40))
+    asyncio.run(publish_acknowledged(sandbox, slow, device_messages(40, "slow"), pace_s=1 / 40))
     slow_record = wait_received(sandbox, slow.client_id, 40)
 
     quota = fast_record["quota"]
@@ -101,7 +62,7 @@ def test_a_device_over_the_publish_quota_is_counted_one_under_it_is_not(
     assert quota["seconds_over"] >= 1
     summary = httpx.get(
         f"{sandbox.http_url}/monitor/api/summary",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     ).json()
     listed = {d["client_id"]: d for d in summary["devices"]}
@@ -165,7 +126,7 @@ def test_limits_come_from_sandbox_up_options(sandbox_factory: Any) -> None:
     )
     summary = httpx.get(
         f"{sandbox.http_url}/monitor/api/summary",
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     ).json()
     assert summary["limits"] == {
@@ -177,11 +138,11 @@ def test_limits_come_from_sandbox_up_options(sandbox_factory: Any) -> None:
         "shadow_depth": 3,
     }
     device = provision_device(sandbox)
-    asyncio.run(publish(device, sandbox, device_messages(50, "ten")))
+    asyncio.run(publish_acknowledged(sandbox, device, device_messages(50, "ten")))
     record = wait_received(sandbox, device.client_id, 50)
     assert record["quota"]["publish_limit"] == 10
     assert record["quota"]["throttled"] >= 50 - 10 * (1 + ARRIVAL_SLACK_SECONDS) - 10 * 5
-    headers = {"Authorization": f"Bearer {sandbox.admin_token}"}
+    headers = sandbox.admin_headers
     url = f"{sandbox.http_url}/things/{device.client_id}/shadow"
     with httpx.Client(timeout=10, headers=headers) as http:
         deep = http.post(url, json={"state": {"reported": {"a": {"b": {"c": {"d": 1}}}}}})

@@ -4,17 +4,19 @@ after `iotref login` and `iotref provision`."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 
+from tests.support.cli_process import cli_environ, run_iotref
+from tests.support.monitor_api import device_record
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +42,16 @@ def test_the_readme_has_both_snippets() -> None:
 
 
 def test_readme_snippets_run_verbatim(sandbox: SandboxProcess, tmp_path: Path) -> None:
-    env = {**os.environ, "IOTREF_HOME": str(tmp_path / "home")}
-    iotref = [sys.executable, "-m", "iotref.cli.main"]
+    env = cli_environ(iotref_home=tmp_path / "home")
     env_file = sandbox.info["env_file"]
-    login = _run([*iotref, "login", "--env-file", env_file, "--no-qr"], tmp_path, env)
+    login = run_iotref(
+        "login", "--env-file", env_file, "--no-qr", cwd=tmp_path, env=env, timeout=120
+    )
     assert login.returncode == 0, login.stderr
-    provision = _run(
-        [*iotref, "provision", "--env-file", env_file, "--name", "README press",
-         "--manufacturer", "iotref readme", "--serial-number", f"R-{time.time_ns()}",
-         "--kind", "offset_press"],
-        tmp_path, env,
+    provision = run_iotref(
+        "provision", "--env-file", env_file, "--name", "README press",
+        "--manufacturer", "iotref readme", "--serial-number", f"R-{time.time_ns()}",
+        "--kind", "offset_press", cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip
     assert provision.returncode == 0, provision.stderr
     store = tmp_path / "certificate_store" / "local"
@@ -61,17 +63,12 @@ def test_readme_snippets_run_verbatim(sandbox: SandboxProcess, tmp_path: Path) -
         assert "queued=0" in result.stdout, (name, result.stdout)
 
     # The platform received all twenty, valid, and nothing is left in the outbox.
-    headers = {"Authorization": f"Bearer {sandbox.admin_token}"}
-    deadline = time.monotonic() + 15
-    body: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        answer = httpx.get(
-            f"{sandbox.http_url}/monitor/api/devices/{client_id}", headers=headers, timeout=5
-        )
-        if answer.status_code == 200:
-            body = answer.json()
-            if body.get("received") == 20:
-                break
-        time.sleep(0.2)
+    def record() -> dict[str, Any]:
+        try:
+            return device_record(sandbox, client_id)
+        except AssertionError:  # not known to the monitor yet
+            return {}
+
+    body = poll(record, lambda r: r.get("received") == 20, 15, interval=0.2)
     assert body.get("received") == 20, body
     assert body.get("valid") == 20, body

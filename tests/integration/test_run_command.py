@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,44 +22,21 @@ from pathlib import Path
 import pytest
 
 from iotref.protocol.message_schemas import MessageValidator
-from tests.integration.test_client import (
-    Subscriber,
-    counter_of,
-    onboarding_env,  # noqa: F401  (a fixture)
-    outbox_depth,
-    store,  # noqa: F401  (a fixture)
-    subscriber,  # noqa: F401  (a fixture)
-)
 from tests.support.alpn_front import ALPN, ThreadedAlpnFront
+from tests.support.cli_process import cli_environ, start_iotref
+from tests.support.counted_messages import index_of
+from tests.support.onboarding import machine_of, outbox_depth, store_properties
+from tests.support.ports import free_port
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.telemetry_watcher import TelemetryWatcher
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 VALIDATOR = MessageValidator(strict=True)
 
 
-def iotref(
-    *args: str, env: dict[str, str] | None = None, **kwargs: object
-) -> subprocess.Popen[str]:
-    proc: subprocess.Popen[str] = subprocess.Popen(
-        [sys.executable, "-m", "iotref.cli.main", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
-        **kwargs,  # type: ignore[call-overload]
-    )
-    return proc
-
-
-def machine_of(path: Path) -> str:
-    return str(json.loads((path / "properties.json").read_text())["machine_id"])
-
-
-def test_simulated_presses_for_a_duration(store: Path, subscriber: Subscriber) -> None:  # noqa: F811
-    proc = iotref(
+def test_simulated_presses_for_a_duration(store: Path, subscriber: TelemetryWatcher) -> None:
+    proc = start_iotref(
         "run", "--store", str(store), "--assets", "2", "--interval", "0.1",
         "--duration", "3", "--status-every", "0.5", "--seed", "7", "--speedup", "30",
     )  # fmt: skip
@@ -91,12 +66,12 @@ def test_simulated_presses_for_a_duration(store: Path, subscriber: Subscriber) -
     assert {m["assettype"] for m in arrived} == {"SheetfedPress", "DigitalPrinter"}
     for message in arrived:
         assert VALIDATOR.validate(message) == [], message
-    totals = [counter_of(m) for m in arrived if m["assetid"] == f"{machine}-press-1"]
+    totals = [index_of(m) for m in arrived if m["assetid"] == f"{machine}-press-1"]
     assert totals == sorted(totals), "the press's impression counter went backwards"
     assert outbox_depth(store) == 0
 
 
-def test_stdin_lines_good_and_bad(store: Path, subscriber: Subscriber) -> None:  # noqa: F811
+def test_stdin_lines_good_and_bad(store: Path, subscriber: TelemetryWatcher) -> None:
     def payload(n: int, status: str = "Production") -> dict[str, object]:
         return {
             "signalstatus": {
@@ -132,7 +107,7 @@ def test_stdin_lines_good_and_bad(store: Path, subscriber: Subscriber) -> None: 
         json.dumps(full),
         json.dumps(payload(3)),
     ]
-    proc = iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
+    proc = start_iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
     out, err = proc.communicate("\n".join(lines) + "\n", timeout=60)
     assert proc.returncode == 3, err  # some input refused; the rest went through
     errors = [line for line in err.splitlines() if line.startswith("iotref: stdin line")]
@@ -150,15 +125,15 @@ def test_stdin_lines_good_and_bad(store: Path, subscriber: Subscriber) -> None: 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(subscriber.of("stdin-full-message")) < 1:
         time.sleep(0.05)
-    assert [counter_of(m) for _, m in subscriber.of("stdin-full-message")] == [99]
+    assert [index_of(m) for _, m in subscriber.of("stdin-full-message")] == [99]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(subscriber.of(f"{machine}-press-1")) < 2:
         time.sleep(0.05)
-    assert sorted(counter_of(m) for _, m in subscriber.of(f"{machine}-press-1")) == [1, 3]
+    assert sorted(index_of(m) for _, m in subscriber.of(f"{machine}-press-1")) == [1, 3]
 
 
-def test_sigterm_stops_cleanly_with_a_summary(store: Path) -> None:  # noqa: F811
-    proc = iotref(
+def test_sigterm_stops_cleanly_with_a_summary(store: Path) -> None:
+    proc = start_iotref(
         "run", "--store", str(store), "--interval", "0.05", "--status-every", "0.2",
     )  # fmt: skip
     seen: list[str] = []
@@ -202,8 +177,8 @@ def status_payload(n: int) -> str:
     )
 
 
-def test_stdin_with_every_line_invalid_exits_3_with_the_summary(store: Path) -> None:  # noqa: F811
-    proc = iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
+def test_stdin_with_every_line_invalid_exits_3_with_the_summary(store: Path) -> None:
+    proc = start_iotref("run", "--store", str(store), "--stdin", stdin=subprocess.PIPE)
     out, err = proc.communicate('nope\n[1]\n{"speed": "fast"}\n', timeout=60)
     assert proc.returncode == 3, err
     assert "Traceback" not in err
@@ -213,9 +188,9 @@ def test_stdin_with_every_line_invalid_exits_3_with_the_summary(store: Path) -> 
     assert outbox_depth(store) == 0
 
 
-def test_json_summary_on_stdout_status_on_stderr(store: Path, subscriber: Subscriber) -> None:  # noqa: F811
+def test_json_summary_on_stdout_status_on_stderr(store: Path, subscriber: TelemetryWatcher) -> None:
     lines = [status_payload(n) for n in range(1, 6)] + ["{not json"]
-    proc = iotref(
+    proc = start_iotref(
         "run", "--store", str(store), "--stdin", "--json", "--status-every", "0.2",
         stdin=subprocess.PIPE,
     )  # fmt: skip
@@ -227,13 +202,13 @@ def test_json_summary_on_stdout_status_on_stderr(store: Path, subscriber: Subscr
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(subscriber.of(f"{machine}-press-1")) < 5:
         time.sleep(0.05)
-    arrived = sorted(counter_of(m) for _, m in subscriber.of(f"{machine}-press-1"))
+    arrived = sorted(index_of(m) for _, m in subscriber.of(f"{machine}-press-1"))
     assert arrived == [1, 2, 3, 4, 5]  # counted by an independent subscriber
     assert record["exit_code"] == 3 and record["outcome"] == "input_refused"
     assert record["state"] == "stopped" and record["permission"] is True
-    assert record["client_id"] == json.loads((store / "properties.json").read_text())["client_id"]
+    assert record["client_id"] == store_properties(store)["client_id"]
     assert record["alpn"] is False and record["endpoint"].endswith(
-        f":{json.loads((store / 'properties.json').read_text())['mqtt_port']}"
+        f":{store_properties(store)['mqtt_port']}"
     )
     messages = record["messages"]
     assert messages == {
@@ -262,21 +237,14 @@ def test_json_summary_on_stdout_status_on_stderr(store: Path, subscriber: Subscr
     assert outbox_depth(store) == 0
 
 
-def closed_port() -> int:
-    """A local TCP port nothing listens on (bound and let go)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_counts_add_up_across_an_offline_run_and_the_next(
-    store: Path,  # noqa: F811
-    subscriber: Subscriber,  # noqa: F811
+    store: Path,
+    subscriber: TelemetryWatcher,
 ) -> None:
     # First run: --port points where no broker listens, so it runs offline; what it accepts
     # stays in the outbox.
-    offline = iotref(
-        "run", "--store", str(store), "--stdin", "--json", "--port", str(closed_port()),
+    offline = start_iotref(
+        "run", "--store", str(store), "--stdin", "--json", "--port", str(free_port()),
         "--close-timeout", "1", stdin=subprocess.PIPE,
     )  # fmt: skip
     out, err = offline.communicate(
@@ -291,7 +259,7 @@ def test_counts_add_up_across_an_offline_run_and_the_next(
     assert "accepted 7, acked 0, 7 left in the outbox: the next run sends them" in err
     assert outbox_depth(store) == 7
     # Second run on the store's own port: the 7 carried over plus 3 new are delivered.
-    online = iotref("run", "--store", str(store), "--stdin", "--json", stdin=subprocess.PIPE)
+    online = start_iotref("run", "--store", str(store), "--stdin", "--json", stdin=subprocess.PIPE)
     out, err = online.communicate(
         "\n".join(status_payload(n) for n in range(8, 11)) + "\n", timeout=60
     )
@@ -311,11 +279,11 @@ def test_counts_add_up_across_an_offline_run_and_the_next(
 
 def test_port_and_alpn_through_an_alpn_front(
     sandbox: SandboxProcess,
-    store: Path,  # noqa: F811
-    subscriber: Subscriber,  # noqa: F811
+    store: Path,
+    subscriber: TelemetryWatcher,
 ) -> None:
     with ThreadedAlpnFront(sandbox.mqtt_port) as front:
-        proc = iotref(
+        proc = start_iotref(
             "run", "--store", str(store), "--port", str(front.port), "--alpn", "--json",
             "--interval", "0.2", "--duration", "2", "--seed", "3",
         )  # fmt: skip
@@ -334,7 +302,7 @@ def test_port_and_alpn_through_an_alpn_front(
         assert front.seen and all(p is not None and ALPN in p for p in front.seen)
 
         # Without --alpn the front hangs up, as AWS IoT Core's 443 does.
-        refused = iotref(
+        refused = start_iotref(
             "run", "--store", str(store), "--port", str(front.port), "--fail-fast",
             "--duration", "1",
         )  # fmt: skip
@@ -389,12 +357,12 @@ class NotifyListener:
         self.sock.close()
 
 
-def test_systemd_ready_status_watchdog_and_stopping(store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_systemd_ready_status_watchdog_and_stopping(store: Path, tmp_path: Path) -> None:
     address = str(tmp_path / "notify")
     listener = NotifyListener(address)
-    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "3000000"}
+    env = cli_environ(NOTIFY_SOCKET=address, WATCHDOG_USEC="3000000")
     env.pop("WATCHDOG_PID", None)
-    proc = iotref(
+    proc = start_iotref(
         "run", "--store", str(store), "--interval", "0.2", "--status-every", "5", env=env,
     )  # fmt: skip
     try:
@@ -434,16 +402,15 @@ def test_systemd_ready_status_watchdog_and_stopping(store: Path, tmp_path: Path)
     assert outbox_depth(store) == 0
 
 
-def test_systemd_abstract_socket_and_a_watchdog_of_another_process(store: Path) -> None:  # noqa: F811
+def test_systemd_abstract_socket_and_a_watchdog_of_another_process(store: Path) -> None:
     name = f"iotref-run-test-{uuid.uuid4().hex}"
     listener = NotifyListener(b"\0" + name.encode())
-    env = {
-        **os.environ,
-        "NOTIFY_SOCKET": f"@{name}",
-        "WATCHDOG_USEC": "1000000",
-        "WATCHDOG_PID": "1",  # the watchdog is PID 1's, not this run's
-    }
-    proc = iotref("run", "--store", str(store), "--stdin", env=env, stdin=subprocess.PIPE)
+    env = cli_environ(
+        NOTIFY_SOCKET=f"@{name}",
+        WATCHDOG_USEC="1000000",
+        WATCHDOG_PID="1",  # the watchdog is PID 1's, not this run's
+    )
+    proc = start_iotref("run", "--store", str(store), "--stdin", env=env, stdin=subprocess.PIPE)
     try:
         _, err = proc.communicate(status_payload(1) + "\n", timeout=60)
     finally:

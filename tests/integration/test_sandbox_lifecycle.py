@@ -7,8 +7,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,6 +16,7 @@ import pytest
 from iotref.device.onboarding.environment import load_environment_file
 from iotref.protocol.environment_file import REQUIRED_KEYS, parse_env_file
 from tests.conftest import SandboxFactory
+from tests.support.cli_process import run_iotref
 from tests.support.sandbox_process import SandboxProcess
 
 pytestmark = pytest.mark.integration
@@ -32,16 +31,6 @@ REQUIRED_INFO = (
     "operator_cert",
     "operator_key",
 )
-
-
-def _iotref(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_up_writes_sandbox_json_and_env_file(sandbox: SandboxProcess) -> None:
@@ -70,22 +59,22 @@ def test_up_writes_sandbox_json_and_env_file(sandbox: SandboxProcess) -> None:
 
 
 def test_status_reports_running_sandbox(sandbox: SandboxProcess) -> None:
-    result = _iotref("sandbox", "status", "--data-dir", str(sandbox.data_dir))
+    result = run_iotref("sandbox", "status", "--data-dir", str(sandbox.data_dir))
     assert result.returncode == 0, result.stderr
     assert f"pid {sandbox.proc.pid}" in result.stdout  # type: ignore[union-attr]
     assert sandbox.http_url in result.stdout
-    as_json = _iotref("sandbox", "status", "--data-dir", str(sandbox.data_dir), "--json")
+    as_json = run_iotref("sandbox", "status", "--data-dir", str(sandbox.data_dir), "--json")
     assert json.loads(as_json.stdout)["http_url"] == sandbox.http_url
 
 
 def test_status_without_sandbox_says_so(tmp_path: Path) -> None:
-    result = _iotref("sandbox", "status", "--data-dir", str(tmp_path / "none"))
+    result = run_iotref("sandbox", "status", "--data-dir", str(tmp_path / "none"))
     assert result.returncode == 3
     assert "no sandbox is running" in result.stdout
 
 
 def test_second_up_on_same_data_dir_refuses(sandbox: SandboxProcess) -> None:
-    result = _iotref(
+    result = run_iotref(
         "sandbox",
         "up",
         "--data-dir",
@@ -109,7 +98,7 @@ def test_http_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        result = _iotref(
+        result = run_iotref(
             "sandbox",
             "up",
             "--data-dir",
@@ -134,7 +123,7 @@ def test_signal_stops_everything(sandbox_factory: SandboxFactory, sig: int) -> N
     for p in children:
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
     assert not (sb.data_dir / "sandbox.json").exists()
-    assert _iotref("sandbox", "status", "--data-dir", str(sb.data_dir)).returncode == 3
+    assert run_iotref("sandbox", "status", "--data-dir", str(sb.data_dir)).returncode == 3
 
 
 def test_sigkill_of_the_sandbox_takes_mosquitto_down(sandbox_factory: SandboxFactory) -> None:

@@ -30,9 +30,9 @@ from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.shadow.sync import ShadowSync
 from iotref.sandbox.provisioning.certificate_authority import CertificateAuthorities
 from tests.conftest import SandboxFactory
-from tests.integration.test_onboarding import machine_spec, sandbox_env
-from tests.integration.test_onboarding_cli import _environ, iotref
-from tests.reliability.harness import record
+from tests.support.cli_process import cli_environ, run_iotref
+from tests.support.figures import record
+from tests.support.onboarding import machine_spec, sandbox_env
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def test_no_secret_in_logs_errors_or_crash_reports(
     token_values: set[str] = set()
 
     def run(label: str, *args: str, ok: bool = True) -> None:
-        result = iotref("-vv", *args, cwd=tmp_path, home=home)
+        result = run_iotref("-vv", *args, cwd=tmp_path, iotref_home=home)
         assert (result.returncode == 0) == ok, result.stderr
         outputs[f"cli {label}"] = result.stdout + result.stderr
         saved = tokens.load(env)
@@ -121,7 +121,7 @@ def test_no_secret_in_logs_errors_or_crash_reports(
     script.write_text(CRASH_SCRIPT)
     crash = subprocess.run(
         [sys.executable, str(script), str(store), str(home), env_file],
-        cwd=REPO, env=_environ(home), capture_output=True, text=True, timeout=60,
+        cwd=REPO, env=cli_environ(iotref_home=home), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert crash.returncode != 0 and "Traceback" in crash.stderr, crash.stderr
     outputs["crash report"] = crash.stdout + crash.stderr
@@ -175,11 +175,13 @@ def test_secret_files_are_private(sandbox_factory: SandboxFactory, tmp_path: Pat
     sb = sandbox_factory("--auto-approve", "--poll-interval", "0")
     home = tmp_path / "home"
     env_file = sb.info["env_file"]
-    assert iotref("login", "--env-file", env_file, cwd=tmp_path, home=home).returncode == 0
+    assert (
+        run_iotref("login", "--env-file", env_file, cwd=tmp_path, iotref_home=home).returncode == 0
+    )
     spec = machine_spec("modes")
-    provision = iotref("provision", "--env-file", env_file, "--name", spec.name,
+    provision = run_iotref("provision", "--env-file", env_file, "--name", spec.name,
                        "--manufacturer", spec.manufacturer, "--serial-number",
-                       spec.serial_number, cwd=tmp_path, home=home)  # fmt: skip
+                       spec.serial_number, cwd=tmp_path, iotref_home=home)  # fmt: skip
     assert provision.returncode == 0, provision.stderr
     store = tmp_path / "certificate_store" / "local"
     cas = CertificateAuthorities(sb.data_dir / "ca")

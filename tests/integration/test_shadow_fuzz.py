@@ -301,13 +301,7 @@ class Device:
     def __init__(self, sandbox: SandboxProcess) -> None:
         files = provision_device(sandbox)
         self.thing = files.client_id
-        self.probe = mqtt_probe.connect(
-            sandbox.mqtt_port,
-            sandbox.info["ca_file"],
-            files.cert_path,
-            files.key_path,
-            client_id=self.thing,
-        )
+        self.probe = mqtt_probe.device_probe(sandbox, files)
         for shadow in SHADOWS:
             base = shadow_prefix(self.thing, shadow)
             codes = self.probe.subscribe(*(f"{base}/{s}" for s in SHADOW_RESPONSE_SUFFIXES))
@@ -346,11 +340,7 @@ class Device:
         raise AssertionError(f"no answer to {operation} on {base} within {timeout} s")
 
     def _drain(self) -> None:
-        while True:
-            try:
-                msg = self.probe.messages.get_nowait()
-            except queue.Empty:
-                return
+        for msg in self.probe.drain():
             assert not _is_answer(msg.topic), f"extra {msg.topic}: {msg.payload[:200]!r}"
 
     def healthy(self, shadow: str | None) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import time
 import uuid
@@ -15,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from tests.support import mqtt_probe
@@ -78,13 +76,7 @@ class ShadowDevice:
         return self.probe.publish(topic, payload, qos=qos)
 
     def _connect(self) -> mqtt_probe.Probe:
-        return mqtt_probe.connect(
-            self.sandbox.mqtt_port,
-            self.sandbox.info["ca_file"],
-            self.files.cert_path,
-            self.files.key_path,
-            client_id=self.thing,
-        )
+        return mqtt_probe.device_probe(self.sandbox, self.files)
 
     def reconnect(self, timeout: float = 30) -> None:
         self.probe.close()
@@ -110,23 +102,10 @@ class ShadowDevice:
         self.subscribed.add(shadow)
 
     def drain(self) -> list[mqtt_probe.Received]:
-        found = []
-        while True:
-            try:
-                found.append(self.probe.messages.get_nowait())
-            except queue.Empty:
-                return found
+        return self.probe.drain()
 
     def wait(self, topics: set[str], timeout: float = 10) -> mqtt_probe.Received:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = self.probe.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            if msg.topic in topics:
-                return msg
-        raise TimeoutError(f"nothing on {sorted(topics)}")
+        return self.probe.wait_for(topics, timeout)
 
     def request(
         self, op: str, payload: Any = b"", shadow: str | None = None, timeout: float = 10
@@ -567,7 +546,7 @@ def test_rest_update_reaches_the_device(sandbox: SandboxProcess, device: ShadowD
         f"{sandbox.http_url}/things/{device.thing}/shadow",
         params={"name": shadow},
         json={"state": {"desired": {"speed": 7}}, "clientToken": "op"},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
+        headers=sandbox.admin_headers,
         timeout=10,
     )
     assert response.status_code == 200, response.text
@@ -581,30 +560,16 @@ def test_rest_update_reaches_the_device(sandbox: SandboxProcess, device: ShadowD
     assert documents["current"]["state"] == {"desired": {"speed": 7}}
 
 
-def _mosquitto(sandbox: SandboxProcess) -> psutil.Process:
-    found = [p for p in sandbox.descendants() if "mosquitto" in p.name()]
-    assert len(found) == 1, found
-    return found[0]
-
-
 @pytest.mark.slow
 def test_service_reconnects_after_broker_restart(sandbox_factory: Any) -> None:
     sandbox = sandbox_factory("--auto-approve", "--poll-interval", "1")
     dev = ShadowDevice(sandbox)
     try:
         assert "update/accepted" in dev.request("update", {"state": {"reported": {"n": 1}}})
-        old = _mosquitto(sandbox)
+        old = sandbox.mosquitto()
         old.send_signal(signal.SIGKILL)
         old.wait(10)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if _mosquitto(sandbox).pid != old.pid:
-                    break
-            except AssertionError:
-                pass
-            assert time.monotonic() < deadline, "the broker was not restarted"
-            time.sleep(0.2)
+        sandbox.wait_mosquitto_restarted(old)
         dev.reconnect()
         deadline = time.monotonic() + 30
         while True:

@@ -25,26 +25,19 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import selectors
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import paho.mqtt.client as paho
-import psutil
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
@@ -52,30 +45,24 @@ from iotref.device.shadow.sync import ShadowSync
 from iotref.device.telemetry.messages import (
     Asset,
     AssetType,
-    Sender,
-    SenderType,
 )
 from iotref.device.telemetry.outbox import Outbox
 from iotref.device.telemetry.outbox_errors import OutboxFull
 from iotref.device.telemetry.permission import PermissionFlag, ShadowPermission
 from iotref.device.telemetry.publisher import Telemetry
 from iotref.device.telemetry.results import SendStatus
-from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.support.counted_messages import index_of
-from tests.support.counted_messages import status_message as counted_message
+from tests.support.counted_messages import status_message
+from tests.support.device_connection import UNPACED, device_settings
 from tests.support.device_keys import DeviceFiles
+from tests.support.mqtt_probe import device_topic
 from tests.support.sandbox_process import SandboxProcess
+from tests.support.shadow_rest import set_permission
+from tests.support.telemetry_watcher import TelemetryWatcher
+from tests.support.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration
 
-SENDER = Sender(SenderType.PRESS, "delivery-test", "1.0")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def status_message(asset: Asset, index: int) -> dict[str, Any]:
-    """A valid Status v2 message carrying ``index`` as its production counter."""
-    return counted_message(SENDER, asset, index)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -84,11 +71,9 @@ def status_message(asset: Asset, index: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def delivery_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
     """A sandbox of this module's own: its broker gets killed here."""
-    proc = SandboxProcess(
-        tmp_path_factory.mktemp("delivery-sandbox"), ["--auto-approve", "--poll-interval", "0"]
-    ).start()
-    yield proc
-    proc.stop()
+    args = ["--auto-approve", "--poll-interval", "0"]
+    with SandboxProcess(tmp_path_factory.mktemp("delivery-sandbox"), args).start() as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -98,83 +83,14 @@ def device(delivery_sandbox: SandboxProcess, tmp_path: Path) -> DeviceFiles:
     return provision_device(delivery_sandbox, directory=tmp_path / "device")
 
 
-def device_topic(dev: DeviceFiles) -> str:
-    return telemetry_topic(TELEMETRY_TOPIC, dev.org_id, dev.client_id)
-
-
 # --------------------------------------------------------------------------- subscriber
 
 
-class Collector:
-    """An independent subscriber with the operator's identity. Subscribes with QoS 0 (so
-    Mosquitto's per-client queue limit cannot drop anything while it catches up), comes
-    back quickly after a broker restart and subscribes again."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.received: list[tuple[str, int]] = []
-        self.subscriptions = 0
-        self._lock = threading.Lock()
-        self._subscribed = threading.Condition(self._lock)
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"collector-{uuid.uuid4().hex[:10]}",
-            protocol=paho.MQTTv311,
-        )
-        context = ssl.create_default_context(cafile=info["ca_file"])
-        context.load_cert_chain(info["operator_cert"], info["operator_key"])
-        client.tls_set_context(context)
-        client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)  # type: ignore[arg-type]
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self.client = client
-        client.connect(info["mqtt_host"], int(info["mqtt_port"]), keepalive=10)
-        client.loop_start()
-
-    def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(f"{TELEMETRY_TOPIC}/#", qos=0)
-
-    def _on_subscribe(self, *_: Any) -> None:
-        with self._lock:
-            self.subscriptions += 1
-            self._subscribed.notify_all()
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        message = json.loads(msg.payload)
-        with self._lock:
-            self.received.append((message["assetid"], index_of(message)))
-
-    def wait_subscribed(self, count: int = 1, timeout: float = 20) -> None:
-        with self._lock:
-            if not self._subscribed.wait_for(lambda: self.subscriptions >= count, timeout):
-                raise AssertionError(f"collector not subscribed ({self.subscriptions})")
-
-    def of(self, asset_id: str) -> list[int]:
-        with self._lock:
-            return [i for a, i in self.received if a == asset_id]
-
-    def wait_for(self, asset_id: str, expected: set[int], timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.of(asset_id)
-            if expected <= set(got):
-                return got
-            time.sleep(0.05)
-        got = self.of(asset_id)
-        missing = sorted(expected - set(got))
-        raise AssertionError(f"{len(missing)} never arrived, e.g. {missing[:20]}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
-def collector(delivery_sandbox: SandboxProcess) -> Iterator[Collector]:
-    c = Collector(delivery_sandbox.info)
-    c.wait_subscribed()
-    yield c
-    c.close()
+def collector(delivery_sandbox: SandboxProcess) -> Iterator[TelemetryWatcher]:
+    """Every device's telemetry, counted on the device listener."""
+    with TelemetryWatcher().attach(delivery_sandbox.info, listener="device") as watcher:
+        yield watcher
 
 
 def first_deliveries(indices: list[int]) -> list[int]:
@@ -285,9 +201,7 @@ def sender_main(argv: list[str]) -> int:
     p.add_argument("--rate", type=float, default=0)
     p.add_argument("--unpaced", action="store_true", help="publishes not paced to the quota")
     args = p.parse_args(argv)
-    unpaced: dict[str, Any] = (
-        {"publish_rate_limit": None, "throughput_limit": None} if args.unpaced else {}
-    )
+    unpaced = UNPACED if args.unpaced else {}
 
     async def run() -> None:
         settings = ConnectionSettings(
@@ -406,28 +320,6 @@ class SenderProcess:
         return self.proc.stderr.read()[-3000:]
 
 
-def mosquitto_of(sandbox: SandboxProcess) -> psutil.Process:
-    found = [p for p in sandbox.descendants() if p.name() == "mosquitto"]
-    assert len(found) == 1, found
-    return found[0]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -439,7 +331,7 @@ def port_open(port: int) -> bool:
 def test_broker_killed_midway_every_message_arrives_in_order(
     delivery_sandbox: SandboxProcess,
     device: DeviceFiles,
-    collector: Collector,
+    collector: TelemetryWatcher,
     tmp_path: Path,
     paced: bool,
     total: int,
@@ -455,23 +347,16 @@ def test_broker_killed_midway_every_message_arrives_in_order(
     )  # fmt: skip
     try:
         wait_until(
-            lambda: len(collector.of(asset)) >= kill_after,
+            lambda: len(collector.indices(asset)) >= kill_after,
             60,
             f"{kill_after} arrivals",
         )
-        old = mosquitto_of(delivery_sandbox)
+        old = delivery_sandbox.mosquitto()
         relay.close_door()
         old.send_signal(signal.SIGKILL)
         old.wait(10)
         at_kill = len(sender.accepted)
-        wait_until(
-            lambda: (
-                any(p.name() == "mosquitto" for p in delivery_sandbox.descendants())
-                and port_open(delivery_sandbox.mqtt_port)
-            ),
-            30,
-            "the sandbox to restart mosquitto",
-        )
+        delivery_sandbox.wait_mosquitto_restarted(old)
         collector.wait_subscribed(2)
         relay.open_door()
         sender.wait_done(120)
@@ -487,7 +372,10 @@ def test_broker_killed_midway_every_message_arrives_in_order(
 
 
 def test_sender_killed_midway_loses_nothing(
-    delivery_sandbox: SandboxProcess, device: DeviceFiles, collector: Collector, tmp_path: Path
+    delivery_sandbox: SandboxProcess,
+    device: DeviceFiles,
+    collector: TelemetryWatcher,
+    tmp_path: Path,
 ) -> None:
     total = 1500
     info = delivery_sandbox.info
@@ -515,37 +403,11 @@ def test_sender_killed_midway_loses_nothing(
     assert_complete_and_ordered(got, range(total))
 
 
-def set_permission_via_rest(sandbox: SandboxProcess, thing: str, allowed: bool) -> None:
-    answer = httpx.post(
-        f"{sandbox.http_url}/things/{thing}/shadow",
-        json={"state": {"desired": {"sendTelemetryData": allowed}}},
-        headers={"Authorization": f"Bearer {sandbox.admin_token}"},
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-
-
-def connection_settings(sandbox: SandboxProcess, dev: DeviceFiles) -> ConnectionSettings:
-    return ConnectionSettings(
-        endpoint=sandbox.info["mqtt_host"],
-        port=sandbox.mqtt_port,
-        client_id=dev.client_id,
-        cert_path=dev.cert_path,
-        key_path=dev.key_path,
-        ca_path=Path(sandbox.info["ca_file"]),
-    )
-
-
-async def wait_async(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def test_shadow_permission_gates_publishing_hold_and_drop(
-    delivery_sandbox: SandboxProcess, device: DeviceFiles, collector: Collector, tmp_path: Path
+    delivery_sandbox: SandboxProcess,
+    device: DeviceFiles,
+    collector: TelemetryWatcher,
+    tmp_path: Path,
 ) -> None:
     thing = device.client_id
 
@@ -553,7 +415,7 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
         hold_asset = Asset("press-hold", "SN-H", AssetType.SHEETFED_PRESS)
         drop_asset = Asset("press-drop", "SN-D", AssetType.SHEETFED_PRESS)
         async with (
-            Connection(connection_settings(delivery_sandbox, device)) as conn,
+            Connection(device_settings(delivery_sandbox.info, device)) as conn,
             ShadowSync(conn, thing) as shadow,
         ):
             assert shadow.send_telemetry_allowed is True  # set by provisioning
@@ -563,20 +425,22 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                 )
                 for i in range(100):
                     assert (await tel.send(status_message(hold_asset, i))).queued
-                await wait_async(lambda: len(collector.of("press-hold")) >= 100, 20, "100")
+                await wait_until_async(
+                    lambda: len(collector.indices("press-hold")) >= 100, 20, "100"
+                )
 
-                set_permission_via_rest(delivery_sandbox, thing, False)
-                await wait_async(lambda: not tel.permission, 10, "permission withdrawn")
+                set_permission(delivery_sandbox, thing, False)
+                await wait_until_async(lambda: not tel.permission, 10, "permission withdrawn")
                 for i in range(100, 200):
                     result = await tel.send(status_message(hold_asset, i))
                     assert result.status is SendStatus.QUEUED  # hold: kept in the outbox
                 await asyncio.sleep(1.5)
-                assert max(collector.of("press-hold")) < 100, "published without permission"
+                assert max(collector.indices("press-hold")) < 100, "published without permission"
                 assert outbox.depth == 100
                 assert tel.stats().permission is False
 
-                set_permission_via_rest(delivery_sandbox, thing, True)
-                await wait_async(lambda: outbox.depth == 0, 20, "the held messages")
+                set_permission(delivery_sandbox, thing, True)
+                await wait_until_async(lambda: outbox.depth == 0, 20, "the held messages")
                 got = collector.wait_for("press-hold", set(range(200)), 10)
                 assert_complete_and_ordered(got, range(200))
                 await tel.close()
@@ -589,19 +453,19 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
                     permission=ShadowPermission(shadow),
                     policy="drop",
                 )
-                set_permission_via_rest(delivery_sandbox, thing, False)
-                await wait_async(lambda: not tel.permission, 10, "permission withdrawn")
+                set_permission(delivery_sandbox, thing, False)
+                await wait_until_async(lambda: not tel.permission, 10, "permission withdrawn")
                 dropped = [await tel.send(status_message(drop_asset, i)) for i in range(50)]
                 assert {r.status for r in dropped} == {SendStatus.DROPPED_NO_PERMISSION}
                 assert outbox.depth == 0 and tel.stats().dropped_no_permission == 50
-                set_permission_via_rest(delivery_sandbox, thing, True)
-                await wait_async(lambda: tel.permission, 10, "permission granted")
+                set_permission(delivery_sandbox, thing, True)
+                await wait_until_async(lambda: tel.permission, 10, "permission granted")
                 for i in range(50, 100):
                     assert (await tel.send(status_message(drop_asset, i))).queued
-                await wait_async(lambda: outbox.depth == 0, 20, "the new messages")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "the new messages")
                 got = collector.wait_for("press-drop", set(range(50, 100)), 10)
                 await asyncio.sleep(0.3)
-                assert set(collector.of("press-drop")) == set(range(50, 100))
+                assert set(collector.indices("press-drop")) == set(range(50, 100))
                 assert_complete_and_ordered(got, range(50, 100))
                 await tel.close()
 
@@ -609,10 +473,13 @@ def test_shadow_permission_gates_publishing_hold_and_drop(
 
 
 def test_outbox_full_policies_apply_and_are_reported(
-    delivery_sandbox: SandboxProcess, device: DeviceFiles, collector: Collector, tmp_path: Path
+    delivery_sandbox: SandboxProcess,
+    device: DeviceFiles,
+    collector: TelemetryWatcher,
+    tmp_path: Path,
 ) -> None:
     async def main() -> None:
-        async with Connection(connection_settings(delivery_sandbox, device)) as conn:
+        async with Connection(device_settings(delivery_sandbox.info, device)) as conn:
             asset = Asset("press-full-reject", "SN-R", AssetType.SHEETFED_PRESS)
             flag = PermissionFlag(False)  # nothing drains while we fill the outbox
             with Outbox(tmp_path / "reject.sqlite3", max_messages=50) as outbox:
@@ -626,7 +493,7 @@ def test_outbox_full_policies_apply_and_are_reported(
                 stats = tel.stats()
                 assert refused == 10 and stats.rejected_full == 10 and stats.depth == 50
                 flag.set(True)
-                await wait_async(lambda: outbox.depth == 0, 20, "drained")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "drained")
                 got = collector.wait_for("press-full-reject", set(range(50)), 10)
                 assert set(got) == set(range(50))
                 await tel.close()
@@ -642,10 +509,10 @@ def test_outbox_full_policies_apply_and_are_reported(
                 stats = tel.stats()
                 assert stats.dropped_overflow == 10 and stats.depth == 50
                 flag.set(True)
-                await wait_async(lambda: outbox.depth == 0, 20, "drained")
+                await wait_until_async(lambda: outbox.depth == 0, 20, "drained")
                 got = collector.wait_for("press-full-drop", set(range(10, 60)), 10)
                 await asyncio.sleep(0.3)
-                assert set(collector.of("press-full-drop")) == set(range(10, 60))
+                assert set(collector.indices("press-full-drop")) == set(range(10, 60))
                 assert_complete_and_ordered(got, range(10, 60))
                 await tel.close()
 

@@ -4,44 +4,21 @@ monitor keeps only the newest three messages while its counters go on counting a
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from bench.bench_ingestion import device_messages
 
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.support.mqtt_probe import device_probe
+from tests.support.monitor_api import device_record, monitor_get
+from tests.support.mqtt_probe import device_probe, device_topic
 from tests.support.sandbox_process import SandboxProcess
 from tests.support.tokens import provision_device
+from tests.support.waiting import poll
 
 pytestmark = pytest.mark.integration
 
 LIMIT = 3
-
-
-def admin(sandbox: SandboxProcess) -> httpx.Client:
-    return sandbox.http(headers={"Authorization": f"Bearer {sandbox.admin_token}"})
-
-
-def get(sandbox: SandboxProcess, path: str) -> dict[str, Any]:
-    with admin(sandbox) as http:
-        answer = http.get(path)
-    assert answer.status_code == 200, answer.text
-    result: dict[str, Any] = answer.json()
-    return result
-
-
-def wait_for(probe: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bool]) -> Any:
-    """Poll until ``done`` (a generous deadline only guards against hanging)."""
-    deadline = time.monotonic() + 30
-    while True:
-        state = probe()
-        if done(state) or time.monotonic() > deadline:
-            return state
-        time.sleep(0.2)
 
 
 def test_stored_messages_stay_at_the_limit_while_counters_go_on(
@@ -49,11 +26,10 @@ def test_stored_messages_stay_at_the_limit_while_counters_go_on(
 ) -> None:
     sandbox = sandbox_factory("--auto-approve", "--telemetry-max-messages", str(LIMIT))
     device = provision_device(sandbox)
-    topic = f"{TELEMETRY_TOPIC}/{device.org_id}/{device.client_id}"
+    topic = device_topic(device)
     payloads = device_messages(12, "retention")
     uuids = [json.loads(p)["sendereventuuid"] for p in payloads]
-    device_path = f"/monitor/api/devices/{device.client_id}"
-    summary = get(sandbox, "/monitor/api/summary")
+    summary = monitor_get(sandbox, "summary")
     assert summary["retention"] == {
         "max_messages": LIMIT,
         "max_age_seconds": 7 * 24 * 3600,
@@ -69,11 +45,13 @@ def test_stored_messages_stay_at_the_limit_while_counters_go_on(
             def settled(state: dict[str, Any], end: int = end) -> bool:
                 return bool(state["received"] >= end and len(state["messages"]) <= LIMIT)
 
-            state = wait_for(lambda: get(sandbox, device_path), settled)
+            state = poll(
+                lambda: device_record(sandbox, device.client_id), settled, 30, interval=0.2
+            )
             assert (state["received"], state["valid"], state["duplicates"]) == (end, end, 0)
             kept = [m["sendereventuuid"] for m in state["messages"]]
             assert kept == list(reversed(uuids[end - LIMIT : end])), round_
-            summary = get(sandbox, "/monitor/api/summary")
+            summary = monitor_get(sandbox, "summary")
             assert summary["totals"]["received"] == end
             assert summary["totals"]["stored"] == end
             assert summary["retention"]["pruned"] == end - LIMIT

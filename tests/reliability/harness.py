@@ -1,7 +1,8 @@
 """The pieces of the reliability scenarios: a sender streaming telemetry and applying
-desired changes, an operator changing desired state through the shadow REST API, an
-independent watcher counting what the platform delivers, the sandbox that can be restarted
-on its data dir, the faults, and the figures a run records.
+desired changes, an operator changing desired state through the shadow REST API, the
+sandbox that can be restarted on its data dir, the faults, and the figures a run records.
+The independent watcher that counts what the platform delivers is
+:class:`~tests.support.telemetry_watcher.TelemetryWatcher`.
 
 The sender (:class:`Sender`) runs the device library on its own asyncio loop in a thread:
 :class:`~iotref.device.connection.Connection` + :class:`~iotref.device.shadow.sync.ShadowSync`
@@ -13,59 +14,37 @@ have subscribed again (Mosquitto keeps no messages for a subscriber whose sessio
 with it, so without the door the watcher could not tell a lost message from a missed one).
 
 Sizes: the short size (``make test``) unless ``IOTREF_SOAK`` is set (``make reliability``).
-Each scenario's figures are appended as one JSON line to the file named by
-``IOTREF_RELIABILITY_RESULTS`` when that is set (:func:`record`).
+Each scenario's figures are recorded with :func:`tests.support.figures.record`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import socket
 import sqlite3
-import ssl
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as paho
-import psutil
-from paho.mqtt.enums import CallbackAPIVersion
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionEvent
 from iotref.device.shadow.sync import ShadowSync
-from iotref.device.telemetry.messages import (
-    Asset,
-    AssetType,
-    SenderType,
-)
-from iotref.device.telemetry.messages import (
-    Sender as SenderIdentity,
-)
+from iotref.device.telemetry.messages import Asset, AssetType
 from iotref.device.telemetry.outbox import Outbox
 from iotref.device.telemetry.permission import ShadowPermission
 from iotref.device.telemetry.publisher import Telemetry
-from iotref.protocol.topics import telemetry_topic
-from iotref.sandbox.broker.config import TELEMETRY_TOPIC
-from tests.support.counted_messages import index_of
-from tests.support.counted_messages import status_message as counted_message
-from tests.support.device_keys import DeviceFiles
+from tests.support.counted_messages import status_message
 from tests.support.sandbox_process import SandboxProcess
 
 SOAK = os.environ.get("IOTREF_SOAK", "").strip() not in ("", "0")
-RESULTS_ENV = "IOTREF_RELIABILITY_RESULTS"
 SANDBOX_ARGS = ["--auto-approve", "--poll-interval", "0"]
-IDENTITY = SenderIdentity(SenderType.PRESS, "reliability-test", "1.0")
 
 
 @dataclass(frozen=True)
@@ -90,33 +69,6 @@ LONG = Size(assets=6, rate=72.0, repeats=5, phase_s=8.0, operator_interval_s=0.5
 SIZE = LONG if SOAK else SHORT
 
 
-def record(kind: str, data: dict[str, Any]) -> None:
-    """Append one JSON line ``{"kind", **data}`` to ``$IOTREF_RELIABILITY_RESULTS``."""
-    target = os.environ.get(RESULTS_ENV)
-    if not target:
-        return
-    line = json.dumps({"kind": kind, **data}, sort_keys=True, default=str)
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` every 50 ms; ``AssertionError`` naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- sandbox
 
 
@@ -132,22 +84,12 @@ class Platform:
     def info(self) -> dict[str, Any]:
         return self.process.info
 
-    def mosquitto(self) -> psutil.Process:
-        found = [p for p in self.process.descendants() if p.name() == "mosquitto"]
-        assert len(found) == 1, found
-        return found[0]
-
     def kill_mosquitto(self) -> None:
         """SIGKILL Mosquitto and wait until the sandbox has started a new one."""
-        old = self.mosquitto()
+        old = self.process.mosquitto()
         old.send_signal(signal.SIGKILL)
         old.wait(10)
-
-        def back() -> bool:
-            procs = [p for p in self.process.descendants() if p.name() == "mosquitto"]
-            return bool(procs) and procs[0].pid != old.pid and port_open(self.process.mqtt_port)
-
-        wait_until(back, 30, "the sandbox to restart Mosquitto")
+        self.process.wait_mosquitto_restarted(old)
 
     def restart(self, *, same_ports: bool) -> None:
         """Stop the sandbox (SIGTERM) and start it again on the same data dir."""
@@ -171,14 +113,13 @@ class Platform:
         if same_ports:
             assert self.process.mqtt_port == int(old["mqtt_port"])
 
-    def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.process.admin_token}"}
-
     def ingestion_subscribed(self) -> bool | None:
         """Whether the sandbox's ingestion is subscribed (``None``: no monitor API)."""
         try:
             answer = httpx.get(
-                f"{self.process.http_url}/monitor/api/summary", headers=self.admin(), timeout=5
+                f"{self.process.http_url}/monitor/api/summary",
+                headers=self.process.admin_headers,
+                timeout=5,
             )
         except httpx.HTTPError:
             return False
@@ -205,80 +146,7 @@ class Platform:
         self.process.stop()
 
 
-# --------------------------------------------------------------------------- watcher
-
-
-class Watcher:
-    """An independent subscriber with the operator identity on the platform listener:
-    every telemetry message of one device, as ``(assetid, index, sendereventuuid)``.
-    QoS 0, so Mosquitto's per-client queue limit cannot drop anything while it catches
-    up; :meth:`attach` moves it to a restarted sandbox."""
-
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self.received: list[tuple[str, int, str]] = []
-        self.subscriptions = 0
-        self._lock = threading.Condition()
-        self._client: paho.Client | None = None
-
-    def attach(self, info: dict[str, Any], timeout: float = 20) -> None:
-        """(Re)connect to the sandbox described by ``info`` and wait for the SUBACK."""
-        self.detach()
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"watcher-{uuid.uuid4().hex[:10]}",
-            protocol=paho.MQTTv311,
-        )
-        context = ssl.create_default_context(cafile=info["ca_file"])
-        context.load_cert_chain(info["operator_cert"], info["operator_key"])
-        client.tls_set_context(context)
-        client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)  # type: ignore[arg-type]
-        client.on_connect = lambda c, *_: c.subscribe(self.topic, qos=0)
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        before = self.subscriptions
-        client.connect("127.0.0.1", int(info["platform_mqtt_port"]), keepalive=10)
-        client.loop_start()
-        self._client = client
-        self.wait_subscribed(before + 1, timeout)
-
-    def detach(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
-
-    def _on_subscribe(self, *_: Any) -> None:
-        with self._lock:
-            self.subscriptions += 1
-            self._lock.notify_all()
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        message = json.loads(msg.payload)
-        entry = (str(message["assetid"]), index_of(message), str(message["sendereventuuid"]))
-        with self._lock:
-            self.received.append(entry)
-
-    def wait_subscribed(self, count: int, timeout: float = 20) -> None:
-        with self._lock:
-            if not self._lock.wait_for(lambda: self.subscriptions >= count, timeout):
-                raise AssertionError(f"watcher not subscribed ({self.subscriptions})")
-
-    def snapshot(self) -> list[tuple[str, int, str]]:
-        with self._lock:
-            return list(self.received)
-
-
 # --------------------------------------------------------------------------- messages
-
-
-def status_message(asset: Asset, index: int) -> dict[str, Any]:
-    """A valid Status v2 message carrying ``index`` as its production counter."""
-    return counted_message(IDENTITY, asset, index)
-
-
-def device_topic(device: DeviceFiles) -> str:
-    return telemetry_topic(TELEMETRY_TOPIC, device.org_id, device.client_id)
 
 
 # --------------------------------------------------------------------------- sender
@@ -492,7 +360,7 @@ class Operator:
                 answer = httpx.post(
                     f"{self.platform.process.http_url}/things/{self.thing}/shadow",
                     json={"state": {"desired": desired}},
-                    headers=self.platform.admin(),
+                    headers=self.platform.process.admin_headers,
                     timeout=5,
                 )
                 if answer.status_code == 200:
@@ -522,7 +390,7 @@ class Operator:
     def shadow(self) -> dict[str, Any]:
         answer = httpx.get(
             f"{self.platform.process.http_url}/things/{self.thing}/shadow",
-            headers=self.platform.admin(),
+            headers=self.platform.process.admin_headers,
             timeout=5,
         )
         assert answer.status_code == 200, answer.text

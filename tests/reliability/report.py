@@ -25,6 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tests.support.figures import RESULTS_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 TEST_PATHS = [
     "tests/unit/test_fault_proxy.py",
@@ -40,7 +42,7 @@ SECURITY_FILES = ("test_isolation", "test_secrets", "test_device_hostile_input")
 def run_tests(results: Path, junit: Path, *, soak: bool, runs: int) -> int:
     """Run the tests with the recording switched on; returns pytest's exit code."""
     env = dict(os.environ)
-    env["IOTREF_RELIABILITY_RESULTS"] = str(results)
+    env[RESULTS_ENV] = str(results)
     env["IOTREF_SOAK"] = "1" if soak else "0"
     env["IOTREF_SOAK_RUNS"] = str(runs)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -35,13 +35,14 @@ from tests.reliability.harness import (
     ScenarioResult,
     Sender,
     Size,
-    Watcher,
-    device_topic,
     stored_telemetry,
-    wait_until,
 )
+from tests.support.device_connection import device_settings
 from tests.support.device_keys import DeviceFiles
 from tests.support.fault_proxy import FaultProxy
+from tests.support.mqtt_probe import device_topic
+from tests.support.telemetry_watcher import TelemetryWatcher
+from tests.support.waiting import wait_until
 
 KEEPALIVE_S = 3
 PING_TIMEOUT_S = 2.0
@@ -77,15 +78,8 @@ FAULT_DESCRIPTIONS = {
 def connection_settings(platform: Platform, device: DeviceFiles, port: int) -> ConnectionSettings:
     """The scenarios' device settings: through the proxy, a quick keepalive (see
     :data:`KEEPALIVE_S`), everything else as shipped."""
-    return ConnectionSettings(
-        endpoint=platform.info["mqtt_host"],
-        port=port,
-        client_id=device.client_id,
-        cert_path=device.cert_path,
-        key_path=device.key_path,
-        ca_path=Path(platform.info["ca_file"]),
-        keepalive_s=KEEPALIVE_S,
-        ping_timeout_s=PING_TIMEOUT_S,
+    return device_settings(
+        platform.info, device, port=port, keepalive_s=KEEPALIVE_S, ping_timeout_s=PING_TIMEOUT_S
     )
 
 
@@ -102,7 +96,7 @@ class Scenario:
         self.proxy = FaultProxy(platform.process.mqtt_port).start()
         self.settings = connection_settings(platform, device, self.proxy.port)
         self.bound_s = self.settings.max_backoff_s + self.settings.connect_timeout_s
-        self.watcher = Watcher(device_topic(device))
+        self.watcher = TelemetryWatcher(device_topic(device))
         self.watcher.attach(platform.info)
         self.sender = Sender(
             self.settings, device_topic(device), workdir / "outbox.sqlite3", size.assets, size.rate
@@ -322,12 +316,12 @@ class Scenario:
         )
 
 
-def order_violations(received: list[tuple[str, int, str]]) -> int:
+def order_violations(received: list[tuple[str, int | None, str]]) -> int:
     """First deliveries per asset that come after a higher index of the same asset."""
     firsts: dict[str, list[int]] = {}
     seen: set[str] = set()
     for asset, index, uuid in received:
-        if uuid in seen:
+        if uuid in seen or index is None:
             continue
         seen.add(uuid)
         firsts.setdefault(asset, []).append(index)

@@ -20,18 +20,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from iotref.device.blocking import BlockingOnboarding
-from iotref.device.onboarding.directory_client import MachineSpec
-from iotref.device.onboarding.environment import load_environment_file
-from iotref.device.onboarding.provisioning import ProvisionOptions
+from iotref.device.onboarding.environment import Environment
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType, to_json
 from iotref.device.telemetry.outbox import OUTBOX_FILE_NAME, Outbox
@@ -40,17 +35,18 @@ from iotref.protocol.topics import telemetry_topic
 from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 from tests.reliability.harness import (
     Platform,
-    Watcher,
-    record,
-    status_message,
     stored_telemetry,
-    wait_until,
 )
 from tests.reliability.scenarios import order_violations
+from tests.support.cli_process import run_iotref
+from tests.support.counted_messages import status_message
+from tests.support.figures import record
+from tests.support.onboarding import logged_in, provision_store, store_properties, store_topic
+from tests.support.telemetry_watcher import TelemetryWatcher
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
 QUEUED = 300
 FIRST_RUN = 150
 NEW = 20
@@ -59,53 +55,20 @@ OVERSIZE_EVERY = 100
 
 
 @pytest.fixture(scope="module")
-def onboarding(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    env = load_environment_file(Path(platform.info["env_file"]))
-    tokens = TokenStore(tmp_path_factory.mktemp("outbox-home") / "tokens")
-    with BlockingOnboarding(env, token_store=tokens) as onb:
-        onb.login()
-    return env, tokens
+def onboarding(
+    platform: Platform, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Environment, TokenStore]:
+    return logged_in(platform.process, tmp_path_factory.mktemp("outbox-home") / "tokens")
 
 
-def new_store(onboarding: Any, path: Path) -> Path:
-    env, tokens = onboarding
-    spec = MachineSpec("Outbox scenario press", "ACME Print", f"SN-{uuid.uuid4().hex[:12]}")
-    with BlockingOnboarding(env, store_path=path, token_store=tokens) as onb:
-        onb.provision(ProvisionOptions(machine=spec))
-    return path
+def new_store(onboarding: tuple[Environment, TokenStore], path: Path) -> Path:
+    return provision_store(*onboarding, path, "Outbox scenario press")
 
 
-def props(store: Path) -> dict[str, Any]:
-    return dict(json.loads((store / "properties.json").read_text()))
-
-
-def topic_of(store: Path) -> str:
-    p = props(store)
-    return telemetry_topic(TELEMETRY_TOPIC, p["org_id"], p["client_id"])
-
-
-def run_iotref(store: Path, lines: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", "run", "--store", str(store), "--stdin"],
-        input="\n".join(lines) + "\n",
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        check=False,
-    )
-
-
-def status_of(store: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iotref.cli.main", "status", "--store", str(store)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
+def run_stdin(store: Path, lines: list[str]) -> subprocess.CompletedProcess[str]:
+    """``iotref run --stdin`` fed ``lines``, to its end."""
+    text = "\n".join(lines) + "\n"
+    return run_iotref("run", "--store", str(store), "--stdin", input=text, timeout=300)
 
 
 def queue(ob: Outbox, topic: str, messages: list[dict[str, Any]]) -> None:
@@ -155,7 +118,7 @@ def leave_queue(store: Path, asset: Asset, *, crashed: bool) -> list[dict[str, A
     """300 messages queued in the store's outbox: by a run that stopped, or (``crashed``)
     150 by a run that stopped and 150 by one that was killed (those only in the WAL)."""
     messages = [status_message(asset, n) for n in range(1, QUEUED + 1)]
-    topic = topic_of(store)
+    topic = store_topic(store)
     if not crashed:
         with Outbox(store / OUTBOX_FILE_NAME) as ob:
             queue(ob, topic, messages)
@@ -174,19 +137,21 @@ def leave_queue(store: Path, asset: Asset, *, crashed: bool) -> list[dict[str, A
 
 
 @pytest.mark.parametrize("kind", list(DAMAGES))
-def test_damaged_outbox(kind: str, platform: Platform, onboarding: Any, tmp_path: Path) -> None:
+def test_damaged_outbox(
+    kind: str, platform: Platform, onboarding: tuple[Environment, TokenStore], tmp_path: Path
+) -> None:
     detail, crashed, damage = DAMAGES[kind]
     store = new_store(onboarding, tmp_path / "store")
-    client_id = props(store)["client_id"]
+    client_id = store_properties(store)["client_id"]
     asset = Asset(f"queued-{kind}", "SN-Q", AssetType.SHEETFED_PRESS)
     fresh = Asset(f"new-{kind}", "SN-N", AssetType.SHEETFED_PRESS)
     queued = leave_queue(store, asset, crashed=crashed)
     damage(store)
-    watcher = Watcher(topic_of(store))
+    watcher = TelemetryWatcher(store_topic(store))
     watcher.attach(platform.info)
     try:
         new = [status_message(fresh, n) for n in range(1, NEW + 1)]
-        done = run_iotref(store, [json.dumps(m) for m in new])
+        done = run_stdin(store, [json.dumps(m) for m in new])
         warnings = [line for line in done.stderr.splitlines() if "outbox was damaged" in line]
         said = re.search(r"recovered (\d+)", warnings[0]) if warnings else None
         recovered = int(said.group(1)) if said else -1
@@ -214,7 +179,7 @@ def test_damaged_outbox(kind: str, platform: Platform, onboarding: Any, tmp_path
     kept = sorted(
         p.name for p in store.glob(f"{OUTBOX_FILE_NAME}.damaged-*") if p.suffix != ".json"
     )
-    status = status_of(store)
+    status = run_iotref("status", "--store", str(store))
     figures = {
         "scenario": "damaged outbox",
         "damage": kind,
@@ -249,10 +214,12 @@ def test_damaged_outbox(kind: str, platform: Platform, onboarding: Any, tmp_path
 # --------------------------------------------------------------------------- oversize
 
 
-def test_oversize_message(platform: Platform, onboarding: Any, tmp_path: Path) -> None:
+def test_oversize_message(
+    platform: Platform, onboarding: tuple[Environment, TokenStore], tmp_path: Path
+) -> None:
     store = new_store(onboarding, tmp_path / "store")
-    client_id = props(store)["client_id"]
-    topic = topic_of(store)
+    client_id = store_properties(store)["client_id"]
+    topic = store_topic(store)
     foreign = telemetry_topic(TELEMETRY_TOPIC, "another-org", "another-device")
     earlier = Asset("earlier-run", "SN-E", AssetType.SHEETFED_PRESS)
     seeded = [status_message(earlier, n) for n in range(1, 11)]
@@ -268,10 +235,10 @@ def test_oversize_message(platform: Platform, onboarding: Any, tmp_path: Path) -
     for n in range(OVERSIZE_EVERY, FED + 1, OVERSIZE_EVERY):
         fed[n - 1]["payload"]["signalstatus"]["deviceinfo"]["statusdetails"] = "y" * 200_000
     oversize = {m["sendereventuuid"] for m in fed if len(to_json(m)) > MAX_PAYLOAD_BYTES}
-    watcher = Watcher(topic)
+    watcher = TelemetryWatcher(topic)
     watcher.attach(platform.info)
     try:
-        done = run_iotref(store, [json.dumps(m) for m in fed])
+        done = run_stdin(store, [json.dumps(m) for m in fed])
         expected = {m["sendereventuuid"] for m in [*seeded, *fed]} - oversize - refused_seeded
 
         def arrived() -> set[str]:

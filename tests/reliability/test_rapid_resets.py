@@ -10,10 +10,11 @@ import pytest
 
 from iotref.device.connection.connection import Connection
 from iotref.device.connection.state import ConnectionEvent, ConnectionState
-from tests.reliability.harness import Platform, record
+from tests.reliability.harness import Platform
 from tests.reliability.scenarios import connection_settings
 from tests.support.device_keys import DeviceFiles
 from tests.support.fault_proxy import FaultProxy
+from tests.support.figures import record
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.harness import SIZE, Platform, record
+from tests.reliability.harness import SIZE, Platform
 from tests.reliability.scenarios import SCENARIOS, run_scenario
 from tests.support.device_keys import DeviceFiles
+from tests.support.figures import record
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 

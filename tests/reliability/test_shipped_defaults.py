@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,36 +26,34 @@ from typing import Any
 import psutil
 import pytest
 
-from iotref.device.blocking import BlockingOnboarding
-from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionState
-from iotref.device.onboarding.environment import Environment, load_environment_file
+from iotref.device.onboarding.environment import Environment
 from iotref.device.onboarding.token_store import TokenStore
 from iotref.device.telemetry.messages import Asset, AssetType
 from iotref.sandbox.broker.supervisor import STABLE_AFTER
-from tests.integration.test_client import client_id_of, outbox_depth, provision_store
 from tests.reliability.harness import (
     Platform,
     Sender,
-    device_topic,
-    record,
-    status_message,
     stored_telemetry,
-    wait_until,
 )
+from tests.support.cli_process import revoke, start_iotref
+from tests.support.counted_messages import status_message
+from tests.support.device_connection import device_settings
 from tests.support.device_keys import DeviceFiles
 from tests.support.fault_proxy import FaultProxy
+from tests.support.figures import record
+from tests.support.mqtt_probe import device_topic
+from tests.support.onboarding import client_id_of, logged_in, outbox_depth, provision_store
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
 KILLS = 3
 RECONNECT_MEDIAN_S = 1.0
 RECONNECT_MAX_S = 2.5
 STOP_BOUND_S = 12.0
 """``iotref run --duration 6 --close-timeout 2`` must have exited within this (wall clock,
 from launching the process)."""
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -66,16 +62,12 @@ from launching the process)."""
 def onboarding(
     platform: Platform, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Environment, TokenStore]:
-    env = load_environment_file(Path(platform.info["env_file"]))
-    tokens = TokenStore(tmp_path_factory.mktemp("defaults-home") / "tokens")
-    with BlockingOnboarding(env, token_store=tokens) as session:
-        session.login()
-    return env, tokens
+    return logged_in(platform.process, tmp_path_factory.mktemp("defaults-home") / "tokens")
 
 
 @pytest.fixture
 def store(onboarding: tuple[Environment, TokenStore], tmp_path: Path) -> Path:
-    return provision_store(*onboarding, tmp_path / "store")
+    return provision_store(*onboarding, tmp_path / "store", "Client test press")
 
 
 class Run:
@@ -83,14 +75,8 @@ class Run:
 
     def __init__(self, *args: str, stdin: bool = False) -> None:
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iotref.cli.main", "run", *args],
-            cwd=ROOT,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        self.proc = start_iotref(
+            "run", *args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL
         )
         self.out: list[tuple[float, str]] = []
         self.err: list[str] = []
@@ -207,7 +193,7 @@ class PortProbe:
 
 def broker_started_at(platform: Platform) -> float:
     """``time.time()`` at which the running Mosquitto started."""
-    return float(platform.mosquitto().create_time())
+    return float(platform.process.mosquitto().create_time())
 
 
 # --------------------------------------------------------------------------- reconnect
@@ -223,15 +209,7 @@ def test_broker_sigkill_three_times_the_device_is_back_within_a_second(
     max <= 2.5 s; everything accepted is acknowledged by the broker (the outbox drains).
     How much of it reached the platform's store is recorded, not asserted: nothing keeps
     the device out while the sandbox's ingestion subscribes again (see the next test)."""
-    info = platform.info
-    settings = ConnectionSettings(
-        endpoint=info["mqtt_host"],
-        port=platform.process.mqtt_port,
-        client_id=device.client_id,
-        cert_path=device.cert_path,
-        key_path=device.key_path,
-        ca_path=Path(info["ca_file"]),
-    )  # everything else as shipped
+    settings = device_settings(platform.info, device)  # everything else as shipped
     sender = Sender(settings, device_topic(device), tmp_path / "outbox.sqlite3", 3, 30.0)
     sender.start()
     probe = PortProbe(platform.process.mqtt_port)
@@ -244,7 +222,7 @@ def test_broker_sigkill_three_times_the_device_is_back_within_a_second(
                 _ = sender.connected  # raises if the device failed
                 time.sleep(0.2)
             wait_until(lambda: sender.connected, 30, "the device connected before the kill")
-            old = platform.mosquitto()
+            old = platform.process.mosquitto()
             killed = time.monotonic()
             old.send_signal(signal.SIGKILL)
             old.wait(10)
@@ -314,7 +292,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
         for at in (5.0, 15.0, 25.0):
             time.sleep(max(0.0, run.started + at - time.monotonic()))
             proxy.refuse()
-            platform.mosquitto().send_signal(signal.SIGKILL)
+            platform.process.mosquitto().send_signal(signal.SIGKILL)
             kills.append(round(time.monotonic() - run.started, 1))
             wait_until(lambda: _mosquitto_running(platform), 30, "the sandbox to restart it")
             with contextlib.suppress(AssertionError):  # it may be back already
@@ -347,7 +325,7 @@ def test_stdin_run_through_three_broker_kills_ends_with_everything_stored(
 
 def _mosquitto_running(platform: Platform) -> bool:
     try:
-        return platform.mosquitto().status() != psutil.STATUS_ZOMBIE
+        return platform.process.mosquitto().status() != psutil.STATUS_ZOMBIE
     except (AssertionError, psutil.NoSuchProcess):
         return False
 
@@ -394,7 +372,7 @@ def test_frozen_broker_stop_is_bounded_and_the_next_run_sends_the_rest(
     --duration 6 --close-timeout 2`` exits 0 within 12 s, says how many messages it left
     and that the next run sends them; the next run (broker thawed) does."""
     lines, uuids = counted_lines(50, f"frozen-{when}-{uuid.uuid4().hex[:6]}")
-    broker = platform.mosquitto()
+    broker = platform.process.mosquitto()
 
     def freeze(run: Run) -> None:
         if when == "mid-run":
@@ -446,16 +424,12 @@ def test_revoked_certificate_stop_is_bounded(platform: Platform, store: Path) ->
     lines, _ = counted_lines(60, f"revoked-{uuid.uuid4().hex[:6]}")
     client_id = client_id_of(store)
 
-    def revoke(run: Run) -> None:
+    def revoke_once_connected(run: Run) -> None:
         wait_until(lambda: any("| connected |" in line for _, line in run.out), 30, "connected")
-        result = subprocess.run(
-            [sys.executable, "-m", "iotref.cli.main", "sandbox", "revoke", client_id,
-             "--data-dir", str(platform.data_dir)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        result = revoke(platform.data_dir, client_id)
         assert result.returncode == 0, result.stderr
 
-    first, first_code = _bounded_run(store, lines, revoke)
+    first, first_code = _bounded_run(store, lines, revoke_once_connected)
     second, second_code = _bounded_run(store, lines[:10])
     figures = {
         "scenario": "certificate revoked: iotref run --duration 6 --close-timeout 2",

@@ -12,6 +12,7 @@ from iotref.device.telemetry.messages import (
     Asset,
     DeviceStatusV2,
     Sender,
+    SenderType,
     StatusV2,
     build_message,
     to_json,
@@ -20,8 +21,10 @@ from iotref.device.telemetry.outbox import Outbox
 from iotref.device.telemetry.outbox_records import OutboxEntry
 from iotref.protocol.topics import telemetry_topic
 
+SENDER = Sender(SenderType.PRESS, "counted-test", "1.0")
 
-def status_message(sender: Sender, asset: Asset, index: int) -> dict[str, Any]:
+
+def status_message(asset: Asset, index: int, sender: Sender = SENDER) -> dict[str, Any]:
     """A valid Status v2 message carrying ``index`` as its total production counter."""
     return build_message(
         sender,
@@ -39,7 +42,7 @@ def index_of(message: dict[str, Any]) -> int:
     return int(message["payload"]["signalstatus"]["deviceinfo"]["totalproductioncounter"])
 
 
-def queue_offline(outbox_path: Path, sender: Sender, asset: Asset, count: int) -> int:
+def queue_offline(outbox_path: Path, asset: Asset, count: int, sender: Sender = SENDER) -> int:
     """Commit ``count`` counted messages (indices 0..count-1) to the outbox at
     ``outbox_path`` as a device that was offline would have (nothing is published); the
     outbox's depth afterwards."""
@@ -50,7 +53,7 @@ def queue_offline(outbox_path: Path, sender: Sender, asset: Asset, count: int) -
                 [
                     OutboxEntry(topic, to_json(message), message["sendereventuuid"])
                     for message in (
-                        status_message(sender, asset, i)
+                        status_message(asset, i, sender)
                         for i in range(first, min(count, first + 1000))
                     )
                 ]

@@ -1,7 +1,9 @@
-"""Keys and CSRs of every kind the tests need, and files of a device's credentials."""
+"""Keys, CSRs and self-signed certificates of every kind the tests need, and files of a
+device's credentials."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,37 @@ def make_csr(key: AnyKey, common_name: str = "my-press") -> str:
         .sign(key, algorithm)
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def self_signed_pem(key: AnyKey, common_name: str, *, ca: bool = False, days: int = 1) -> bytes:
+    """A certificate of ``key`` signed by itself, for ``common_name``, valid from five
+    minutes ago for ``days`` (PEM)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(key, algorithm)
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def self_signed(directory: Path, name: str, *, ca: bool = False) -> tuple[Path, Path]:
+    """A new EC P-256 key and its self-signed certificate for ``name``, as the files
+    ``directory/name.pem`` and ``directory/name.key``; returns their paths."""
+    key = make_key("ec-p256")
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(self_signed_pem(key, name, ca=ca))
+    key_path.write_bytes(key_pem(key))
+    return cert_path, key_path
 
 
 def corrupt_csr_signature(pem: str) -> str:

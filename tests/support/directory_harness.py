@@ -1,5 +1,5 @@
 """In-process harness for the directory (its routes on a Starlette TestClient, a fake clock)
-and the OpenAPI conformance check, plus tests of seeding and persistence.
+and the OpenAPI conformance check; tests/unit/test_directory_harness.py tests the harness.
 
 Other ``test_directory_*`` modules import :class:`Harness`, :func:`make_harness`,
 :func:`assert_conforms` and the ``clock``/``harness`` fixtures (as ``clock_fixture`` and
@@ -32,6 +32,7 @@ from iotref.sandbox.directory.seed import (
     OAUTH_CLIENT_ID,
 )
 from iotref.sandbox.directory.service import Directory
+from tests.support.fake_clock import FakeClock
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -59,17 +60,6 @@ def assert_conforms(schema: str, body: Any, *, array: bool = False) -> None:
     validator = OAS30Validator(root, format_checker=oas30_format_checker)
     errors = [e.message for e in validator.iter_errors(body)]
     assert not errors, f"{schema}: {errors} in {body}"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Harness:
@@ -156,6 +146,16 @@ class Harness:
                 "user_code": user_code,
             },
         )
+        return answer
+
+    def decide(
+        self, csrf_token: str, user_code: str, decision: str, organization_id: str | None = None
+    ) -> httpx.Response:
+        """Post the verification page's decision form (``organization_id`` if given)."""
+        form = {"csrf_token": csrf_token, "user_code": user_code, "decision": decision}
+        if organization_id is not None:
+            form["organization_id"] = organization_id
+        answer: httpx.Response = self.client.post("/oauth/device", data=form)
         return answer
 
 

@@ -4,7 +4,7 @@ test's HTTP sessions sent, the answers by status class, and the checks' failures
 ``FuzzTally.hook`` goes into a ``requests.Session``'s response hooks; ``failed()`` takes a
 Schemathesis ``FailureGroup``. ``write()`` puts the figures into the JSON file named by
 ``$IOTREF_FUZZ_REPORT`` (when set) and records them for ``make reliability``
-(kind ``api_fuzz_checks``, see :func:`tests.reliability.harness.record`).
+(kind ``api_fuzz_checks``, see :func:`tests.support.figures.record`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.reliability.harness import record
+from tests.support.figures import record
 
 REPORT_ENV = "IOTREF_FUZZ_REPORT"
 

@@ -1,6 +1,7 @@
 """Small blocking MQTT-over-TLS probes (paho-mqtt, MQTT 5) for tests of the broker:
-connect with a certificate, subscribe and look at SUBACK reason codes, publish and wait
-for PUBACK, collect messages, and ``mosquitto_sub`` as the operator would run it."""
+connect with a certificate (as a device or as the operator), subscribe and look at SUBACK
+reason codes, publish and wait for PUBACK, collect messages, and ``mosquitto_sub`` as the
+operator would run it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from iotref.protocol.topics import telemetry_topic
+from iotref.sandbox.broker.config import TELEMETRY_TOPIC
 
 if TYPE_CHECKING:
     from tests.support.device_keys import DeviceFiles
@@ -104,19 +109,29 @@ class Probe:
                 raise TimeoutError(f"no PUBACK for {topic}")
             return int(self._puback.pop(mid).value)
 
-    def wait_for(self, topic: str, timeout: float = 5) -> Received:
-        """The next message on ``topic`` (others are dropped)."""
+    def wait_for(self, topic: str | Collection[str], timeout: float = 5) -> Received:
+        """The next message on ``topic`` (or on any of several; others are dropped)."""
+        wanted = {topic} if isinstance(topic, str) else set(topic)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no message on {topic}")
+                raise TimeoutError(f"no message on {sorted(wanted)}")
             try:
                 msg = self.messages.get(timeout=left)
             except queue.Empty:
                 continue
-            if msg.topic == topic:
+            if msg.topic in wanted:
                 return msg
+
+    def drain(self) -> list[Received]:
+        """The messages that arrived and were not taken yet."""
+        found = []
+        while True:
+            try:
+                found.append(self.messages.get_nowait())
+            except queue.Empty:
+                return found
 
     def received_on(self, topic: str, within: float = 1.0) -> list[Received]:
         """Messages on ``topic`` that arrive within ``within`` seconds."""
@@ -282,13 +297,26 @@ class MosquittoSub:
         self.close()
 
 
-def device_probe(sandbox: SandboxProcess, device: DeviceFiles) -> Probe:
+def device_probe(sandbox: SandboxProcess, device: DeviceFiles, **kwargs: Any) -> Probe:
     """A probe connected as ``device`` (its certificate and client id) to the sandbox's
-    device listener."""
+    device listener; ``kwargs`` go to :func:`connect`."""
+    kwargs.setdefault("client_id", device.client_id)
     return connect(
-        sandbox.mqtt_port,
-        sandbox.info["ca_file"],
-        device.cert_path,
-        device.key_path,
-        client_id=device.client_id,
+        sandbox.mqtt_port, sandbox.info["ca_file"], device.cert_path, device.key_path, **kwargs
     )
+
+
+def operator_probe(sandbox: SandboxProcess) -> Probe:
+    """A probe with the operator identity on the sandbox's platform listener (the device
+    listener allows one connection per identity, which ``mosquitto_sub`` tests use)."""
+    return connect(
+        int(sandbox.info["platform_mqtt_port"]),
+        sandbox.info["ca_file"],
+        sandbox.info["operator_cert"],
+        sandbox.info["operator_key"],
+    )
+
+
+def device_topic(device: DeviceFiles) -> str:
+    """The telemetry topic ``device`` publishes on."""
+    return telemetry_topic(TELEMETRY_TOPIC, device.org_id, device.client_id)

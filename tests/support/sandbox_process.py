@@ -1,5 +1,6 @@
 """Start the real sandbox (``iotref sandbox up``) as a subprocess on free ports with a
-temporary data dir, wait until it is ready, and stop it leaving no process behind."""
+temporary data dir, wait until it is ready, and stop it leaving no process behind; find
+its Mosquitto and wait for the sandbox to restart a killed one."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import Any
 
 import httpx
 import psutil
+
+from tests.support.ports import port_open
+from tests.support.waiting import wait_until
 
 
 class SandboxStartError(RuntimeError):
@@ -42,8 +46,23 @@ class SandboxProcess:
     def mqtt_port(self) -> int:
         return int(self.info["mqtt_port"])
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header of the operator (admin token)."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.http_url, timeout=10, **kwargs)
+
+    def admin_http(self) -> httpx.Client:
+        """An HTTP client of the sandbox that sends the admin token."""
+        return self.http(headers=self.admin_headers)
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def start(self, timeout: float = 45) -> SandboxProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +124,26 @@ class SandboxProcess:
             return psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def mosquitto_processes(self) -> list[psutil.Process]:
+        """The sandbox's Mosquitto processes (one while it runs, none while restarting)."""
+        return [p for p in self.descendants() if p.name() == "mosquitto"]
+
+    def mosquitto(self) -> psutil.Process:
+        """The sandbox's one running Mosquitto."""
+        found = self.mosquitto_processes()
+        assert len(found) == 1, found
+        return found[0]
+
+    def wait_mosquitto_restarted(self, old: psutil.Process, timeout: float = 30) -> None:
+        """Until the sandbox runs a Mosquitto other than ``old`` and the device port
+        accepts connections again."""
+
+        def back() -> bool:
+            running = self.mosquitto_processes()
+            return any(p.pid != old.pid for p in running) and port_open(self.mqtt_port)
+
+        wait_until(back, timeout, "the sandbox to restart Mosquitto")
 
     def output(self) -> str:
         if self.log_path and self.log_path.exists():

@@ -29,6 +29,7 @@ from iotref.device.connection.state import ConnectionEvent, ConnectionState, Inc
 from iotref.device.connection.subscriptions import Subscription, topic_matches
 from iotref.device.connection.takeover import TakeoverDetector
 from iotref.device.errors import IotrefError, StoreError
+from tests.support.fake_clock import FakeClock
 
 HANGUP = "AWS_ERROR_MQTT_UNEXPECTED_HANGUP"
 
@@ -36,14 +37,6 @@ HANGUP = "AWS_ERROR_MQTT_UNEXPECTED_HANGUP"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def settings(tmp_path: Path, **kw: object) -> ConnectionSettings:
@@ -113,13 +106,13 @@ def test_backoffs_share_one_generator_reseeded_in_a_forked_child() -> None:
 
 
 def test_session_taken_over_reason_code_is_a_takeover_at_once() -> None:
-    d = TakeoverDetector(3, 60, 10, clock=Clock())
+    d = TakeoverDetector(3, 60, 10, clock=FakeClock(1000.0))
     d.connected()
     assert d.disconnected("AWS_ERROR_MQTT5_DISCONNECT_RECEIVED", 0x8E) is not None
 
 
 def test_repeated_early_hangups_are_a_takeover() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = TakeoverDetector(3, 60, 10, clock=clock)
     results = []
     for _ in range(3):
@@ -132,7 +125,7 @@ def test_repeated_early_hangups_are_a_takeover() -> None:
 
 
 def test_long_lived_connections_do_not_count() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = TakeoverDetector(3, 60, 10, clock=clock)
     for _ in range(5):
         d.connected()
@@ -141,7 +134,7 @@ def test_long_lived_connections_do_not_count() -> None:
 
 
 def test_timeouts_and_other_errors_do_not_count() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = TakeoverDetector(2, 60, 10, clock=clock)
     for name in ("AWS_ERROR_MQTT5_PING_RESPONSE_TIMEOUT", "AWS_IO_SOCKET_TIMEOUT", None):
         d.connected()
@@ -153,7 +146,7 @@ def test_timeouts_and_other_errors_do_not_count() -> None:
 
 
 def test_hangups_spread_over_more_than_the_window_do_not_count() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = TakeoverDetector(3, 60, 10, clock=clock)
     for _ in range(6):
         d.connected()
@@ -163,7 +156,7 @@ def test_hangups_spread_over_more_than_the_window_do_not_count() -> None:
 
 
 def test_disconnect_without_a_connect_does_not_count_and_limit_zero_disables() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     d = TakeoverDetector(1, 60, 10, clock=clock)
     assert d.disconnected(HANGUP, None) is None  # never connected
     off = TakeoverDetector(0, 60, 10, clock=clock)

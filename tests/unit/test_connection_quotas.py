@@ -34,6 +34,8 @@ from iotref.device.telemetry.publish_refusals import permanent_refusal
 from iotref.device.telemetry.publisher import Telemetry
 from iotref.protocol import limits
 from iotref.protocol.token_bucket import TokenBucket
+from tests.support.device_keys import self_signed
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -254,10 +256,7 @@ async def test_more_than_fifty_topic_filters_are_refused_before_anything_is_sent
 
 
 async def test_connection_attempts_of_a_fleet_share_the_connect_gate(tmp_path: Path) -> None:
-    from tests.unit.test_fleet import _self_signed
-    from tests.unit.test_reconnect import free_port
-
-    cert, key = _self_signed(tmp_path, "device")
+    cert, key = self_signed(tmp_path, "device")
     gate = ConnectGate(5.0)  # five attempts a second for all of them
     attempts: list[float] = []
     port = free_port()  # nothing listens: every attempt fails and is tried again

@@ -4,17 +4,12 @@ whole demo runs in tests/integration/test_demo.py), and what it shows with --qui
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import socket
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from rich.console import Console
 
 from iotref.cli.demo_command import (
@@ -27,6 +22,8 @@ from iotref.cli.demo_command import (
 )
 from iotref.device.onboarding.certificate_store import ROOT_CA_FILE, CertificateStore, Progress
 from iotref.device.onboarding.environment import Environment, EnvironmentIdentity
+from tests.support.device_keys import make_key, self_signed_pem
+from tests.support.ports import free_port
 
 
 def test_ports_asked_for_are_taken_as_they_are() -> None:
@@ -40,25 +37,13 @@ def test_ports_asked_for_are_taken_as_they_are() -> None:
         with pytest.raises(DemoError, match=f"port {port} is in use") as info:
             choose_ports(0, port)
         assert "--mqtt-port N" in (info.value.next_step or "")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        free = sock.getsockname()[1]
+    free = free_port()
     chosen = choose_ports(free, 0)
     assert (chosen.http, chosen.mqtt, chosen.busy_defaults) == (free, 0, ())
 
 
 def _root_ca(name: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return self_signed_pem(make_key(), name, ca=True, days=30)
 
 
 ADDRESS = "http://127.0.0.1:18780"

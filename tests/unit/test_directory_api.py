@@ -18,12 +18,12 @@ from iotref.sandbox.directory.seed import (
     THIRD_SITE_ID,
 )
 from tests.support.directory_harness import (  # noqa: F401
-    FakeClock,
     Harness,
     assert_conforms,
     clock_fixture,
     harness_fixture,
 )
+from tests.support.fake_clock import FakeClock
 
 ORG_SCOPE = "Org.prinect.onprem.rw,Org.directory.machines.rw,Org.directory.organization.r"
 

@@ -24,12 +24,12 @@ from iotref.sandbox.directory.seed import (
     SECOND_ORGANIZATION_ID,
 )
 from tests.support.directory_harness import (  # noqa: F401
-    FakeClock,
     Harness,
     clock_fixture,
     harness_fixture,
     make_harness,
 )
+from tests.support.fake_clock import FakeClock
 
 AUTHORIZE = "/oauth/device_authorizations/authorize"
 

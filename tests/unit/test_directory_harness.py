@@ -17,13 +17,13 @@ from iotref.sandbox.directory.seed import (
     THIRD_SITE_ID,
 )
 from tests.support.directory_harness import (  # noqa: F401
-    FakeClock,
     Harness,
     assert_conforms,
     clock_fixture,
     harness_fixture,
     make_harness,
 )
+from tests.support.fake_clock import FakeClock
 
 
 def test_seed_has_demo_person_two_organizations_and_three_sites(harness: Harness) -> None:

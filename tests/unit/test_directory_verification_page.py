@@ -9,11 +9,11 @@ from iotref.sandbox.directory.seed import (
 )
 from iotref.sandbox.directory.verification_page import SESSION_COOKIE
 from tests.support.directory_harness import (  # noqa: F401
-    FakeClock,
     Harness,
     clock_fixture,
     harness_fixture,
 )
+from tests.support.fake_clock import FakeClock
 
 
 def test_page_asks_to_sign_in_with_safe_headers(harness: Harness) -> None:
@@ -46,14 +46,8 @@ def test_sign_in_and_approve_for_the_chosen_organization(harness: Harness) -> No
     assert "Second Demo Press" in page.text
     assert "iotref device client" in page.text
     assert "Org.directory.machines.rw" in page.text
-    done = harness.client.post(
-        "/oauth/device",
-        data={
-            "csrf_token": harness.csrf(page.text),
-            "user_code": started["user_code"],
-            "organization_id": SECOND_ORGANIZATION_ID,
-            "decision": "approve",
-        },
+    done = harness.decide(
+        harness.csrf(page.text), started["user_code"], "approve", SECOND_ORGANIZATION_ID
     )
     assert done.status_code == 200
     assert "Approved" in done.text
@@ -68,28 +62,15 @@ def test_deny_via_the_page(harness: Harness) -> None:
     started = harness.authorize()
     harness.sign_in()
     page = harness.client.get("/oauth/device", params={"user_code": started["user_code"]})
-    done = harness.client.post(
-        "/oauth/device",
-        data={
-            "csrf_token": harness.csrf(page.text),
-            "user_code": started["user_code"],
-            "decision": "deny",
-        },
-    )
+    done = harness.decide(harness.csrf(page.text), started["user_code"], "deny")
     assert done.status_code == 200
     assert "Denied" in done.text
     answer = harness.poll(started["device_code"])
     assert answer.status_code == 400
     assert answer.json()["error"] == "access_denied"
     # a decided code cannot be decided again
-    again = harness.client.post(
-        "/oauth/device",
-        data={
-            "csrf_token": harness.csrf(page.text),
-            "user_code": started["user_code"],
-            "organization_id": FIRST_ORGANIZATION_ID,
-            "decision": "approve",
-        },
+    again = harness.decide(
+        harness.csrf(page.text), started["user_code"], "approve", FIRST_ORGANIZATION_ID
     )
     assert again.status_code == 400
     assert "is not valid" in again.text
@@ -148,15 +129,7 @@ def test_forms_need_the_csrf_token(harness: Harness) -> None:
     harness.sign_in()
     page = harness.client.get("/oauth/device", params={"user_code": started["user_code"]})
     assert page.status_code == 200
-    forged = harness.client.post(
-        "/oauth/device",
-        data={
-            "csrf_token": "0" * 64,
-            "user_code": started["user_code"],
-            "organization_id": FIRST_ORGANIZATION_ID,
-            "decision": "approve",
-        },
-    )
+    forged = harness.decide("0" * 64, started["user_code"], "approve", FIRST_ORGANIZATION_ID)
     assert forged.status_code == 403
     assert harness.poll(started["device_code"]).json()["error"] == "authorization_pending"
 
@@ -164,10 +137,7 @@ def test_forms_need_the_csrf_token(harness: Harness) -> None:
 def test_post_without_a_session(harness: Harness) -> None:
     started = harness.authorize()
     harness.client.cookies.clear()
-    answer = harness.client.post(
-        "/oauth/device",
-        data={"csrf_token": "x", "user_code": started["user_code"], "decision": "approve"},
-    )
+    answer = harness.decide("x", started["user_code"], "approve")
     assert answer.status_code == 403
     assert answer.headers["content-type"].startswith("application/json")
 
@@ -186,25 +156,15 @@ def test_organization_must_be_one_of_the_persons(harness: Harness) -> None:
     started = harness.authorize()
     harness.sign_in()
     page = harness.client.get("/oauth/device", params={"user_code": started["user_code"]})
-    answer = harness.client.post(
-        "/oauth/device",
-        data={
-            "csrf_token": harness.csrf(page.text),
-            "user_code": started["user_code"],
-            "organization_id": "00000000-0000-0000-0000-000000000000",
-            "decision": "approve",
-        },
+    answer = harness.decide(
+        harness.csrf(page.text),
+        started["user_code"],
+        "approve",
+        "00000000-0000-0000-0000-000000000000",
     )
     assert answer.status_code == 400
     assert "Choose one of your organizations" in answer.text
-    bad_decision = harness.client.post(
-        "/oauth/device",
-        data={
-            "csrf_token": harness.csrf(page.text),
-            "user_code": started["user_code"],
-            "decision": "maybe",
-        },
-    )
+    bad_decision = harness.decide(harness.csrf(page.text), started["user_code"], "maybe")
     assert bad_decision.status_code == 400
     assert bad_decision.json()["error"] == "invalid_request"
     assert harness.poll(started["device_code"]).json()["error"] == "authorization_pending"
@@ -215,14 +175,7 @@ def test_person_scopes_need_no_organization(harness: Harness) -> None:
     harness.sign_in()
     page = harness.client.get("/oauth/device", params={"user_code": started["user_code"]})
     assert "organization_id" not in page.text
-    done = harness.client.post(
-        "/oauth/device",
-        data={
-            "csrf_token": harness.csrf(page.text),
-            "user_code": started["user_code"],
-            "decision": "approve",
-        },
-    )
+    done = harness.decide(harness.csrf(page.text), started["user_code"], "approve")
     assert done.status_code == 200
     assert harness.poll(started["device_code"]).json()["bearer"]["type"] == "Person"
 

@@ -22,21 +22,34 @@ from iotref.protocol.environment_file import DEFAULT_SCOPE
 SCOPE = "Org.prinect.onprem.rw,Org.directory.machines.rw,Org.directory.organization.r"
 
 
-def test_test_environment_has_the_contract_values() -> None:
-    env = load_environment("test")
-    assert env.base_url == "https://cfg.iot.stg.connectprint.cloud"
-    assert env.directory_host == "https://directory.sandbox.zaikio.com"
-    assert env.client_id == "600b71b7-b4cf-44ac-8c00-92283d50f9a5"
+@pytest.mark.parametrize(
+    ("name", "base_url", "directory_host", "client_id"),
+    [
+        pytest.param(
+            "test",
+            "https://cfg.iot.stg.connectprint.cloud",
+            "https://directory.sandbox.zaikio.com",
+            "600b71b7-b4cf-44ac-8c00-92283d50f9a5",
+            id="test",
+        ),
+        pytest.param(
+            "live",
+            "https://cfg.iot.connectprint.cloud",
+            "https://directory.heidelberg.cloud",
+            "3c6221cd-9b4d-4037-99f7-a76b74dc0be0",
+            id="live",
+        ),
+    ],
+)
+def test_shipped_environment_has_the_contract_values(
+    name: str, base_url: str, directory_host: str, client_id: str
+) -> None:
+    env = load_environment(name)
+    assert env.base_url == base_url
+    assert env.directory_host == directory_host
+    assert env.client_id == client_id
     assert env.scope == SCOPE
     assert env.scopes == tuple(SCOPE.split(","))
-
-
-def test_live_environment_has_the_contract_values() -> None:
-    env = load_environment("live")
-    assert env.base_url == "https://cfg.iot.connectprint.cloud"
-    assert env.directory_host == "https://directory.heidelberg.cloud"
-    assert env.client_id == "3c6221cd-9b4d-4037-99f7-a76b74dc0be0"
-    assert env.scope == SCOPE
 
 
 def test_local_environment_points_at_the_default_sandbox() -> None:

@@ -4,7 +4,6 @@ generator, limits, report merging, and the TLS contexts built ahead of connectin
 from __future__ import annotations
 
 import asyncio
-import datetime
 import inspect
 import json
 import math
@@ -17,10 +16,6 @@ from typing import Any
 
 import pytest
 from awscrt import io
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from iotref.device.connection import connection as connection_module
 from iotref.device.connection.awscrt_options import build_tls_context
@@ -48,6 +43,7 @@ from iotref.fleet.target import SandboxInfo
 from iotref.fleet.tls_contexts import build_tls_contexts, without_system_trust_store
 from iotref.protocol import limits
 from iotref.protocol.message_schemas import default_validator
+from tests.support.device_keys import self_signed
 
 # --------------------------------------------------------------------------- shards, names
 
@@ -442,35 +438,9 @@ def test_report_text_mentions_the_figures() -> None:
 # --------------------------------------------------------------------------- TLS contexts
 
 
-def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def _settings(tmp_path: Path, **overrides: Any) -> ConnectionSettings:
-    cert, key = _self_signed(tmp_path, "device")
-    ca, _ = _self_signed(tmp_path, "ca")
+    cert, key = self_signed(tmp_path, "device")
+    ca, _ = self_signed(tmp_path, "ca")
     values: dict[str, Any] = {
         "endpoint": "127.0.0.1",
         "port": 1,

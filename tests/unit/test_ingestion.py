@@ -18,16 +18,6 @@ import pytest
 from awscrt import mqtt5
 
 from iotref.device import thread_state
-from iotref.device.telemetry.messages import (
-    Asset,
-    AssetType,
-    DeviceStatusV2,
-    Sender,
-    SenderType,
-    StatusV2,
-    build_message,
-    to_json,
-)
 from iotref.protocol.message_schemas import MessageValidator
 from iotref.sandbox.telemetry import record_builder
 from iotref.sandbox.telemetry.connection_options import (
@@ -45,22 +35,7 @@ from iotref.sandbox.telemetry.receiving_process import ReceivingClients
 from iotref.sandbox.telemetry.record import Record
 from iotref.sandbox.telemetry.record_builder import RecordBuilder, ThingDirectory
 from iotref.sandbox.telemetry.store import TelemetryStore
-
-ORG = "org-1"
-CLIENT = "iotref-0123456789abcdef0123"
-TOPIC = f"connectprint/telemetry/{ORG}/{CLIENT}"
-
-
-def message(speed: float = 100.0, counter: float = 1.0) -> bytes:
-    sender = Sender(SenderType.PRESS, "unit", "1.0")
-    asset = Asset("press-1", "SN-1", AssetType.SHEETFED_PRESS)
-    payload = StatusV2(
-        status=DeviceStatusV2.PRODUCTION,
-        speed=speed,
-        totalproductioncounter=1000 + counter,
-        productioncounter=counter,
-    )
-    return to_json(build_message(sender, asset, payload))
+from tests.support.ingestion_inputs import CLIENT, ORG, TOPIC, message
 
 
 def builder(known: dict[str, str] | None = None) -> RecordBuilder:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
@@ -19,6 +17,7 @@ from iotref.device.onboarding.keys import (
     load_private_key,
     private_key_pem,
 )
+from tests.support.device_keys import self_signed_pem
 
 
 @pytest.mark.parametrize(
@@ -78,17 +77,6 @@ def test_load_private_key_errors_carry_no_key_material() -> None:
 def test_key_matches_certificate() -> None:
     key = generate_private_key(KeyType.EC256)
     other = generate_private_key(KeyType.EC256)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert = x509.load_pem_x509_certificate(self_signed_pem(key, "t"))
     assert key_matches_certificate(key, cert)
     assert not key_matches_certificate(other, cert)

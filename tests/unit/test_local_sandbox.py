@@ -16,6 +16,7 @@ import pytest
 
 from iotref.cli import local_sandbox
 from iotref.cli.local_sandbox import resolve_cli_environment, sandbox_id_at
+from tests.support.ports import free_port
 
 
 @contextlib.contextmanager
@@ -63,10 +64,7 @@ def test_the_id_comes_only_from_a_sandbox_answer(
 def test_no_id_from_garbage_a_closed_port_or_a_silent_listener() -> None:
     with _server(200, b"<html>not json</html>") as url:
         assert sandbox_id_at(url) is None
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    assert sandbox_id_at(f"http://127.0.0.1:{port}") is None
+    assert sandbox_id_at(f"http://127.0.0.1:{free_port()}") is None
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)

@@ -27,7 +27,7 @@ from iotref.sandbox.shadow.store import ShadowStore
 from iotref.sandbox.telemetry.feed import TelemetryFeed, event_of
 from iotref.sandbox.telemetry.record_builder import RecordBuilder, ThingDirectory
 from iotref.sandbox.telemetry.store import TelemetryStore
-from tests.unit.test_ingestion import CLIENT, ORG, TOPIC, message
+from tests.support.ingestion_inputs import CLIENT, ORG, TOPIC, message
 
 TOKEN = "admin-token-for-tests"
 

@@ -12,7 +12,6 @@ import itertools
 import json
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,12 @@ from iotref.device.connection.connection import Connection
 from iotref.device.connection.reconnect import MIN_ATTEMPT_INTERVAL_S, ReconnectSchedule
 from iotref.device.connection.settings import ConnectionSettings
 from iotref.device.connection.state import ConnectionEvent, ConnectionState
-from tests.unit.test_fleet import _self_signed
+from tests.support.device_keys import self_signed
+from tests.support.fake_clock import FakeClock
+from tests.support.ports import free_port
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def schedule(clock: Clock, seed: int = 1, **kwargs: float) -> ReconnectSchedule:
+def schedule(clock: FakeClock, seed: int = 1, **kwargs: float) -> ReconnectSchedule:
     return ReconnectSchedule(
         kwargs.pop("min_s", 0.5), kwargs.pop("max_s", 30.0), clock=clock, rng=random.Random(seed)
     )
@@ -46,7 +39,7 @@ def schedule(clock: Clock, seed: int = 1, **kwargs: float) -> ReconnectSchedule:
 
 def test_after_a_connection_that_was_up_the_first_delay_is_below_the_minimum() -> None:
     for seed in range(200):
-        clock = Clock()
+        clock = FakeClock(100.0)
         s = schedule(clock, seed)
         s.attempt_started()
         s.connected()
@@ -57,7 +50,7 @@ def test_after_a_connection_that_was_up_the_first_delay_is_below_the_minimum() -
 
 def test_a_short_connection_also_starts_over_from_the_minimum() -> None:
     """awscrt resets its backoff only after 30 s connected; the schedule after any success."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     s = schedule(clock)
     for _ in range(6):  # a long outage: the bound grew to the maximum
         s.attempt_started()
@@ -74,7 +67,7 @@ def test_delays_grow_only_while_attempts_fail_and_never_exceed_the_maximum() -> 
     caps = []
     draws = []
     for seed in range(50):
-        clock = Clock()
+        clock = FakeClock(100.0)
         s = schedule(clock, seed)
         s.attempt_started()
         clock.now += 10
@@ -92,7 +85,7 @@ def test_delays_grow_only_while_attempts_fail_and_never_exceed_the_maximum() -> 
 
 
 def test_attempts_of_one_client_id_start_at_least_a_second_apart() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     s = schedule(clock)
     starts = []
     for _ in range(40):
@@ -196,18 +189,12 @@ def test_awscrt_binding_quirk_is_known(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the real client
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.anyio
 async def test_attempts_against_a_closed_port_follow_the_schedule(tmp_path: Path) -> None:
     """Shipped defaults, nothing listening: the connection starts offline, and its attempts
     come at least 1 s apart with growing bounds (1, 1, 1..2, 1..4 s after the previous),
     which awscrt's own loop (a fixed 30 s now) could not produce."""
-    cert_path, key_path = _self_signed(tmp_path, "device")
+    cert_path, key_path = self_signed(tmp_path, "device")
     settings = ConnectionSettings(
         endpoint="localhost",
         port=free_port(),

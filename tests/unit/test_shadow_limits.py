@@ -16,14 +16,7 @@ from iotref.sandbox.limits import SandboxLimits
 from iotref.sandbox.quota_meter import QuotaMeter
 from iotref.sandbox.shadow.request_limits import PRUNE_EVERY, ShadowRequestLimits
 from iotref.sandbox.shadow.service import ShadowService
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.fake_clock import FakeClock
 
 
 def refused(limits: ShadowRequestLimits, thing: str, *, mqtt: bool = False) -> bool:
@@ -39,7 +32,7 @@ def refused(limits: ShadowRequestLimits, thing: str, *, mqtt: bool = False) -> b
 
 
 def test_rate_per_thing_is_a_bucket_of_one_second() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     limits = ShadowRequestLimits(20, 10, clock)
     assert [refused(limits, "a") for _ in range(21)] == [False] * 20 + [True]
     assert not refused(limits, "b")  # another thing has its own
@@ -52,7 +45,7 @@ def test_rate_per_thing_is_a_bucket_of_one_second() -> None:
 
 
 def test_in_flight_counts_mqtt_requests_until_finished() -> None:
-    limits = ShadowRequestLimits(0, 3, Clock())
+    limits = ShadowRequestLimits(0, 3, FakeClock(100.0))
     for _ in range(3):
         assert not refused(limits, "a", mqtt=True)
         limits.started("a")
@@ -67,14 +60,14 @@ def test_in_flight_counts_mqtt_requests_until_finished() -> None:
 
 
 def test_limits_of_zero_are_off() -> None:
-    limits = ShadowRequestLimits(0, 0, Clock())
+    limits = ShadowRequestLimits(0, 0, FakeClock(100.0))
     for _ in range(1000):
         limits.started("a")
         assert not refused(limits, "a", mqtt=True)
 
 
 def test_full_buckets_are_forgotten() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     limits = ShadowRequestLimits(20, 0, clock)
     for i in range(PRUNE_EVERY + 1):
         limits.admit(f"thing-{i}", mqtt=False)

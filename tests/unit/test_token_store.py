@@ -173,16 +173,22 @@ def _authenticator(store: TokenStore, http: httpx.AsyncClient, now: float) -> Au
     return Authenticator(ENV, store, DeviceFlowClient(ENV, http), clock=lambda: now)
 
 
+def _access_token(store: TokenStore, server: RefreshServer, now: float = 1000.0) -> str:
+    """What an authenticator of ``store`` hands out at ``now``, refreshing at ``server``."""
+
+    async def run() -> str:
+        async with create_http_client(transport=httpx.MockTransport(server)) as http:
+            return await _authenticator(store, http, now=now).access_token()
+
+    return asyncio.run(run())
+
+
 def test_valid_token_is_used_without_network(tmp_path: Path) -> None:
     store = TokenStore(tmp_path)
     store.save(ENV, _tokens(expires_at=5000.0))
     server = RefreshServer()
 
-    async def run() -> str:
-        async with create_http_client(transport=httpx.MockTransport(server)) as http:
-            return await _authenticator(store, http, now=1000.0).access_token()
-
-    assert asyncio.run(run()) == "access-1"
+    assert _access_token(store, server) == "access-1"
     assert server.calls == 0
 
 
@@ -191,11 +197,7 @@ def test_expired_token_is_refreshed_and_the_rotated_one_saved(tmp_path: Path) ->
     store.save(ENV, _tokens(expires_at=1000.0))
     server = RefreshServer()
 
-    async def run() -> str:
-        async with create_http_client(transport=httpx.MockTransport(server)) as http:
-            return await _authenticator(store, http, now=1000.0).access_token()
-
-    assert asyncio.run(run()) == "access-2"
+    assert _access_token(store, server) == "access-2"
     saved = store.load(ENV)
     assert saved is not None
     assert saved.refresh_token == "refresh-2"
@@ -245,19 +247,11 @@ def test_spent_refresh_token_asks_for_login(tmp_path: Path) -> None:
     server = RefreshServer()
     server.valid.clear()
 
-    async def run() -> str:
-        async with create_http_client(transport=httpx.MockTransport(server)) as http:
-            return await _authenticator(store, http, now=1000.0).access_token()
-
     with pytest.raises(LoginRequired, match="no longer valid"):
-        asyncio.run(run())
+        _access_token(store, server)
 
 
 def test_not_logged_in(tmp_path: Path) -> None:
-    async def run() -> str:
-        async with create_http_client(transport=httpx.MockTransport(RefreshServer())) as http:
-            return await _authenticator(TokenStore(tmp_path), http, now=0).access_token()
-
     with pytest.raises(LoginRequired, match="not logged in") as info:
-        asyncio.run(run())
+        _access_token(TokenStore(tmp_path), RefreshServer(), now=0)
     assert info.value.next_step == "run 'iotref login --env test'"

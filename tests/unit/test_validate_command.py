@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -237,19 +235,3 @@ def test_main_returns_the_exit_status(
     assert main(["validate", str(files["one.json"]) + ".missing"]) == 2
     captured = capsys.readouterr()
     assert "cannot read" in captured.err
-
-
-def test_installed_command(files: dict[str, Path]) -> None:
-    exe = Path(sys.executable).with_name("iotref")
-    if not exe.exists():
-        pytest.skip("iotref script not installed in this environment")
-    proc = subprocess.run(
-        [str(exe), "validate", "-", str(files["one.json"])],
-        input=json.dumps(bogus()).encode(),
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 1
-    assert proc.stdout.decode().splitlines()[-1] == "1 valid, 1 invalid"
-    assert proc.stderr == b""

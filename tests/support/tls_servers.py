@@ -78,7 +78,7 @@ def issue_server_cert(
 
 class TlsServer:
     """A TLS server on 127.0.0.1 in a thread: handshakes, then reads and counts what the
-        client sends (it never answers). ``client_ca``: ask for a client certificate issued by
+    client sends (it never answers). ``client_ca``: ask for a client certificate issued by
     it. ``max_version`` limits the protocol it speaks."""
 
     def __init__(
