@@ -411,7 +411,23 @@ def test_end_of_input_drains_while_the_platform_acknowledges() -> None:
     assert stalled.goes_on(stats(queued=499, acked=101), 20.4)
     assert not stalled.goes_on(stats(queued=499, acked=101), 20.5)
     # A run with --close-timeout 0 stops at the end of input.
-    assert not EndOfInputDrain(0.0).goes_on(stats(queued=5, acked=1), 0.0)
+    assert not EndOfInputDrain(0.0, 40.0).goes_on(stats(queued=5, acked=1), 0.0)
+
+
+def test_end_of_input_waits_for_a_lost_connection_to_come_back() -> None:
+    down = {"connected": False, "state": ConnectionState.DISCONNECTED}
+    # The connection was up in this run (a broker restart): the reconnect gets its time.
+    lost = EndOfInputDrain(10.0, 40.0)
+    assert lost.goes_on(stats(queued=600, acked=2400, connects=3, **down), 0.0)
+    assert lost.goes_on(stats(queued=600, acked=2400, connects=3, **down), 49.9)
+    assert not lost.goes_on(stats(queued=600, acked=2400, connects=3, **down), 50.0)
+    # Back and acknowledging: the patience is the plain one again.
+    assert lost.goes_on(stats(queued=500, acked=2500, connects=4), 55.0)
+    assert not lost.goes_on(stats(queued=500, acked=2500, connects=4), 65.0)
+    # Never connected in this run (platform out of reach): no extra wait.
+    never = EndOfInputDrain(1.0, 40.0)
+    assert never.goes_on(stats(queued=7, acked=0, connects=0, **down), 0.0)
+    assert not never.goes_on(stats(queued=7, acked=0, connects=0, **down), 1.0)
 
 
 def test_a_stopped_client_is_shown_stopped() -> None:

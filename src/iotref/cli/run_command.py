@@ -141,24 +141,31 @@ class RunOptions:
 class EndOfInputDrain:
     """When the input ends (stdin closed), the run sends what it was fed before it stops:
     it goes on while the outbox holds messages and the platform acknowledged one within
-    the last ``close_timeout`` seconds (a backlog drains at the publish quota, which can
-    take longer than any fixed timeout). Without acknowledgements for that long (the
-    platform out of reach, sending not permitted) it stops, and the close gets its usual
+    the last ``patience_s`` seconds (``--close-timeout``; a backlog drains at the publish
+    quota, which can take longer than any fixed timeout). A connection that was up in this
+    run and is down now gets ``reconnect_wait_s`` more (the largest reconnect delay plus
+    the connect timeout), so that a broker restart near the end of input does not end the
+    run before the device is back. Otherwise (the platform never reached, sending not
+    permitted, ``--close-timeout 0``) it stops, and the close gets its usual
     ``--close-timeout``. A signal or ``--duration`` stops at once, as always."""
 
-    def __init__(self, patience_s: float) -> None:
+    def __init__(self, patience_s: float, reconnect_wait_s: float = 0.0) -> None:
         self._patience_s = patience_s
+        self._reconnect_wait_s = reconnect_wait_s
         self._acked: int | None = None
         self._since = 0.0
 
     def goes_on(self, stats: ClientStats, now: float) -> bool:
         """Whether to keep running after the end of input, given the client's ``stats``."""
-        if stats.queued == 0:
+        if stats.queued == 0 or self._patience_s <= 0:
             return False
         if self._acked is None or stats.acked != self._acked:
             self._acked = stats.acked
             self._since = now
-        return now - self._since < self._patience_s
+        limit = self._patience_s
+        if not stats.connected and stats.connects > 0:
+            limit += self._reconnect_wait_s
+        return now - self._since < limit
 
 
 STATUS_NOTIFY_EVERY_S: Final = 1.0
@@ -269,7 +276,10 @@ async def run_sender(
             if options.duration is not None:
                 loop.call_later(options.duration, stop.set)
             status_at = loop.time()
-            progress = EndOfInputDrain(options.close_timeout)
+            progress = EndOfInputDrain(
+                options.close_timeout,
+                client.options.max_backoff_s + client.options.connect_timeout_s,
+            )
             try:
                 while not stop.is_set():
                     stats = client.stats()
@@ -418,7 +428,7 @@ def _finish(
     help="On stop, at most this many seconds to send what is queued (reconnecting if "
     "need be); the rest stays in the outbox for the next run. At the end of stdin the run "
     "first sends on while the platform acknowledges, and stops after this many seconds "
-    "without an acknowledgement.",
+    "without an acknowledgement (plus the reconnect's time if the connection was lost).",
 )
 @click.option(
     "--fail-fast",
